@@ -1,0 +1,3 @@
+"""qkspectra: test the annealing-schedule hypothesis on transformer attention heads."""
+
+__version__ = "0.1.0"

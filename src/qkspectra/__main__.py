@@ -1,0 +1,3 @@
+from qkspectra.cli import main
+
+main()

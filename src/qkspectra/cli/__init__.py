@@ -1,0 +1,46 @@
+"""The ``qkspectra`` command line: parses arguments, calls the library, prints.
+
+Each command lives in its own module and registers itself on ``app``; no maths here.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from qkspectra.errors import QkspectraError
+
+app = typer.Typer(
+    name="qkspectra",
+    help="Test the annealing-schedule hypothesis on transformer attention heads.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def fail(message: str) -> None:
+    """Print one line to stderr and exit with status 2."""
+    typer.echo(f"qkspectra: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _register() -> None:
+    from qkspectra.cli import analyze  # noqa: F401  (registers its command)
+
+    for name in ("extract", "run", "report"):
+        try:
+            __import__(f"qkspectra.cli.{name}")
+        except ModuleNotFoundError as e:  # command module not written yet
+            if e.name != f"qkspectra.cli.{name}":
+                raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    _register()
+    try:
+        app(args=argv, standalone_mode=True)
+    except QkspectraError as e:
+        typer.echo(f"qkspectra: error: {e}", err=True)
+        sys.exit(2)
