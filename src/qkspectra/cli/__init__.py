@@ -20,6 +20,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Test the annealing-schedule hypothesis on transformer attention heads."""
+
+
 def fail(message: str) -> None:
     """Print one line to stderr and exit with status 2."""
     typer.echo(f"qkspectra: error: {message}", err=True)

@@ -1,0 +1,60 @@
+"""``qkspectra analyze``: the seed's experiments on a geometry file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from qkspectra.cli import app, fail
+
+
+def parse_anchor(text: str) -> str | int:
+    """'last' | 'middle' | 'best' | 'group' | 'all' | a layer index."""
+    if text in ("last", "middle", "best", "group", "all"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        fail(f"--anchor {text!r}: choose last, middle, best, group, all or a layer index")
+
+
+@app.command()
+def analyze(
+    path: Annotated[Path, typer.Argument(help="Geometry JSON file (the seed's schema).", show_default=False)],
+    anchor: Annotated[
+        str, typer.Option(help="last | middle | best | group | INDEX (negative from the end) | all (every strategy side by side).")
+    ] = "last",
+    groups: Annotated[
+        Optional[int], typer.Option(help="Number of contiguous layer groups for --anchor group (default: round(sqrt(layers))).")
+    ] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every figure at full precision to this JSON file.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
+) -> None:
+    """Spectral-shape invariance, scalar-rescale fit to an anchor layer, and cross-head similarity."""
+    from qkspectra._io import atomic_write_json
+    from qkspectra.analysis import analyze as run_analysis
+    from qkspectra.analysis import analyze_all
+    from qkspectra.geometry import load_geometry
+    from qkspectra.results import result_document
+    from qkspectra.textreport import render_comparison, render_report
+
+    choice = parse_anchor(anchor)
+    if groups is not None and choice not in ("group", "all"):
+        fail("--groups goes with --anchor group or --anchor all")
+    geometry = load_geometry(path)
+    if choice == "all":
+        analyses = analyze_all(geometry, groups=groups)
+        primary = "last"
+    else:
+        primary = choice if isinstance(choice, str) else "index"
+        analyses = {primary: run_analysis(geometry, choice, groups=groups)}
+
+    if json_out is not None:
+        atomic_write_json(json_out, result_document(analyses, primary))
+    if not quiet:
+        text = render_report(analyses[primary])
+        if len(analyses) > 1:
+            text += render_comparison(analyses)
+        typer.echo(text, nl=False)

@@ -1,0 +1,267 @@
+"""The geometry file: per-head metric spectra and attention entropies.
+
+Schema (the seed analysis' input; rows and the top level may carry more keys)::
+
+    {"num_layers": L, "num_heads": H,
+     "static":  [{"metric_singvals_per_head": [[s_0 >= s_1 >= ... >= 0], ... H lists]}, ... L rows],
+     "dynamic": [{"mean_attention_entropy_per_head": [e_0, ..., e_{H-1}]}, ... L rows],
+     "metadata": {...}}
+
+``dynamic`` is optional (then only the static experiments run). Spectra may
+differ in length between heads; they are zero-padded to the longest (K).
+
+Loading validates everything and raises :class:`QkspectraError` with one line
+naming the file and the JSON path of the first fault.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from qkspectra.errors import QkspectraError
+
+_NUMBER_TYPES = frozenset((float, int))
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Per-head QK geometry of one model.
+
+    Attributes:
+        singular_values: ndarray of shape (L, H, K), float64. Each head's metric
+            spectrum in descending order, zero-padded to the longest (K).
+        entropy: ndarray of shape (L, H), float64, mean attention entropy in
+            nats; None when the file has no ``dynamic`` section.
+        metadata: the file's ``metadata`` object (empty when absent).
+        source: where the geometry came from, for messages.
+        document: the whole parsed file, kept so that extra per-row keys survive.
+    """
+
+    singular_values: np.ndarray
+    entropy: np.ndarray | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    source: str = "<memory>"
+    document: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def num_layers(self) -> int:
+        return self.singular_values.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.singular_values.shape[1]
+
+    @property
+    def max_rank(self) -> int:
+        return self.singular_values.shape[2]
+
+
+def load_geometry(path: str | os.PathLike) -> Geometry:
+    """Read and validate a geometry JSON file."""
+    path = Path(path)
+    src = str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise QkspectraError(f"{src}: no such file") from None
+    except IsADirectoryError:
+        raise QkspectraError(f"{src}: is a folder, not a geometry file") from None
+    except OSError as e:
+        raise QkspectraError(f"{src}: cannot read: {e.strerror}") from None
+    return parse_geometry(_parse_json(raw, src), source=src)
+
+
+def _parse_json(raw: bytes, src: str) -> Any:
+    if not raw.strip():
+        raise QkspectraError(f"{src}: empty file")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    # orjson rejects NaN/Infinity literals and deep nesting; the standard parser
+    # accepts the former (so validation can name their JSON path) and tells us where
+    # the text stops being JSON.
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError:
+        raise QkspectraError(f"{src}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise QkspectraError(f"{src}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise QkspectraError(f"{src}: not a geometry file: JSON nested too deeply") from None
+
+
+def parse_geometry(data: Any, *, source: str = "<memory>") -> Geometry:
+    """Validate a parsed geometry document and build a :class:`Geometry`."""
+    v = _Validator(source)
+    if not isinstance(data, dict):
+        v.fail("", f"expected a JSON object at the top level, found {_kind(data)}")
+    num_layers = v.positive_int(data, "num_layers")
+    num_heads = v.positive_int(data, "num_heads")
+
+    static = v.rows(data, "static", num_layers, "num_layers")
+    spectra = [v.spectra_row(row, f"static[{L}]", num_heads) for L, row in enumerate(static)]  # L x (H, k_L)
+    max_rank = max(s.shape[1] for s in spectra)
+    sigma = np.zeros((num_layers, num_heads, max_rank))  # (L, H, K)
+    for L, s in enumerate(spectra):
+        sigma[L, :, : s.shape[1]] = s
+
+    entropy = None
+    if "dynamic" in data:
+        dynamic = v.rows(data, "dynamic", num_layers, "num_layers")
+        entropy = np.stack(
+            [v.entropy_row(row, f"dynamic[{L}]", num_heads) for L, row in enumerate(dynamic)]
+        )  # (L, H)
+
+    metadata = data.get("metadata", {})
+    if not isinstance(metadata, dict):
+        v.fail("metadata", f"expected an object, found {_kind(metadata)}")
+    return Geometry(singular_values=sigma, entropy=entropy, metadata=metadata, source=source, document=data)
+
+
+def _kind(x: Any) -> str:
+    if x is None:
+        return "null"
+    if isinstance(x, bool):
+        return "a boolean"
+    if isinstance(x, (int, float)):
+        return "a number"
+    if isinstance(x, str):
+        return "a string"
+    if isinstance(x, list):
+        return "a list"
+    if isinstance(x, dict):
+        return "an object"
+    return type(x).__name__
+
+
+class _Validator:
+    """Checks one document; every failure names the file and the JSON path."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, path: str, what: str) -> None:
+        where = f"{self.source}: {path}: " if path else f"{self.source}: "
+        raise QkspectraError(where + what)
+
+    def positive_int(self, obj: dict, key: str) -> int:
+        if key not in obj:
+            self.fail(key, "missing")
+        x = obj[key]
+        if type(x) is not int:
+            if type(x) is float and x.is_integer() and x >= 1:
+                return int(x)
+            self.fail(key, f"expected a positive whole number, found {_describe(x)}")
+        if x < 1:
+            self.fail(key, f"expected a positive whole number, found {x}")
+        return x
+
+    def rows(self, obj: dict, key: str, n: int, count_key: str) -> list:
+        if key not in obj:
+            self.fail(key, "missing")
+        rows = obj[key]
+        if not isinstance(rows, list):
+            self.fail(key, f"expected a list of {n} rows, found {_kind(rows)}")
+        if len(rows) != n:
+            self.fail(key, f"{len(rows)} rows, but {count_key} is {n}")
+        return rows
+
+    def _row_list(self, row: Any, path: str, key: str, num_heads: int) -> list:
+        if not isinstance(row, dict):
+            self.fail(path, f"expected an object, found {_kind(row)}")
+        if key not in row:
+            self.fail(f"{path}.{key}", "missing")
+        values = row[key]
+        if not isinstance(values, list):
+            self.fail(f"{path}.{key}", f"expected a list of {num_heads} heads, found {_kind(values)}")
+        if not values:
+            self.fail(f"{path}.{key}", "empty list of heads")
+        if len(values) != num_heads:
+            self.fail(f"{path}.{key}", f"{len(values)} heads, but num_heads is {num_heads}")
+        return values
+
+    def _check_numbers(self, values: list, path: str) -> None:
+        """Every element is an int or float (not a bool, string, null, list...)."""
+        for i, x in enumerate(values):
+            if type(x) not in _NUMBER_TYPES:
+                self.fail(f"{path}[{i}]", f"expected a number, found {_describe(x)}")
+            if type(x) is int and abs(x) > 1e300:
+                self.fail(f"{path}[{i}]", "number too large")
+
+    def spectra_row(self, row: Any, path: str, num_heads: int) -> np.ndarray:
+        """One layer's spectra as ndarray of shape (H, k_L), zero-padded to the layer's longest."""
+        key = "metric_singvals_per_head"
+        path = f"{path}.{key}"
+        heads = self._row_list(row, path.rsplit(".", 1)[0], key, num_heads)
+        lengths = [len(s) if type(s) is list else -1 for s in heads]
+        if min(lengths) < 1:
+            h = next(h for h, n in enumerate(lengths) if n < 1)
+            s = heads[h]
+            if isinstance(s, list):
+                self.fail(f"{path}[{h}]", "empty spectrum")
+            self.fail(f"{path}[{h}]", f"expected a list of singular values, found {_describe(s)}")
+        if not set(map(type, chain.from_iterable(heads))) <= _NUMBER_TYPES:
+            for h, s in enumerate(heads):
+                self._check_numbers(s, f"{path}[{h}]")
+        k = max(lengths)
+        try:
+            if min(lengths) == k:
+                sigma = np.array(heads, dtype=np.float64)  # (H, k)
+            else:
+                sigma = np.zeros((num_heads, k))  # (H, k)
+                for h, s in enumerate(heads):
+                    sigma[h, : len(s)] = s
+        except OverflowError:
+            for h, s in enumerate(heads):
+                self._check_numbers(s, f"{path}[{h}]")
+            raise
+        padding = np.arange(k)[None, :] >= np.asarray(lengths)[:, None]  # (H, k)
+        self._first(~np.isfinite(sigma), path, lambda x: f"not a finite number: {x}", sigma)
+        self._first(sigma < 0, path, lambda x: f"negative singular value {_fmt(x)}", sigma)
+        rising = np.zeros_like(padding)
+        rising[:, 1:] = (sigma[:, 1:] > sigma[:, :-1]) & ~padding[:, 1:]
+        self._first(rising, path, lambda x: f"singular values not in descending order ({_fmt(x)} follows a smaller value)", sigma)
+        return sigma
+
+    def entropy_row(self, row: Any, path: str, num_heads: int) -> np.ndarray:
+        """One layer's entropies, ndarray of shape (H,)."""
+        key = "mean_attention_entropy_per_head"
+        values = self._row_list(row, path, key, num_heads)
+        path = f"{path}.{key}"
+        if not set(map(type, values)) <= _NUMBER_TYPES:
+            self._check_numbers(values, path)
+        try:
+            ent = np.array(values, dtype=np.float64)  # (H,)
+        except OverflowError:
+            self._check_numbers(values, path)
+            raise
+        self._first(~np.isfinite(ent), path, lambda x: f"not a finite number: {x}", ent)
+        self._first(ent < 0, path, lambda x: f"negative entropy {_fmt(x)}", ent)
+        return ent
+
+    def _first(self, bad: np.ndarray, path: str, what, values: np.ndarray) -> None:
+        if bad.any():
+            idx = tuple(int(i) for i in np.argwhere(bad)[0])
+            self.fail(path + "".join(f"[{i}]" for i in idx), what(values[idx]))
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def _describe(x: Any) -> str:
+    """What a value is, quoting it when it is a short scalar: 'a string "abc"'."""
+    if isinstance(x, (list, dict)) or x is None:
+        return _kind(x)
+    text = repr(x) if isinstance(x, float) and not math.isfinite(x) else json.dumps(x)
+    return f"{_kind(x)} {text if len(text) <= 40 else text[:37] + '...'}"

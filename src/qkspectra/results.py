@@ -1,0 +1,127 @@
+"""Analysis results as JSON-ready dicts (full precision; None where a figure is undefined)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qkspectra import __version__
+from qkspectra.analysis import Analysis, Correlation
+
+SCHEMA_VERSION = 1
+
+
+def _stats(x: np.ndarray | None) -> dict[str, float | None]:
+    if x is None:
+        return {"mean": None, "std": None, "min": None, "max": None}
+    return {"mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()), "max": float(x.max())}
+
+
+def _corr(c: Correlation | None, field: str) -> float | None:
+    return None if c is None else getattr(c, field)
+
+
+def input_dict(analysis: Analysis) -> dict[str, Any]:
+    g = analysis.geometry
+    return {
+        "file": Path(g.source).name,
+        "num_layers": g.num_layers,
+        "num_heads": g.num_heads,
+        "max_rank": g.max_rank,
+        "has_entropy": g.entropy is not None,
+        "metadata": g.metadata,
+    }
+
+
+def analysis_dict(a: Analysis) -> dict[str, Any]:
+    """One strategy's figures; keys as documented in the README."""
+    si, rs, ch = a.shape_invariance, a.rescale, a.cross_head
+    entropy_reason = None
+    if a.corr_T_entropy is None:
+        entropy_reason = "the geometry has no dynamic (entropy) section"
+    elif a.corr_T_entropy.reason or a.corr_opnorm_entropy.reason:
+        entropy_reason = "; ".join(r for r in (a.corr_T_entropy.reason, a.corr_opnorm_entropy.reason) if r)
+    single = ch.single_spectrum_residual
+    return {
+        "anchor": {
+            "strategy": a.anchor.strategy,
+            "layer": a.anchor.layer,
+            "layers": a.anchor.layers.tolist(),
+            "groups": [list(g) for g in a.anchor.groups],
+            "group_anchors": a.anchor.group_anchors,
+            "scores": None if a.anchor.scores is None else a.anchor.scores.tolist(),
+        },
+        "shape_invariance": {
+            "per_head_mean_cos": None if si.per_head_mean_cos is None else si.per_head_mean_cos.tolist(),
+            **_stats(si.per_head_mean_cos),
+            "label": si.label,
+            "reason": si.reason,
+        },
+        "rescale": {
+            "T": rs.T.tolist(),
+            "residual": rs.residual.tolist(),
+            "mean_residual": rs.mean_residual,
+            "max_residual": rs.max_residual,
+            "frac_below_0_10": rs.frac_below(0.10),
+            "frac_below_0_20": rs.frac_below(0.20),
+            "per_layer": {
+                "mean_residual": rs.residual.mean(axis=1).tolist(),
+                "max_residual": rs.residual.max(axis=1).tolist(),
+                "mean_T": rs.T.mean(axis=1).tolist(),
+            },
+        },
+        "entropy": {
+            "corr_T_entropy": _corr(a.corr_T_entropy, "pearson"),
+            "corr_opnorm_entropy": _corr(a.corr_opnorm_entropy, "pearson"),
+            "spearman_T_entropy": _corr(a.corr_T_entropy, "spearman"),
+            "spearman_opnorm_entropy": _corr(a.corr_opnorm_entropy, "spearman"),
+            "reason": entropy_reason,
+        },
+        "cross_head": {
+            "per_layer_mean_cos": None if ch.per_layer_mean_cos is None else ch.per_layer_mean_cos.tolist(),
+            "mean": None if ch.per_layer_mean_cos is None else float(ch.per_layer_mean_cos.mean()),
+            "reason": ch.reason,
+            "single_spectrum": {
+                "typical_head": ch.typical_head.tolist(),
+                "residual": single.tolist(),
+                "per_layer_mean_residual": single.mean(axis=1).tolist(),
+                "mean_residual": float(single.mean()),
+            },
+        },
+        "verdict": {"code": a.verdict_code, "text": a.verdict_text},
+    }
+
+
+def comparison_rows(analyses: dict[str, Analysis]) -> list[dict[str, Any]]:
+    """One row per strategy: the side-by-side table of ``--anchor all``."""
+    rows = []
+    for name, a in analyses.items():
+        rows.append(
+            {
+                "strategy": name,
+                "anchor_layers": a.anchor.group_anchors,
+                "mean_residual": a.rescale.mean_residual,
+                "max_residual": a.rescale.max_residual,
+                "frac_below_0_10": a.rescale.frac_below(0.10),
+                "corr_T_entropy": _corr(a.corr_T_entropy, "pearson"),
+                "verdict": a.verdict_code,
+            }
+        )
+    return rows
+
+
+def result_document(analyses: dict[str, Analysis], primary: str) -> dict[str, Any]:
+    """The JSON document of ``qkspectra analyze``.
+
+    The top level holds the figures of the ``primary`` strategy; with several
+    strategies, ``strategies`` holds each one's and ``comparison`` the table.
+    """
+    doc: dict[str, Any] = {"qkspectra_version": __version__, "schema_version": SCHEMA_VERSION}
+    doc["input"] = input_dict(analyses[primary])
+    doc.update(analysis_dict(analyses[primary]))
+    if len(analyses) > 1:
+        doc["strategies"] = {name: analysis_dict(a) for name, a in analyses.items()}
+        doc["comparison"] = comparison_rows(analyses)
+    return doc
