@@ -1,0 +1,91 @@
+"""Dequantise a GGUF checkpoint once and keep a safetensors copy in a per-user cache.
+
+Cache folder: ``$QKSPECTRA_CACHE`` if that environment variable is set, else
+``~/.cache/qkspectra/models``. Each GGUF file gets its own subfolder
+``<gguf stem>-<key>``, where ``key`` is the first 16 hex digits of the sha256 of the
+file's absolute path, size and modification time; editing or replacing the GGUF file
+therefore produces a new entry. The subfolder is an ordinary Hugging Face model folder
+(``config.json``, float32 ``model.safetensors``, tokenizer files) plus
+``qkspectra_source.json`` saying where it came from. It is written to a temporary folder
+beside it and renamed into place, so an interrupted conversion leaves no half-written
+entry; later runs load it in about a second. Delete the folder to reclaim the space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from qkspectra.errors import QkspectraError
+
+CACHE_ENV_VAR = "QKSPECTRA_CACHE"
+SOURCE_RECORD = "qkspectra_source.json"
+
+
+def model_cache_root() -> Path:
+    """``$QKSPECTRA_CACHE`` if set, else ``~/.cache/qkspectra/models``."""
+    override = os.environ.get(CACHE_ENV_VAR)
+    if override:
+        return Path(override).expanduser()
+    return Path.home() / ".cache" / "qkspectra" / "models"
+
+
+def gguf_cache_folder(gguf_path: Path) -> Path:
+    """The cache subfolder for ``gguf_path`` (which may not exist yet)."""
+    gguf_path = gguf_path.resolve()
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return model_cache_root() / f"{gguf_path.stem}-{key}"
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / SOURCE_RECORD).is_file() and (folder / "config.json").is_file()
+
+
+def cached_gguf_folder(gguf_path: Path, *, progress: bool = True) -> Path:
+    """Hugging Face folder holding the dequantised ``gguf_path``, converting it on first use."""
+    folder = gguf_cache_folder(gguf_path)
+    if is_complete(folder):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        _convert(gguf_path.resolve(), staging, progress=progress)
+        try:
+            os.rename(staging, folder)
+        except OSError:
+            if not is_complete(folder):  # not a concurrent conversion that finished first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _convert(gguf_path: Path, out: Path, *, progress: bool) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qkspectra.models.loading import first_line, transformers_quiet
+
+    with transformers_quiet(progress=progress):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
+            )
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
+        except (ValueError, OSError, KeyError, RuntimeError) as e:
+            raise QkspectraError(f"cannot read GGUF file {gguf_path}: {first_line(e)}") from e
+        # A GGUF-loaded model refuses save_pretrained while it still looks quantised.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    stat = gguf_path.stat()
+    record = {"gguf_file": str(gguf_path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "dtype": "float32"}
+    (out / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+

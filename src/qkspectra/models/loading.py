@@ -1,0 +1,62 @@
+"""Load a resolved model into torch (eval mode, float32) with its tokenizer, offline."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from qkspectra.errors import QkspectraError
+from qkspectra.models.source import ModelSource, resolve_model
+
+
+@contextlib.contextmanager
+def transformers_quiet(*, progress: bool) -> Iterator[None]:
+    """Silence transformers' log messages; show its progress bars only if ``progress``."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars_were_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    if progress:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars_were_enabled:
+            hf_logging.enable_progress_bar()
+        else:
+            hf_logging.disable_progress_bar()
+
+
+def load_model(source: ModelSource | str, *, attn_implementation: str = "eager", progress: bool = True):
+    """Return ``(model, tokenizer)``: the base transformer (no task head) in eval mode, float32.
+
+    ``source`` is a ``ModelSource`` or anything ``resolve_model`` accepts. With the default
+    ``attn_implementation="eager"``, ``output_attentions=True`` returns attention maps.
+    """
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    if isinstance(source, str):
+        source = resolve_model(source, progress=progress)
+    with transformers_quiet(progress=progress):
+        try:
+            model = AutoModel.from_pretrained(
+                source.folder, dtype=torch.float32, attn_implementation=attn_implementation, local_files_only=True
+            )
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise QkspectraError(f"cannot load the weights of {source.folder}: {first_line(e)}") from e
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.folder, local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise QkspectraError(f"cannot load the tokenizer of {source.folder}: {first_line(e)}") from e
+    model.eval()
+    return model, tokenizer
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

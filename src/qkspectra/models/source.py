@@ -1,0 +1,79 @@
+"""Turn the MODEL argument into a local Hugging Face folder and its config.
+
+MODEL is one of
+  * the name of a bundled model (``minilm``, the default, or ``smollm2``; see ``bundled``),
+  * a local Hugging Face model folder (``config.json`` plus safetensors weights,
+    single-file or sharded with ``model.safetensors.index.json``, plus tokenizer files),
+  * a local ``.gguf`` file, dequantised once into the cache described in ``gguf_cache``.
+Nothing is ever fetched from the Hugging Face hub.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qkspectra.errors import QkspectraError
+from qkspectra.models.bundled import BUNDLED_MODELS, bundled_model_path, bundled_model_version
+from qkspectra.models.gguf_cache import cached_gguf_folder
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    folder: Path  # Hugging Face folder the weights are read from (the cache entry for GGUF)
+    model_id: str  # what the user named: bundled name, folder or .gguf path
+    kind: str  # "bundled", "folder" or "gguf"
+    description: str  # one human-readable line
+    config: Any = field(repr=False, compare=False)  # transformers PretrainedConfig
+
+
+def resolve_model(name_or_path: str, *, progress: bool = True) -> ModelSource:
+    """Resolve MODEL (bundled name, folder or .gguf file); converts and caches a GGUF on first use."""
+    if name_or_path in BUNDLED_MODELS:
+        bundled = BUNDLED_MODELS[name_or_path]
+        path = bundled_model_path(name_or_path)
+        version = bundled_model_version(name_or_path)
+        package = f"{bundled.distribution} {version}" if version else bundled.distribution
+        description = f"bundled model {bundled.name}: {bundled.upstream} (package {package})"
+        folder = cached_gguf_folder(path, progress=progress) if path.suffix == ".gguf" else path
+        if path.suffix == ".gguf":
+            description += f", {path.name} dequantised to float32"
+        return ModelSource(folder, name_or_path, "bundled", description, load_config(folder))
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        known = ", ".join(BUNDLED_MODELS)
+        raise QkspectraError(f"model {name_or_path!r} is neither a bundled model ({known}) nor an existing path")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise QkspectraError(f"{path} is a file but not a .gguf file; give a model folder or a .gguf file")
+        folder = cached_gguf_folder(path, progress=progress)
+        description = f"GGUF file {path.resolve()} dequantised to float32 (cached in {folder})"
+        return ModelSource(folder, name_or_path, "gguf", description, load_config(folder))
+    description = f"model folder {path.resolve()}"
+    return ModelSource(path, name_or_path, "folder", description, load_config(path))
+
+
+def load_config(folder: Path) -> Any:
+    """The transformers config of ``folder``; QkspectraError if missing, unreadable or of an unknown type."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise QkspectraError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QkspectraError(f"{config_file} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise QkspectraError(f"{config_file} has no model_type")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (ValueError, KeyError, OSError, TypeError) as e:
+        from qkspectra.models.adapters import supported_model_types
+
+        raise QkspectraError(
+            f"{config_file}: cannot read config of model type {raw['model_type']!r} "
+            f"(supported model types: {', '.join(supported_model_types())})"
+        ) from e
