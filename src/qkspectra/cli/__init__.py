@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     _register()
     try:
         app(args=argv, standalone_mode=True)
+    except SystemExit as e:  # success returns; errors keep their exit status
+        if e.code not in (0, None):
+            raise
     except QkspectraError as e:
         typer.echo(f"qkspectra: error: {e}", err=True)
         sys.exit(2)
