@@ -1,3 +1,19 @@
-"""qkspectra: test the annealing-schedule hypothesis on transformer attention heads."""
+"""qkspectra: test the annealing-schedule hypothesis on transformer attention heads.
+
+    >>> import qkspectra
+    >>> g = qkspectra.load_geometry("geometry.json")
+    >>> result = qkspectra.analyze(g, anchor="best")
+    >>> result.rescale.T            # (L, H) temperatures
+    >>> result.verdict_text
+
+Analysis needs numpy alone; extraction from models (``qkspectra.extract``) needs
+the ``models`` extra (torch, transformers).
+"""
 
 __version__ = "0.1.0"
+
+from qkspectra.analysis import Analysis, analyze, analyze_all  # noqa: E402
+from qkspectra.errors import QkspectraError  # noqa: E402
+from qkspectra.geometry import Geometry, load_geometry, parse_geometry  # noqa: E402
+
+__all__ = ["Analysis", "Geometry", "QkspectraError", "analyze", "analyze_all", "load_geometry", "parse_geometry", "__version__"]
