@@ -1,1 +1,35 @@
 """Shared test fixtures."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """Every test session converts GGUF models into its own cache, never the user's."""
+    folder = tmp_path_factory.mktemp("qkspectra-cache")
+    previous = os.environ.get("QKSPECTRA_CACHE")
+    os.environ["QKSPECTRA_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        del os.environ["QKSPECTRA_CACHE"]
+    else:
+        os.environ["QKSPECTRA_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def minilm_source():
+    from qkspectra.models import resolve_model
+
+    return resolve_model("minilm", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_source(model_cache):
+    """SmolLM2 resolved once per session (the first resolution dequantises the GGUF, ~20 s)."""
+    from qkspectra.models import resolve_model
+
+    return resolve_model("smollm2", progress=False)

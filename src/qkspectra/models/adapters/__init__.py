@@ -1,0 +1,49 @@
+"""Architecture adapters, chosen by ``config.model_type`` from ``ADAPTERS``.
+
+Each adapter maps one architecture's checkpoint tensors to the common ``AttentionLayer``
+layout (see ``base``). Supported: albert, bert, gpt2, gpt_neox, llama, mistral, qwen2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qkspectra.errors import QkspectraError
+from qkspectra.models.adapters.albert import AlbertAdapter
+from qkspectra.models.adapters.base import AttentionAdapter, AttentionLayer, RotaryEmbedding
+from qkspectra.models.adapters.bert import BertAdapter
+from qkspectra.models.adapters.gpt2 import GPT2Adapter
+from qkspectra.models.adapters.gpt_neox import GPTNeoXAdapter
+from qkspectra.models.adapters.llama import LlamaAdapter
+from qkspectra.models.adapters.mistral import MistralAdapter
+from qkspectra.models.adapters.qwen2 import Qwen2Adapter
+
+ADAPTERS: dict[str, type[AttentionAdapter]] = {
+    adapter.model_type: adapter
+    for adapter in (
+        AlbertAdapter,
+        BertAdapter,
+        GPT2Adapter,
+        GPTNeoXAdapter,
+        LlamaAdapter,
+        MistralAdapter,
+        Qwen2Adapter,
+    )
+}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(ADAPTERS)
+
+
+def adapter_for(config: Any) -> AttentionAdapter:
+    """The adapter for ``config.model_type``; QkspectraError naming it if unsupported or misconfigured."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise QkspectraError(
+            f"model type {model_type!r} is not supported; supported model types: {', '.join(supported_model_types())}"
+        )
+    return ADAPTERS[model_type](config)
+
+
+__all__ = ["ADAPTERS", "AttentionAdapter", "AttentionLayer", "RotaryEmbedding", "adapter_for", "supported_model_types"]

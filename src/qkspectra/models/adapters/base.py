@@ -1,0 +1,157 @@
+"""The common per-layer layout every architecture adapter produces.
+
+For head h of a layer, with x the vector entering the attention block (after its input norm
+for pre-norm models) and positions ignored, the pre-softmax logit between query x and key y is
+
+    logit = scale * (x @ W_Q[h] + b_Q[h]) . (y @ W_K[h] + b_K[h])
+
+Rotary models rotate both brackets by their position before the dot product (``rotary``).
+``norm_gain`` / ``norm_bias`` are the affine parameters of the norm whose output is x, so
+x = norm_gain * x_hat + norm_bias with x_hat the normalised vector (``None`` when no norm
+feeds the block directly). Nothing downstream knows which architecture a layer came from.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from qkspectra.errors import QkspectraError
+from qkspectra.models.tensors import TensorSource
+
+
+@dataclass(frozen=True)
+class RotaryEmbedding:
+    """Rotary position embedding on q and k after projection (Hugging Face ``rotate_half`` layout).
+
+    The first ``rotary_dim`` coordinates of each head are rotated; coordinate i < rotary_dim/2 is
+    paired with i + rotary_dim/2 and turned by the angle position * base ** (-2 i / rotary_dim)
+    (``rope_type`` other than "default" rescales these frequencies, never the logit).
+    """
+
+    rotary_dim: int
+    base: float
+    rope_type: str
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionLayer:
+    W_Q: np.ndarray  # (H, d_model, d_head) float64
+    W_K: np.ndarray  # (H, d_model, d_head) float64; grouped-query models already expanded
+    b_Q: np.ndarray | None  # (H, d_head)
+    b_K: np.ndarray | None  # (H, d_head)
+    scale: float  # the model's own logit scale s
+    norm_gain: np.ndarray | None  # (d_model,) gain of the norm whose output enters the block
+    norm_bias: np.ndarray | None  # (d_model,) bias of that norm (LayerNorm), None for RMSNorm
+    rotary: RotaryEmbedding | None
+
+
+# Config fields that change the attention logit in ways no adapter models; any value other
+# than None/False is refused (a quietly wrong number is worse than none).
+LOGIT_CHANGING_FIELDS = (
+    "alibi",
+    "use_alibi",
+    "attn_logit_softcapping",
+    "query_pre_attn_scalar",
+    "attention_multiplier",
+    "use_qk_norm",
+    "qk_layernorm",
+    "use_logn_attn",
+    "add_cross_attention",
+)
+
+# Rotary variants whose cos/sin carry no extra factor (attention_scaling == 1): they move
+# positions but leave the metric alone. yarn and longrope multiply every logit, so they are refused.
+PLAIN_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+class AttentionAdapter(abc.ABC):
+    """Maps one architecture's tensors to ``AttentionLayer``s. Subclasses set the shapes in ``__init__``."""
+
+    model_type: ClassVar[str]
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    d_model: int
+    d_head: int
+
+    def __init__(self, config: Any):
+        self.config = config
+        for field in LOGIT_CHANGING_FIELDS:
+            value = getattr(config, field, None)
+            if value not in (None, False):
+                raise QkspectraError(
+                    f"{self.model_type} config sets {field}={value!r}, which changes the attention logit "
+                    "and is not modelled by qkspectra"
+                )
+        self._prefix: str | None = None
+
+    @abc.abstractmethod
+    def layer(self, tensors: TensorSource, index: int) -> AttentionLayer:
+        """Layer ``index`` (0-based, in execution order) read from ``tensors``."""
+
+    def check_sequence_length(self, seq_len: int) -> None:
+        """Raise QkspectraError if attention over ``seq_len`` tokens differs from full (causal) attention."""
+
+    def describe_positions(self) -> str:
+        return "absolute position embeddings added before layer 0"
+
+    def prefixed(self, tensors: TensorSource, name: str) -> str:
+        """``name`` with the checkpoint's module prefix (``""``, ``"model."``, ``"bert."``, ...)."""
+        if self._prefix is None:
+            anchor = self.anchor_tensor()
+            candidates = sorted(
+                (n[: -len(anchor)] for n in tensors.names() if n.endswith(anchor)), key=len
+            )
+            candidates = [c for c in candidates if c == "" or c.endswith(".")]
+            if not candidates:
+                raise QkspectraError(
+                    f"no tensor named like {anchor!r} in the checkpoint; is it really a {self.model_type} model?"
+                )
+            self._prefix = candidates[0]
+        return self._prefix + name
+
+    @abc.abstractmethod
+    def anchor_tensor(self) -> str:
+        """A tensor name every checkpoint of this architecture has (used to find the prefix)."""
+
+    def read(self, tensors: TensorSource, name: str) -> np.ndarray:
+        return tensors.get(self.prefixed(tensors, name))
+
+    def read_optional(self, tensors: TensorSource, name: str) -> np.ndarray | None:
+        full = self.prefixed(tensors, name)
+        return tensors.get(full) if full in tensors.names() else None
+
+
+def rotary_from_config(config: Any, head_dim: int) -> RotaryEmbedding:
+    """The rotary embedding a config describes; QkspectraError for rope types that rescale logits."""
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type not in PLAIN_ROPE_TYPES:
+        raise QkspectraError(
+            f"{config.model_type} config uses rope_type={rope_type!r}, whose attention factor rescales the "
+            f"logits; supported rope types: {', '.join(PLAIN_ROPE_TYPES)}"
+        )
+    rotary_dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    return RotaryEmbedding(rotary_dim=rotary_dim, base=float(params["rope_theta"]), rope_type=rope_type)
+
+
+def heads_from_linear(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """nn.Linear weight (num_heads*d_head, d_model) -> per-head factors (num_heads, d_model, d_head)."""
+    out_features, d_model = weight.shape
+    return weight.reshape(num_heads, out_features // num_heads, d_model).transpose(0, 2, 1)
+
+
+def heads_from_bias(bias: np.ndarray | None, num_heads: int) -> np.ndarray | None:
+    """Bias (num_heads*d_head,) -> (num_heads, d_head)."""
+    return None if bias is None else bias.reshape(num_heads, -1)
+
+
+def expand_kv_heads(per_kv_head: np.ndarray | None, num_heads: int) -> np.ndarray | None:
+    """(H_kv, ...) -> (H, ...): query head h reads kv head h // (H / H_kv)."""
+    if per_kv_head is None:
+        return None
+    return np.repeat(per_kv_head, num_heads // per_kv_head.shape[0], axis=0)

@@ -1,0 +1,48 @@
+"""BERT (and its distillations such as MiniLM): post-norm encoder, absolute positions.
+
+The vector entering layer i's attention is the output of a LayerNorm: the embeddings'
+LayerNorm for layer 0, the previous layer's output LayerNorm after that. Logit scale
+1/sqrt(d_head).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qkspectra.errors import QkspectraError
+from qkspectra.models.adapters.base import AttentionAdapter, AttentionLayer, heads_from_bias, heads_from_linear
+from qkspectra.models.tensors import TensorSource
+
+
+class BertAdapter(AttentionAdapter):
+    model_type = "bert"
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        position_type = getattr(config, "position_embedding_type", "absolute")
+        if position_type != "absolute":
+            raise QkspectraError(
+                f"{self.model_type} config sets position_embedding_type={position_type!r}; relative position "
+                "terms change the attention logit and only 'absolute' is supported"
+            )
+        self.num_layers = config.num_hidden_layers
+        self.num_heads = self.num_kv_heads = config.num_attention_heads
+        self.d_model = config.hidden_size
+        self.d_head = config.hidden_size // config.num_attention_heads
+
+    def anchor_tensor(self) -> str:
+        return "encoder.layer.0.attention.self.query.weight"
+
+    def layer(self, tensors: TensorSource, index: int) -> AttentionLayer:
+        attention = f"encoder.layer.{index}.attention.self"
+        norm = "embeddings.LayerNorm" if index == 0 else f"encoder.layer.{index - 1}.output.LayerNorm"
+        return AttentionLayer(
+            W_Q=heads_from_linear(self.read(tensors, f"{attention}.query.weight"), self.num_heads),
+            W_K=heads_from_linear(self.read(tensors, f"{attention}.key.weight"), self.num_heads),
+            b_Q=heads_from_bias(self.read_optional(tensors, f"{attention}.query.bias"), self.num_heads),
+            b_K=heads_from_bias(self.read_optional(tensors, f"{attention}.key.bias"), self.num_heads),
+            scale=self.d_head**-0.5,
+            norm_gain=self.read(tensors, f"{norm}.weight"),
+            norm_bias=self.read_optional(tensors, f"{norm}.bias"),
+            rotary=None,
+        )

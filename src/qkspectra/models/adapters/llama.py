@@ -1,0 +1,57 @@
+"""Llama (and SmolLM2): pre-RMSNorm decoder, rotary embedding, grouped-query attention.
+
+``q_proj`` has H*d_head outputs, ``k_proj`` H_kv*d_head; query head h reads key head
+h // (H / H_kv), so W_K is expanded to one factor per query head. q/k biases exist when
+``attention_bias`` is set and are kept. The norm feeding attention is ``input_layernorm``
+(RMSNorm: a gain, no bias). Logit scale 1/sqrt(head_dim). Mistral and Qwen2 reuse this
+layout and add their sliding-window checks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qkspectra.models.adapters.base import (
+    AttentionAdapter,
+    AttentionLayer,
+    expand_kv_heads,
+    heads_from_bias,
+    heads_from_linear,
+    rotary_from_config,
+)
+from qkspectra.models.tensors import TensorSource
+
+
+class LlamaAdapter(AttentionAdapter):
+    model_type = "llama"
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self.num_layers = config.num_hidden_layers
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads or config.num_attention_heads
+        self.d_model = config.hidden_size
+        self.d_head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.rotary = rotary_from_config(config, self.d_head)
+
+    def anchor_tensor(self) -> str:
+        return "layers.0.self_attn.q_proj.weight"
+
+    def describe_positions(self) -> str:
+        return f"rotary on {self.rotary.rotary_dim} of {self.d_head} head dimensions"
+
+    def layer(self, tensors: TensorSource, index: int) -> AttentionLayer:
+        attention = f"layers.{index}.self_attn"
+        H, H_kv = self.num_heads, self.num_kv_heads
+        W_K = heads_from_linear(self.read(tensors, f"{attention}.k_proj.weight"), H_kv)  # (H_kv, d_model, d_head)
+        b_K = heads_from_bias(self.read_optional(tensors, f"{attention}.k_proj.bias"), H_kv)  # (H_kv, d_head)
+        return AttentionLayer(
+            W_Q=heads_from_linear(self.read(tensors, f"{attention}.q_proj.weight"), H),
+            W_K=expand_kv_heads(W_K, H),
+            b_Q=heads_from_bias(self.read_optional(tensors, f"{attention}.q_proj.bias"), H),
+            b_K=expand_kv_heads(b_K, H),
+            scale=self.d_head**-0.5,
+            norm_gain=self.read(tensors, f"layers.{index}.input_layernorm.weight"),
+            norm_bias=None,
+            rotary=self.rotary,
+        )
