@@ -74,9 +74,14 @@ def mean_off_diagonal(cos: np.ndarray) -> np.ndarray | None:
 
 
 def first_best(scores: np.ndarray) -> int:
-    """Index of the first score within 1e-12 (relative) of the highest."""
-    best = scores.max()
-    return int(np.flatnonzero(scores >= best - TIE * abs(best))[0])
+    """Index of the first score within 1e-12 (relative) of the highest. scores: (N,)."""
+    return int(first_best_index(scores))
+
+
+def first_best_index(scores: np.ndarray) -> np.ndarray:
+    """first_best along the last axis: scores (..., N) -> int indices (...)."""
+    best = scores.max(axis=-1, keepdims=True)  # (..., 1)
+    return np.argmax(scores >= best - TIE * np.abs(best), axis=-1)
 
 
 def typicality_scores(cos: np.ndarray) -> np.ndarray:
@@ -178,33 +183,48 @@ def choose_anchor(layer_cos: np.ndarray, strategy: str | int, groups: int | None
     strategy: "last" | "middle" | "best" | "group" | an int layer index (negative counts from the end).
     groups: number of contiguous groups for "group" (default: round(sqrt(L))).
     """
+    layers, spans, scores = anchor_layers(layer_cos, strategy, groups)
+    return Anchor("index" if isinstance(strategy, int) else strategy, layers, spans, scores)
+
+
+def anchor_layers(
+    layer_cos: np.ndarray, strategy: str | int, groups: int | None = None
+) -> tuple[np.ndarray, tuple[tuple[int, int], ...], np.ndarray | None]:
+    """The anchor rule of :func:`choose_anchor`, batched over leading axes.
+
+    layer_cos: (..., H, L, L). Returns the anchor layer of each layer (..., L) int, the
+    contiguous groups [(start, stop), ...], and the typicality scores (..., L) of the
+    "best" and "group" rules (None for the others).
+    """
     L = layer_cos.shape[-1]
-    total = layer_cos.sum(axis=0)  # (L, L) summed over heads
+    batch = layer_cos.shape[:-3]
+    total = layer_cos.sum(axis=-3)  # (..., L, L) summed over heads
     whole = ((0, L),)
     if isinstance(strategy, int):
         if not -L <= strategy < L:
             raise QkspectraError(f"--anchor {strategy}: the geometry has {L} layers (valid indices {-L} to {L - 1})")
-        return Anchor("index", np.full(L, strategy % L), whole)
+        return np.full((*batch, L), strategy % L), whole, None
     if strategy == "last":
-        return Anchor("last", np.full(L, L - 1), whole)
+        return np.full((*batch, L), L - 1), whole, None
     if strategy == "middle":
-        return Anchor("middle", np.full(L, L // 2), whole)
+        return np.full((*batch, L), L // 2), whole, None
     if strategy == "best":
-        scores = typicality_scores(total)  # (L,)
-        return Anchor("best", np.full(L, first_best(scores)), whole, scores)
+        scores = typicality_scores(total)  # (..., L)
+        best = first_best_index(scores)  # (...)
+        return np.broadcast_to(best[..., None], (*batch, L)).copy(), whole, scores
     if strategy == "group":
         n = default_group_count(L) if groups is None else groups
         if not 1 <= n <= L:
             raise QkspectraError(f"--groups {n}: must be between 1 and the number of layers ({L})")
         bounds = np.linspace(0, L, n + 1).round().astype(int)  # (n + 1,)
         spans = tuple((int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]))
-        layers = np.empty(L, dtype=int)
-        scores = np.empty(L)
+        layers = np.empty((*batch, L), dtype=int)
+        scores = np.empty((*batch, L))
         for start, stop in spans:  # one iteration per group, not per layer pair
-            s = typicality_scores(total[start:stop, start:stop])  # (group size,)
-            scores[start:stop] = s
-            layers[start:stop] = start + first_best(s)
-        return Anchor("group", layers, spans, scores)
+            s = typicality_scores(total[..., start:stop, start:stop])  # (..., group size)
+            scores[..., start:stop] = s
+            layers[..., start:stop] = start + first_best_index(s)[..., None]
+        return layers, spans, scores
     raise QkspectraError(f"--anchor {strategy!r}: choose last, middle, best, group, all or a layer index")
 
 
