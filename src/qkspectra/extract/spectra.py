@@ -13,7 +13,8 @@ diag(g) W_Q, diag(g) W_K and the biases b_Q + beta W_Q, b_K + beta W_K.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -21,6 +22,18 @@ import torch
 
 from qkspectra.models.adapters import AttentionAdapter, AttentionLayer
 from qkspectra.models.tensors import TensorSource
+
+
+@contextlib.contextmanager
+def single_threaded_torch() -> Iterator[None]:
+    """Run torch on one thread: the per-head factorisations are small, and on a busy machine
+    a second spinning thread makes them many times slower rather than faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def fold_norm(layer: AttentionLayer) -> AttentionLayer:
@@ -131,27 +144,28 @@ def static_spectra(
         "W_K": np.empty((L, H, d_model, d_head), dtype=np.float32),
     }
     rows, scales, norm_folded = [], [], []
-    for index in range(L):
-        layer = adapter.layer(tensors, index)
-        norm_folded.append(fold_ln and layer.norm_gain is not None)
-        if fold_ln:
-            layer = fold_norm(layer)
-        singvals = metric_singular_values(layer.W_Q, layer.W_K, layer.scale, kv_group_size=kv_group_size)  # (H, k)
-        stats = spectrum_statistics(singvals)
-        rows.append(
-            {
-                "metric_singvals_per_head": singvals.tolist(),
-                **{f"{name}_per_head": values.tolist() for name, values in stats.items()},
-            }
-        )
-        scales.append(layer.scale)
-        root_scale = np.sqrt(layer.scale)
-        factors["W_Q"][index] = root_scale * layer.W_Q
-        factors["W_K"][index] = root_scale * layer.W_K
-        for name, bias in (("b_Q", layer.b_Q), ("b_K", layer.b_K)):
-            if bias is not None:
-                factors.setdefault(name, np.zeros((L, H, d_head), dtype=np.float32))[index] = root_scale * bias
-        if on_layer is not None:
-            on_layer(index)
+    with single_threaded_torch():
+        for index in range(L):
+            layer = adapter.layer(tensors, index)
+            norm_folded.append(fold_ln and layer.norm_gain is not None)
+            if fold_ln:
+                layer = fold_norm(layer)
+            singvals = metric_singular_values(layer.W_Q, layer.W_K, layer.scale, kv_group_size=kv_group_size)  # (H, k)
+            stats = spectrum_statistics(singvals)
+            rows.append(
+                {
+                    "metric_singvals_per_head": singvals.tolist(),
+                    **{f"{name}_per_head": values.tolist() for name, values in stats.items()},
+                }
+            )
+            scales.append(layer.scale)
+            root_scale = np.sqrt(layer.scale)
+            factors["W_Q"][index] = root_scale * layer.W_Q
+            factors["W_K"][index] = root_scale * layer.W_K
+            for name, bias in (("b_Q", layer.b_Q), ("b_K", layer.b_K)):
+                if bias is not None:
+                    factors.setdefault(name, np.zeros((L, H, d_head), dtype=np.float32))[index] = root_scale * bias
+            if on_layer is not None:
+                on_layer(index)
     query_name = adapter.prefixed(tensors, adapter.anchor_tensor())
     return StaticSpectra(rows, scales, norm_folded, factors, tensors.dtype(query_name))

@@ -1,0 +1,185 @@
+"""``extract``: a model's QK-metric spectra (static) and attention entropy (dynamic) as a geometry.
+
+``extract_geometry(model, options=ExtractOptions())`` returns the geometry dict:
+
+    {"num_layers": L, "num_heads": H,
+     "static":  [{"metric_singvals_per_head": (H, k) lists, "operator_norm_per_head", "frobenius_norm_per_head",
+                  "stable_rank_per_head", "effective_rank_per_head"}, ... L rows],
+     "dynamic": [{"mean_attention_entropy_per_head", "mean_normalized_entropy_per_head",
+                  "mean_sink_mass_per_head"}, ... L rows]          (absent with static_only)
+     "metadata": {...}}
+
+``run_extraction`` also returns the per-head factors, which ``write_outputs`` saves beside the
+JSON as ``<stem>.factors.safetensors``: ``W_Q``, ``W_K`` (L, H, d_model, d_head) float32, norm
+folded as the spectra were, grouped-query keys expanded, and each multiplied by sqrt(s) so that
+W_Q[l, h] @ W_K[l, h].T is the metric itself; ``b_Q``, ``b_K`` (L, H, d_head), also times sqrt(s),
+when the model has query/key biases (with folding they include the norm bias pushed through).
+The static part reads only the query/key tensors and norm gains, layer by layer, from the
+safetensors files; the dynamic part runs the model on a corpus.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qkspectra import __version__
+from qkspectra._io import atomic_write_bytes, atomic_write_json
+from qkspectra.errors import QkspectraError
+
+FACTORS_SUFFIX = ".factors.safetensors"
+FACTOR_CONVENTION = (
+    "W_Q[l,h] @ W_K[l,h].T is the metric s * W_Q^h W_K^h^T (norm gain folded if fold_ln); "
+    "sqrt(s) is multiplied into each of W_Q, W_K, b_Q, b_K, so logit = (x W_Q + b_Q) . (y W_K + b_K) before positions"
+)
+POSITION_LIMIT_FIELDS = ("max_position_embeddings", "n_positions")
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    fold_ln: bool = True  # fold the gain of the norm feeding attention into W_Q and W_K
+    static_only: bool = False  # skip the corpus pass (no "dynamic" rows)
+    corpus: str | None = None  # .txt file, folder of .txt, .jsonl; None: the default corpus
+    seq_len: int | None = None  # tokens per window; None: min(512, the model's maximum)
+    max_tokens: int = 32768  # corpus budget in tokens
+    window_per_line: bool = False  # one window per non-blank line instead of fixed windows
+    batch_size: int | None = None  # windows per forward pass; None: as many as fit in memory
+    quiet: bool = False  # no progress bars
+
+
+@dataclass(frozen=True, eq=False)
+class Extraction:
+    geometry: dict  # the geometry document (see the module docstring)
+    factors: dict[str, np.ndarray]  # W_Q, W_K (L, H, d_model, d_head), b_Q, b_K (L, H, d_head)
+
+
+def extract_geometry(model: str, *, options: ExtractOptions = ExtractOptions()) -> dict:
+    """The geometry dict of ``model`` (bundled name, model folder or .gguf file)."""
+    return run_extraction(model, options=options).geometry
+
+
+def run_extraction(model: str, *, options: ExtractOptions = ExtractOptions()) -> Extraction:
+    """Static spectra and (unless ``static_only``) attention entropy of ``model``, with metadata."""
+    from qkspectra.extract.spectra import static_spectra
+    from qkspectra.models import load_model, resolve_model
+    from qkspectra.models.adapters import adapter_for
+    from qkspectra.models.tensors import open_tensors
+
+    check_options(options)
+    progress = not options.quiet
+    source = resolve_model(model, progress=progress)
+    adapter = adapter_for(source.config)
+    tensors = open_tensors(source.folder)
+
+    corpus = seq_len = None
+    if not options.static_only:
+        from qkspectra.extract.corpus import default_seq_len, load_windows
+
+        check_position_limit(source.config, options.seq_len)
+        torch_model, tokenizer = load_model(source, progress=progress)
+        seq_len = options.seq_len if options.seq_len is not None else default_seq_len(torch_model)
+        corpus = load_windows(tokenizer, corpus=options.corpus, seq_len=seq_len, max_tokens=options.max_tokens,
+                              window_per_line=options.window_per_line)
+        adapter.check_sequence_length(max(map(len, corpus.windows)))
+
+    from tqdm.auto import tqdm
+
+    with tqdm(total=adapter.num_layers, unit="layer", desc="static spectra", disable=not progress, leave=False) as bar:
+        static = static_spectra(adapter, tensors, fold_ln=options.fold_ln, on_layer=lambda _: bar.update())
+
+    geometry = {"num_layers": adapter.num_layers, "num_heads": adapter.num_heads, "static": static.rows}
+    metadata = {
+        "model": source.model_id,
+        "model_source": source.description,
+        "model_type": adapter.model_type,
+        "num_layers": adapter.num_layers,
+        "num_heads": adapter.num_heads,
+        "num_kv_heads": adapter.num_kv_heads,
+        "d_model": adapter.d_model,
+        "d_head": adapter.d_head,
+        "scale": static.scales[0] if len(set(static.scales)) == 1 else static.scales,
+        "fold_ln": options.fold_ln,
+        "norm_folded_per_layer": static.norm_folded,
+        "positions": adapter.describe_positions(),
+        "rotary": asdict(adapter.rotary) if getattr(adapter, "rotary", None) is not None else None,
+        "dtype": static.checkpoint_dtype,
+        "computation_dtype": "float64",
+        "factors_convention": FACTOR_CONVENTION,
+        "qkspectra_version": __version__,
+    }
+    if corpus is not None:
+        from qkspectra.extract.entropy import attention_entropy
+
+        stats = attention_entropy(torch_model, corpus, batch_size=options.batch_size, progress=progress)
+        if stats.mean_entropy.shape != (adapter.num_layers, adapter.num_heads):
+            raise QkspectraError(
+                f"attention entropy has shape {stats.mean_entropy.shape}, expected "
+                f"({adapter.num_layers}, {adapter.num_heads})"
+            )
+        geometry["dynamic"] = [
+            {
+                "mean_attention_entropy_per_head": stats.mean_entropy[layer].tolist(),
+                "mean_normalized_entropy_per_head": stats.mean_normalized_entropy[layer].tolist(),
+                "mean_sink_mass_per_head": stats.mean_sink_mass[layer].tolist(),
+            }
+            for layer in range(adapter.num_layers)
+        ]
+        metadata.update(
+            corpus=corpus.description,
+            corpus_sha256=corpus.sha256,
+            seq_len=seq_len,
+            window_per_line=options.window_per_line,
+            max_tokens=options.max_tokens,
+            num_windows=stats.num_windows,
+            num_tokens=stats.num_tokens,
+        )
+    geometry["metadata"] = metadata
+    return Extraction(geometry=geometry, factors=static.factors)
+
+
+def check_options(options: ExtractOptions) -> None:
+    """Reject impossible option values before any model is read."""
+    if options.seq_len is not None and options.seq_len < 2:
+        raise QkspectraError(f"--seq-len must be at least 2, got {options.seq_len}")
+    if options.max_tokens < 1:
+        raise QkspectraError(f"--max-tokens must be at least 1, got {options.max_tokens}")
+    if options.seq_len is not None and options.max_tokens < options.seq_len:
+        raise QkspectraError(f"--max-tokens ({options.max_tokens}) must be at least --seq-len ({options.seq_len})")
+    if options.batch_size is not None and options.batch_size < 1:
+        raise QkspectraError(f"--batch-size must be at least 1, got {options.batch_size}")
+    if options.corpus is not None and not Path(options.corpus).exists():
+        raise QkspectraError(f"corpus {options.corpus} does not exist")
+
+
+def check_position_limit(config, seq_len: int | None) -> None:
+    """Refuse windows longer than the model's position table."""
+    for field in POSITION_LIMIT_FIELDS:
+        limit = getattr(config, field, None)
+        if isinstance(limit, int) and seq_len is not None and seq_len > limit:
+            raise QkspectraError(f"--seq-len {seq_len} exceeds the model's {field}={limit}")
+
+
+def factors_path(out: Path) -> Path:
+    """``geometry.json`` -> ``geometry.factors.safetensors`` beside it."""
+    return out.with_name(out.stem + FACTORS_SUFFIX)
+
+
+def write_outputs(extraction: Extraction, out: str | Path) -> tuple[Path, Path]:
+    """Write the factors file, then the geometry JSON, each atomically; return both paths."""
+    from safetensors.numpy import save
+
+    out = Path(out)
+    if out.is_dir():
+        raise QkspectraError(f"output {out} is a folder; give a file name such as {out / 'geometry.json'}")
+    factors_file = factors_path(out)
+    metadata = {
+        "convention": FACTOR_CONVENTION,
+        "model": str(extraction.geometry["metadata"]["model"]),
+        "fold_ln": str(extraction.geometry["metadata"]["fold_ln"]).lower(),
+    }
+    atomic_write_bytes(factors_file, save(extraction.factors, metadata=metadata))
+    geometry = dict(extraction.geometry, metadata=dict(extraction.geometry["metadata"], factors_file=factors_file.name))
+    atomic_write_json(out, geometry)
+    return out, factors_file

@@ -1,0 +1,166 @@
+"""``qkspectra extract`` end to end: outputs, options, and one-line errors that write nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+from transformers import AutoModel, AutoTokenizer, GPT2Config, MistralConfig
+
+from qkspectra.cli import main
+from qkspectra.models.bundled import bundled_model_path
+
+
+def run(argv, capsys):
+    """(exit status, stdout, stderr) of ``qkspectra argv`` run in-process."""
+    try:
+        main(argv)
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def tiny_folder(path, config):
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(path)
+    return path
+
+
+def test_static_only_minilm_writes_schema_metadata_and_factors(tmp_path, capsys):
+    out = tmp_path / "geometry.json"
+    status, stdout, stderr = run(["extract", "-o", str(out), "--static-only", "--quiet"], capsys)
+    assert (status, stdout, stderr) == (0, "", "")
+    geometry = json.loads(out.read_text())
+    assert (geometry["num_layers"], geometry["num_heads"]) == (6, 12)
+    assert "dynamic" not in geometry
+    assert len(geometry["static"]) == 6
+    row = geometry["static"][0]
+    assert np.shape(row["metric_singvals_per_head"]) == (12, 32)
+    for key in ("operator_norm", "frobenius_norm", "stable_rank", "effective_rank"):
+        assert len(row[f"{key}_per_head"]) == 12
+    metadata = geometry["metadata"]
+    assert metadata["model"] == "minilm" and metadata["model_type"] == "bert"
+    assert (metadata["d_model"], metadata["d_head"], metadata["num_kv_heads"]) == (384, 32, 12)
+    assert metadata["fold_ln"] is True and metadata["scale"] == pytest.approx(32**-0.5)
+    assert metadata["factors_file"] == "geometry.factors.safetensors"
+    import qkspectra
+
+    assert metadata["qkspectra_version"] == qkspectra.__version__
+    factors = load_file(tmp_path / "geometry.factors.safetensors")
+    assert factors["W_Q"].shape == factors["W_K"].shape == (6, 12, 384, 32)
+    assert factors["b_Q"].shape == factors["b_K"].shape == (6, 12, 32)
+    # The factors carry the scale: W_Q W_K^T is the metric whose spectrum the JSON holds.
+    metric = factors["W_Q"][3, 5].astype(np.float64) @ factors["W_K"][3, 5].T.astype(np.float64)
+    np.testing.assert_allclose(np.linalg.svd(metric, compute_uv=False)[:32],
+                               geometry["static"][3]["metric_singvals_per_head"][5], rtol=1e-4, atol=1e-6)
+
+
+def test_no_fold_ln_is_recorded_and_changes_spectra(tmp_path, capsys):
+    folded, raw = tmp_path / "folded.json", tmp_path / "raw.json"
+    assert run(["extract", "minilm", "-o", str(folded), "--static-only", "-q"], capsys)[0] == 0
+    assert run(["extract", "minilm", "-o", str(raw), "--static-only", "--no-fold-ln", "-q"], capsys)[0] == 0
+    folded, raw = json.loads(folded.read_text()), json.loads(raw.read_text())
+    assert raw["metadata"]["fold_ln"] is False and raw["metadata"]["norm_folded_per_layer"] == [False] * 6
+    assert raw["static"][0]["metric_singvals_per_head"] != folded["static"][0]["metric_singvals_per_head"]
+
+
+def test_dynamic_pass_on_a_small_corpus(tmp_path, capsys):
+    text = tmp_path / "corpus.txt"
+    text.write_text("The cat sat on the mat while the dog slept by the door. " * 40)
+    out = tmp_path / "geometry.json"
+    status, _, stderr = run(["extract", "-o", str(out), "--corpus", str(text), "--seq-len", "32",
+                             "--max-tokens", "128", "-q"], capsys)
+    assert (status, stderr) == (0, "")
+    geometry = json.loads(out.read_text())
+    assert len(geometry["dynamic"]) == 6
+    entropies = np.array([row["mean_attention_entropy_per_head"] for row in geometry["dynamic"]])
+    assert entropies.shape == (6, 12)
+    assert np.all((entropies >= 0) & (entropies <= np.log(32) + 1e-9))
+    metadata = geometry["metadata"]
+    assert (metadata["seq_len"], metadata["num_windows"], metadata["num_tokens"]) == (32, 4, 128)
+    assert len(metadata["corpus_sha256"]) == 64 and "corpus.txt" in metadata["corpus"]
+
+
+def test_tiny_sharded_folder_static_only(tmp_path, capsys):
+    folder = tmp_path / "tiny"
+    torch.manual_seed(0)
+    AutoModel.from_config(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50)).save_pretrained(
+        folder, max_shard_size="20KB")
+    out = tmp_path / "g.json"
+    assert run(["extract", str(folder), "-o", str(out), "--static-only", "-q"], capsys)[0] == 0
+    geometry = json.loads(out.read_text())
+    assert (geometry["num_layers"], geometry["num_heads"]) == (2, 4)
+    assert geometry["metadata"]["model_type"] == "gpt2"
+
+
+def test_progress_goes_to_stderr_and_quiet_silences_it(tmp_path, capsys):
+    status, stdout, stderr = run(["extract", "-o", str(tmp_path / "g.json"), "--static-only"], capsys)
+    assert status == 0 and stdout == ""
+    assert "static spectra" in stderr and "wrote" in stderr
+
+
+def corrupt_folder(tmp_path):
+    folder = tiny_folder(tmp_path / "corrupt", GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    return folder
+
+
+def config_only_folder(tmp_path, content):
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(content))
+    return folder
+
+
+ERRORS = {
+    "missing-path": (lambda p: ["/no/such/model"], "neither a bundled model"),
+    "no-config": (lambda p: [str(p)], "has no config.json"),
+    "corrupt-weights": (lambda p: [str(corrupt_folder(p))], "corrupt or truncated"),
+    "unsupported-type": (lambda p: [str(config_only_folder(p, {"model_type": "t5"}))], "'t5' is not supported"),
+    "empty-corpus": (lambda p: ["--corpus", str(p / "empty.txt")], "holds no text"),
+    "missing-corpus": (lambda p: ["--corpus", str(p / "nope.txt")], "does not exist"),
+    "seq-len-1": (lambda p: ["--seq-len", "1"], "--seq-len must be at least 2"),
+    "max-tokens-below-seq-len": (lambda p: ["--seq-len", "64", "--max-tokens", "32"], "must be at least --seq-len"),
+    "seq-len-beyond-positions": (lambda p: ["--seq-len", "1024"], "exceeds the model's max_position_embeddings=512"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("  \n\n")
+    arguments, message = ERRORS[case]
+    out_dir = tmp_path / "out"
+    argv = ["extract", *arguments(tmp_path), "-o", str(out_dir / "g.json"), "-q"]
+    capsys.readouterr()  # drop what building the fixture folders printed
+    status, stdout, stderr = run(argv, capsys)
+    assert status == 2
+    assert stderr.startswith("qkspectra: error: ") and stderr.count("\n") == 1 and message in stderr
+    assert not out_dir.exists()
+
+
+def test_sliding_window_shorter_than_windows_is_refused(tmp_path, capsys):
+    config = MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
+    folder = tiny_folder(tmp_path / "mistral", config)
+    # Static spectra do not depend on the window: allowed.
+    assert run(["extract", str(folder), "-o", str(tmp_path / "s.json"), "--static-only", "-q"], capsys)[0] == 0
+    AutoTokenizer.from_pretrained(bundled_model_path("minilm")).save_pretrained(folder)  # any tokenizer will do
+    status, _, stderr = run(["extract", str(folder), "-o", str(tmp_path / "d.json"), "--seq-len", "16",
+                             "--max-tokens", "64", "-q"], capsys)
+    assert status == 2 and "sliding_window=8, shorter than the sequence length 16" in stderr
+    assert not (tmp_path / "d.json").exists()
+
+
+def test_subprocess_error_is_one_line_on_stderr(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "qkspectra", "extract", str(tmp_path / "missing.gguf"),
+                             "-o", str(tmp_path / "g.json")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "neither a bundled model" in result.stderr
