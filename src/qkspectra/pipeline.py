@@ -1,18 +1,97 @@
 """From a geometry to the whole analysis document (``analysis.json``).
 
 ``analyze`` with one strategy gives the seed's figures; ``build_analysis_document``
-gives every anchor strategy side by side plus whatever goes beyond the seed.
+gives every anchor strategy side by side plus whatever goes beyond the seed: null
+baselines, bootstrap intervals, the operator-level and functional results when given,
+and the layered verdict.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from qkspectra.analysis import analyze_all
+from qkspectra.analysis import Analysis, analyze_all
+from qkspectra.bootstrap import BootstrapOptions, BootstrapResult, bootstrap_correlations
 from qkspectra.geometry import Geometry
+from qkspectra.nulls import NullBaseline, NullOptions, null_baselines
 from qkspectra.results import result_document
+from qkspectra.verdict import LayeredVerdict, layered_verdict
+
+NO_FACTORS = "no factors file beside the geometry"
+NO_FUNCTIONAL = "functional test not run"
 
 
-def build_analysis_document(geometry: Geometry, *, groups: int | None = None) -> dict[str, Any]:
-    """Every anchor strategy; the top level carries the seed's default (last) anchor."""
-    return result_document(analyze_all(geometry, groups=groups), "last")
+@dataclass(frozen=True)
+class BeyondSeed:
+    """What goes beyond the seed's figures. nulls and bootstrap are None when not computed."""
+
+    nulls: dict[str, NullBaseline] | None
+    bootstrap: BootstrapResult | None
+    verdict: LayeredVerdict
+
+
+def beyond_seed(
+    analyses: dict[str, Analysis],
+    primary: str,
+    *,
+    nulls: NullOptions | None = NullOptions(),
+    bootstrap: BootstrapOptions | None = BootstrapOptions(),
+    operator: dict[str, Any] | None = None,
+    functional: dict[str, Any] | None = None,
+    operator_missing: str = NO_FACTORS,
+    functional_missing: str = NO_FUNCTIONAL,
+) -> BeyondSeed:
+    """Null baselines and bootstrap intervals for ``analyses`` (None options: skipped) and the layered verdict."""
+    geometry = analyses[primary].geometry
+    null_results = None if nulls is None else null_baselines(geometry, analyses, nulls)
+    intervals = None if bootstrap is None else bootstrap_correlations(analyses, bootstrap)
+    verdict = layered_verdict(
+        analyses[primary],
+        null_results,
+        operator,
+        functional,
+        strategy=primary,
+        operator_missing=operator_missing,
+        functional_missing=functional_missing,
+    )
+    return BeyondSeed(null_results, intervals, verdict)
+
+
+def build_analysis_document(
+    geometry: Geometry,
+    *,
+    groups: int | None = None,
+    nulls: NullOptions | bool = True,
+    bootstrap: BootstrapOptions | bool = True,
+    operator: dict[str, Any] | None = None,
+    rank_k: dict[str, Any] | None = None,
+    functional: dict[str, Any] | None = None,
+    operator_missing: str = NO_FACTORS,
+    functional_missing: str = NO_FUNCTIONAL,
+) -> dict[str, Any]:
+    """Every anchor strategy; the top level carries the seed's default (last) anchor.
+
+    nulls, bootstrap: True for the defaults, options, or False to skip.
+    operator, rank_k, functional: the operator-level results, merged into the document
+    under those keys; operator and functional also feed the layered verdict (their
+    layers are n/a with ``operator_missing`` / ``functional_missing`` when absent).
+    """
+    analyses = analyze_all(geometry, groups=groups)
+    null_options = NullOptions() if nulls is True else nulls or None
+    bootstrap_options = BootstrapOptions() if bootstrap is True else bootstrap or None
+    extra = beyond_seed(
+        analyses,
+        "last",
+        nulls=null_options,
+        bootstrap=bootstrap_options,
+        operator=operator,
+        functional=functional,
+        operator_missing=operator_missing,
+        functional_missing=functional_missing,
+    )
+    doc = result_document(analyses, "last", nulls=extra.nulls, bootstrap=extra.bootstrap, verdict=extra.verdict)
+    for key, value in (("operator", operator), ("rank_k", rank_k), ("functional", functional)):
+        if value is not None:
+            doc[key] = value
+    return doc

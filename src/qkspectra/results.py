@@ -9,6 +9,9 @@ import numpy as np
 
 from qkspectra import __version__
 from qkspectra.analysis import Analysis, Correlation
+from qkspectra.bootstrap import BootstrapResult, Interval
+from qkspectra.nulls import NullBaseline
+from qkspectra.verdict import LayeredVerdict
 
 SCHEMA_VERSION = 1
 
@@ -112,11 +115,57 @@ def comparison_rows(analyses: dict[str, Analysis]) -> list[dict[str, Any]]:
     return rows
 
 
-def result_document(analyses: dict[str, Analysis], primary: str) -> dict[str, Any]:
+def null_dict(null: NullBaseline) -> dict[str, Any]:
+    """One null: {"available", "reason", "draws", "seed", "figures": {name: {"real", "null_mean", "null_std", "p_value"}}}."""
+    return {
+        "available": null.available,
+        "reason": null.reason,
+        "draws": null.draws,
+        "seed": null.seed,
+        "figures": {
+            name: {"real": f.real, "null_mean": f.null_mean, "null_std": f.null_std, "p_value": f.p_value}
+            for name, f in null.figures.items()
+        },
+    }
+
+
+def _interval(i: Interval) -> dict[str, Any]:
+    return {"estimate": i.estimate, "low": i.low, "high": i.high, "degenerate_draws": i.degenerate}
+
+
+def bootstrap_dict(b: BootstrapResult) -> dict[str, Any]:
+    return {
+        "draws": b.draws,
+        "confidence": b.confidence,
+        "method": b.method,
+        "corr_T_entropy": {name: _interval(i) for name, i in b.corr_T_entropy.items()},
+        "corr_opnorm_entropy": {name: _interval(i) for name, i in b.corr_opnorm_entropy.items()},
+    }
+
+
+def layered_verdict_dict(v: LayeredVerdict) -> dict[str, Any]:
+    """``verdict.layers``, ``verdict.overall`` and ``verdict.summary``."""
+    return {
+        "layers": {name: {"code": layer.code, "evidence": layer.evidence} for name, layer in v.layers.items()},
+        "overall": v.overall,
+        "summary": v.summary,
+    }
+
+
+def result_document(
+    analyses: dict[str, Analysis],
+    primary: str,
+    *,
+    nulls: dict[str, NullBaseline] | None = None,
+    bootstrap: BootstrapResult | None = None,
+    verdict: LayeredVerdict | None = None,
+) -> dict[str, Any]:
     """The JSON document of ``qkspectra analyze``.
 
     The top level holds the figures of the ``primary`` strategy; with several
     strategies, ``strategies`` holds each one's and ``comparison`` the table.
+    With a layered verdict, ``null`` and ``bootstrap`` (None when not computed) and
+    ``verdict.layers``, ``verdict.overall``, ``verdict.summary`` are added.
     """
     doc: dict[str, Any] = {"qkspectra_version": __version__, "schema_version": SCHEMA_VERSION}
     doc["input"] = input_dict(analyses[primary])
@@ -124,4 +173,8 @@ def result_document(analyses: dict[str, Analysis], primary: str) -> dict[str, An
     if len(analyses) > 1:
         doc["strategies"] = {name: analysis_dict(a) for name, a in analyses.items()}
         doc["comparison"] = comparison_rows(analyses)
+    if verdict is not None:
+        doc["null"] = None if nulls is None else {name: null_dict(n) for name, n in nulls.items()}
+        doc["bootstrap"] = None if bootstrap is None else bootstrap_dict(bootstrap)
+        doc["verdict"].update(layered_verdict_dict(verdict))
     return doc

@@ -1,14 +1,23 @@
 """The terminal report: the seed's sections with its figures at its precision, plus ours.
 
 Every line the seed analysis prints appears here unchanged (for the seed's
-anchors last, middle and best); lines the seed lacks are added beside them.
+anchors last, middle and best); lines the seed lacks are added beside them:
+with null baselines, a "null (NAME): mean ± std, p = ..." line under each figure
+they qualify and bootstrap intervals under the correlations.
 """
 
 from __future__ import annotations
 
 from qkspectra.analysis import Analysis, Correlation
+from qkspectra.bootstrap import BootstrapResult, Interval
+from qkspectra.nulls import CROSS_HEAD, NULL_LABELS, RESIDUAL_PREFIX, SHAPE_INVARIANCE, NullBaseline
+from qkspectra.verdict import LayeredVerdict
 
 EXPECTED_SIGN = "(negative expected: larger T → sharper → lower entropy)"
+NO_NULL_LINE = (
+    "No null baseline was computed, so the verdict above is not compared with chance "
+    "(add --null for null baselines, bootstrap intervals and the layered verdict)."
+)
 
 
 def _na(reason: str | None) -> str:
@@ -31,8 +40,37 @@ def _corr_line(label: str, c: Correlation | None, tail: str, missing: str) -> st
     return f"{label} = {c.pearson:+.3f}  {tail}".rstrip()
 
 
-def render_report(a: Analysis) -> str:
-    """The full report of one strategy, as text."""
+def _null_lines(nulls: dict[str, NullBaseline] | None, figure: str, indent: str) -> list[str]:
+    """'null (NAME): mean ± std, p = ...' for each available null of one figure."""
+    out = []
+    for name, null in (nulls or {}).items():
+        f = null.figures.get(figure)
+        if null.available and f is not None and f.p_value is not None:
+            out.append(
+                f"{indent}null ({NULL_LABELS.get(name, name)}, {null.draws} draws): "
+                f"mean {f.null_mean:.4f} ± {f.null_std:.2g}, p = {f.p_value:.3f}"
+            )
+    return out
+
+
+def _interval_line(label: str, i: Interval | None, confidence: float) -> list[str]:
+    if i is None or i.low is None:
+        return []
+    return [f"    {label}: {100 * confidence:g}% bootstrap interval [{i.low:+.3f}, {i.high:+.3f}]"]
+
+
+def render_report(
+    a: Analysis,
+    nulls: dict[str, NullBaseline] | None = None,
+    bootstrap: BootstrapResult | None = None,
+    strategy: str | None = None,
+) -> str:
+    """The full report of one strategy, as text.
+
+    nulls, bootstrap: shown beside the figures they qualify; strategy: the name of this
+    analysis in them (default: its anchor strategy).
+    """
+    name = strategy or a.anchor.strategy
     g = a.geometry
     si, rs, ch = a.shape_invariance, a.rescale, a.cross_head
     L = g.num_layers
@@ -45,6 +83,7 @@ def render_report(a: Analysis) -> str:
     else:
         c = si.per_head_mean_cos
         out.append(f"    mean {c.mean():.4f}  std {c.std():.4f}  min {c.min():.4f}  max {c.max():.4f}")
+        out += _null_lines(nulls, SHAPE_INVARIANCE, "    ")
     if a.anchor.strategy == "best":
         out.append(f"  [auto-anchor] best layer by total shape-cosine: L={a.anchor.layer}")
     if a.anchor.strategy == "group":
@@ -60,6 +99,7 @@ def render_report(a: Analysis) -> str:
         out.append(row + (f"  {int(a.anchor.layers[layer]):>6}" if grouped else ""))
     out.append("")
     out.append(f"  overall mean residual: {rs.mean_residual:.4f}")
+    out += _null_lines(nulls, RESIDUAL_PREFIX + name, "    ")
     out.append(f"  overall max residual:  {rs.max_residual:.4f}")
     out.append(f"  frac of (L,h) with resid < 0.10: {rs.frac_below(0.10):.3f}")
     out.append(f"  frac of (L,h) with resid < 0.20: {rs.frac_below(0.20):.3f}")
@@ -67,7 +107,11 @@ def render_report(a: Analysis) -> str:
     out += ["", "=== (2b) Temperature against attention entropy ==="]
     missing = "the geometry has no dynamic (entropy) section"
     out.append("  " + _corr_line("correlation corr(T_L^h, entropy_L^h)", a.corr_T_entropy, EXPECTED_SIGN, missing))
+    if bootstrap is not None:
+        out += _interval_line("corr(T, entropy)", bootstrap.corr_T_entropy.get(name), bootstrap.confidence)
     out.append("  " + _corr_line("for comparison, corr(op_norm, entropy)", a.corr_opnorm_entropy, "", missing))
+    if bootstrap is not None:
+        out += _interval_line("corr(op_norm, entropy)", bootstrap.corr_opnorm_entropy.get(name), bootstrap.confidence)
     for name, c in (("T", a.corr_T_entropy), ("op_norm", a.corr_opnorm_entropy)):
         if c is not None and c.spearman is not None:
             out.append(f"  Spearman rank correlation ({name}, entropy) = {c.spearman:+.3f}")
@@ -79,6 +123,9 @@ def render_report(a: Analysis) -> str:
         out.append(f"  {layer:>3}  {cos:>14}")
     if ch.reason:
         out.append(f"  mean pair-cos {_na(ch.reason)}")
+    elif nulls:
+        out.append(f"  mean over layers: {ch.per_layer_mean_cos.mean():.4f}")
+        out += _null_lines(nulls, CROSS_HEAD, "    ")
     heads = sorted({(int(a.anchor.layers[i]), int(ch.typical_head[i])) for i in range(L)})
     refs = ", ".join(f"L={layer} h={h}" for layer, h in heads)
     out.append(
@@ -115,4 +162,34 @@ def render_comparison(analyses: dict[str, Analysis]) -> str:
             f"  {name:<8}  {layers:<18}  {a.rescale.mean_residual:>10.4f}  {a.rescale.max_residual:>10.4f}  "
             f"{a.rescale.frac_below(0.10):>9.3f}  {corr:>11}  {a.verdict_code}"
         )
+    return "\n".join(out) + "\n"
+
+
+def render_null_comparison(analyses: dict[str, Analysis], nulls: dict[str, NullBaseline]) -> str:
+    """Each strategy's mean residual against the nulls (goes under the side-by-side table)."""
+    out = ["", "  mean residual against the null baselines:"]
+    for name, a in analyses.items():
+        parts = []
+        for null_name, null in nulls.items():
+            f = null.figures.get(RESIDUAL_PREFIX + name)
+            if null.available and f is not None and f.p_value is not None:
+                parts.append(f"{NULL_LABELS.get(null_name, null_name)} {f.null_mean:.4f} ± {f.null_std:.2g} (p = {f.p_value:.3f})")
+        out.append(f"  {name:<8}  {a.rescale.mean_residual:.4f}  vs  " + ("; ".join(parts) or "n/a"))
+    return "\n".join(out) + "\n"
+
+
+def render_layered_verdict(verdict: LayeredVerdict, nulls: dict[str, NullBaseline] | None = None) -> str:
+    """The "=== Layered verdict ===" section: notes on the nulls, each layer, the overall code and the summary."""
+    out = ["", "=== Layered verdict ==="]
+    for name, null in (nulls or {}).items():
+        label = NULL_LABELS.get(name, name)
+        if not null.available:
+            out.append(f"  {label} null unavailable: {null.reason}")
+        elif null.reason:
+            out.append(f"  {label} null: {null.reason}")
+    width = max(len(name) for name in verdict.layers)
+    for name, layer in verdict.layers.items():
+        out.append(f"  {name:<{width}}  {layer.code:<9}  {layer.evidence}")
+    out.append(f"  {'overall':<{width}}  {verdict.overall}")
+    out += ["", f"  {verdict.summary}"]
     return "\n".join(out) + "\n"

@@ -30,19 +30,31 @@ def analyze(
         Optional[int], typer.Option(help="Number of contiguous layer groups for --anchor group (default: round(sqrt(layers))).")
     ] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every figure at full precision to this JSON file.")] = None,
+    null: Annotated[
+        bool, typer.Option("--null", help="Compare the figures with null baselines (Gaussian heads, shuffled labels), add bootstrap intervals and the layered verdict.")
+    ] = False,
+    null_draws: Annotated[int, typer.Option(help="Draws of each null baseline (with --null).")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed of the null baselines and the bootstrap (with --null).")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
 ) -> None:
     """Spectral-shape invariance, scalar-rescale fit to an anchor layer, and cross-head similarity."""
     from qkspectra._io import atomic_write_json
     from qkspectra.analysis import analyze as run_analysis
     from qkspectra.analysis import analyze_all
+    from qkspectra.bootstrap import BootstrapOptions
     from qkspectra.geometry import load_geometry
+    from qkspectra.nulls import NullOptions
+    from qkspectra.pipeline import beyond_seed
     from qkspectra.results import result_document
-    from qkspectra.textreport import render_comparison, render_report
+    from qkspectra.textreport import NO_NULL_LINE, render_comparison, render_layered_verdict, render_null_comparison, render_report
 
     choice = parse_anchor(anchor)
     if groups is not None and choice not in ("group", "all"):
         fail("--groups goes with --anchor group or --anchor all")
+    if null_draws < 1:
+        fail(f"--null-draws {null_draws}: must be at least 1")
+    null_options = NullOptions(shuffle_draws=null_draws, gaussian_draws=null_draws, seed=seed) if null else None
+    bootstrap_options = BootstrapOptions(seed=seed) if null else None
     geometry = load_geometry(path)
     if choice == "all":
         analyses = analyze_all(geometry, groups=groups)
@@ -51,10 +63,19 @@ def analyze(
         primary = choice if isinstance(choice, str) else "index"
         analyses = {primary: run_analysis(geometry, choice, groups=groups)}
 
+    extra = beyond_seed(analyses, primary, nulls=null_options, bootstrap=bootstrap_options)
+
     if json_out is not None:
-        atomic_write_json(json_out, result_document(analyses, primary))
+        document = result_document(analyses, primary, nulls=extra.nulls, bootstrap=extra.bootstrap, verdict=extra.verdict)
+        atomic_write_json(json_out, document)
     if not quiet:
-        text = render_report(analyses[primary])
+        text = render_report(analyses[primary], extra.nulls, extra.bootstrap, primary)
         if len(analyses) > 1:
             text += render_comparison(analyses)
+            if extra.nulls:
+                text += render_null_comparison(analyses, extra.nulls)
+        if null:
+            text += render_layered_verdict(extra.verdict, extra.nulls)
+        else:
+            text += "\n" + NO_NULL_LINE + "\n"
         typer.echo(text, nl=False)

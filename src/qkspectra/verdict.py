@@ -1,0 +1,286 @@
+"""The layered verdict: what each kind of evidence says, and what all of it supports together.
+
+Layers (each "supported" | "partial" | "rejected" | "n/a", with one sentence of evidence):
+
+spectral          the seed's verdict (its rule on the primary strategy's mean scalar-rescale
+                  residual of the spectra: below 0.10 supported, below 0.30 partial, else
+                  rejected; the thresholds live with the seed's rule in ``analysis``).
+spectral_vs_null  whether the real spectra are more alike than chance: the p-values of the
+                  shape cosine across layers and of the primary strategy's mean residual
+                  under every available null. Supported when all are <= ALPHA, rejected
+                  when none is, partial otherwise; n/a without nulls.
+operator          the full operators (part B's ``operator`` results): the lowest mean operator
+                  residual over strategies, same head or matched head. Below 0.10
+                  supported, below 0.30 partial, else rejected.
+functional        the model's loss with the layers' operators replaced by the shared one
+                  rescaled (part B's ``functional`` results): the lowest relative loss change
+                  of the operator reconstruction over strategies. Below 1% supported, below
+                  10% partial, else rejected.
+
+Overall: the weakest available layer (rejected < partial < supported). The spectral fit
+alone cannot tell a shared operator from chance (independent Gaussian heads pass it), so
+the overall code is "supported" only when at least one layer that is tested against
+chance (spectral_vs_null, operator, functional) is available and every available layer
+supports it; with the spectral layer alone it is at most "partial".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from qkspectra.analysis import Analysis
+from qkspectra.nulls import NULL_LABELS, RESIDUAL_PREFIX, SHAPE_INVARIANCE, NullBaseline
+
+CODES = ("rejected", "partial", "supported")  # weakest first
+LAYERS = ("spectral", "spectral_vs_null", "operator", "functional")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Every threshold of the layered verdict."""
+
+    alpha: float = 0.05  # a null p-value at most this says "more alike than chance"
+    operator_supported: float = 0.10  # mean operator residual, best strategy
+    operator_partial: float = 0.30
+    functional_supported: float = 0.01  # relative loss change of the operator reconstruction
+    functional_partial: float = 0.10
+
+
+THRESHOLDS = Thresholds()
+
+
+@dataclass(frozen=True)
+class Layer:
+    """code and one sentence of evidence; brief: the deciding figures in a few words, for the summary."""
+
+    code: str
+    evidence: str
+    brief: str = ""
+
+
+@dataclass(frozen=True)
+class LayeredVerdict:
+    """layers: {name: Layer} in LAYERS order; overall: the combined code; summary: a short paragraph."""
+
+    layers: dict[str, Layer]
+    overall: str
+    summary: str
+
+
+def _graded(value: float, supported: float, partial: float) -> str:
+    return "supported" if value < supported else "partial" if value < partial else "rejected"
+
+
+def _p(p: float | None) -> str:
+    return "n/a" if p is None else f"{p:.3g}"
+
+
+# ----------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------
+
+
+def spectral_layer(analysis: Analysis) -> Layer:
+    """The seed's verdict on the spectra."""
+    residual = analysis.rescale.mean_residual
+    return Layer(
+        analysis.verdict_code,
+        f"Mean scalar-rescale residual of the spectra {residual:.3f} with the {analysis.anchor.strategy} anchor "
+        "(the seed's rule: supported below 0.10, partial below 0.30).",
+        f"mean residual {residual:.3f}",
+    )
+
+
+def null_layer(nulls: dict[str, NullBaseline] | None, strategy: str, t: Thresholds = THRESHOLDS) -> Layer:
+    """Are the real spectra more alike than every available null? (see the module docstring)"""
+    if not nulls:
+        return Layer("n/a", "No null baseline was computed.")
+    figures = (SHAPE_INVARIANCE, RESIDUAL_PREFIX + strategy)
+    labels = {SHAPE_INVARIANCE: "shape cosine", RESIDUAL_PREFIX + strategy: f"residual ({strategy})"}
+    p_values, parts, briefs, unavailable = [], [], [], []
+    for name, null in nulls.items():
+        label = NULL_LABELS.get(name, name)
+        if not null.available:
+            unavailable.append(f"{label} null unavailable")
+            continue
+        described, brief = [], []
+        for figure in figures:
+            f = null.figures.get(figure)
+            if f is None or f.p_value is None:
+                continue
+            p_values.append(f.p_value)
+            described.append(f"{labels[figure]} {f.real:.3f} vs {f.null_mean:.3f} ± {f.null_std:.2g}, p = {_p(f.p_value)}")
+            brief.append(f"{labels[figure].split(' (')[0]} p = {_p(f.p_value)}")
+        if described:
+            parts.append(f"{label} null ({null.draws} draws): " + "; ".join(described))
+            briefs.append(f"{label} null: " + ", ".join(brief))
+    if not p_values:
+        return Layer("n/a", "No null p-value is defined (" + ", ".join(unavailable or ["no figure to compare"]) + ").")
+    below = sum(p <= t.alpha for p in p_values)
+    code = "supported" if below == len(p_values) else "rejected" if below == 0 else "partial"
+    tail = f" ({', '.join(unavailable)})" if unavailable else ""
+    return Layer(code, "; ".join(parts) + f"; more alike than chance means p <= {t.alpha}{tail}.", "; ".join(briefs))
+
+
+def _strategy_entries(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The per-strategy sub-dicts of part B's results (other keys are ignored)."""
+    return {name: value for name, value in results.items() if isinstance(value, dict) and name != "control"}
+
+
+def operator_layer(operator: dict[str, Any] | None, t: Thresholds = THRESHOLDS, *, missing: str = "no factors file beside the geometry") -> Layer:
+    """The lowest operator residual (same head or matched) over strategies."""
+    if operator is None:
+        return Layer("n/a", f"Operators not compared: {missing}.")
+    best = None  # (residual, strategy, kind)
+    for name, entry in _strategy_entries(operator).items():
+        for key, kind in (("mean_residual", "same head"), ("matched_mean_residual", "matched heads")):
+            value = entry.get(key)
+            if isinstance(value, (int, float)) and (best is None or value < best[0]):
+                best = (float(value), name, kind)
+    if best is None:
+        return Layer("n/a", f"Operators not compared: {operator.get('reason') or 'no operator residual in the results'}.")
+    value, name, kind = best
+    return Layer(
+        _graded(value, t.operator_supported, t.operator_partial),
+        f"Lowest mean operator residual {value:.3f} ({name} anchor, {kind}; "
+        f"supported below {t.operator_supported:.2f}, partial below {t.operator_partial:.2f}).",
+        f"best operator residual {value:.3f}",
+    )
+
+
+def relative_loss_change(entry: dict[str, Any], base_loss: float | None) -> float | None:
+    """|delta_loss| / base loss of one reconstruction, or its own relative_delta_loss when given."""
+    if isinstance(entry.get("relative_delta_loss"), (int, float)):
+        return abs(float(entry["relative_delta_loss"]))
+    delta = entry.get("delta_loss")
+    if isinstance(delta, (int, float)) and base_loss:
+        return abs(float(delta)) / base_loss
+    return None
+
+
+def functional_layer(functional: dict[str, Any] | None, t: Thresholds = THRESHOLDS, *, missing: str = "functional test not run") -> Layer:
+    """The lowest relative loss change of the operator reconstruction over strategies."""
+    if functional is None:
+        return Layer("n/a", f"No functional evidence: {missing}.")
+    base = functional.get("base_loss")
+    best = None  # (relative change, strategy)
+    for name, entry in _strategy_entries(functional).items():
+        op = entry.get("operator")
+        change = relative_loss_change(op, base) if isinstance(op, dict) else None
+        if change is not None and (best is None or change < best[0]):
+            best = (change, name)
+    if best is None:
+        return Layer("n/a", f"No functional evidence: {functional.get('reason') or 'no operator loss change in the results'}.")
+    change, name = best
+    return Layer(
+        _graded(change, t.functional_supported, t.functional_partial),
+        f"Replacing each layer's operators by the rescaled shared one changes the loss by {100 * change:.2f}% "
+        f"({name} anchor; supported below {100 * t.functional_supported:g}%, partial below {100 * t.functional_partial:g}%).",
+        f"loss change {100 * change:.2f}%",
+    )
+
+
+# ----------------------------------------------------------------------------
+# Together
+# ----------------------------------------------------------------------------
+
+
+def overall_code(layers: dict[str, Layer]) -> str:
+    """The weakest available layer; "supported" needs a layer tested against chance."""
+    available = {name: layer.code for name, layer in layers.items() if layer.code != "n/a"}
+    if not available:
+        return "n/a"
+    code = min(available.values(), key=CODES.index)
+    if code == "supported" and set(available) <= {"spectral"}:
+        return "partial"
+    return code
+
+
+_SENTENCES = {
+    "spectral": {
+        "supported": "the scalar rescale of the spectra fits within the seed's 10% rule",
+        "partial": "the scalar rescale of the spectra captures most of their structure",
+        "rejected": "the scalar rescale of the spectra leaves large residuals",
+    },
+    "spectral_vs_null": {
+        "supported": "the spectra are more alike across layers than chance",
+        "partial": "the spectra are more alike than some null baselines but not all",
+        "rejected": "the spectra are no more alike across layers than chance",
+        "n/a": "the spectral fit was not compared with chance",
+    },
+    "operator": {
+        "supported": "the full operators of different layers are scalar multiples of a shared one",
+        "partial": "the full operators of different layers share part of their structure",
+        "rejected": "the full operators of different layers share little beyond their spectra",
+        "n/a": "the full operators were not compared",
+    },
+    "functional": {
+        "supported": "the model barely notices its operators being replaced by the rescaled shared one",
+        "partial": "replacing the operators by the rescaled shared one costs the model noticeably",
+        "rejected": "replacing the operators by the rescaled shared one breaks the model",
+        "n/a": "the functional test was not run",
+    },
+}
+
+_CLOSING = {
+    "supported": "Taken together, the evidence supports a shared operator rescaled by a per-layer temperature.",
+    "partial": "Taken together, the evidence supports a shared operator only in part.",
+    "rejected": "Taken together, the evidence does not support a shared operator rescaled by a per-layer temperature.",
+    "n/a": "There is no evidence either way.",
+}
+
+
+def _sentence(clauses: list[str]) -> str:
+    text = "".join(clauses)
+    return text[0].upper() + text[1:] + ". "
+
+
+def summarize(layers: dict[str, Layer], overall: str) -> str:
+    """One short paragraph: what each layer found, then what the whole supports."""
+    found, missing, previous = [], [], None
+    for name in LAYERS:
+        layer = layers[name]
+        words = _SENTENCES[name][layer.code]
+        if layer.code == "n/a":
+            missing.append(words)
+            continue
+        words = f"{words} ({layer.brief})" if layer.brief else words
+        if previous is not None:
+            weaker = CODES.index(layer.code) < CODES.index(previous)
+            words = (", but " if weaker else ", and ") + words
+        found.append(words)
+        previous = layer.code
+    text = _sentence(found)
+    if missing:
+        text += _sentence([" and ".join(missing)])
+    if overall == "partial" and set(n for n in LAYERS if layers[n].code != "n/a") == {"spectral"}:
+        text += "The spectral fit alone cannot tell a shared operator from chance (independent random heads pass it). "
+    return text + _CLOSING[overall]
+
+
+def layered_verdict(
+    analysis: Analysis,
+    nulls: dict[str, NullBaseline] | None = None,
+    operator: dict[str, Any] | None = None,
+    functional: dict[str, Any] | None = None,
+    *,
+    strategy: str | None = None,
+    thresholds: Thresholds = THRESHOLDS,
+    operator_missing: str = "no factors file beside the geometry",
+    functional_missing: str = "functional test not run",
+) -> LayeredVerdict:
+    """Every layer, the overall code and the summary.
+
+    analysis: the primary strategy's analysis (the seed's verdict); strategy: its name in the
+    nulls' figures (default: its anchor strategy).
+    """
+    name = strategy or analysis.anchor.strategy
+    layers = {
+        "spectral": spectral_layer(analysis),
+        "spectral_vs_null": null_layer(nulls, name, thresholds),
+        "operator": operator_layer(operator, thresholds, missing=operator_missing),
+        "functional": functional_layer(functional, thresholds, missing=functional_missing),
+    }
+    overall = overall_code(layers)
+    return LayeredVerdict(layers, overall, summarize(layers, overall))

@@ -1,0 +1,227 @@
+"""The layered verdict, and how it reaches the document, the JSON and the text report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qkspectra.analysis import analyze, analyze_all
+from qkspectra.cli import main
+from qkspectra.geometry import Geometry, load_geometry
+from qkspectra.nulls import NullOptions, gaussian_spectra, null_baselines
+from qkspectra.pipeline import build_analysis_document
+from qkspectra.results import result_document
+from qkspectra.textreport import NO_NULL_LINE, render_report
+from qkspectra.verdict import (
+    THRESHOLDS,
+    Layer,
+    functional_layer,
+    layered_verdict,
+    operator_layer,
+    overall_code,
+)
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+FEW = NullOptions(shuffle_draws=60, gaussian_draws=60)
+
+
+def gaussian_geometry(seed: int, L: int = 6, H: int = 12, d_model: int = 384, d_head: int = 32) -> Geometry:
+    """Independent random layers with MiniLM's shapes (no shared operator at all)."""
+    rng = np.random.default_rng(seed)
+    sigma = gaussian_spectra([rng], L, H, d_model, d_head, H)[0]  # (L, H, d_head)
+    return Geometry(sigma, rng.uniform(0.5, 3.0, (L, H)), metadata={"d_model": d_model, "d_head": d_head})
+
+
+def planted_geometry() -> Geometry:
+    alpha = np.linspace(0.3, 3.0, 5)  # (H,)
+    base = np.arange(1, 9)[None, :] ** -alpha[:, None]  # (H, K)
+    t = np.linspace(0.4, 2.0, 6)  # (L,)
+    return Geometry(t[:, None, None] * base[None], None, metadata={"d_model": 64, "d_head": 8})
+
+
+def operator_results(residual: float, matched: float | None = None) -> dict:
+    """Part B's operator results: {strategy: {"mean_residual", "matched_mean_residual"}}."""
+    return {s: {"mean_residual": residual + 0.01 * i, "matched_mean_residual": matched} for i, s in enumerate(("last", "middle", "best", "group"))}
+
+
+def functional_results(delta_operator: float, base_loss: float = 2.0) -> dict:
+    return {
+        "base_loss": base_loss,
+        "control": {"delta_loss": 3.0},
+        "last": {"spectral": {"delta_loss": 5.0}, "operator": {"delta_loss": delta_operator}, "operator_rank_k": {"delta_loss": 0.01}},
+    }
+
+
+# ---------------------------------------------------------------- layers
+
+
+def test_operator_layer_thresholds_and_the_matched_residual():
+    assert THRESHOLDS.operator_supported == 0.10 and THRESHOLDS.operator_partial == 0.30
+    assert operator_layer(operator_results(0.05)).code == "supported"
+    assert operator_layer(operator_results(0.2)).code == "partial"
+    assert operator_layer(operator_results(0.9)).code == "rejected"
+    layer = operator_layer(operator_results(0.9, matched=0.08))
+    assert layer.code == "supported" and "matched heads" in layer.evidence and "0.080" in layer.evidence
+    assert operator_layer(None).code == "n/a" and "no factors file beside the geometry" in operator_layer(None).evidence
+
+
+def test_functional_layer_uses_the_relative_loss_change_of_the_operator_reconstruction():
+    assert functional_layer(functional_results(0.01)).code == "supported"  # 0.5%
+    assert functional_layer(functional_results(0.1)).code == "partial"  # 5%
+    assert functional_layer(functional_results(0.5)).code == "rejected"  # 25%
+    assert functional_layer({"last": {"operator": {"relative_delta_loss": 0.002}}}).code == "supported"
+    missing = functional_layer(None)
+    assert missing.code == "n/a" and "functional test not run" in missing.evidence
+
+
+def test_overall_needs_every_available_layer_and_a_test_against_chance():
+    def layers(**codes):
+        return {name: Layer(codes.get(name, "n/a"), "") for name in ("spectral", "spectral_vs_null", "operator", "functional")}
+
+    assert overall_code(layers(spectral="supported")) == "partial"  # the spectral fit alone proves nothing
+    assert overall_code(layers(spectral="supported", spectral_vs_null="supported")) == "supported"
+    assert overall_code(layers(spectral="supported", spectral_vs_null="supported", operator="partial")) == "partial"
+    assert overall_code(layers(spectral="supported", spectral_vs_null="supported", functional="rejected")) == "rejected"
+    assert overall_code(layers(spectral="rejected", operator="supported")) == "rejected"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_independent_random_layers_never_give_an_overall_supported(seed):
+    g = gaussian_geometry(seed)
+    analyses = analyze_all(g)
+    assert analyses["last"].verdict_code == "supported"  # the seed is fooled
+    nulls = null_baselines(g, analyses, FEW)
+    for operator in (None, operator_results(0.98, matched=0.9)):
+        for with_nulls in (None, nulls):
+            v = layered_verdict(analyses["last"], with_nulls, operator)
+            assert v.overall != "supported"
+    v = layered_verdict(analyses["last"], nulls)
+    assert v.layers["spectral"].code == "supported" and v.layers["spectral_vs_null"].code != "supported"
+
+
+def test_planted_schedule_is_supported_with_every_layer():
+    g = planted_geometry()
+    analyses = analyze_all(g)
+    v = layered_verdict(analyses["last"], null_baselines(g, analyses, FEW), operator_results(0.02), functional_results(0.004))
+    assert {layer.code for layer in v.layers.values()} == {"supported"} and v.overall == "supported"
+    assert v.summary.startswith("The scalar rescale of the spectra fits") and "Taken together, the evidence supports" in v.summary
+
+
+def test_summary_names_what_was_not_run_and_says_but_for_weaker_evidence():
+    g = gaussian_geometry(0)
+    analyses = analyze_all(g)
+    v = layered_verdict(analyses["last"], null_baselines(g, analyses, FEW))
+    assert ", but the spectra are no more alike" in v.summary or ", but the spectra are more alike than some" in v.summary
+    assert "p = " in v.summary
+    assert "The full operators were not compared and the functional test was not run." in v.summary
+    alone = layered_verdict(analyses["last"])
+    assert alone.layers["spectral_vs_null"].code == "n/a" and "cannot tell a shared operator from chance" in alone.summary
+
+
+# ---------------------------------------------------------------- the document
+
+
+def test_document_carries_nulls_bootstrap_and_layers():
+    g = load_geometry(GOLDEN / "minilm_like.json")
+    doc = build_analysis_document(g, nulls=FEW, operator=operator_results(0.5), rank_k={"k": [1, 2]})
+    assert set(doc["null"]) == {"gaussian", "shuffle"}
+    for null in doc["null"].values():
+        assert set(null) == {"available", "reason", "draws", "seed", "figures"}
+        for figure in null["figures"].values():
+            assert set(figure) == {"real", "null_mean", "null_std", "p_value"}
+    assert doc["null"]["gaussian"]["available"] is False and "d_model" in doc["null"]["gaussian"]["reason"]
+    assert doc["null"]["shuffle"]["draws"] == 60
+    assert doc["null"]["shuffle"]["figures"]["mean_residual.group"]["real"] == doc["strategies"]["group"]["rescale"]["mean_residual"]
+    b = doc["bootstrap"]
+    assert b["draws"] == 1000 and b["confidence"] == 0.95 and b["method"]
+    assert set(b["corr_T_entropy"]) == {"last", "middle", "best", "group"}
+    assert {"estimate", "low", "high"} <= set(b["corr_opnorm_entropy"]["best"])
+    layers = doc["verdict"]["layers"]
+    assert list(layers) == ["spectral", "spectral_vs_null", "operator", "functional"]
+    assert all(set(layer) == {"code", "evidence"} for layer in layers.values())
+    assert layers["operator"]["code"] == "rejected" and layers["functional"]["code"] == "n/a"
+    assert doc["operator"]["last"]["mean_residual"] == 0.5 and doc["rank_k"] == {"k": [1, 2]}
+    seed_doc = result_document(analyze_all(g), "last")
+    assert doc["verdict"]["code"] == seed_doc["verdict"]["code"] and doc["verdict"]["text"] == seed_doc["verdict"]["text"]
+    assert isinstance(doc["verdict"]["summary"], str) and doc["verdict"]["overall"] in ("supported", "partial", "rejected")
+
+
+def test_document_without_nulls_or_entropy():
+    g = Geometry(planted_geometry().singular_values, None)
+    doc = build_analysis_document(g, nulls=False, bootstrap=False)
+    assert doc["null"] is None and doc["bootstrap"] is None
+    assert doc["verdict"]["layers"]["spectral_vs_null"]["code"] == "n/a"
+    assert build_analysis_document(g, nulls=FEW)["bootstrap"] is None  # no entropy, no correlation
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _run(capsys, *args):
+    main(["analyze", *map(str, args)])
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    return captured.out
+
+
+def test_analyze_without_null_ends_with_how_to_get_one(capsys):
+    text = _run(capsys, GOLDEN / "minilm_like.json")
+    assert text.rstrip("\n").splitlines()[-1] == NO_NULL_LINE
+    assert "=== Layered verdict ===" not in text and "null (" not in text
+
+
+def test_analyze_with_null_keeps_every_seed_line_and_adds_nulls(tmp_path, capsys):
+    path = GOLDEN / "minilm_like.json"
+    out = tmp_path / "a.json"
+    text = _run(capsys, path, "--null", "--null-draws", 40, "--anchor", "all", "--json", out)
+    seed_lines = render_report(analyze(load_geometry(path), "last")).splitlines()
+    remaining = iter(text.splitlines())
+    assert all(line in remaining for line in seed_lines)  # every line unchanged, in order
+    assert "    null (shuffle, 40 draws): mean " in text and ", p = " in text
+    assert "95% bootstrap interval" in text and "=== Layered verdict ===" in text
+    assert "Gaussian null unavailable: the geometry's metadata lacks d_model and d_head" in text
+    assert "mean residual against the null baselines:" in text
+    doc = json.loads(out.read_text())
+    assert doc["null"]["shuffle"]["draws"] == 40 and set(doc["null"]["shuffle"]["figures"]) >= {"mean_residual.group"}
+    assert doc["verdict"]["layers"]["spectral_vs_null"]["code"] in ("supported", "partial", "rejected")
+
+
+def test_analyze_with_null_and_an_index_anchor(tmp_path, capsys):
+    g = gaussian_geometry(0, L=4, H=3, d_model=32, d_head=6)
+    doc = {
+        "num_layers": 4,
+        "num_heads": 3,
+        "static": [{"metric_singvals_per_head": s.tolist()} for s in g.singular_values],
+        "metadata": g.metadata,
+    }
+    path, out = tmp_path / "g.json", tmp_path / "a.json"
+    path.write_text(json.dumps(doc))
+    text = _run(capsys, path, "--null", "--null-draws", 30, "--anchor", "1", "--json", out)
+    assert "null (Gaussian, 30 draws)" in text
+    figures = json.loads(out.read_text())["null"]["gaussian"]["figures"]
+    assert set(figures) == {"shape_invariance_mean", "cross_head_mean_cos", "mean_residual.index"}
+
+
+def test_bad_null_draws_is_one_line_and_status_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["analyze", str(GOLDEN / "minilm_like.json"), "--null", "--null-draws", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--null-draws 0" in err
+
+
+def test_null_baselines_need_numpy_alone():
+    script = (
+        "import sys\n"
+        "for name in ('torch', 'transformers', 'scipy', 'matplotlib', 'safetensors'):\n"
+        "    sys.modules[name] = None\n"
+        "from qkspectra.cli import main\n"
+        "main(['analyze', sys.argv[1], '--null', '--null-draws', '20', '--anchor', 'all', '--quiet'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(GOLDEN / "minilm_like.json")], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
