@@ -1,0 +1,172 @@
+"""``qkspectra run``: extract (or reuse), analyze and report, into one folder.
+
+    DIR/geometry.json                  the extraction (plus geometry.factors.safetensors)
+    DIR/analysis.json                  every figure; the same inputs give the same bytes
+    DIR/plots/*.png, DIR/report.html, DIR/report.md
+    DIR/run.json                       what ran: cache key, dates, timings
+
+The extraction is reused when ``run.json`` holds the same cache key (model identity,
+extraction options, qkspectra version) and the SHA-256 of the ``geometry.json`` beside it.
+The model's identity is read from the file system without loading it: a bundled model's
+package version, or the sizes and modification times of a folder's or .gguf file's files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import orjson
+
+from qkspectra import __version__
+from qkspectra._io import atomic_write_json
+from qkspectra.errors import QkspectraError
+from qkspectra.extract import ExtractOptions
+from qkspectra.report import ReportFiles, write_report
+
+GEOMETRY_FILE = "geometry.json"
+ANALYSIS_FILE = "analysis.json"
+RUN_FILE = "run.json"
+NOT_IN_KEY = ("quiet",)  # options that cannot change the extraction
+
+
+def _file_stamp(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _tree_stamp(path: Path) -> list[dict[str, Any]]:
+    """Every file under a folder (or the file itself), with size and modification time."""
+    if path.is_file():
+        return [_file_stamp(path)]
+    return [dict(_file_stamp(f), name=str(f.relative_to(path))) for f in sorted(path.rglob("*")) if f.is_file()]
+
+
+def model_identity(model: str) -> dict[str, Any]:
+    """What tells this model apart from another, read without loading it."""
+    from qkspectra.models.bundled import BUNDLED_MODELS, bundled_model_version
+
+    if model in BUNDLED_MODELS:
+        bundled = BUNDLED_MODELS[model]
+        return {"bundled": model, "package": bundled.distribution, "version": bundled_model_version(model)}
+    path = Path(model).expanduser()
+    if not path.exists():
+        known = ", ".join(BUNDLED_MODELS)
+        raise QkspectraError(f"model {model!r} is neither a bundled model ({known}) nor an existing path")
+    return {"path": str(path.resolve()), "files": _tree_stamp(path)}
+
+
+def cache_key(model: str, options: ExtractOptions) -> dict[str, Any]:
+    """The extraction's inputs: equal keys give the same geometry."""
+    settings = {k: v for k, v in asdict(options).items() if k not in NOT_IN_KEY}
+    corpus = None if options.corpus is None else {"path": str(Path(options.corpus).resolve()), "files": _tree_stamp(Path(options.corpus))}
+    return {"qkspectra_version": __version__, "model": model_identity(model), "options": settings, "corpus": corpus}
+
+
+def default_out_dir(model: str, cwd: Path | None = None) -> Path:
+    """./NAME for a bundled model, ./STEM for a folder or file (./STEM-qkspectra if that is the model itself)."""
+    from qkspectra.models.bundled import BUNDLED_MODELS
+
+    cwd = Path.cwd() if cwd is None else cwd
+    if model in BUNDLED_MODELS:
+        return cwd / model
+    path = Path(model).expanduser().resolve()
+    out = cwd / path.stem
+    if out.resolve() == path or path in out.resolve().parents:
+        out = cwd / f"{path.stem}-qkspectra"
+    return out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _previous_run(out_dir: Path) -> dict[str, Any]:
+    try:
+        record = orjson.loads((out_dir / RUN_FILE).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def reusable_geometry(out_dir: Path, key: dict[str, Any]) -> bool:
+    """True when out_dir holds the geometry of this cache key, unchanged since it was written."""
+    previous = _previous_run(out_dir)
+    geometry = out_dir / GEOMETRY_FILE
+    return previous.get("cache_key") == key and geometry.is_file() and previous.get("geometry_sha256") == _sha256(geometry)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    out_dir: Path
+    document: dict[str, Any]  # the analysis document written to analysis.json
+    extracted: bool  # False when the geometry was reused
+    report: ReportFiles
+
+
+def run(
+    model: str,
+    out_dir: str | Path,
+    *,
+    options: ExtractOptions = ExtractOptions(),
+    groups: int | None = None,
+    say: Callable[[str], None] = lambda _: None,
+) -> RunResult:
+    """Extract (or reuse), analyze with every anchor strategy, and write the report folder.
+
+    say: receives one line per step, for the user.
+    """
+    from qkspectra.extract import check_options
+    from qkspectra.geometry import load_geometry
+    from qkspectra.pipeline import build_analysis_document
+
+    check_options(options)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise QkspectraError(f"output {out_dir} exists and is not a folder")
+    started = datetime.now(timezone.utc)
+    timings: dict[str, float] = {}
+    key = cache_key(model, options)
+    geometry_path = out_dir / GEOMETRY_FILE
+
+    clock = time.perf_counter()
+    extracted = not reusable_geometry(out_dir, key)
+    if extracted:
+        from qkspectra.extract import run_extraction, write_outputs
+
+        say(f"extracting the geometry of {model}")
+        write_outputs(run_extraction(model, options=options), geometry_path)
+    else:
+        say(f"reusing {geometry_path} (same model and options)")
+    timings["extract_s" if extracted else "load_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    geometry = load_geometry(geometry_path)
+    document = build_analysis_document(geometry, groups=groups)
+    atomic_write_json(out_dir / ANALYSIS_FILE, document)
+    timings["analyze_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    say(f"writing plots and report in {out_dir}")
+    report = write_report(document, geometry, out_dir)
+    timings["report_s"] = time.perf_counter() - clock
+
+    atomic_write_json(
+        out_dir / RUN_FILE,
+        {
+            "qkspectra_version": __version__,
+            "model": model,
+            "cache_key": key,
+            "geometry_sha256": _sha256(geometry_path),
+            "extraction": "performed" if extracted else "reused",
+            "groups": groups,
+            "started": started.isoformat(timespec="seconds"),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+        },
+    )
+    return RunResult(out_dir, document, extracted, report)

@@ -1,0 +1,113 @@
+"""Figures: what each shows, labels and titles, the plots left out without a geometry, PNG bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qkspectra.geometry import load_geometry
+from qkspectra.pipeline import build_analysis_document
+from qkspectra.plots import head_spread, png_bytes, report_figures, schedule_figure
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+TITLE = "minilm_like · 6 layers × 12 heads"
+
+
+@pytest.fixture(scope="module")
+def golden():
+    geometry = load_geometry(GOLDEN / "minilm_like.json")
+    return build_analysis_document(geometry), geometry
+
+
+def visible_axes(fig):
+    """The panels (not colour bars) that are shown."""
+    return [ax for ax in fig.axes if ax.get_visible() and ax.get_subplotspec() is not None]
+
+
+def test_every_figure_with_a_geometry_labelled_and_titled(golden):
+    document, geometry = golden
+    figures = report_figures(document, geometry, title=TITLE)
+    assert list(figures.figures) == [
+        "schedule", "temperature_heatmap", "residual_heatmap", "spectral_shapes", "entropy_scatter", "cross_head",
+    ]
+    assert figures.skipped == {}
+    for name, fig in figures.figures.items():
+        assert TITLE in fig.get_suptitle(), name
+        for ax in visible_axes(fig):
+            spec = ax.get_subplotspec()
+            if spec.is_last_row():
+                assert ax.get_xlabel(), name
+            if spec.is_first_col():
+                assert ax.get_ylabel(), name
+
+
+def test_schedule_draws_each_strategy_mean_T(golden):
+    document, geometry = golden
+    fig = report_figures(document, geometry, title=TITLE).figures["schedule"]
+    ax_t = fig.axes[0]
+    labels = [line.get_label() for line in ax_t.get_lines()]
+    for name in ("last", "middle", "best", "group"):
+        (line,) = [ln for ln in ax_t.get_lines() if ln.get_label().startswith(f"anchor: {name} ")]
+        np.testing.assert_allclose(line.get_ydata(), document["strategies"][name]["rescale"]["per_layer"]["mean_T"], rtol=1e-12)
+    assert "anchor: group (L=2,2,2,3,3,3)" in labels
+
+
+def test_entropy_scatter_titles_carry_the_correlations(golden):
+    document, geometry = golden
+    fig = report_figures(document, geometry, title=TITLE).figures["entropy_scatter"]
+    titles = [ax.get_title() for ax in visible_axes(fig)]
+    corr = document["strategies"]["middle"]["entropy"]["corr_T_entropy"]
+    assert any("anchor: middle" in t and f"r = {corr:+.3f}" in t for t in titles)
+    assert any(t.startswith("op-norm") for t in titles)
+
+
+def test_without_geometry_the_per_head_plots_are_left_out_with_a_reason(golden):
+    document, _ = golden
+    figures = report_figures(document, None, title=TITLE)
+    assert set(figures.skipped) == {"spectral_shapes", "entropy_scatter"}
+    assert all("geometry.json" in reason for reason in figures.skipped.values())
+    assert "schedule" in figures.figures
+
+
+def test_static_only_geometry_has_no_entropy_plot():
+    geometry = load_geometry(GOLDEN / "no_dynamic.json")
+    figures = report_figures(build_analysis_document(geometry), geometry, title="x")
+    assert figures.skipped == {"entropy_scatter": "the geometry has no dynamic (entropy) section"}
+
+
+@pytest.mark.parametrize("name", ["one_layer", "one_head", "zero_heads"])
+def test_degenerate_geometries_still_plot(name):
+    geometry = load_geometry(GOLDEN / f"{name}.json")
+    figures = report_figures(build_analysis_document(geometry), geometry, title=name)
+    assert "schedule" in figures.figures and "cross_head" in figures.figures
+    assert png_bytes(figures.figures["cross_head"]).startswith(b"\x89PNG")
+
+
+def test_rank_k_curve_plotted_when_present(golden):
+    document, geometry = golden
+    curve = {"k": [0, 1, 2, 4], "spectral_mean_residual": [0.2, 0.1, 0.05, 0.01], "operator_mean_residual": [0.5, 0.3, 0.2, 0.1]}
+    document = dict(document, rank_k={"last": {"spectral": {}, "operator": {}, "curve": curve}})
+    fig = report_figures(document, geometry, title=TITLE).figures["rank_k"]
+    lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
+    np.testing.assert_allclose(lines["last, operator"].get_ydata(), curve["operator_mean_residual"])
+    assert fig.axes[0].get_xlabel().startswith("rank k")
+
+
+def test_png_has_no_software_stamp_and_is_reproducible():
+    def figure():
+        band = head_spread(np.array([[1.0, 1.2], [0.9, 1.1], [1.0, 1.0]]))  # (L=3, H=2)
+        return schedule_figure({"last": band}, {"last": np.array([0.1, 0.05, 0.0])}, {"last": [2]}, "t")
+
+    first, second = png_bytes(figure()), png_bytes(figure())
+    assert first == second
+    assert b"matplotlib" not in first.lower() and b"Software" not in first
+
+
+def test_head_spread_is_mean_and_interquartile_range():
+    x = np.arange(12, dtype=float).reshape(2, 6)  # (L=2, H=6)
+    band = head_spread(x)
+    np.testing.assert_allclose(band.mean, [2.5, 8.5])
+    np.testing.assert_allclose(band.low, [1.25, 7.25])
+    np.testing.assert_allclose(band.high, [3.75, 9.75])
