@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test bench
+.PHONY: setup run test bench browser
 
 setup: $(VENV)/.installed
 
@@ -17,5 +17,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 run: setup
 	$(BIN)/qkspectra analyze examples/minilm_geometry.json
 
-test: setup
+# The report's browser test needs Chromium: installed with apt-get when missing and run as root.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "chromium not found: the browser test will be skipped (install it with: sudo apt-get install chromium)"; fi; }
+
+test: setup browser
 	$(BIN)/python -m pytest -q
