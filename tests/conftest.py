@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# One BLAS thread for numpy (set before numpy is imported): the test problems are small, and on a
+# two-core machine shared with other work OpenBLAS's spinning threads make them many times slower.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
