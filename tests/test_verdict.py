@@ -13,7 +13,7 @@ import pytest
 from qkspectra.analysis import analyze, analyze_all
 from qkspectra.cli import main
 from qkspectra.geometry import Geometry, load_geometry
-from qkspectra.nulls import NullOptions, gaussian_spectra, null_baselines
+from qkspectra.nulls import FigureNull, NullBaseline, NullOptions, gaussian_spectra, null_baselines
 from qkspectra.pipeline import build_analysis_document
 from qkspectra.results import result_document
 from qkspectra.textreport import NO_NULL_LINE, render_report
@@ -22,6 +22,7 @@ from qkspectra.verdict import (
     Layer,
     functional_layer,
     layered_verdict,
+    null_layer,
     operator_layer,
     overall_code,
 )
@@ -79,6 +80,20 @@ def test_functional_layer_uses_the_relative_loss_change_of_the_operator_reconstr
     assert missing.code == "n/a" and "functional test not run" in missing.evidence
 
 
+def test_a_null_is_beaten_only_when_both_figures_are_below_alpha():
+    def null(name, p_shape, p_residual, available=True):
+        figures = {"shape_invariance_mean": FigureNull(0.9, 0.8, 0.01, p_shape), "mean_residual.last": FigureNull(0.1, 0.2, 0.01, p_residual)}
+        return NullBaseline(name, available, None if available else "why", 100, 0, figures)
+
+    assert null_layer({"shuffle": null("shuffle", 0.01, 0.02)}, "last").code == "supported"
+    assert null_layer({"shuffle": null("shuffle", 0.01, 0.2)}, "last").code == "rejected"  # one figure is not enough
+    both = {"gaussian": null("gaussian", 0.5, 0.9), "shuffle": null("shuffle", 0.01, 0.02)}
+    assert null_layer(both, "last").code == "partial"
+    lone = null_layer({"gaussian": null("gaussian", 0.01, 0.01, available=False), "shuffle": null("shuffle", 0.01, 0.01)}, "last")
+    assert lone.code == "supported" and "Gaussian null unavailable" in lone.evidence
+    assert null_layer(None, "last").code == "n/a"
+
+
 def test_overall_needs_every_available_layer_and_a_test_against_chance():
     def layers(**codes):
         return {name: Layer(codes.get(name, "n/a"), "") for name in ("spectral", "spectral_vs_null", "operator", "functional")}
@@ -126,29 +141,51 @@ def test_summary_names_what_was_not_run_and_says_but_for_weaker_evidence():
 # ---------------------------------------------------------------- the document
 
 
-def test_document_carries_nulls_bootstrap_and_layers():
-    g = load_geometry(GOLDEN / "minilm_like.json")
-    doc = build_analysis_document(g, nulls=FEW, operator=operator_results(0.5), rank_k={"k": [1, 2]})
+def planted_factors(L: int = 4, H: int = 3, d_model: int = 12, d_head: int = 4) -> tuple[Geometry, dict]:
+    """W_Q = sqrt(t_L) A^h, W_K = sqrt(t_L) B^h: every layer's operators are t_L A^h (B^h)^T."""
+    rng = np.random.default_rng(0)
+    A, B = rng.normal(size=(2, H, d_model, d_head))
+    root_t = np.sqrt(np.linspace(0.5, 2.0, L))[:, None, None, None]  # (L, 1, 1, 1)
+    factors = {"W_Q": root_t * A[None], "W_K": root_t * B[None]}  # (L, H, d_model, d_head) each
+    sigma = np.linalg.svd(factors["W_Q"] @ np.swapaxes(factors["W_K"], -1, -2), compute_uv=False)[..., :d_head]
+    entropy = rng.uniform(0.5, 3.0, (L, H))
+    return Geometry(sigma, entropy, metadata={"d_model": d_model, "d_head": d_head}), factors
+
+
+def test_document_carries_nulls_bootstrap_operators_and_layers():
+    g, factors = planted_factors()
+    doc = build_analysis_document(g, nulls=FEW, factors=factors, rank_k={"k": [1, 2]})
     assert set(doc["null"]) == {"gaussian", "shuffle"}
     for null in doc["null"].values():
-        assert set(null) == {"available", "reason", "draws", "seed", "figures"}
+        assert null["available"] and set(null) == {"available", "reason", "draws", "seed", "figures"}
         for figure in null["figures"].values():
             assert set(figure) == {"real", "null_mean", "null_std", "p_value"}
-    assert doc["null"]["gaussian"]["available"] is False and "d_model" in doc["null"]["gaussian"]["reason"]
     assert doc["null"]["shuffle"]["draws"] == 60
     assert doc["null"]["shuffle"]["figures"]["mean_residual.group"]["real"] == doc["strategies"]["group"]["rescale"]["mean_residual"]
     b = doc["bootstrap"]
     assert b["draws"] == 1000 and b["confidence"] == 0.95 and b["method"]
     assert set(b["corr_T_entropy"]) == {"last", "middle", "best", "group"}
     assert {"estimate", "low", "high"} <= set(b["corr_opnorm_entropy"]["best"])
+    assert doc["operator"]["last"]["mean_residual"] < 1e-9 and doc["rank_k"] == {"k": [1, 2]}
     layers = doc["verdict"]["layers"]
     assert list(layers) == ["spectral", "spectral_vs_null", "operator", "functional"]
     assert all(set(layer) == {"code", "evidence"} for layer in layers.values())
-    assert layers["operator"]["code"] == "rejected" and layers["functional"]["code"] == "n/a"
-    assert doc["operator"]["last"]["mean_residual"] == 0.5 and doc["rank_k"] == {"k": [1, 2]}
+    assert [layer["code"] for layer in layers.values()] == ["supported", "supported", "supported", "n/a"]
+    assert doc["verdict"]["overall"] == "supported"
     seed_doc = result_document(analyze_all(g), "last")
     assert doc["verdict"]["code"] == seed_doc["verdict"]["code"] and doc["verdict"]["text"] == seed_doc["verdict"]["text"]
-    assert isinstance(doc["verdict"]["summary"], str) and doc["verdict"]["overall"] in ("supported", "partial", "rejected")
+    assert doc["verdict"]["summary"].endswith("Taken together, the evidence supports a shared operator rescaled by a per-layer temperature.")
+
+
+def test_unavailable_gaussian_null_and_an_unused_factors_file(tmp_path):
+    g = load_geometry(GOLDEN / "minilm_like.json")
+    doc = build_analysis_document(g, nulls=FEW, bootstrap=False)
+    assert doc["null"]["gaussian"]["available"] is False and "d_model" in doc["null"]["gaussian"]["reason"]
+    assert "no factors file beside the geometry" in doc["verdict"]["layers"]["operator"]["evidence"]
+    (tmp_path / "g.factors.safetensors").write_bytes(b"")
+    beside = Geometry(g.singular_values, None, metadata={"factors_file": "g.factors.safetensors"}, source=str(tmp_path / "g.json"))
+    doc = build_analysis_document(beside, nulls=False, bootstrap=False)
+    assert "operator test not requested" in doc["verdict"]["layers"]["operator"]["evidence"]
 
 
 def test_document_without_nulls_or_entropy():

@@ -9,6 +9,7 @@ and the layered verdict.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from qkspectra.analysis import Analysis, analyze_all
@@ -20,6 +21,14 @@ from qkspectra.verdict import LayeredVerdict, layered_verdict
 
 NO_FACTORS = "no factors file beside the geometry"
 NO_FUNCTIONAL = "functional test not run"
+
+
+def operator_missing_reason(geometry: Geometry) -> str:
+    """Why the operator layer is n/a when no factors were given."""
+    name = geometry.metadata.get("factors_file")
+    if isinstance(name, str) and not geometry.source.startswith("<") and Path(geometry.source).with_name(name).is_file():
+        return f"operator test not requested (the factors file {name} is beside the geometry)"
+    return NO_FACTORS
 
 
 @dataclass(frozen=True)
@@ -64,20 +73,27 @@ def build_analysis_document(
     groups: int | None = None,
     nulls: NullOptions | bool = True,
     bootstrap: BootstrapOptions | bool = True,
-    operator: dict[str, Any] | None = None,
+    factors: Any = None,
     rank_k: dict[str, Any] | None = None,
     functional: dict[str, Any] | None = None,
-    operator_missing: str = NO_FACTORS,
     functional_missing: str = NO_FUNCTIONAL,
 ) -> dict[str, Any]:
     """Every anchor strategy; the top level carries the seed's default (last) anchor.
 
     nulls, bootstrap: True for the defaults, options, or False to skip.
-    operator, rank_k, functional: the operator-level results, merged into the document
-    under those keys; operator and functional also feed the layered verdict (their
-    layers are n/a with ``operator_missing`` / ``functional_missing`` when absent).
+    factors: the per-head factors for the operator-level test (``operator.Factors``, a
+        ``.factors.safetensors`` path such as ``operator.factors_path_for(geometry)``, or a
+        dict of arrays); its results go under ``operator``. None: no operator test.
+    rank_k, functional: further results, merged into the document under those keys;
+        functional also feeds the layered verdict (n/a with ``functional_missing`` when absent).
     """
     analyses = analyze_all(geometry, groups=groups)
+    operator = None
+    if factors is not None:
+        from qkspectra.operator import as_factors, operator_evidence
+
+        anchors = {name: a.anchor for name, a in analyses.items()}
+        operator = operator_evidence(as_factors(factors, geometry), anchors)
     null_options = NullOptions() if nulls is True else nulls or None
     bootstrap_options = BootstrapOptions() if bootstrap is True else bootstrap or None
     extra = beyond_seed(
@@ -87,7 +103,7 @@ def build_analysis_document(
         bootstrap=bootstrap_options,
         operator=operator,
         functional=functional,
-        operator_missing=operator_missing,
+        operator_missing=operator_missing_reason(geometry),
         functional_missing=functional_missing,
     )
     doc = result_document(analyses, "last", nulls=extra.nulls, bootstrap=extra.bootstrap, verdict=extra.verdict)

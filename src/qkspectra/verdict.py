@@ -5,10 +5,11 @@ Layers (each "supported" | "partial" | "rejected" | "n/a", with one sentence of 
 spectral          the seed's verdict (its rule on the primary strategy's mean scalar-rescale
                   residual of the spectra: below 0.10 supported, below 0.30 partial, else
                   rejected; the thresholds live with the seed's rule in ``analysis``).
-spectral_vs_null  whether the real spectra are more alike than chance: the p-values of the
-                  shape cosine across layers and of the primary strategy's mean residual
-                  under every available null. Supported when all are <= ALPHA, rejected
-                  when none is, partial otherwise; n/a without nulls.
+spectral_vs_null  whether the real spectra are more alike than chance. A null is beaten when
+                  the p-values of the shape cosine across layers and of the primary
+                  strategy's mean residual are both <= alpha (0.05). Supported when every
+                  available null is beaten, partial when some are, rejected when none is;
+                  n/a without nulls.
 operator          the full operators (part B's ``operator`` results): the lowest mean operator
                   residual over strategies, same head or matched head. Below 0.10
                   supported, below 0.30 partial, else rejected.
@@ -98,13 +99,13 @@ def null_layer(nulls: dict[str, NullBaseline] | None, strategy: str, t: Threshol
         return Layer("n/a", "No null baseline was computed.")
     figures = (SHAPE_INVARIANCE, RESIDUAL_PREFIX + strategy)
     labels = {SHAPE_INVARIANCE: "shape cosine", RESIDUAL_PREFIX + strategy: f"residual ({strategy})"}
-    p_values, parts, briefs, unavailable = [], [], [], []
+    beaten, parts, briefs, unavailable = [], [], [], []
     for name, null in nulls.items():
         label = NULL_LABELS.get(name, name)
         if not null.available:
             unavailable.append(f"{label} null unavailable")
             continue
-        described, brief = [], []
+        described, brief, p_values = [], [], []
         for figure in figures:
             f = null.figures.get(figure)
             if f is None or f.p_value is None:
@@ -113,14 +114,14 @@ def null_layer(nulls: dict[str, NullBaseline] | None, strategy: str, t: Threshol
             described.append(f"{labels[figure]} {f.real:.3f} vs {f.null_mean:.3f} ± {f.null_std:.2g}, p = {_p(f.p_value)}")
             brief.append(f"{labels[figure].split(' (')[0]} p = {_p(f.p_value)}")
         if described:
+            beaten.append(all(p <= t.alpha for p in p_values))
             parts.append(f"{label} null ({null.draws} draws): " + "; ".join(described))
             briefs.append(f"{label} null: " + ", ".join(brief))
-    if not p_values:
+    if not beaten:
         return Layer("n/a", "No null p-value is defined (" + ", ".join(unavailable or ["no figure to compare"]) + ").")
-    below = sum(p <= t.alpha for p in p_values)
-    code = "supported" if below == len(p_values) else "rejected" if below == 0 else "partial"
+    code = "supported" if all(beaten) else "partial" if any(beaten) else "rejected"
     tail = f" ({', '.join(unavailable)})" if unavailable else ""
-    return Layer(code, "; ".join(parts) + f"; more alike than chance means p <= {t.alpha}{tail}.", "; ".join(briefs))
+    return Layer(code, "; ".join(parts) + f"; a null is beaten when both p <= {t.alpha}{tail}.", "; ".join(briefs))
 
 
 def _strategy_entries(results: dict[str, Any]) -> dict[str, dict[str, Any]]:

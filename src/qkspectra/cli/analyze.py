@@ -44,7 +44,7 @@ def analyze(
     from qkspectra.bootstrap import BootstrapOptions
     from qkspectra.geometry import load_geometry
     from qkspectra.nulls import NullOptions
-    from qkspectra.pipeline import beyond_seed
+    from qkspectra.pipeline import beyond_seed, operator_missing_reason
     from qkspectra.results import result_document
     from qkspectra.textreport import NO_NULL_LINE, render_comparison, render_layered_verdict, render_null_comparison, render_report
 
@@ -63,7 +63,9 @@ def analyze(
         primary = choice if isinstance(choice, str) else "index"
         analyses = {primary: run_analysis(geometry, choice, groups=groups)}
 
-    extra = beyond_seed(analyses, primary, nulls=null_options, bootstrap=bootstrap_options)
+    extra = beyond_seed(
+        analyses, primary, nulls=null_options, bootstrap=bootstrap_options, operator_missing=operator_missing_reason(geometry)
+    )
 
     if json_out is not None:
         document = result_document(analyses, primary, nulls=extra.nulls, bootstrap=extra.bootstrap, verdict=extra.verdict)
