@@ -1,0 +1,133 @@
+"""`qkspectra run` end to end on the bundled minilm: outputs, cached extraction, byte-identical analysis."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import orjson
+import pytest
+
+from qkspectra.cli import main
+from qkspectra.extract import ExtractOptions
+from qkspectra.runner import cache_key, default_out_dir, model_identity, reusable_geometry, run
+
+OPTIONS = ExtractOptions(max_tokens=256, seq_len=64, quiet=True)
+CLI_OPTIONS = ["--max-tokens", "256", "--seq-len", "64", "--quiet"]
+PLOTS = {"schedule", "temperature_heatmap", "residual_heatmap", "spectral_shapes", "entropy_scatter", "cross_head"}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """One extraction of minilm into <tmp>/minilm, the folder `qkspectra run` picks by default there."""
+    out = tmp_path_factory.mktemp("runs") / "minilm"
+    messages: list[str] = []
+    result = run("minilm", out, options=OPTIONS, say=messages.append)
+    return result, messages
+
+
+@pytest.mark.slow
+def test_run_writes_every_output(first_run):
+    result, messages = first_run
+    out = result.out_dir
+    assert result.extracted and messages[0] == "extracting the geometry of minilm"
+    names = {p.name for p in out.iterdir()}
+    assert names == {"geometry.json", "geometry.factors.safetensors", "analysis.json", "plots", "report.html", "report.md", "run.json"}
+    assert {p.stem for p in (out / "plots").iterdir()} == PLOTS
+    document = orjson.loads((out / "analysis.json").read_bytes())
+    assert document == orjson.loads(orjson.dumps(result.document))
+    assert document["input"]["metadata"]["model"] == "minilm" and document["input"]["file"] == "geometry.json"
+    assert set(document["strategies"]) == {"last", "middle", "best", "group"}
+    record = orjson.loads((out / "run.json").read_bytes())
+    assert record["extraction"] == "performed" and record["cache_key"]["options"]["max_tokens"] == 256
+    assert {"started", "finished", "timings"} <= record.keys()
+    assert "started" not in document and "timings" not in document  # dates and timings stay out of analysis.json
+
+
+@pytest.mark.slow
+def test_second_run_reuses_the_extraction_and_writes_the_same_bytes(first_run, monkeypatch, capsys):
+    out = first_run[0].out_dir
+    analysis, geometry_stat = (out / "analysis.json").read_bytes(), (out / "geometry.json").stat()
+    capsys.readouterr()
+    monkeypatch.chdir(out.parent)
+    main(["run", *CLI_OPTIONS])  # MODEL defaults to minilm, --out to ./minilm
+    captured = capsys.readouterr()
+    assert captured.err == ""  # --quiet: no progress bars, no messages
+    assert "=== Anchor strategies side by side ===" in captured.out and "=== Verdict ===" in captured.out
+    assert first_run[0].document["verdict"]["text"] in captured.out
+    assert orjson.loads((out / "run.json").read_bytes())["extraction"] == "reused"
+    assert (out / "geometry.json").stat().st_mtime_ns == geometry_stat.st_mtime_ns
+    assert (out / "analysis.json").read_bytes() == analysis
+
+
+@pytest.mark.slow
+def test_fresh_extraction_gives_byte_identical_outputs(first_run):
+    out = first_run[0].out_dir
+    analysis, geometry = (out / "analysis.json").read_bytes(), (out / "geometry.json").read_bytes()
+    (out / "run.json").unlink()
+    again = run("minilm", out, options=OPTIONS)
+    assert again.extracted
+    assert (out / "geometry.json").read_bytes() == geometry
+    assert (out / "analysis.json").read_bytes() == analysis
+
+
+@pytest.mark.slow
+def test_the_cache_key_follows_model_and_options(first_run):
+    out = first_run[0].out_dir
+    assert reusable_geometry(out, cache_key("minilm", OPTIONS))
+    assert reusable_geometry(out, cache_key("minilm", ExtractOptions(max_tokens=256, seq_len=64, quiet=False)))
+    for other in (ExtractOptions(max_tokens=512, seq_len=64), ExtractOptions(max_tokens=256, seq_len=64, fold_ln=False)):
+        assert not reusable_geometry(out, cache_key("minilm", other))
+    assert not reusable_geometry(out, cache_key("smollm2", OPTIONS))
+
+
+def test_an_edited_geometry_is_not_reused(tmp_path):
+    key = cache_key("minilm", OPTIONS)
+    (tmp_path / "geometry.json").write_text("{}")
+    sha = hashlib.sha256(b"{}").hexdigest()
+    (tmp_path / "run.json").write_bytes(orjson.dumps({"cache_key": key, "geometry_sha256": sha}))
+    assert reusable_geometry(tmp_path, key)
+    (tmp_path / "geometry.json").write_text('{"edited": 1}')
+    assert not reusable_geometry(tmp_path, key)
+
+
+def test_a_model_folder_is_identified_by_its_files(tmp_path):
+    model = tmp_path / "my-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    before = model_identity(str(model))
+    os.utime(model / "config.json", ns=(1, 1))
+    assert model_identity(str(model)) != before
+    assert before["path"] == str(model.resolve())
+
+
+def test_default_output_folder(tmp_path):
+    assert default_out_dir("minilm", tmp_path) == tmp_path / "minilm"
+    assert default_out_dir(str(tmp_path / "models" / "tiny.gguf"), tmp_path) == tmp_path / "tiny"
+    (tmp_path / "llama").mkdir()
+    assert default_out_dir(str(tmp_path / "llama"), tmp_path) == tmp_path / "llama-qkspectra"  # never inside the model
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["no-such-model"], "neither a bundled model"),
+        (["minilm", "--corpus", "no-such-corpus.txt"], "corpus no-such-corpus.txt does not exist"),
+        (["minilm", "--max-tokens", "0"], "--max-tokens must be at least 1"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", *args, "--out", str(out), "--quiet"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_output_must_be_a_folder(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit):
+        main(["run", "--out", str(tmp_path / "file"), "--quiet"])
+    assert "exists and is not a folder" in capsys.readouterr().err
+
