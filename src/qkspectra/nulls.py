@@ -206,10 +206,11 @@ def sample_bartlett_factor(rng: np.random.Generator, size: tuple[int, ...], d_mo
     Returns (*size, d_head, d_head), upper triangular: diagonal i ~ chi(d_model - i),
     strictly upper entries N(0, 1), all independent (Bartlett decomposition).
     """
-    diagonal = np.sqrt(rng.chisquare(d_model - np.arange(d_head), size=(*size, d_head)))  # (*size, d_head)
-    R = np.triu(rng.standard_normal((*size, d_head, d_head)), k=1)  # (*size, d_head, d_head)
+    R = np.zeros((*size, d_head, d_head))
     i = np.arange(d_head)
-    R[..., i, i] = diagonal
+    R[..., i, i] = np.sqrt(rng.chisquare(d_model - i, size=(*size, d_head)))  # (*size, d_head)
+    upper_rows, upper_cols = np.triu_indices(d_head, k=1)
+    R[..., upper_rows, upper_cols] = rng.standard_normal((*size, upper_rows.size))  # (*size, d_head (d_head - 1) / 2)
     return R
 
 
@@ -226,7 +227,9 @@ def gaussian_spectra(
         R_Q.append(sample_bartlett_factor(rng, (num_layers, num_heads), d_model, d_head))  # (L, H, d_head, d_head)
         R_K.append(sample_bartlett_factor(rng, (num_layers, num_kv_heads), d_model, d_head))  # (L, H_kv, d_head, d_head)
     R_Q = np.stack(R_Q)  # (B, L, H, d_head, d_head)
-    R_K = np.repeat(np.stack(R_K), group, axis=2)  # (B, L, H, d_head, d_head)
+    R_K = np.stack(R_K)  # (B, L, H_kv, d_head, d_head)
+    if group > 1:
+        R_K = np.repeat(R_K, group, axis=2)  # (B, L, H, d_head, d_head)
     return np.linalg.svd(R_Q @ np.swapaxes(R_K, -1, -2), compute_uv=False)  # (B, L, H, d_head)
 
 
