@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
+from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullLocator
+from matplotlib.ticker import FormatStrFormatter, NullLocator
 
 from qkspectra.analysis import spectral_shape
 from qkspectra.geometry import Geometry
@@ -109,15 +109,21 @@ def schedule_figure(
     return fig
 
 
-def heatmap_figure(values: Mapping[str, np.ndarray], quantity: str, title: str, *, cmap: str, vmin: float, vmax: float) -> Figure:
-    """One layer x head heatmap per strategy, one shared colour scale. values: per strategy (L, H)."""
+def heatmap_figure(
+    values: Mapping[str, np.ndarray], quantity: str, title: str, *, cmap: str, vmin: float, vmax: float, log: bool = False
+) -> Figure:
+    """One layer x head heatmap per strategy, one shared colour scale. values: per strategy (L, H).
+
+    Values outside [vmin, vmax] take the end colours; the colour bar then shows an arrow.
+    log: logarithmic colour scale (ratios such as T; needs vmin > 0).
+    """
     n = len(values)
     L, H = next(iter(values.values())).shape
     cols = min(n, 2)
     rows = -(-n // cols)
     fig = Figure(figsize=(min(4.6 * cols, 11), 0.8 + rows * (1.2 + 0.22 * L)), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
-    norm = Normalize(vmin, vmax)
+    norm = LogNorm(vmin, vmax) if log else Normalize(vmin, vmax)
     image = None
     for ax, (name, x) in zip(axes, values.items()):
         image = ax.imshow(x, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
@@ -128,7 +134,13 @@ def heatmap_figure(values: Mapping[str, np.ndarray], quantity: str, title: str, 
         ax.set_yticks(_ticks(L))
     for ax in axes[n:]:
         ax.set_visible(False)
-    fig.colorbar(image, ax=axes[:n].tolist(), label=quantity, shrink=0.9)
+    below = any(bool((x < vmin).any()) for x in values.values())
+    above = any(bool((x > vmax).any()) for x in values.values())
+    extend = "both" if below and above else "min" if below else "max" if above else "neither"
+    colorbar = fig.colorbar(image, ax=axes[:n].tolist(), label=quantity, shrink=0.9, extend=extend)
+    if log:
+        colorbar.ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        colorbar.ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     fig.suptitle(f"{quantity} per head\n{title}", fontsize=11)
     return fig
 
@@ -306,8 +318,9 @@ def report_figures(document: Mapping[str, Any], geometry: Geometry | None, *, ti
         title,
     )
     t_all = np.concatenate([t.ravel() for t in T.values()])
+    t_low, t_high = np.percentile(t_all, [1, 99])  # a few outlying heads should not wash out the rest
     figures["temperature_heatmap"] = heatmap_figure(
-        T, "temperature T", title, cmap="viridis", vmin=float(t_all.min()), vmax=float(max(t_all.max(), t_all.min() + 1e-9))
+        T, "temperature T", title, cmap="viridis", vmin=float(t_low), vmax=float(max(t_high, t_low * 1.01 + 1e-9)), log=t_low > 0
     )
     r_max = max(float(max(r.max() for r in R.values())), PARTIAL_BELOW)
     figures["residual_heatmap"] = heatmap_figure(R, "rescale residual", title, cmap="magma_r", vmin=0.0, vmax=r_max)
