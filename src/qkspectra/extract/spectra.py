@@ -160,11 +160,11 @@ def static_spectra(
             )
             scales.append(layer.scale)
             root_scale = np.sqrt(layer.scale)
-            factors["W_Q"][index] = root_scale * layer.W_Q
-            factors["W_K"][index] = root_scale * layer.W_K
-            for name, bias in (("b_Q", layer.b_Q), ("b_K", layer.b_K)):
-                if bias is not None:
-                    factors.setdefault(name, np.zeros((L, H, d_head), dtype=np.float32))[index] = root_scale * bias
+            for name, factor in (("W_Q", layer.W_Q), ("W_K", layer.W_K), ("b_Q", layer.b_Q), ("b_K", layer.b_K)):
+                if factor is not None:
+                    if name not in factors:  # biases: only for models that have them
+                        factors[name] = np.zeros((L, H, d_head), dtype=np.float32)
+                    np.multiply(factor, root_scale, out=factors[name][index], casting="same_kind")
             if on_layer is not None:
                 on_layer(index)
     query_name = adapter.prefixed(tensors, adapter.anchor_tensor())
