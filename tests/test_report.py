@@ -160,8 +160,7 @@ def test_report_command_without_geometry_leaves_out_the_per_head_plots(analysis_
 
 def test_plot_command_with_geometry_beside(tmp_path, document, capsys):
     shutil.copy(GOLDEN / "minilm_like.json", tmp_path / "geometry.json")
-    doc = build_analysis_document(load_geometry(tmp_path / "geometry.json"))
-    atomic_write_json(tmp_path / "analysis.json", doc)
+    atomic_write_json(tmp_path / "analysis.json", document)
     main(["plot", str(tmp_path / "analysis.json"), "--quiet"])
     assert capsys.readouterr().err == ""
     assert sorted(p.stem for p in (tmp_path / "plots").iterdir()) == sorted(PLOT_NAMES)
