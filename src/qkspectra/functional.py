@@ -1,0 +1,546 @@
+"""Functional test: run the model with every head's QK operator replaced by its reconstruction.
+
+Each reconstruction is written into the model as new query/key weights, and the model is run on
+the corpus. Compared with the unmodified model:
+- ``delta_loss``: next-token cross-entropy (reconstructed minus original) for causal language
+  models; for encoders without a language-model head, 1 - cosine between the final hidden states
+  of the two models, mean over real tokens (the original's own value is 0, so no relative change);
+- ``per_head_kl``: KL(original || reconstructed) of each head's attention distribution, mean over
+  real queries; ``mean_kl`` its mean over (L, h);
+- ``mean_entropy_shift``: mean over (L, h) of the change of the mean attention entropy (nats).
+
+Reconstructions, for anchor layer a = anchor.layers[L], in the space of the geometry (norm gains
+folded or not, as ``fold_ln`` says):
+- ``spectral``: the head's own singular vectors with T * sigma_a^h as singular values (T the
+  spectral fit, sigma from the geometry);
+- ``operator``: T * M_a^h (T the operator fit to the same head);
+- ``operator_rank_k``: T * M_a^h plus the best rank-k correction of M_L^h - T M_a^h, k from the
+  ``rank_k`` section. The sum can have rank d_head + k, more than a head holds, so it is truncated
+  to its best rank-d_head approximation; that at most doubles its distance to M_L^h;
+- ``control``: each head's own operator, through the same path; it must change nothing.
+
+Writing a target back. A target is given as factors (X, Y) with X Y^T = target (s included):
+the spectral reconstruction rescales the head's own factors along its singular directions
+(W_Q -> Q_1 U diag(sqrt r) U^T R_1, r = new / old singular value), the operator one uses the
+anchor's factors (T W_Q^a, W_K^a), and a truncated target its SVD factors. So the control and
+the anchor layers get back exactly their own weights. The factors are divided by sqrt(s) (the
+model applies s) and, with folding, by the norm gain g (a gain entry of 0 is refused).
+Biases: of the bias terms of the logit only b_Q . (W_K^T y) varies with the key (the others are
+constant over keys and drop out of the softmax); the head's own term W_K b_Q is kept, by least
+squares on the new W_K (exact when the span is unchanged), and likewise W_Q b_K. With folding,
+the norm bias beta is pushed back out (b = b_hat - beta W). Models without q/k biases get none.
+
+Positions. Rotary models rotate q and k after projection; the reconstructions replace the
+pre-rotary factors W_Q, W_K, so positions act on the new factors as on the old. The spectral,
+operator and control reconstructions keep a head's (or the anchor's) own coordinate frame, so
+for them the positional coupling is the original one; a truncated rank-k target is written in
+its singular basis, which changes how rotary positions act on that head. Rotary models with
+q/k biases are refused (there b_K does not drop out of the softmax).
+
+Grouped-query attention: one key head serves several query heads, which need different keys
+once reconstructed, so the key/value projections are expanded to one per query head first
+(the model computes the same function). ALBERT is refused: its layers share one set of weights,
+which cannot hold per-layer reconstructions.
+
+The model runs in float64, so that the control's change is rounding (about 1e-12), not float32 noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qkspectra.analysis import TINY, Anchor, scalar_rescale
+from qkspectra.errors import QkspectraError
+from qkspectra.extract.entropy import attention_modules, entropy_from_probs, forward_inputs, pad_windows, window_batches
+from qkspectra.extract.spectra import fold_norm
+from qkspectra.geometry import Geometry
+from qkspectra.models.adapters import AttentionAdapter, AttentionLayer, adapter_for
+from qkspectra.models.tensors import StateDictSource
+from qkspectra.operator import Factors, OperatorFitter, check_against_geometry, single_blas_thread
+
+DEFAULT_MAX_TOKENS = 2048
+KINDS = ("spectral", "operator", "operator_rank_k")
+ENCODER_MODEL_TYPES = ("bert",)
+REFUSED_MODEL_TYPES = {"albert": "its layers share one set of weights, which cannot hold per-layer reconstructions"}
+# The original model's attention maps are kept (float32) to compare every reconstruction with.
+REFERENCE_MAP_BUDGET = 4 * 2**30
+LOSS_KINDS = {True: "next_token_cross_entropy", False: "final_hidden_cosine_distance"}
+
+
+# ----------------------------------------------------------------------------
+# The model's own factors
+# ----------------------------------------------------------------------------
+
+
+def model_layers(model: nn.Module) -> tuple[AttentionAdapter, list[AttentionLayer]]:
+    """The adapter for ``model`` and its layers as stored (no folding), float64."""
+    model_type = model.config.model_type
+    if model_type in REFUSED_MODEL_TYPES:
+        raise QkspectraError(f"the functional test does not support {model_type}: {REFUSED_MODEL_TYPES[model_type]}")
+    adapter = adapter_for(model.config)
+    tensors = StateDictSource(model.state_dict())
+    return adapter, [adapter.layer(tensors, index) for index in range(adapter.num_layers)]
+
+
+def factors_of_layers(layers: list[AttentionLayer], *, fold_ln: bool) -> Factors:
+    """Stacked float64 factors with sqrt(s) in each, norms folded if ``fold_ln`` (the factors-file convention)."""
+    if fold_ln:
+        layers = [fold_norm(layer) for layer in layers]
+    root = [np.sqrt(layer.scale) for layer in layers]
+    arrays = {
+        name: np.stack([r * getattr(layer, name) for r, layer in zip(root, layers)])  # (L, H, ...)
+        for name in ("W_Q", "W_K", "b_Q", "b_K")
+        if getattr(layers[0], name) is not None
+    }
+    return Factors(arrays["W_Q"], arrays["W_K"], arrays.get("b_Q"), arrays.get("b_K"), fold_ln, "<model>")
+
+
+def model_factors(model: nn.Module, *, fold_ln: bool = True) -> Factors:
+    """The query/key factors of a loaded model, as the extraction would write them but in float64."""
+    return factors_of_layers(model_layers(model)[1], fold_ln=fold_ln)
+
+
+# ----------------------------------------------------------------------------
+# Reconstruction targets, as factors (X, Y) with X Y^T = target; arrays (L, H, d_model, width)
+# ----------------------------------------------------------------------------
+
+
+def spectral_target(factors: Factors, singular_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each head's own singular vectors with new singular values, in the head's own frame.
+
+    singular_values: (L, H, K), K <= d_head (missing ones are 0). With W_Q = Q_1 R_1, W_K = Q_2 R_2,
+    R_1 R_2^T = U S V^T and r = new / S (0 where S <= 1e-12 S_max): X = Q_1 U diag(sqrt r) U^T R_1,
+    Y = Q_2 V diag(sqrt r) V^T R_2, so X Y^T = Q_1 U diag(r S) V^T Q_2^T, and r = 1 gives back W_Q, W_K.
+    """
+    Q1, R1 = np.linalg.qr(factors.W_Q)  # (L, H, d_model, d_head), (L, H, d_head, d_head)
+    Q2, R2 = np.linalg.qr(factors.W_K)
+    U, S, Vt = np.linalg.svd(R1 @ np.swapaxes(R2, -1, -2))  # (L, H, d_head, d_head), (L, H, d_head), ...
+    target = np.zeros_like(S)  # (L, H, d_head)
+    target[..., : singular_values.shape[-1]] = singular_values
+    significant = S > 1e-12 * S[..., :1]
+    root_ratio = np.sqrt(np.divide(target, S, out=np.zeros_like(S), where=significant))  # (L, H, d_head)
+    V = np.swapaxes(Vt, -1, -2)
+    X = Q1 @ (U * root_ratio[..., None, :]) @ np.swapaxes(U, -1, -2) @ R1
+    Y = Q2 @ (V * root_ratio[..., None, :]) @ Vt @ R2
+    return X, Y
+
+
+def operator_target(factors: Factors, anchor_layers: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """T * M_a in the anchor's own frame: X = T W_Q[a], Y = W_K[a]. anchor_layers (L,), T (L, H)."""
+    return T[..., None, None] * factors.W_Q[anchor_layers], factors.W_K[anchor_layers]
+
+
+def best_rank(X: np.ndarray, Y: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Factors of the best rank-``rank`` approximation of X Y^T: (..., d_model, w) -> (..., d_model, rank)."""
+    Qx, Rx = np.linalg.qr(X)  # (..., d_model, w'), (..., w', w)
+    Qy, Ry = np.linalg.qr(Y)
+    U, S, Vt = np.linalg.svd(Rx @ np.swapaxes(Ry, -1, -2))  # (..., w', w'), (..., w'), (..., w', w')
+    width = min(rank, S.shape[-1])
+    root = np.sqrt(S[..., :width])[..., None, :]  # (..., 1, width)
+    X_r = Qx @ U[..., :width] * root
+    Y_r = Qy @ np.swapaxes(Vt, -1, -2)[..., :width] * root
+    pad = [(0, 0)] * (X.ndim - 1) + [(0, rank - width)]
+    return np.pad(X_r, pad), np.pad(Y_r, pad)
+
+
+def rank_k_target(factors: Factors, anchor_layers: np.ndarray, T: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """T * M_a plus the best rank-k correction of D = M_L - T M_a, truncated to rank d_head. k: (L, H) int.
+
+    D = [W_Q, -T W_Q[a]] [W_K, W_K[a]]^T = Q_x (U S V^T) Q_y^T; its rank-k part is Q_x U_k S_k V_k^T Q_y^T.
+    Heads with k = 0 keep the operator target (anchor frame) untouched.
+    """
+    A, B = factors.W_Q, factors.W_K  # (L, H, d_model, d_head)
+    C, D = operator_target(factors, anchor_layers, T)  # T W_Q[a], W_K[a]
+    Qx, Rx = np.linalg.qr(np.concatenate([A, -C], axis=-1))  # (L, H, d_model, r), (L, H, r, 2 d_head)
+    Qy, Ry = np.linalg.qr(np.concatenate([B, D], axis=-1))
+    U, S, Vt = np.linalg.svd(Rx @ np.swapaxes(Ry, -1, -2))  # (L, H, r, r), (L, H, r), (L, H, r, r)
+    kept = np.where(np.arange(S.shape[-1]) < k[..., None], S, 0.0)  # (L, H, r): the k largest
+    X = np.concatenate([C, Qx @ (U * kept[..., None, :])], axis=-1)  # (L, H, d_model, d_head + r)
+    Y = np.concatenate([D, Qy @ np.swapaxes(Vt, -1, -2)], axis=-1)
+    X_t, Y_t = best_rank(X, Y, factors.d_head)  # (L, H, d_model, d_head)
+    corrected = (k > 0)[..., None, None]
+    return np.where(corrected, X_t, C), np.where(corrected, Y_t, D)
+
+
+# ----------------------------------------------------------------------------
+# Writing factors into the model
+# ----------------------------------------------------------------------------
+
+
+def _linear_weight(per_head: np.ndarray) -> np.ndarray:
+    """(H, d_model, d_head) -> nn.Linear weight (H d_head, d_model)."""
+    return per_head.transpose(0, 2, 1).reshape(-1, per_head.shape[1])
+
+
+def _write_bert(params: _Parameters, index: int, W_Q, W_K, b_Q, b_K) -> None:
+    attention = f"encoder.layer.{index}.attention.self"
+    for part, W, b in (("query", W_Q, b_Q), ("key", W_K, b_K)):
+        params.set(f"{attention}.{part}.weight", _linear_weight(W))
+        if b is not None:
+            params.set(f"{attention}.{part}.bias", b.reshape(-1))
+
+
+def _write_gpt2(params: _Parameters, index: int, W_Q, W_K, b_Q, b_K) -> None:
+    name = f"h.{index}.attn.c_attn"
+    d = W_Q.shape[1]
+    weight = params.get(f"{name}.weight")  # (d_model, 3 d_model): x @ W
+    weight[:, :d] = W_Q.transpose(1, 0, 2).reshape(d, -1)
+    weight[:, d : 2 * d] = W_K.transpose(1, 0, 2).reshape(d, -1)
+    params.set(f"{name}.weight", weight)
+    if b_Q is not None:
+        bias = params.get(f"{name}.bias")  # (3 d_model,)
+        bias[:d], bias[d : 2 * d] = b_Q.reshape(-1), b_K.reshape(-1)
+        params.set(f"{name}.bias", bias)
+
+
+def _write_gpt_neox(params: _Parameters, index: int, W_Q, W_K, b_Q, b_K) -> None:
+    name = f"layers.{index}.attention.query_key_value"
+    H, d_model, d_head = W_Q.shape
+    weight = params.get(f"{name}.weight").reshape(H, 3, d_head, d_model)  # rows head by head: q, k, v
+    weight[:, 0], weight[:, 1] = W_Q.transpose(0, 2, 1), W_K.transpose(0, 2, 1)
+    params.set(f"{name}.weight", weight.reshape(3 * H * d_head, d_model))
+    if b_Q is not None:
+        bias = params.get(f"{name}.bias").reshape(H, 3, d_head)
+        bias[:, 0], bias[:, 1] = b_Q, b_K
+        params.set(f"{name}.bias", bias.reshape(-1))
+
+
+def _write_llama(params: _Parameters, index: int, W_Q, W_K, b_Q, b_K) -> None:
+    attention = f"layers.{index}.self_attn"
+    for part, W, b in (("q_proj", W_Q, b_Q), ("k_proj", W_K, b_K)):
+        params.set(f"{attention}.{part}.weight", _linear_weight(W))
+        if b is not None:
+            params.set(f"{attention}.{part}.bias", b.reshape(-1))
+
+
+WRITERS: dict[str, Callable] = {
+    "bert": _write_bert,
+    "gpt2": _write_gpt2,
+    "gpt_neox": _write_gpt_neox,
+    "llama": _write_llama,
+    "mistral": _write_llama,
+    "qwen2": _write_llama,
+}
+
+
+class _Parameters:
+    """Read and overwrite a model's parameters by their checkpoint names (prefix found by the adapter)."""
+
+    def __init__(self, model: nn.Module, adapter: AttentionAdapter):
+        self.parameters = dict(model.named_parameters())
+        self.adapter = adapter
+        self.tensors = StateDictSource(self.parameters)
+
+    def get(self, name: str) -> np.ndarray:
+        return self.adapter.read(self.tensors, name)
+
+    def set(self, name: str, value: np.ndarray) -> None:
+        parameter = self.parameters[self.adapter.prefixed(self.tensors, name)]
+        if parameter.shape != value.shape:
+            raise QkspectraError(f"cannot write {name}: shape {value.shape}, the model has {tuple(parameter.shape)}")
+        with torch.no_grad():
+            parameter.copy_(torch.from_numpy(np.ascontiguousarray(value)))
+
+
+def expand_kv_heads_in_place(model: nn.Module) -> None:
+    """Give every query head its own key/value head (repeat_kv done in the weights); same function."""
+    H = model.config.num_attention_heads
+    for module in attention_modules(model):
+        groups = getattr(module, "num_key_value_groups", 1)
+        if groups == 1:
+            continue
+        for name in ("k_proj", "v_proj"):
+            old = getattr(module, name)
+            d_head = old.out_features // (H // groups)
+            new = nn.Linear(old.in_features, H * d_head, bias=old.bias is not None, dtype=old.weight.dtype)
+            with torch.no_grad():
+                new.weight.copy_(old.weight.view(-1, d_head, old.in_features).repeat_interleave(groups, 0).reshape(-1, old.in_features))
+                if old.bias is not None:
+                    new.bias.copy_(old.bias.view(-1, d_head).repeat_interleave(groups, 0).reshape(-1))
+            setattr(module, name, new)
+        module.num_key_value_groups = 1
+    if getattr(model.config, "num_key_value_heads", None) is not None:
+        model.config.num_key_value_heads = H
+
+
+def _kept_bias(bias: np.ndarray | None, old: np.ndarray, new: np.ndarray) -> np.ndarray | None:
+    """b' with new @ b' closest to old @ b (least squares): old, new (H, d_model, d_head), bias (H, d_head)."""
+    if bias is None:
+        return None
+    wanted = np.einsum("hmd,hd->hm", old, bias)  # (H, d_model)
+    return np.einsum("hdm,hm->hd", np.linalg.pinv(new), wanted)  # (H, d_head)
+
+
+def write_reconstruction(model: nn.Module, adapter: AttentionAdapter, layers: list[AttentionLayer], X: np.ndarray,
+                         Y: np.ndarray, *, fold_ln: bool) -> None:
+    """Write the targets X Y^T (L, H, d_model, d_head factors, s included, in the folded space if ``fold_ln``).
+
+    ``layers``: the model's original layers as stored (unfolded), for the scales, norms and biases.
+    """
+    writer = WRITERS.get(adapter.model_type)
+    if writer is None:
+        raise QkspectraError(f"the functional test cannot write weights of {adapter.model_type} models")
+    params = _Parameters(model, adapter)
+    for index, raw in enumerate(layers):
+        space = fold_norm(raw) if fold_ln else raw
+        root = np.sqrt(raw.scale)
+        W_Q, W_K = X[index] / root, Y[index] / root  # (H, d_model, d_head) in the chosen space
+        b_Q, b_K = _kept_bias(space.b_Q, space.W_K, W_K), _kept_bias(space.b_K, space.W_Q, W_Q)
+        if fold_ln and raw.norm_gain is not None:
+            if np.any(raw.norm_gain == 0):
+                raise QkspectraError(f"layer {index}: the norm gain has zero entries, so folded factors cannot be unfolded")
+            W_Q, W_K = W_Q / raw.norm_gain[None, :, None], W_K / raw.norm_gain[None, :, None]
+            if raw.norm_bias is not None:
+                b_Q = None if b_Q is None else b_Q - np.einsum("m,hmd->hd", raw.norm_bias, W_Q)
+                b_K = None if b_K is None else b_K - np.einsum("m,hmd->hd", raw.norm_bias, W_K)
+        if raw.b_Q is None:
+            b_Q = None
+        if raw.b_K is None:
+            b_K = None
+        writer(params, index, W_Q, W_K, b_Q, b_K)
+
+
+# ----------------------------------------------------------------------------
+# Running the model
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Batch:
+    inputs: dict  # forward keyword arguments, (B, seq) tensors
+    query_weight: torch.Tensor  # (B, query_pos) float64, 1 for real tokens
+    maps: list[torch.Tensor]  # per layer (B, H, query_pos, key_pos) float32, the original's attention
+    entropy: torch.Tensor  # (L, H) float64, sum over real queries of the original's entropy
+    loss_sum: float  # original: summed next-token cross-entropy (causal) or 0
+    hidden: torch.Tensor | None  # (B, seq, d_model) original final hidden states (encoders)
+
+
+@dataclass(frozen=True)
+class Effects:
+    """One reconstruction against the original model."""
+
+    delta_loss: float
+    relative_delta_loss: float | None
+    loss_kind: str
+    per_head_kl: np.ndarray  # (L, H)
+    entropy_shift: np.ndarray  # (L, H)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "delta_loss": self.delta_loss,
+            "loss_kind": self.loss_kind,
+            "relative_delta_loss": self.relative_delta_loss,
+            "mean_kl": float(self.per_head_kl.mean()),
+            "per_head_kl": self.per_head_kl.tolist(),
+            "mean_entropy_shift": float(self.entropy_shift.mean()),
+        }
+
+
+class _Runner:
+    """Runs the model on fixed batches, capturing every layer's attention probabilities by hooks."""
+
+    def __init__(self, model: nn.Module, windows: list[list[int]]):
+        self.model = model
+        self.causal = model.get_output_embeddings() is not None and model.config.model_type not in ENCODER_MODEL_TYPES
+        self.modules = attention_modules(model)
+        pad_id = model.config.pad_token_id if isinstance(getattr(model.config, "pad_token_id", None), int) else 0
+        H = model.config.num_attention_heads
+        map_bytes = 4 * H * len(self.modules) * sum(len(w) * len(w) for w in windows)
+        if map_bytes > REFERENCE_MAP_BUDGET:
+            raise QkspectraError(
+                f"the functional test would keep {map_bytes / 2**30:.1f} GiB of attention maps; "
+                "use fewer tokens or shorter windows"
+            )
+        self.batches = []
+        for batch in window_batches(windows, H, None):
+            input_ids, attention_mask = pad_windows([windows[i] for i in batch], pad_id, "right")
+            self.batches.append(forward_inputs(model, input_ids, attention_mask))
+        self.num_queries = sum(len(w) for w in windows)
+        self.num_predicted = sum(len(w) - 1 for w in windows)
+
+    def _forward(self, inputs: dict) -> tuple[list[torch.Tensor], Any]:
+        maps: list[torch.Tensor | None] = [None] * len(self.modules)
+
+        def hook(layer: int):
+            def record(module, args, output):
+                maps[layer] = output[1]
+            return record
+
+        handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(self.modules)]
+        try:
+            with torch.inference_mode():
+                output = self.model(**inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if any(m is None for m in maps):
+            raise QkspectraError(f"{type(self.model).__name__} returned no attention probabilities (eager attention needed)")
+        return maps, output
+
+    def _loss_sum(self, inputs: dict, output: Any) -> float:
+        """Summed next-token cross-entropy over pairs of real tokens."""
+        logits = output.logits[:, :-1]  # (B, seq - 1, vocab)
+        targets = inputs["input_ids"][:, 1:]  # (B, seq - 1)
+        real = (inputs["attention_mask"][:, 1:] * inputs["attention_mask"][:, :-1]).bool()
+        losses = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, seq - 1)
+        return float(losses[real].sum())
+
+    def reference(self) -> list[_Batch]:
+        batches = []
+        for inputs in self.batches:
+            maps, output = self._forward(inputs)
+            weight = inputs["attention_mask"].to(torch.float64)  # (B, query_pos)
+            entropy = torch.stack([torch.einsum("bhq,bq->h", entropy_from_probs(p, None), weight) for p in maps])
+            batches.append(_Batch(
+                inputs, weight, [p.float() for p in maps], entropy,
+                self._loss_sum(inputs, output) if self.causal else 0.0,
+                None if self.causal else output.last_hidden_state,
+            ))
+        return batches
+
+    def compare(self, reference: list[_Batch], original_loss: float) -> Effects:
+        kl_sum = entropy_sum = 0.0
+        loss_sum = 0.0
+        for batch in reference:
+            maps, output = self._forward(batch.inputs)
+            kl = torch.stack([
+                torch.einsum("bhq,bq->h", (torch.xlogy(p0, p0) - torch.xlogy(p0, p)).sum(-1), batch.query_weight)
+                for p0, p in zip((m.double() for m in batch.maps), maps)
+            ])  # (L, H)
+            entropy = torch.stack([torch.einsum("bhq,bq->h", entropy_from_probs(p, None), batch.query_weight)
+                                   for p in maps])  # (L, H)
+            kl_sum = kl_sum + kl
+            entropy_sum = entropy_sum + (entropy - batch.entropy)
+            if self.causal:
+                loss_sum += self._loss_sum(batch.inputs, output)
+            else:
+                cosine = nn.functional.cosine_similarity(output.last_hidden_state, batch.hidden, dim=-1)  # (B, seq)
+                loss_sum += float(((1 - cosine) * batch.query_weight).sum())
+        if self.causal:
+            delta = loss_sum / self.num_predicted - original_loss
+            relative = delta / original_loss if original_loss > TINY else None
+        else:
+            delta, relative = loss_sum / self.num_queries, None
+        return Effects(delta, relative, LOSS_KINDS[self.causal], (kl_sum / self.num_queries).numpy(),
+                       (entropy_sum / self.num_queries).numpy())
+
+
+# ----------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------
+
+
+def reconstruction_effects(model: nn.Module, windows: list[list[int]], singular_values: np.ndarray,
+                           anchors: dict[str, Anchor], rank_k_section: dict[str, Any] | None, *,
+                           fold_ln: bool = True) -> dict[str, Any]:
+    """The ``functional`` section for a loaded model and token windows.
+
+    The model is modified in place: converted to float64 and eager attention, key/value heads
+    expanded, query/key weights overwritten (the original's outputs are recorded first).
+    singular_values: (L, H, K) the geometry's spectra (spectral reconstruction and spectral T).
+    rank_k_section: the ``rank_k`` section, for each strategy's operator-level k; None skips
+    ``operator_rank_k`` (then None in the output).
+    Returns {strategy: {"spectral": R, "operator": R, "operator_rank_k": R}, "control": R}.
+    """
+    adapter, layers = model_layers(model)
+    if any(layer.rotary is not None and layer.b_Q is not None for layer in layers):
+        raise QkspectraError("the functional test does not support rotary models with query/key biases")
+    factors = factors_of_layers(layers, fold_ln=fold_ln)
+    L, H = factors.num_layers, factors.num_heads
+    if singular_values.shape[:2] != (L, H):
+        raise QkspectraError(f"the geometry has {singular_values.shape[:2]} layers x heads, the model {(L, H)}")
+    model.to(torch.float64).eval()
+    if model.config._attn_implementation != "eager":
+        model.set_attn_implementation("eager")
+    expand_kv_heads_in_place(model)
+    adapter = adapter_for(model.config)
+
+    runner = _Runner(model, windows)
+    reference = runner.reference()
+    original_loss = sum(batch.loss_sum for batch in reference) / max(runner.num_predicted, 1)
+    fitter = OperatorFitter(factors)
+
+    cache: dict[tuple, dict] = {}
+
+    def effects_of(key: tuple, make_target: Callable[[], tuple[np.ndarray, np.ndarray]]) -> dict:
+        if key not in cache:
+            with single_blas_thread():
+                X, Y = make_target()
+            write_reconstruction(model, adapter, layers, X, Y, fold_ln=fold_ln)
+            cache[key] = runner.compare(reference, original_loss).as_dict()
+        return cache[key]
+
+    section: dict[str, Any] = {"control": effects_of(("control",), lambda: (factors.W_Q, factors.W_K))}
+    for name, anchor in anchors.items():
+        a = anchor.layers  # (L,)
+        spectral_T, _ = scalar_rescale(singular_values, singular_values[a])  # (L, H)
+        operator_T = np.stack([fit.T for fit in fitter.fit_all(a)])  # (L, H)
+        entry = {
+            "spectral": effects_of(("spectral", a.tobytes()),
+                                   lambda: spectral_target(factors, spectral_T[..., None] * singular_values[a])),
+            "operator": effects_of(("operator", a.tobytes()), lambda: operator_target(factors, a, operator_T)),
+            "operator_rank_k": None,
+        }
+        if rank_k_section is not None:
+            k = _operator_k(rank_k_section, name, (L, H))
+            entry["operator_rank_k"] = effects_of(("operator_rank_k", a.tobytes(), k.tobytes()),
+                                                  lambda: rank_k_target(factors, a, operator_T, k))
+        section[name] = entry
+    return section
+
+
+def _operator_k(rank_k_section: dict[str, Any], strategy: str, shape: tuple[int, int]) -> np.ndarray:
+    entry = rank_k_section.get(strategy) or {}
+    operator = entry.get("operator")
+    if operator is None:
+        raise QkspectraError(f"the rank_k section has no operator-level k for anchor {strategy!r}")
+    k = np.asarray(operator["k"], dtype=int)
+    if k.shape != shape:
+        raise QkspectraError(f"rank_k.{strategy}.operator.k has shape {k.shape}, expected {shape}")
+    return k
+
+
+def load_functional_model(model_name_or_path: str, *, progress: bool = False):
+    """(model, tokenizer): a causal LM with its head, or the bare encoder, float32, eager attention."""
+    from qkspectra.models import load_model, resolve_model
+    from qkspectra.models.loading import first_line, transformers_quiet
+
+    source = resolve_model(model_name_or_path, progress=progress)
+    if source.config.model_type in ENCODER_MODEL_TYPES or source.config.model_type in REFUSED_MODEL_TYPES:
+        return load_model(source, progress=progress)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with transformers_quiet(progress=progress):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source.folder, dtype=torch.float32, attn_implementation="eager", local_files_only=True
+            )
+            tokenizer = AutoTokenizer.from_pretrained(source.folder, local_files_only=True)
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise QkspectraError(f"cannot load {source.folder} as a causal language model: {first_line(e)}") from e
+    return model.eval(), tokenizer
+
+
+def functional_evidence(model_name_or_path: str, geometry: Geometry, anchors: dict[str, Anchor],
+                        rank_k_section: dict[str, Any] | None, *, max_tokens: int = DEFAULT_MAX_TOKENS,
+                        fold_ln: bool = True, corpus: str | None = None, seq_len: int | None = None,
+                        progress: bool = False) -> dict[str, Any]:
+    """The ``functional`` section: load the model, cut the corpus into windows, compare reconstructions.
+
+    geometry must come from this model with the same ``fold_ln`` (its spectra are checked against the
+    model's); anchors as for ``operator_evidence``; rank_k_section from ``rank_k_evidence`` with factors.
+    """
+    from qkspectra.extract.corpus import default_seq_len, load_windows
+
+    model, tokenizer = load_functional_model(model_name_or_path, progress=progress)
+    _, layers = model_layers(model)
+    check_against_geometry(factors_of_layers(layers, fold_ln=fold_ln), geometry)
+    windows = load_windows(tokenizer, corpus=corpus, seq_len=seq_len or default_seq_len(model),
+                           max_tokens=max_tokens, window_per_line=False).windows
+    return reconstruction_effects(model, windows, geometry.singular_values, anchors, rank_k_section, fold_ln=fold_ln)
