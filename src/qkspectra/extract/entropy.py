@@ -41,9 +41,12 @@ from qkspectra.extract.corpus import Corpus
 # (which bounds the other activations).
 ATTENTION_MEMORY_BUDGET = 512 * 2**20
 MAX_TOKENS_PER_BATCH = 16384
-# float32 bytes per attention-map entry alive at the peak of one layer: the scores, the masked
-# scores, the probabilities and the entropy terms.
-_BYTES_PER_MAP_ENTRY = 16
+# float32 bytes per attention-map entry alive at the peak of one eager attention call: two maps
+# while the mask is added or the softmax is taken, plus a third for margin.
+_BYTES_PER_MAP_ENTRY = 12
+# Attention-map entries reduced per step by entropy_from_probs (16 MiB of float32): few enough
+# steps that per-operation overhead stays small, small enough that no copy of a whole map is made.
+_ENTRIES_PER_STEP = 2**22
 
 
 @dataclass(frozen=True)
@@ -63,11 +66,20 @@ def entropy_from_probs(probs: torch.Tensor, key_mask: torch.Tensor | None) -> to
     probs:    (B, H, query_pos, key_pos) attention probabilities
     key_mask: bool, broadcastable to probs, True where the query sees the key; None: all keys
     returns   (B, H, query_pos)
+
+    Works through a block of query rows at a time, so the temporaries stay small (no copy of the map).
     """
-    terms = torch.special.entr(probs)  # -p log p, 0 at p = 0
-    if key_mask is not None:
-        terms.masked_fill_(~key_mask, 0.0)
-    return terms.sum(dim=-1)
+    entropy = probs.new_empty(probs.shape[:-1])  # (B, H, query_pos)
+    rows_per_step = max(1, _ENTRIES_PER_STEP // max(1, probs[..., 0, :].numel()))
+    tiny = torch.finfo(probs.dtype).tiny
+    for start in range(0, probs.shape[-2], rows_per_step):
+        rows = slice(start, start + rows_per_step)
+        chunk = probs[..., rows, :]  # (B, H, rows, key_pos)
+        terms = torch.clamp_min(chunk, tiny).log_().mul_(chunk)  # p log p, exactly 0 at p = 0
+        if key_mask is not None:
+            terms.masked_fill_(~key_mask[..., rows, :], 0.0)
+        entropy[..., rows] = terms.sum(dim=-1)
+    return entropy.neg_()
 
 
 def attention_entropy(model: nn.Module, corpus: Corpus, *, batch_size: int | None = None, progress: bool = True,
@@ -90,7 +102,6 @@ def attention_entropy(model: nn.Module, corpus: Corpus, *, batch_size: int | Non
     handles = [module.register_forward_hook(accumulator.hook(layer, module), with_kwargs=True)
                for layer, module in enumerate(modules)]
     body = model.base_model  # the layers without a language-model head: no (B, seq, vocab) logits
-    forward_params = inspect.signature(body.forward).parameters
     pad_id = model.config.pad_token_id if isinstance(getattr(model.config, "pad_token_id", None), int) else 0
     device = next(model.parameters()).device
     was_training = model.training
@@ -102,13 +113,8 @@ def attention_entropy(model: nn.Module, corpus: Corpus, *, batch_size: int | Non
                                           disable=not progress, leave=False) as bar:
             for batch in window_batches(corpus.windows, model.config.num_attention_heads, batch_size):
                 input_ids, attention_mask = pad_windows([corpus.windows[i] for i in batch], pad_id, padding_side)
-                input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-                inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-                if "position_ids" in forward_params:
-                    inputs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-                if "use_cache" in forward_params:
-                    inputs["use_cache"] = False
-                accumulator.begin_batch(attention_mask)
+                inputs = forward_inputs(body, input_ids.to(device), attention_mask.to(device))
+                accumulator.begin_batch(inputs["attention_mask"])
                 body(**inputs)
                 accumulator.end_batch(type(model).__name__)
                 bar.update(int(attention_mask.sum()))
@@ -117,6 +123,21 @@ def attention_entropy(model: nn.Module, corpus: Corpus, *, batch_size: int | Non
             handle.remove()
         model.train(was_training)
     return accumulator.stats(num_windows=len(corpus.windows))
+
+
+def forward_inputs(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """Keyword arguments for one forward pass over a padded batch (B, seq).
+
+    Positions are counted from the attention mask, so left padding does not shift them; no
+    key/value cache is built.
+    """
+    parameters = inspect.signature(body.forward).parameters
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if "position_ids" in parameters:
+        inputs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    if "use_cache" in parameters:
+        inputs["use_cache"] = False
+    return inputs
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -262,7 +283,9 @@ class _EntropyAccumulator:
         self.calls[layer] += 1
         if probs.dtype not in (torch.float32, torch.float64):
             probs = probs.float()
-        entropy = entropy_from_probs(probs, visible.key_mask).to(torch.float64)  # (B, H, query_pos)
+        # Keys the model hides already have probability exactly 0 (its softmax adds the dtype's
+        # minimum or -inf to their scores), so they add nothing and need no mask here.
+        entropy = entropy_from_probs(probs, None).to(torch.float64)  # (B, H, query_pos)
         batch = torch.arange(probs.shape[0], device=probs.device)
         sink = probs[batch, :, :, self.first_key].to(torch.float64)  # (B, H, query_pos)
         if self.entropy_sum is None:
