@@ -119,9 +119,10 @@ def heatmap_figure(
     """
     n = len(values)
     L, H = next(iter(values.values())).shape
-    cols = min(n, 2)
+    cols = n if L > H else min(n, 2)  # deep models: panels side by side, each tall
     rows = -(-n // cols)
-    fig = Figure(figsize=(min(4.6 * cols, 11), 0.8 + rows * (1.2 + 0.22 * L)), layout="constrained")
+    width = 9.5 if cols <= 2 else min(3.2 * cols + 1.4, 13.0)
+    fig = Figure(figsize=(width, 1.0 + rows * min(1.2 + 0.22 * L, 9.0)), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
     norm = LogNorm(vmin, vmax) if log else Normalize(vmin, vmax)
     image = None
@@ -314,7 +315,7 @@ def report_figures(document: Mapping[str, Any], geometry: Geometry | None, *, ti
     figures["schedule"] = schedule_figure(
         {name: head_spread(t) for name, t in T.items()},
         {name: r.mean(axis=1) for name, r in R.items()},
-        {name: list(s["anchor"]["layers"]) if s["anchor"]["strategy"] == "group" else [s["anchor"]["layer"]] for name, s in per.items()},
+        {name: list(s["anchor"]["group_anchors"]) for name, s in per.items()},
         title,
     )
     t_all = np.concatenate([t.ravel() for t in T.values()])
