@@ -94,6 +94,13 @@ def test_a_null_is_beaten_only_when_both_figures_are_below_alpha():
     assert null_layer(None, "last").code == "n/a"
 
 
+def test_one_layer_has_nothing_to_compare_with_chance():
+    g = Geometry(planted_geometry().singular_values[:1], None, metadata={"d_model": 64, "d_head": 8})
+    analyses = analyze_all(g)
+    layer = null_layer(null_baselines(g, analyses, FEW), "last")
+    assert layer.code == "n/a" and "One layer" in layer.evidence
+
+
 def test_overall_needs_every_available_layer_and_a_test_against_chance():
     def layers(**codes):
         return {name: Layer(codes.get(name, "n/a"), "") for name in ("spectral", "spectral_vs_null", "operator", "functional")}

@@ -9,7 +9,7 @@ spectral_vs_null  whether the real spectra are more alike than chance. A null is
                   the p-values of the shape cosine across layers and of the primary
                   strategy's mean residual are both <= alpha (0.05). Supported when every
                   available null is beaten, partial when some are, rejected when none is;
-                  n/a without nulls.
+                  n/a without nulls or with one layer.
 operator          the full operators (part B's ``operator`` results): the lowest mean operator
                   residual over strategies, same head or matched head. Below 0.10
                   supported, below 0.30 partial, else rejected.
@@ -97,6 +97,8 @@ def null_layer(nulls: dict[str, NullBaseline] | None, strategy: str, t: Threshol
     """Are the real spectra more alike than every available null? (see the module docstring)"""
     if not nulls:
         return Layer("n/a", "No null baseline was computed.")
+    if all(null.figures[SHAPE_INVARIANCE].real is None for null in nulls.values()):
+        return Layer("n/a", "One layer: no pair of layers to compare, so nothing to compare with chance.")
     figures = (SHAPE_INVARIANCE, RESIDUAL_PREFIX + strategy)
     labels = {SHAPE_INVARIANCE: "shape cosine", RESIDUAL_PREFIX + strategy: f"residual ({strategy})"}
     beaten, parts, briefs, unavailable = [], [], [], []
