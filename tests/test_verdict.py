@@ -50,11 +50,18 @@ def operator_results(residual: float, matched: float | None = None) -> dict:
     return {s: {"mean_residual": residual + 0.01 * i, "matched_mean_residual": matched} for i, s in enumerate(("last", "middle", "best", "group"))}
 
 
-def functional_results(delta_operator: float, base_loss: float = 2.0) -> dict:
+def functional_results(change: float, kind: str = "next_token_cross_entropy", control: float = 1e-13) -> dict:
+    """Part B's functional results: {strategy: {variant: effects}, "control": effects}."""
+
+    def effects(x):
+        if kind == "next_token_cross_entropy":
+            return {"delta_loss": 2.0 * x, "relative_delta_loss": x, "loss_kind": kind}
+        return {"delta_loss": x, "relative_delta_loss": None, "loss_kind": kind}
+
     return {
-        "base_loss": base_loss,
-        "control": {"delta_loss": 3.0},
-        "last": {"spectral": {"delta_loss": 5.0}, "operator": {"delta_loss": delta_operator}, "operator_rank_k": {"delta_loss": 0.01}},
+        "control": effects(control),
+        "last": {"spectral": effects(0.5), "operator": effects(change), "operator_rank_k": None},
+        "best": {"spectral": effects(0.5), "operator": effects(change * 3), "operator_rank_k": effects(change / 2)},
     }
 
 
@@ -71,13 +78,20 @@ def test_operator_layer_thresholds_and_the_matched_residual():
     assert operator_layer(None).code == "n/a" and "no factors file beside the geometry" in operator_layer(None).evidence
 
 
-def test_functional_layer_uses_the_relative_loss_change_of_the_operator_reconstruction():
-    assert functional_layer(functional_results(0.01)).code == "supported"  # 0.5%
-    assert functional_layer(functional_results(0.1)).code == "partial"  # 5%
-    assert functional_layer(functional_results(0.5)).code == "rejected"  # 25%
-    assert functional_layer({"last": {"operator": {"relative_delta_loss": 0.002}}}).code == "supported"
+def test_functional_layer_uses_the_change_of_the_operator_reconstruction():
+    assert functional_layer(functional_results(0.005)).code == "supported"
+    assert functional_layer(functional_results(0.05)).code == "partial"
+    layer = functional_layer(functional_results(0.25))
+    assert layer.code == "rejected" and "25.00%" in layer.evidence and "last anchor" in layer.evidence
+    encoder = functional_layer(functional_results(0.004, kind="final_hidden_cosine_distance"))
+    assert encoder.code == "supported" and "cosine distance of 0.0040" in encoder.evidence
     missing = functional_layer(None)
     assert missing.code == "n/a" and "functional test not run" in missing.evidence
+
+
+def test_a_control_that_moves_the_model_makes_the_functional_test_unreliable():
+    layer = functional_layer(functional_results(0.001, control=1e-3))
+    assert layer.code == "n/a" and "control" in layer.evidence
 
 
 def test_a_null_is_beaten_only_when_both_figures_are_below_alpha():
@@ -174,6 +188,8 @@ def test_document_carries_nulls_bootstrap_operators_and_layers():
     assert set(b["corr_T_entropy"]) == {"last", "middle", "best", "group"}
     assert {"estimate", "low", "high"} <= set(b["corr_opnorm_entropy"]["best"])
     assert doc["operator"]["last"]["mean_residual"] < 1e-9 and doc["rank_k"] == {"k": [1, 2]}
+    computed = build_analysis_document(g, nulls=False, bootstrap=False, factors=factors)["rank_k"]
+    assert computed["last"]["operator"] is not None and computed["last"]["spectral"]["mean_k"] == 0
     layers = doc["verdict"]["layers"]
     assert list(layers) == ["spectral", "spectral_vs_null", "operator", "functional"]
     assert all(set(layer) == {"code", "evidence"} for layer in layers.values())

@@ -81,19 +81,25 @@ def build_analysis_document(
     """Every anchor strategy; the top level carries the seed's default (last) anchor.
 
     nulls, bootstrap: True for the defaults, options, or False to skip.
-    factors: the per-head factors for the operator-level test (``operator.Factors``, a
+    factors: the per-head factors for the operator-level tests (``operator.Factors``, a
         ``.factors.safetensors`` path such as ``operator.factors_path_for(geometry)``, or a
-        dict of arrays); its results go under ``operator``. None: no operator test.
-    rank_k, functional: further results, merged into the document under those keys;
-        functional also feeds the layered verdict (n/a with ``functional_missing`` when absent).
+        dict of arrays): the operator fits go under ``operator`` and, unless ``rank_k`` is
+        given, the rank-k corrections under ``rank_k`` (one fitter for both). None: neither.
+    rank_k, functional: results computed elsewhere, merged into the document under those
+        keys; functional also feeds the layered verdict (n/a with ``functional_missing``
+        when absent).
     """
     analyses = analyze_all(geometry, groups=groups)
     operator = None
     if factors is not None:
-        from qkspectra.operator import as_factors, operator_evidence
+        from qkspectra.operator import OperatorFitter, as_factors, operator_evidence
+        from qkspectra.rank_k import rank_k_evidence
 
         anchors = {name: a.anchor for name, a in analyses.items()}
-        operator = operator_evidence(as_factors(factors, geometry), anchors)
+        fitter = OperatorFitter(as_factors(factors, geometry))
+        operator = operator_evidence(fitter.factors, anchors, fitter=fitter)
+        if rank_k is None:
+            rank_k = rank_k_evidence(geometry, anchors, fitter=fitter)
     null_options = NullOptions() if nulls is True else nulls or None
     bootstrap_options = BootstrapOptions() if bootstrap is True else bootstrap or None
     extra = beyond_seed(

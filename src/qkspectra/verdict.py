@@ -13,10 +13,14 @@ spectral_vs_null  whether the real spectra are more alike than chance. A null is
 operator          the full operators (part B's ``operator`` results): the lowest mean operator
                   residual over strategies, same head or matched head. Below 0.10
                   supported, below 0.30 partial, else rejected.
-functional        the model's loss with the layers' operators replaced by the shared one
-                  rescaled (part B's ``functional`` results): the lowest relative loss change
-                  of the operator reconstruction over strategies. Below 1% supported, below
-                  10% partial, else rejected.
+functional        the model with every head's operator replaced by the anchor's, rescaled
+                  (part B's ``functional`` results, the ``operator`` reconstruction): the
+                  lowest change over strategies, as |relative_delta_loss| for language
+                  models (next-token cross-entropy) and as delta_loss, the cosine distance of
+                  the final hidden states, for encoders. Below 0.01 (1%) supported, below
+                  0.10 partial, else rejected; n/a when the control (each head's own
+                  operator written back) moves it by more than 1e-6, since the test is then
+                  unreliable.
 
 Overall: the weakest available layer (rejected < partial < supported). The spectral fit
 alone cannot tell a shared operator from chance (independent Gaussian heads pass it), so
@@ -44,8 +48,9 @@ class Thresholds:
     alpha: float = 0.05  # a null p-value at most this says "more alike than chance"
     operator_supported: float = 0.10  # mean operator residual, best strategy
     operator_partial: float = 0.30
-    functional_supported: float = 0.01  # relative loss change of the operator reconstruction
+    functional_supported: float = 0.01  # change of the operator reconstruction (relative loss or cosine distance)
     functional_partial: float = 0.10
+    control_tolerance: float = 1e-6  # the control's change above which the functional test is unreliable
 
 
 THRESHOLDS = Thresholds()
@@ -152,35 +157,46 @@ def operator_layer(operator: dict[str, Any] | None, t: Thresholds = THRESHOLDS, 
     )
 
 
-def relative_loss_change(entry: dict[str, Any], base_loss: float | None) -> float | None:
-    """|delta_loss| / base loss of one reconstruction, or its own relative_delta_loss when given."""
-    if isinstance(entry.get("relative_delta_loss"), (int, float)):
-        return abs(float(entry["relative_delta_loss"]))
+def functional_change(entry: Any) -> float | None:
+    """How much one reconstruction changes the model: |relative_delta_loss| (language models) or
+    |delta_loss| when that is a cosine distance of final hidden states (encoders); None otherwise."""
+    if not isinstance(entry, dict):
+        return None
+    relative = entry.get("relative_delta_loss")
+    if isinstance(relative, (int, float)):
+        return abs(float(relative))
     delta = entry.get("delta_loss")
-    if isinstance(delta, (int, float)) and base_loss:
-        return abs(float(delta)) / base_loss
+    if entry.get("loss_kind") == "final_hidden_cosine_distance" and isinstance(delta, (int, float)):
+        return abs(float(delta))
     return None
 
 
+def _change_words(change: float, entry: dict[str, Any]) -> str:
+    if entry.get("loss_kind") == "final_hidden_cosine_distance":
+        return f"moves the final hidden states by a cosine distance of {change:.4f}"
+    return f"changes the next-token loss by {100 * change:.2f}%"
+
+
 def functional_layer(functional: dict[str, Any] | None, t: Thresholds = THRESHOLDS, *, missing: str = "functional test not run") -> Layer:
-    """The lowest relative loss change of the operator reconstruction over strategies."""
+    """The smallest change of the operator reconstruction over strategies (see the module docstring)."""
     if functional is None:
         return Layer("n/a", f"No functional evidence: {missing}.")
-    base = functional.get("base_loss")
-    best = None  # (relative change, strategy)
+    control = functional_change(functional.get("control"))
+    if control is not None and control > t.control_tolerance:
+        return Layer("n/a", f"No functional evidence: the control (each head's own operator) changed the model by {control:.2g}, so the test is unreliable.")
+    best = None  # (change, strategy, entry)
     for name, entry in _strategy_entries(functional).items():
-        op = entry.get("operator")
-        change = relative_loss_change(op, base) if isinstance(op, dict) else None
+        change = functional_change(entry.get("operator"))
         if change is not None and (best is None or change < best[0]):
-            best = (change, name)
+            best = (change, name, entry["operator"])
     if best is None:
-        return Layer("n/a", f"No functional evidence: {functional.get('reason') or 'no operator loss change in the results'}.")
-    change, name = best
+        return Layer("n/a", f"No functional evidence: {functional.get('reason') or 'no operator reconstruction in the results'}.")
+    change, name, entry = best
     return Layer(
         _graded(change, t.functional_supported, t.functional_partial),
-        f"Replacing each layer's operators by the rescaled shared one changes the loss by {100 * change:.2f}% "
-        f"({name} anchor; supported below {100 * t.functional_supported:g}%, partial below {100 * t.functional_partial:g}%).",
-        f"loss change {100 * change:.2f}%",
+        f"Replacing every head's operator by the anchor's, rescaled, {_change_words(change, entry)} "
+        f"({name} anchor; supported below {t.functional_supported:g}, partial below {t.functional_partial:g}).",
+        f"change {change:.3g}",
     )
 
 
