@@ -113,6 +113,12 @@ def corrupt_folder(tmp_path):
     return folder
 
 
+def garbage_gguf(tmp_path):
+    path = tmp_path / "garbage.gguf"
+    path.write_bytes(b"GGUF" + bytes(range(256)) * 8)
+    return path
+
+
 def config_only_folder(tmp_path, content):
     folder = tmp_path / "config-only"
     folder.mkdir()
@@ -124,6 +130,8 @@ ERRORS = {
     "missing-path": (lambda p: ["/no/such/model"], "neither a bundled model"),
     "no-config": (lambda p: [str(p)], "has no config.json"),
     "corrupt-weights": (lambda p: [str(corrupt_folder(p))], "corrupt or truncated"),
+    "no-weights": (lambda p: [str(config_only_folder(p, {"model_type": "gpt2"}))], "has no model.safetensors"),
+    "not-a-gguf": (lambda p: [str(garbage_gguf(p))], "cannot read GGUF file"),
     "unsupported-type": (lambda p: [str(config_only_folder(p, {"model_type": "t5"}))], "'t5' is not supported"),
     "empty-corpus": (lambda p: ["--corpus", str(p / "empty.txt")], "holds no text"),
     "missing-corpus": (lambda p: ["--corpus", str(p / "nope.txt")], "does not exist"),
@@ -134,7 +142,7 @@ ERRORS = {
 
 
 @pytest.mark.parametrize("case", list(ERRORS))
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys, model_cache):
     (tmp_path / "empty.txt").write_text("  \n\n")
     arguments, message = ERRORS[case]
     out_dir = tmp_path / "out"
@@ -144,6 +152,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys)
     assert status == 2
     assert stderr.startswith("qkspectra: error: ") and stderr.count("\n") == 1 and message in stderr
     assert not out_dir.exists()
+    assert not [p for p in model_cache.iterdir() if p.name.lstrip(".").startswith("garbage")]  # nothing half-converted
 
 
 def test_sliding_window_shorter_than_windows_is_refused(tmp_path, capsys):
