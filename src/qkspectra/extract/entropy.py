@@ -33,6 +33,7 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from qkspectra.errors import QkspectraError
 from qkspectra.extract.corpus import Corpus
@@ -97,18 +98,15 @@ def attention_entropy(model: nn.Module, corpus: Corpus, *, batch_size: int | Non
         raise QkspectraError(f"--batch-size must be at least 1, got {batch_size}")
     if not corpus.windows:
         raise QkspectraError(f"corpus {corpus.description} has no windows")
-    modules = attention_modules(model)
-    accumulator = _EntropyAccumulator(num_layers=len(modules))
-    handles = [module.register_forward_hook(accumulator.hook(layer, module), with_kwargs=True)
-               for layer, module in enumerate(modules)]
+    accumulator = _EntropyAccumulator(num_layers=model.config.num_hidden_layers)
+    handles = [module.register_forward_hook(accumulator.hook(module), with_kwargs=True)
+               for module in attention_modules(model)]
     body = model.base_model  # the layers without a language-model head: no (B, seq, vocab) logits
     pad_id = model.config.pad_token_id if isinstance(getattr(model.config, "pad_token_id", None), int) else 0
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        from tqdm.auto import tqdm
-
         with torch.inference_mode(), tqdm(total=corpus.num_tokens, unit="tok", desc="attention entropy",
                                           disable=not progress, leave=False) as bar:
             for batch in window_batches(corpus.windows, model.config.num_attention_heads, batch_size):
@@ -141,7 +139,10 @@ def forward_inputs(body: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The self-attention modules whose output transformers records as ``attentions``, in layer order."""
+    """The self-attention modules whose output transformers records as ``attentions``.
+
+    Usually one per layer; a model that shares its layers (ALBERT) has one module run once per layer.
+    """
     specs = getattr(model, "_can_record_outputs", None) or {}
     specs = specs.get("attentions")
     if specs is None:
@@ -149,9 +150,8 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     specs = specs if isinstance(specs, list) else [specs]
     modules = [module for name, module in model.named_modules()
                if any(_matches(spec, name, module) for spec in specs)]
-    num_layers = getattr(model.config, "num_hidden_layers", len(modules))
-    if len(modules) != num_layers:
-        raise QkspectraError(f"{type(model).__name__}: found {len(modules)} attention modules for {num_layers} layers")
+    if not modules:
+        raise QkspectraError(f"{type(model).__name__}: found no attention modules")
     return modules
 
 
@@ -216,7 +216,10 @@ class _VisibleKeys:
 
 
 class _EntropyAccumulator:
-    """Float64 sums per (layer, head), fed by the attention hooks one batch at a time."""
+    """Float64 sums per (layer, head), fed by the attention hooks one batch at a time.
+
+    The layer of a hook call is its rank among the attention calls of the current forward pass.
+    """
 
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
@@ -231,16 +234,16 @@ class _EntropyAccumulator:
         self.query_weight = attention_mask.to(torch.float64)  # (B, query_pos)
         self.first_key = attention_mask.argmax(dim=-1)  # (B,) index of each window's first real token
         self.visible_by_mask: dict[int, tuple[torch.Tensor | None, _VisibleKeys]] = {}
-        self.calls = [0] * self.num_layers
+        self.calls = 0
 
     def end_batch(self, model_name: str) -> None:
-        if any(count != 1 for count in self.calls):
-            raise QkspectraError(f"{model_name}: attention modules ran {self.calls} times in one forward pass, "
-                                 "expected once per layer")
+        if self.calls != self.num_layers:
+            raise QkspectraError(f"{model_name}: attention ran {self.calls} times in one forward pass, "
+                                 f"expected once per layer ({self.num_layers})")
         self.num_tokens += int(self.query_weight.sum())
         self.visible_by_mask = {}
 
-    def hook(self, layer: int, module: nn.Module) -> Callable:
+    def hook(self, module: nn.Module) -> Callable:
         signature = inspect.signature(module.forward)
 
         def record(module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
@@ -249,7 +252,7 @@ class _EntropyAccumulator:
                 raise QkspectraError(f"{type(module).__name__} returned no attention probabilities; "
                                      "load the model with attn_implementation='eager'")
             mask = signature.bind(*args, **kwargs).arguments.get("attention_mask")
-            self.add(layer, probs, self._visible_keys(mask, probs, getattr(module, "is_causal", False)))
+            self.add(probs, self._visible_keys(mask, probs, getattr(module, "is_causal", False)))
 
         return record
 
@@ -278,9 +281,12 @@ class _EntropyAccumulator:
         self.visible_by_mask[cache_key] = (mask, visible)  # the mask is held so its id stays unique
         return visible
 
-    def add(self, layer: int, probs: torch.Tensor, visible: _VisibleKeys) -> None:
-        """probs: (B, H, query_pos, key_pos) one layer's attention probabilities."""
-        self.calls[layer] += 1
+    def add(self, probs: torch.Tensor, visible: _VisibleKeys) -> None:
+        """probs: (B, H, query_pos, key_pos) the next layer's attention probabilities."""
+        layer = self.calls
+        self.calls += 1
+        if layer >= self.num_layers:
+            raise QkspectraError(f"attention ran more than once per layer ({self.num_layers} layers)")
         if probs.dtype not in (torch.float32, torch.float64):
             probs = probs.float()
         # Keys the model hides already have probability exactly 0 (its softmax adds the dtype's
