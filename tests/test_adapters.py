@@ -55,8 +55,13 @@ def bert_modules(model, i):
 
 
 def albert_modules(model, i):
-    shared = model.encoder.albert_layer_groups[0].albert_layers[0]
-    return shared.attention, None if i == 0 else shared.full_layer_layer_norm
+    config = model.config
+
+    def shared_layer(index):
+        group = int(index / (config.num_hidden_layers / config.num_hidden_groups))
+        return model.encoder.albert_layer_groups[group].albert_layers[0]
+
+    return shared_layer(i).attention, None if i == 0 else shared_layer(i - 1).full_layer_layer_norm
 
 
 def gpt2_modules(model, i):
@@ -84,6 +89,9 @@ CASES = {
     "albert": (lambda: AlbertConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=3,
                                     num_attention_heads=4, intermediate_size=37, max_position_embeddings=64,
                                     **NO_DROPOUT), albert_modules, False),
+    "albert-2-groups": (lambda: AlbertConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=4,
+                                             num_hidden_groups=2, num_attention_heads=4, intermediate_size=37,
+                                             max_position_embeddings=64, **NO_DROPOUT), albert_modules, False),
     "gpt2": (lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64,
                                 **GPT2_NO_DROPOUT), gpt2_modules, True),
     "gpt2-inverse-layer-scale": (lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64,

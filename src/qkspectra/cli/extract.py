@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from qkspectra.cli import app
+from qkspectra.extract.corpus import DEFAULT_MAX_TOKENS
 
 MODEL_HELP = (
     "Bundled model name (minilm, smollm2), a local Hugging Face model folder, or a .gguf file "
@@ -29,7 +30,7 @@ def extract(
                                                   "instead of fixed-length windows.")] = False,
     seq_len: Annotated[Optional[int], typer.Option(help="Tokens per window (default: min(512, the model's "
                                                    "maximum)).")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Corpus budget in tokens.")] = 32768,
+    max_tokens: Annotated[int, typer.Option(help="Corpus budget in tokens.")] = DEFAULT_MAX_TOKENS,
     batch_size: Annotated[Optional[int], typer.Option(help="Windows per forward pass (default: as many as fit "
                                                       "in memory).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, no summary line.")] = False,

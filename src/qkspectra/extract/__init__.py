@@ -28,6 +28,7 @@ import numpy as np
 from qkspectra import __version__
 from qkspectra._io import atomic_write_bytes, atomic_write_json
 from qkspectra.errors import QkspectraError
+from qkspectra.extract.corpus import DEFAULT_MAX_TOKENS
 
 FACTORS_SUFFIX = ".factors.safetensors"
 FACTOR_CONVENTION = (
@@ -43,7 +44,7 @@ class ExtractOptions:
     static_only: bool = False  # skip the corpus pass (no "dynamic" rows)
     corpus: str | None = None  # .txt file, folder of .txt, .jsonl; None: the default corpus
     seq_len: int | None = None  # tokens per window; None: min(512, the model's maximum)
-    max_tokens: int = 32768  # corpus budget in tokens
+    max_tokens: int = DEFAULT_MAX_TOKENS  # corpus budget in tokens
     window_per_line: bool = False  # one window per non-blank line instead of fixed windows
     batch_size: int | None = None  # windows per forward pass; None: as many as fit in memory
     quiet: bool = False  # no progress bars
@@ -103,7 +104,7 @@ def run_extraction(model: str, *, options: ExtractOptions = ExtractOptions()) ->
         "fold_ln": options.fold_ln,
         "norm_folded_per_layer": static.norm_folded,
         "positions": adapter.describe_positions(),
-        "rotary": asdict(adapter.rotary) if getattr(adapter, "rotary", None) is not None else None,
+        "rotary": None if adapter.rotary is None else asdict(adapter.rotary),
         "dtype": static.checkpoint_dtype,
         "computation_dtype": "float64",
         "factors_convention": FACTOR_CONVENTION,

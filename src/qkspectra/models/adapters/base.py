@@ -77,6 +77,7 @@ class AttentionAdapter(abc.ABC):
     num_kv_heads: int
     d_model: int
     d_head: int
+    rotary: RotaryEmbedding | None = None  # rotary embedding of every layer, if the model has one
 
     def __init__(self, config: Any):
         self.config = config
