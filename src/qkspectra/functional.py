@@ -16,7 +16,8 @@ folded or not, as ``fold_ln`` says):
 - ``operator``: T * M_a^h (T the operator fit to the same head);
 - ``operator_rank_k``: T * M_a^h plus the best rank-k correction of M_L^h - T M_a^h, k from the
   ``rank_k`` section. The sum can have rank d_head + k, more than a head holds, so it is truncated
-  to its best rank-d_head approximation; that at most doubles its distance to M_L^h;
+  to its best rank-d_head approximation; that at most doubles its distance to M_L^h
+  (heads with k = 0 keep the operator reconstruction);
 - ``control``: each head's own operator, through the same path; it must change nothing.
 
 Writing a target back. A target is given as factors (X, Y) with X Y^T = target (s included):
@@ -34,8 +35,9 @@ Positions. Rotary models rotate q and k after projection; the reconstructions re
 pre-rotary factors W_Q, W_K, so positions act on the new factors as on the old. The spectral,
 operator and control reconstructions keep a head's (or the anchor's) own coordinate frame, so
 for them the positional coupling is the original one; a truncated rank-k target is written in
-its singular basis, which changes how rotary positions act on that head. Rotary models with
-q/k biases are refused (there b_K does not drop out of the softmax).
+its singular basis and then moved to the frame closest to the head's own (least squares,
+``align_frame``), so that a nearly complete correction also restores the positional coupling.
+Rotary models with q/k biases are refused (there b_K does not drop out of the softmax).
 
 Grouped-query attention: one key head serves several query heads, which need different keys
 once reconstructed, so the key/value projections are expanded to one per query head first
@@ -163,9 +165,21 @@ def rank_k_target(factors: Factors, anchor_layers: np.ndarray, T: np.ndarray, k:
     kept = np.where(np.arange(S.shape[-1]) < k[..., None], S, 0.0)  # (L, H, r): the k largest
     X = np.concatenate([C, Qx @ (U * kept[..., None, :])], axis=-1)  # (L, H, d_model, d_head + r)
     Y = np.concatenate([D, Qy @ np.swapaxes(Vt, -1, -2)], axis=-1)
-    X_t, Y_t = best_rank(X, Y, factors.d_head)  # (L, H, d_model, d_head)
+    X_t, Y_t = align_frame(*best_rank(X, Y, factors.d_head), A)  # (L, H, d_model, d_head)
     corrected = (k > 0)[..., None, None]
     return np.where(corrected, X_t, C), np.where(corrected, Y_t, D)
+
+
+def align_frame(X: np.ndarray, Y: np.ndarray, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Re-express factors in the frame of ``own`` without changing X Y^T: X G, Y G^-T with G = argmin ||X G - own||.
+
+    X, Y, own: (..., d_model, d_head). Heads whose G is ill-conditioned (cond > 1e8) keep their factors.
+    Matters for rotary models only, where positions act in the d_head coordinates.
+    """
+    G = np.linalg.pinv(X) @ own  # (..., d_head, d_head)
+    well_conditioned = (np.linalg.cond(G) < 1e8)[..., None, None]
+    safe_G = np.where(well_conditioned, G, np.eye(G.shape[-1]))
+    return X @ safe_G, Y @ np.swapaxes(np.linalg.inv(safe_G), -1, -2)
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,156 @@
+"""Functional test: reconstructions written into tiny models; the control and planted rescale change nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qkspectra.analysis import Anchor
+from qkspectra.errors import QkspectraError
+from qkspectra.functional import model_factors, rank_k_target, reconstruction_effects, spectral_target
+from qkspectra.operator import head_singular_values, make_factors
+from qkspectra.rank_k import rank_k_evidence
+
+TOKENS = np.random.default_rng(0)
+WINDOWS = [TOKENS.integers(0, 60, 12).tolist() for _ in range(2)] + [TOKENS.integers(0, 60, 7).tolist()]
+
+
+def last_anchor(L: int) -> dict[str, Anchor]:
+    return {"last": Anchor("last", np.full(L, L - 1), ((0, L),))}
+
+
+def spectra_geometry(factors):
+    from qkspectra.geometry import parse_geometry
+
+    sv = head_singular_values(factors.W_Q, factors.W_K)
+    return parse_geometry({"num_layers": sv.shape[0], "num_heads": sv.shape[1],
+                           "static": [{"metric_singvals_per_head": s.tolist()} for s in sv]})
+
+
+def effects(model, fold_ln: bool):
+    factors = model_factors(model, fold_ln=fold_ln)
+    geometry = spectra_geometry(factors)
+    anchors = last_anchor(factors.num_layers)
+    rank_k = rank_k_evidence(geometry, anchors, factors)
+    return reconstruction_effects(model, WINDOWS, geometry.singular_values, anchors, rank_k, fold_ln=fold_ln)
+
+
+def sharpen(model):
+    """Random-init weights (std 0.02) give near-uniform attention; larger ones make heads matter."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.ndim == 2 and "emb" not in name and "wte" not in name and "wpe" not in name:
+                parameter.normal_(0, 0.3)
+    return model
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                         intermediate_size=64, vocab_size=64, bos_token_id=0, eos_token_id=0,
+                         attn_implementation="eager")
+    return sharpen(LlamaForCausalLM(config).eval())
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(2)
+    config = BertConfig(num_hidden_layers=3, num_attention_heads=4, hidden_size=32, intermediate_size=64,
+                        vocab_size=64, attn_implementation="eager")
+    model = sharpen(BertModel(config).eval())
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "LayerNorm" in name:
+                parameter.uniform_(0.5, 1.5)  # gains and biases that folding must undo
+    return model
+
+
+@pytest.mark.parametrize("fold_ln", [True, False])
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_bert], ids=["llama-gqa-rope", "bert-encoder"])
+def test_control_changes_nothing_and_reconstructions_do(make_model, fold_ln):
+    section = effects(make_model(), fold_ln)
+    control = section["control"]
+    assert abs(control["delta_loss"]) < 1e-6
+    assert abs(control["mean_kl"]) < 1e-6 and np.max(np.abs(control["per_head_kl"])) < 1e-6
+    assert abs(control["mean_entropy_shift"]) < 1e-6
+    last = section["last"]
+    assert np.array(last["operator"]["per_head_kl"]).shape == (3, 4)
+    assert last["operator"]["mean_kl"] > 1e-3  # random layers are not rescales of the last one
+    assert last["operator_rank_k"]["mean_kl"] < last["operator"]["mean_kl"]
+    expected_kind = "next_token_cross_entropy" if make_model is tiny_llama else "final_hidden_cosine_distance"
+    assert last["operator"]["loss_kind"] == expected_kind
+
+
+def test_planted_rescale_reconstructs_without_change():
+    """Shared attention weights with scale 1/(layer + 1): T * M_anchor is every layer's own operator."""
+    from test_operator import shared_gpt2
+
+    model = shared_gpt2(num_layers=3)
+    with torch.no_grad():
+        for block in model.transformer.h[1:]:  # the other weights may differ freely
+            block.mlp.c_fc.weight.normal_(0, 0.3)
+    section = effects(model, fold_ln=True)
+    for kind in ("spectral", "operator", "operator_rank_k"):
+        result = section["last"][kind]
+        assert abs(result["delta_loss"]) < 1e-5 and abs(result["relative_delta_loss"]) < 1e-5
+        assert result["mean_kl"] < 1e-6
+
+
+def test_spectral_target_keeps_the_frame_and_sets_singular_values():
+    rng = np.random.default_rng(5)
+    factors = make_factors({"W_Q": rng.standard_normal((2, 2, 10, 3)), "W_K": rng.standard_normal((2, 2, 10, 3))})
+    own = head_singular_values(factors.W_Q, factors.W_K)
+    X, Y = spectral_target(factors, own)
+    np.testing.assert_allclose(X, factors.W_Q, atol=1e-12)
+    np.testing.assert_allclose(Y, factors.W_K, atol=1e-12)
+    new = own[..., :2] * np.array([2.0, 0.5])  # K = 2 < d_head: the third becomes 0
+    X, Y = spectral_target(factors, new)
+    np.testing.assert_allclose(head_singular_values(X, Y), np.sort(np.concatenate([new, np.zeros((2, 2, 1))], -1))[..., ::-1],
+                               atol=1e-10)
+
+
+def test_rank_k_target_with_full_correction_is_the_layer_itself():
+    rng = np.random.default_rng(6)
+    factors = make_factors({"W_Q": rng.standard_normal((2, 1, 10, 3)), "W_K": rng.standard_normal((2, 1, 10, 3))})
+    anchor_layers, T = np.array([1, 1]), np.array([[0.3], [1.0]])
+    X, Y = rank_k_target(factors, anchor_layers, T, np.array([[6], [0]]))
+    np.testing.assert_allclose(X[0] @ np.swapaxes(Y[0], -1, -2), factors.W_Q[0] @ np.swapaxes(factors.W_K[0], -1, -2),
+                               atol=1e-10)
+    np.testing.assert_array_equal(X[1], factors.W_Q[1])  # k = 0: the anchor's own factors
+
+
+def test_refused_models_and_bad_rank_k_section():
+    from transformers import AlbertConfig, AlbertModel
+
+    albert = AlbertModel(AlbertConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=16, intermediate_size=32,
+                                      embedding_size=8, vocab_size=64))
+    with pytest.raises(QkspectraError, match="share one set of weights"):
+        reconstruction_effects(albert, WINDOWS, np.ones((2, 2, 8)), last_anchor(2), None)
+    model = tiny_bert()
+    sv = head_singular_values(*(lambda f: (f.W_Q, f.W_K))(model_factors(model)))
+    with pytest.raises(QkspectraError, match="no operator-level k"):
+        reconstruction_effects(model, WINDOWS, sv, last_anchor(3), {"last": {"operator": None}})
+
+
+@pytest.mark.slow
+def test_minilm_functional_evidence(minilm_source):
+    from qkspectra.analysis import analyze_all
+    from qkspectra.extract.spectra import static_spectra
+    from qkspectra.functional import functional_evidence
+    from qkspectra.geometry import parse_geometry
+    from qkspectra.models.adapters import adapter_for
+    from qkspectra.models.tensors import open_tensors
+
+    static = static_spectra(adapter_for(minilm_source.config), open_tensors(minilm_source.folder), fold_ln=True)
+    geometry = parse_geometry({"num_layers": 6, "num_heads": 12, "static": static.rows})
+    anchors = {"last": analyze_all(geometry)["last"].anchor}
+    rank_k = rank_k_evidence(geometry, anchors, static.factors)
+    section = functional_evidence("minilm", geometry, anchors, rank_k, max_tokens=512, seq_len=128)
+    assert abs(section["control"]["delta_loss"]) < 1e-6 and abs(section["control"]["mean_kl"]) < 1e-6
+    last = section["last"]
+    assert last["operator"]["mean_kl"] > last["operator_rank_k"]["mean_kl"]
+    assert last["operator"]["delta_loss"] > 0.01  # 1 - cosine of the final hidden states
