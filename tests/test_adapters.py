@@ -274,13 +274,24 @@ def with_attribute(config, **values):
         (with_attribute(LlamaConfig(), use_qk_norm=True), "use_qk_norm=True"),
         (with_attribute(GPTNeoXConfig(), alibi=True), "alibi=True"),
         (LlamaConfig(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}), "rope_type='yarn'"),
+        (LlamaConfig(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "attention_factor": 2.0}),
+         "attention_factor=2.0"),
     ],
     ids=["bert-relative", "albert-relative", "albert-inner-groups", "gpt2-cross", "softcap", "qk-norm", "alibi",
-         "yarn"],
+         "yarn", "rope-attention-factor"],
 )
 def test_logit_changing_config_is_refused(config, message):
     with pytest.raises(QkspectraError, match=message.replace("(", r"\(")):
         adapter_for(config)
+
+
+def test_non_finite_weights_are_refused():
+    model = tiny_model(CASES["bert"][0]())
+    state = dict(model.state_dict())
+    state["encoder.layer.1.attention.self.key.weight"] = state["encoder.layer.1.attention.self.key.weight"].clone()
+    state["encoder.layer.1.attention.self.key.weight"][0, 0] = float("nan")
+    with pytest.raises(QkspectraError, match="layer 1: the checkpoint's query/key weights are not all finite"):
+        static_spectra(adapter_for(model.config), StateDictSource(state))
 
 
 def test_sliding_window_refused_only_when_it_bites():

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from qkspectra.errors import QkspectraError
 from qkspectra.models.adapters import AttentionAdapter, AttentionLayer
 from qkspectra.models.tensors import TensorSource
 
@@ -150,6 +151,8 @@ def static_spectra(
             norm_folded.append(fold_ln and layer.norm_gain is not None)
             if fold_ln:
                 layer = fold_norm(layer)
+            if not all(np.isfinite(a).all() for a in (layer.W_Q, layer.W_K, layer.b_Q, layer.b_K) if a is not None):
+                raise QkspectraError(f"layer {index}: the checkpoint's query/key weights are not all finite")
             singvals = metric_singular_values(layer.W_Q, layer.W_K, layer.scale, kv_group_size=kv_group_size)  # (H, k)
             stats = spectrum_statistics(singvals)
             rows.append(

@@ -68,8 +68,11 @@ def load_config(folder: Path) -> Any:
         raise QkspectraError(f"{config_file} has no model_type")
     from transformers import AutoConfig
 
+    from qkspectra.models.loading import transformers_quiet
+
     try:
-        return AutoConfig.from_pretrained(folder, local_files_only=True)
+        with transformers_quiet(progress=False):
+            return AutoConfig.from_pretrained(folder, local_files_only=True)
     except (ValueError, KeyError, OSError, TypeError) as e:
         from qkspectra.models.adapters import supported_model_types
 

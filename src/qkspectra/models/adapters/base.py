@@ -136,6 +136,11 @@ def rotary_from_config(config: Any, head_dim: int) -> RotaryEmbedding:
             f"{config.model_type} config uses rope_type={rope_type!r}, whose attention factor rescales the "
             f"logits; supported rope types: {', '.join(PLAIN_ROPE_TYPES)}"
         )
+    if params.get("attention_factor", 1.0) != 1.0:
+        raise QkspectraError(
+            f"{config.model_type} config sets rope attention_factor={params['attention_factor']}, which rescales "
+            "the logits and is not modelled by qkspectra"
+        )
     rotary_dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
     return RotaryEmbedding(rotary_dim=rotary_dim, base=float(params["rope_theta"]), rope_type=rope_type)
 
