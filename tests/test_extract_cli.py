@@ -173,3 +173,43 @@ def test_subprocess_error_is_one_line_on_stderr(tmp_path):
                              "-o", str(tmp_path / "g.json")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "neither a bundled model" in result.stderr
+
+
+def test_streamed_factors_equal_in_memory_factors(tmp_path):
+    from qkspectra.extract import ExtractOptions, extract_geometry, extract_to_files, run_extraction, write_outputs
+
+    options = ExtractOptions(static_only=True, quiet=True)
+    streamed_json, streamed = extract_to_files("minilm", tmp_path / "streamed.json", options=options)
+    in_memory = run_extraction("minilm", options=options)
+    _, kept = write_outputs(in_memory, tmp_path / "kept.json")
+    assert streamed.read_bytes() == kept.read_bytes()
+    for name, tensor in load_file(streamed).items():
+        np.testing.assert_array_equal(tensor, in_memory.factors[name])
+    geometry = extract_geometry("minilm", options=options)
+    assert geometry["static"] == json.loads(streamed_json.read_text())["static"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "kept.factors.safetensors", "kept.json", "streamed.factors.safetensors", "streamed.json"]
+
+
+def test_factors_file_appears_only_when_committed(tmp_path):
+    from qkspectra.errors import QkspectraError
+    from qkspectra.extract.factors_file import FactorsFileWriter
+
+    layer = {"W_Q": np.ones((2, 4, 3)), "b_Q": np.zeros((2, 3))}
+    with FactorsFileWriter(tmp_path / "f.safetensors", 2, {"model": "x"}) as writer:
+        writer.write_layer(1, layer)
+        with pytest.raises(QkspectraError, match=r"layers \[0\] were never written"):
+            writer.commit()
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(QkspectraError, match="has shape"):
+        with FactorsFileWriter(tmp_path / "f.safetensors", 2, {}) as writer:
+            writer.write_layer(0, layer)
+            writer.write_layer(1, {"W_Q": np.ones((2, 4, 4)), "b_Q": np.zeros((2, 3))})
+    assert list(tmp_path.iterdir()) == []
+    with FactorsFileWriter(tmp_path / "f.safetensors", 2, {"model": "x"}) as writer:
+        writer.write_layer(1, {"W_Q": 2 * np.ones((2, 4, 3)), "b_Q": np.ones((2, 3))})
+        writer.write_layer(0, layer)
+        writer.commit()
+    loaded = load_file(tmp_path / "f.safetensors")
+    np.testing.assert_array_equal(loaded["W_Q"][:, 0, 0, 0], [1, 2])
+    np.testing.assert_array_equal(loaded["b_Q"][:, 0, 0], [0, 1])

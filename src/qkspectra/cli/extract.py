@@ -36,7 +36,7 @@ def extract(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, no summary line.")] = False,
 ) -> None:
     """Per-head singular values of s * W_Q W_K^T (static) and mean attention entropy over a corpus (dynamic)."""
-    from qkspectra.extract import ExtractOptions, run_extraction, write_outputs
+    from qkspectra.extract import ExtractOptions, extract_to_files
 
     options = ExtractOptions(
         fold_ln=not no_fold_ln,
@@ -48,13 +48,7 @@ def extract(
         batch_size=batch_size,
         quiet=quiet,
     )
-    extraction = run_extraction(model, options=options)
-    json_file, factors_file = write_outputs(extraction, output)
+    json_file, factors_file = extract_to_files(model, output, options=options)
     if not quiet:
-        geometry = extraction.geometry
-        passes = "static" if static_only else "static + dynamic"
-        typer.echo(
-            f"wrote {json_file} ({geometry['num_layers']} layers x {geometry['num_heads']} heads, {passes}) "
-            f"and {factors_file}",
-            err=True,
-        )
+        passes = "static spectra" if static_only else "static spectra and attention entropy"
+        typer.echo(f"wrote {json_file} ({passes}) and {factors_file}", err=True)

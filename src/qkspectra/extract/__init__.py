@@ -9,8 +9,8 @@
                   "mean_sink_mass_per_head"}, ... L rows]          (absent with static_only)
      "metadata": {...}}
 
-``run_extraction`` also returns the per-head factors, which ``write_outputs`` saves beside the
-JSON as ``<stem>.factors.safetensors``: ``W_Q``, ``W_K`` (L, H, d_model, d_head) float32, norm
+``extract_to_files(model, out)`` writes that dict to ``out`` and the per-head factors beside it
+as ``<stem>.factors.safetensors``, streamed layer by layer (see ``factors_file``): ``W_Q``, ``W_K`` (L, H, d_model, d_head) float32, norm
 folded as the spectra were, grouped-query keys expanded, and each multiplied by sqrt(s) so that
 W_Q[l, h] @ W_K[l, h].T is the metric itself; ``b_Q``, ``b_K`` (L, H, d_head), also times sqrt(s),
 when the model has query/key biases (with folding they include the norm bias pushed through).
@@ -20,15 +20,17 @@ safetensors files; the dynamic part runs the model on a corpus.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from qkspectra import __version__
-from qkspectra._io import atomic_write_bytes, atomic_write_json
+from qkspectra._io import atomic_write_json
 from qkspectra.errors import QkspectraError
 from qkspectra.extract.corpus import DEFAULT_MAX_TOKENS
+from qkspectra.extract.factors_file import FactorSink, FactorsFileWriter
 
 FACTORS_SUFFIX = ".factors.safetensors"
 FACTOR_CONVENTION = (
@@ -53,16 +55,39 @@ class ExtractOptions:
 @dataclass(frozen=True, eq=False)
 class Extraction:
     geometry: dict  # the geometry document (see the module docstring)
-    factors: dict[str, np.ndarray]  # W_Q, W_K (L, H, d_model, d_head), b_Q, b_K (L, H, d_head)
+    factors: dict[str, np.ndarray] | None  # W_Q, W_K (L, H, d_model, d_head), b_Q, b_K (L, H, d_head); None if streamed
 
 
 def extract_geometry(model: str, *, options: ExtractOptions = ExtractOptions()) -> dict:
-    """The geometry dict of ``model`` (bundled name, model folder or .gguf file)."""
-    return run_extraction(model, options=options).geometry
+    """The geometry dict of ``model`` (bundled name, model folder or .gguf file); factors are not kept."""
+    return run_extraction(model, options=options, factor_sink=lambda index, factors: None).geometry
 
 
-def run_extraction(model: str, *, options: ExtractOptions = ExtractOptions()) -> Extraction:
-    """Static spectra and (unless ``static_only``) attention entropy of ``model``, with metadata."""
+def extract_to_files(model: str, out: str | Path, *, options: ExtractOptions = ExtractOptions()) -> tuple[Path, Path]:
+    """Write the geometry JSON to ``out`` and stream the factors to ``<stem>.factors.safetensors``.
+
+    The factors file is renamed into place only once the whole extraction has succeeded, then the
+    JSON is written (atomically); on any error neither appears. Returns both paths.
+    """
+    out = output_path(out)
+    extraction = run_extraction(model, options=options, factors_file=factors_path(out))
+    atomic_write_json(out, extraction.geometry)
+    return out, factors_path(out)
+
+
+def run_extraction(
+    model: str,
+    *,
+    options: ExtractOptions = ExtractOptions(),
+    factors_file: str | Path | None = None,
+    factor_sink: FactorSink | None = None,
+) -> Extraction:
+    """Static spectra and (unless ``static_only``) attention entropy of ``model``, with metadata.
+
+    The factors are kept in memory (``Extraction.factors``) unless ``factors_file`` is given (they
+    are streamed there and the file committed when everything else succeeded) or ``factor_sink``
+    is (it receives each layer's factors).
+    """
     from qkspectra.extract.spectra import static_spectra
     from qkspectra.models import load_model, resolve_model
     from qkspectra.models.adapters import adapter_for
@@ -87,55 +112,66 @@ def run_extraction(model: str, *, options: ExtractOptions = ExtractOptions()) ->
 
     from tqdm.auto import tqdm
 
-    with tqdm(total=adapter.num_layers, unit="layer", desc="static spectra", disable=not progress, leave=False) as bar:
-        static = static_spectra(adapter, tensors, fold_ln=options.fold_ln, on_layer=lambda _: bar.update())
+    with contextlib.ExitStack() as stack:
+        writer = None
+        if factors_file is not None:
+            writer = stack.enter_context(
+                FactorsFileWriter(factors_file, adapter.num_layers, factors_metadata(source.model_id, options.fold_ln)))
+            factor_sink = writer.write_layer
+        bar = stack.enter_context(
+            tqdm(total=adapter.num_layers, unit="layer", desc="static spectra", disable=not progress, leave=False))
+        static = static_spectra(adapter, tensors, fold_ln=options.fold_ln, on_layer=lambda _: bar.update(),
+                                factor_sink=factor_sink)
+        bar.close()
 
-    geometry = {"num_layers": adapter.num_layers, "num_heads": adapter.num_heads, "static": static.rows}
-    metadata = {
-        "model": source.model_id,
-        "model_source": source.description,
-        "model_type": adapter.model_type,
-        "num_layers": adapter.num_layers,
-        "num_heads": adapter.num_heads,
-        "num_kv_heads": adapter.num_kv_heads,
-        "d_model": adapter.d_model,
-        "d_head": adapter.d_head,
-        "scale": static.scales[0] if len(set(static.scales)) == 1 else static.scales,
-        "fold_ln": options.fold_ln,
-        "norm_folded_per_layer": static.norm_folded,
-        "positions": adapter.describe_positions(),
-        "rotary": None if adapter.rotary is None else asdict(adapter.rotary),
-        "dtype": static.checkpoint_dtype,
-        "computation_dtype": "float64",
-        "factors_convention": FACTOR_CONVENTION,
-        "qkspectra_version": __version__,
-    }
-    if corpus is not None:
-        from qkspectra.extract.entropy import attention_entropy
+        geometry = {"num_layers": adapter.num_layers, "num_heads": adapter.num_heads, "static": static.rows}
+        metadata = {
+            "model": source.model_id,
+            "model_source": source.description,
+            "model_type": adapter.model_type,
+            "num_layers": adapter.num_layers,
+            "num_heads": adapter.num_heads,
+            "num_kv_heads": adapter.num_kv_heads,
+            "d_model": adapter.d_model,
+            "d_head": adapter.d_head,
+            "scale": static.scales[0] if len(set(static.scales)) == 1 else static.scales,
+            "fold_ln": options.fold_ln,
+            "norm_folded_per_layer": static.norm_folded,
+            "positions": adapter.describe_positions(),
+            "rotary": None if adapter.rotary is None else asdict(adapter.rotary),
+            "dtype": static.checkpoint_dtype,
+            "computation_dtype": "float64",
+            "factors_convention": FACTOR_CONVENTION,
+            "qkspectra_version": __version__,
+        }
+        if corpus is not None:
+            from qkspectra.extract.entropy import attention_entropy
 
-        stats = attention_entropy(torch_model, corpus, batch_size=options.batch_size, progress=progress)
-        if stats.mean_entropy.shape != (adapter.num_layers, adapter.num_heads):
-            raise QkspectraError(
-                f"attention entropy has shape {stats.mean_entropy.shape}, expected "
-                f"({adapter.num_layers}, {adapter.num_heads})"
+            stats = attention_entropy(torch_model, corpus, batch_size=options.batch_size, progress=progress)
+            if stats.mean_entropy.shape != (adapter.num_layers, adapter.num_heads):
+                raise QkspectraError(
+                    f"attention entropy has shape {stats.mean_entropy.shape}, expected "
+                    f"({adapter.num_layers}, {adapter.num_heads})"
+                )
+            geometry["dynamic"] = [
+                {
+                    "mean_attention_entropy_per_head": stats.mean_entropy[layer].tolist(),
+                    "mean_normalized_entropy_per_head": stats.mean_normalized_entropy[layer].tolist(),
+                    "mean_sink_mass_per_head": stats.mean_sink_mass[layer].tolist(),
+                }
+                for layer in range(adapter.num_layers)
+            ]
+            metadata.update(
+                corpus=corpus.description,
+                corpus_sha256=corpus.sha256,
+                seq_len=seq_len,
+                window_per_line=options.window_per_line,
+                max_tokens=options.max_tokens,
+                num_windows=stats.num_windows,
+                num_tokens=stats.num_tokens,
             )
-        geometry["dynamic"] = [
-            {
-                "mean_attention_entropy_per_head": stats.mean_entropy[layer].tolist(),
-                "mean_normalized_entropy_per_head": stats.mean_normalized_entropy[layer].tolist(),
-                "mean_sink_mass_per_head": stats.mean_sink_mass[layer].tolist(),
-            }
-            for layer in range(adapter.num_layers)
-        ]
-        metadata.update(
-            corpus=corpus.description,
-            corpus_sha256=corpus.sha256,
-            seq_len=seq_len,
-            window_per_line=options.window_per_line,
-            max_tokens=options.max_tokens,
-            num_windows=stats.num_windows,
-            num_tokens=stats.num_tokens,
-        )
+        if writer is not None:
+            metadata["factors_file"] = writer.commit().name
     geometry["metadata"] = metadata
     return Extraction(geometry=geometry, factors=static.factors)
 
@@ -167,20 +203,26 @@ def factors_path(out: Path) -> Path:
     return out.with_name(out.stem + FACTORS_SUFFIX)
 
 
-def write_outputs(extraction: Extraction, out: str | Path) -> tuple[Path, Path]:
-    """Write the factors file, then the geometry JSON, each atomically; return both paths."""
-    from safetensors.numpy import save
+def factors_metadata(model_id: str, fold_ln: bool) -> dict[str, str]:
+    return {"convention": FACTOR_CONVENTION, "model": model_id, "fold_ln": str(fold_ln).lower()}
 
+
+def output_path(out: str | Path) -> Path:
     out = Path(out)
     if out.is_dir():
         raise QkspectraError(f"output {out} is a folder; give a file name such as {out / 'geometry.json'}")
-    factors_file = factors_path(out)
-    metadata = {
-        "convention": FACTOR_CONVENTION,
-        "model": str(extraction.geometry["metadata"]["model"]),
-        "fold_ln": str(extraction.geometry["metadata"]["fold_ln"]).lower(),
-    }
-    atomic_write_bytes(factors_file, save(extraction.factors, metadata=metadata))
-    geometry = dict(extraction.geometry, metadata=dict(extraction.geometry["metadata"], factors_file=factors_file.name))
-    atomic_write_json(out, geometry)
+    return out
+
+
+def write_outputs(extraction: Extraction, out: str | Path) -> tuple[Path, Path]:
+    """Write an extraction whose factors are in memory: the factors file, then the JSON; return both paths."""
+    out = output_path(out)
+    metadata = extraction.geometry["metadata"]
+    factors = extraction.factors
+    with FactorsFileWriter(factors_path(out), metadata["num_layers"],
+                           factors_metadata(metadata["model"], metadata["fold_ln"])) as writer:
+        for index in range(metadata["num_layers"]):
+            writer.write_layer(index, {name: tensor[index] for name, tensor in factors.items()})
+        factors_file = writer.commit()
+    atomic_write_json(out, dict(extraction.geometry, metadata=dict(metadata, factors_file=factors_file.name)))
     return out, factors_file

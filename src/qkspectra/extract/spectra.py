@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from qkspectra.errors import QkspectraError
+from qkspectra.extract.factors_file import FactorSink
 from qkspectra.models.adapters import AttentionAdapter, AttentionLayer
 from qkspectra.models.tensors import TensorSource
 
@@ -110,20 +111,42 @@ def spectrum_statistics(singvals: np.ndarray) -> dict[str, np.ndarray]:
 class StaticSpectra:
     """Result of the static pass over all layers.
 
-    rows:           per layer, the geometry's static row (lists, JSON-ready)
-    scales:         (L,) the logit scale s of each layer
-    norm_folded:    (L,) whether a norm gain was folded into that layer
-    factors:        W_Q, W_K (L, H, d_model, d_head) float32 with sqrt(s) in each, so that
-                    W_Q[L, h] @ W_K[L, h].T is the metric; b_Q, b_K (L, H, d_head) likewise
-                    times sqrt(s), when the model has them
-    checkpoint_dtype: stored dtype of the first query weight read
+    rows:             per layer, the geometry's static row (lists, JSON-ready)
+    scales:           (L,) the logit scale s of each layer
+    norm_folded:      (L,) whether a norm gain was folded into that layer
+    factors:          W_Q, W_K (L, H, d_model, d_head) float32 with sqrt(s) in each, so that
+                      W_Q[l, h] @ W_K[l, h].T is the metric; b_Q, b_K (L, H, d_head) likewise
+                      times sqrt(s), when the model has them. None when they went to a factor sink.
+    checkpoint_dtype: stored dtype of the query weights
     """
 
     rows: list[dict]
     scales: list[float]
     norm_folded: list[bool]
-    factors: dict[str, np.ndarray]
+    factors: dict[str, np.ndarray] | None
     checkpoint_dtype: str
+
+
+def layer_factors(layer: AttentionLayer) -> dict[str, np.ndarray]:
+    """The layer's factors with sqrt(s) in each, float32: W_Q, W_K (H, d_model, d_head), b_Q, b_K (H, d_head)."""
+    root_scale = np.sqrt(layer.scale)
+    factors = {"W_Q": layer.W_Q, "W_K": layer.W_K, "b_Q": layer.b_Q, "b_K": layer.b_K}
+    return {name: np.multiply(factor, root_scale, dtype=np.float32)
+            for name, factor in factors.items() if factor is not None}
+
+
+class FactorCollector:
+    """A factor sink that stacks every layer's factors in memory: (L, ...) per name."""
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.factors: dict[str, np.ndarray] = {}
+
+    def __call__(self, index: int, factors: dict[str, np.ndarray]) -> None:
+        for name, factor in factors.items():
+            if name not in self.factors:
+                self.factors[name] = np.empty((self.num_layers, *factor.shape), dtype=np.float32)
+            self.factors[name][index] = factor
 
 
 def static_spectra(
@@ -132,21 +155,21 @@ def static_spectra(
     *,
     fold_ln: bool = True,
     on_layer: Callable[[int], None] | None = None,
+    factor_sink: FactorSink | None = None,
 ) -> StaticSpectra:
     """Read each layer's query/key tensors, fold norms if asked, and compute its spectra.
 
-    Layers are read one at a time; only the factors of the current layer are float64.
+    Layers are read one at a time; only the current layer is held in float64. Each layer's
+    factors (see ``layer_factors``) go to ``factor_sink(index, factors)`` if given (e.g. a file
+    being streamed), else they are gathered into ``StaticSpectra.factors``.
     ``on_layer(index)`` is called after each layer (progress reporting).
     """
-    L, H, d_model, d_head = adapter.num_layers, adapter.num_heads, adapter.d_model, adapter.d_head
-    kv_group_size = H // adapter.num_kv_heads
-    factors = {
-        "W_Q": np.empty((L, H, d_model, d_head), dtype=np.float32),
-        "W_K": np.empty((L, H, d_model, d_head), dtype=np.float32),
-    }
+    collector = FactorCollector(adapter.num_layers) if factor_sink is None else None
+    sink = collector if collector is not None else factor_sink
+    kv_group_size = adapter.num_heads // adapter.num_kv_heads
     rows, scales, norm_folded = [], [], []
     with single_threaded_torch():
-        for index in range(L):
+        for index in range(adapter.num_layers):
             layer = adapter.layer(tensors, index)
             norm_folded.append(fold_ln and layer.norm_gain is not None)
             if fold_ln:
@@ -162,13 +185,9 @@ def static_spectra(
                 }
             )
             scales.append(layer.scale)
-            root_scale = np.sqrt(layer.scale)
-            for name, factor in (("W_Q", layer.W_Q), ("W_K", layer.W_K), ("b_Q", layer.b_Q), ("b_K", layer.b_K)):
-                if factor is not None:
-                    if name not in factors:  # biases: only for models that have them
-                        factors[name] = np.zeros((L, H, d_head), dtype=np.float32)
-                    np.multiply(factor, root_scale, out=factors[name][index], casting="same_kind")
+            sink(index, layer_factors(layer))
             if on_layer is not None:
                 on_layer(index)
     query_name = adapter.prefixed(tensors, adapter.anchor_tensor())
-    return StaticSpectra(rows, scales, norm_folded, factors, tensors.dtype(query_name))
+    return StaticSpectra(rows, scales, norm_folded, None if collector is None else collector.factors,
+                         tensors.dtype(query_name))
