@@ -13,7 +13,7 @@ from qkspectra.runner import cache_key, default_out_dir, model_identity, reusabl
 
 OPTIONS = ExtractOptions(max_tokens=256, seq_len=64, quiet=True)
 CLI_OPTIONS = ["--max-tokens", "256", "--seq-len", "64", "--quiet"]
-PLOTS = {"schedule", "temperature_heatmap", "residual_heatmap", "spectral_shapes", "entropy_scatter", "cross_head"}
+PLOTS = {"schedule", "temperature_heatmap", "residual_heatmap", "spectral_shapes", "entropy_scatter", "cross_head", "rank_k"}
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,8 @@ def test_run_writes_every_output(first_run):
     assert document == orjson.loads(orjson.dumps(result.document))
     assert document["input"]["metadata"]["model"] == "minilm" and document["input"]["file"] == "geometry.json"
     assert set(document["strategies"]) == {"last", "middle", "best", "group"}
+    assert set(document["operator"]) == set(document["rank_k"]) == set(document["strategies"])  # from the factors file
+    assert document["verdict"]["layers"]["operator"]["code"] != "n/a"
     record = orjson.loads((out / "run.json").read_bytes())
     assert record["extraction"] == "performed" and record["cache_key"]["options"]["max_tokens"] == 256
     assert {"started", "finished", "timings"} <= record.keys()

@@ -252,24 +252,24 @@ def cross_head_figure(per_layer_cos: np.ndarray | None, single_residual: Mapping
 
 
 def rank_k_figure(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], title: str) -> Figure:
-    """Mean residual against the rank k of the correction.
+    """Mean residual against the rank k of the correction; one panel per level.
 
-    curves: per strategy, per level ("spectral", "operator"), (k (N,), mean residual (N,)).
+    curves: per level ("spectral", "operator"), per strategy, (k (N,), mean residual (N,)).
     """
-    fig = Figure(figsize=(8, 4.8), layout="constrained")
-    ax = fig.subplots()
-    lines = {"spectral": "-", "operator": "--"}
-    for i, (name, levels) in enumerate(curves.items()):
-        for level, (k, r) in levels.items():
-            style = dict(_style(name, i), linestyle=lines.get(level, ":"))
-            ax.plot(k, r, **style, label=f"{name}, {level}")
-    ax.axhline(SUPPORTED_BELOW, color="green", linewidth=0.8, linestyle="--")
-    ax.set_xlabel("rank k of the correction")
-    ax.set_ylabel("mean residual")
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8, ncols=2)
-    ax.grid(alpha=0.3)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    fig = Figure(figsize=(10, 4.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(curves), squeeze=False).ravel())
+    for ax, (level, per_strategy) in zip(axes, curves.items()):
+        for i, (name, (k, r)) in enumerate(per_strategy.items()):
+            ax.plot(k, r, **_style(name, i), markevery=max(1, k.size // 12), label=name)
+        ax.axhline(SUPPORTED_BELOW, color="green", linewidth=0.8, linestyle="--", label="0.10")
+        ax.set_title(f"{level} level", fontsize=9)
+        ax.set_xlabel("rank k of the correction")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    for ax in axes:
+        ax.set_ylabel("mean residual")
+    axes[-1].legend(fontsize=8, title="anchor", title_fontsize=8)
     fig.suptitle(f"Residual against rank k (scalar rescale + rank-k correction)\n{title}", fontsize=11)
     return fig
 
@@ -354,14 +354,14 @@ def report_figures(document: Mapping[str, Any], geometry: Geometry | None, *, ti
     rank_k = document.get("rank_k")
     if rank_k:
         curves = {
-            name: {
-                level: (np.asarray(entry["curve"]["k"], dtype=float), np.asarray(entry["curve"][f"{level}_mean_residual"], dtype=float))
-                for level in ("spectral", "operator")
-                if entry.get("curve", {}).get(f"{level}_mean_residual") is not None
+            level: {
+                name: (np.asarray(entry["curve"]["k"], dtype=float), np.asarray(entry["curve"][f"{level}_mean_residual"], dtype=float))
+                for name, entry in rank_k.items()
+                if isinstance(entry, Mapping) and entry.get("curve", {}).get(f"{level}_mean_residual") is not None
             }
-            for name, entry in rank_k.items()
-            if isinstance(entry, Mapping) and "curve" in entry
+            for level in ("spectral", "operator")
         }
-        if any(curves.values()):
+        curves = {level: c for level, c in curves.items() if c}
+        if curves:
             figures["rank_k"] = rank_k_figure(curves, title)
     return FigureSet(figures, skipped)

@@ -1,7 +1,8 @@
 """``qkspectra run``: extract (or reuse), analyze and report, into one folder.
 
     DIR/geometry.json                  the extraction (plus geometry.factors.safetensors)
-    DIR/analysis.json                  every figure; the same inputs give the same bytes
+    DIR/analysis.json                  every figure, the operator-level and rank-k ones from the
+                                       factors included; the same inputs give the same bytes
     DIR/plots/*.png, DIR/report.html, DIR/report.md
     DIR/run.json                       what ran: cache key, dates, timings
 
@@ -26,6 +27,7 @@ from qkspectra import __version__
 from qkspectra._io import atomic_write_json
 from qkspectra.errors import QkspectraError
 from qkspectra.extract import ExtractOptions
+from qkspectra.geometry import Geometry
 from qkspectra.report import ReportFiles, write_report
 
 GEOMETRY_FILE = "geometry.json"
@@ -100,6 +102,22 @@ def reusable_geometry(out_dir: Path, key: dict[str, Any]) -> bool:
     return previous.get("cache_key") == key and geometry.is_file() and previous.get("geometry_sha256") == _sha256(geometry)
 
 
+def analysis_document(geometry: Geometry, factors_file: Path, *, groups: int | None = None) -> dict[str, Any]:
+    """The analysis document; with the factors file present, also the operator-level and rank-k sections."""
+    from qkspectra.pipeline import build_analysis_document
+
+    if not factors_file.is_file():
+        return build_analysis_document(geometry, groups=groups)
+    from qkspectra.analysis import analyze_all
+    from qkspectra.operator import load_factors
+    from qkspectra.rank_k import rank_k_evidence
+
+    factors = load_factors(factors_file, geometry)
+    anchors = {name: a.anchor for name, a in analyze_all(geometry, groups=groups).items()}
+    rank_k = rank_k_evidence(geometry, anchors, factors)
+    return build_analysis_document(geometry, groups=groups, factors=factors, rank_k=rank_k)
+
+
 @dataclass(frozen=True)
 class RunResult:
     out_dir: Path
@@ -120,9 +138,8 @@ def run(
 
     say: receives one line per step, for the user.
     """
-    from qkspectra.extract import check_options
+    from qkspectra.extract import check_options, factors_path
     from qkspectra.geometry import load_geometry
-    from qkspectra.pipeline import build_analysis_document
 
     check_options(options)
     out_dir = Path(out_dir)
@@ -146,7 +163,7 @@ def run(
 
     clock = time.perf_counter()
     geometry = load_geometry(geometry_path)
-    document = build_analysis_document(geometry, groups=groups)
+    document = analysis_document(geometry, factors_path(geometry_path), groups=groups)
     atomic_write_json(out_dir / ANALYSIS_FILE, document)
     timings["analyze_s"] = time.perf_counter() - clock
 
