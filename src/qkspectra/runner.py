@@ -153,10 +153,10 @@ def run(
     clock = time.perf_counter()
     extracted = not reusable_geometry(out_dir, key)
     if extracted:
-        from qkspectra.extract import run_extraction, write_outputs
+        from qkspectra.extract import extract_to_files
 
         say(f"extracting the geometry of {model}")
-        write_outputs(run_extraction(model, options=options), geometry_path)
+        extract_to_files(model, geometry_path, options=options)
     else:
         say(f"reusing {geometry_path} (same model and options)")
     timings["extract_s" if extracted else "load_s"] = time.perf_counter() - clock
