@@ -150,8 +150,8 @@ def _verdict_section(document: Mapping[str, Any]) -> Section:
         s = per[best]
         blocks.append(
             Paragraph(
-                f"Best anchor strategy by mean residual: {best} (anchor layer(s) {fmt(s['anchor']['group_anchors'])}, "
-                f"mean residual {fmt(s['rescale']['mean_residual'])}): {s['verdict']['text']}",
+                f"The seed's rule with the best anchor strategy by mean residual, {best} (anchor layer(s) "
+                f"{fmt(s['anchor']['group_anchors'])}, mean residual {fmt(s['rescale']['mean_residual'])}): {s['verdict']['text']}",
                 _verdict_style(s["verdict"]["code"]),
             )
         )
@@ -473,13 +473,17 @@ def _numeric(cell: str) -> bool:
     return cell.lstrip("+-").replace(".", "", 1).replace("e-", "", 1).isdigit() or cell in ("n/a", "")
 
 
+def _numeric_columns(table: Table) -> list[bool]:
+    """Which columns hold figures only (right-aligned); the first column is always a label."""
+    return [i > 0 and all(_numeric(row[i]) for row in table.rows) for i in range(len(table.columns))]
+
+
 def _html_block(block: Paragraph | Table | Plot, images: Mapping[str, bytes]) -> str:
     if isinstance(block, Paragraph):
         cls = f' class="{_e(block.style)}"' if block.style else ""
         return f"<p{cls}>{_e(block.text)}</p>"
     if isinstance(block, Table):
-        numeric = [i > 0 and all(_numeric(row[i]) for row in block.rows) for i in range(len(block.columns))]
-        cls = ['' if n else ' class="text"' for n in numeric]
+        cls = ["" if n else ' class="text"' for n in _numeric_columns(block)]
         head = "".join(f"<th{c}>{_e(name)}</th>" for c, name in zip(cls, block.columns)) if any(block.columns) else ""
         body = "".join("<tr>" + "".join(f"<td{c}>{_e(cell)}</td>" for c, cell in zip(cls, row)) + "</tr>" for row in block.rows)
         thead = f"<thead><tr>{head}</tr></thead>" if head else ""
@@ -525,7 +529,8 @@ def _md_block(block: Paragraph | Table | Plot) -> str:
         return f"> {block.text}" if block.style == "note" else block.text
     if isinstance(block, Table):
         columns = [(_md_cell(c) or " ") for c in block.columns]
-        lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"]
+        rule = "|".join("---:" if numeric else "---" for numeric in _numeric_columns(block))
+        lines = ["| " + " | ".join(columns) + " |", f"|{rule}|"]
         lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in block.rows]
         return "\n".join(lines)
     return f"![{block.name}]({PLOTS_FOLDER}/{block.name}.png)\n\n*{block.caption}*"
