@@ -6,8 +6,8 @@ bundled GGUF, converted first if needed) this prints
   load     reading every tensor the static pass reads (q/k weights, norm gains) from the
            safetensors file into float64 arrays (the raw float32 read is shown too);
   static   the whole static pass: the same reads plus norm folding, thin QR of every factor,
-           SVD of every d_head x d_head core, summaries and the float32 factors to save
-           (target: at most 1.5x load);
+           SVD of every d_head x d_head core and the summaries (target: at most 1.5x load);
+           also shown with the float32 factors kept, as for the factors file;
   dense    the baseline: form each head's d_model x d_model metric from the loaded factors
            and take numpy's SVD of it (singular values only), for ``--dense-heads`` heads
            (default all 270), extrapolated to all heads when fewer are timed
@@ -77,9 +77,11 @@ def time_load(path, names: list[str]) -> tuple[float, float]:
     return stored_seconds, time.perf_counter() - start
 
 
-def time_static(adapter, folder) -> float:
+def time_static(adapter, folder, *, keep_factors: bool) -> float:
+    """Seconds for the static pass; without ``keep_factors`` the factors are dropped, as in ``extract_geometry``."""
     start = time.perf_counter()
-    static_spectra(adapter, open_tensors(folder), fold_ln=True)
+    static_spectra(adapter, open_tensors(folder), fold_ln=True,
+                   factor_sink=None if keep_factors else (lambda index, layer: None))
     return time.perf_counter() - start
 
 
@@ -108,15 +110,16 @@ def main() -> None:
     sampled = all_heads[::step]
     path = source.folder / SINGLE_FILE
 
-    raw, load, static, dense = [], [], [], []
+    raw, load, static, with_factors, dense = [], [], [], [], []
     for _ in range(args.repeats):
         raw_seconds, load_seconds = time_load(path, recorder.asked)
         raw.append(raw_seconds)
         load.append(load_seconds)
-        static.append(time_static(adapter, source.folder))
+        static.append(time_static(adapter, source.folder, keep_factors=False))
+        with_factors.append(time_static(adapter, source.folder, keep_factors=True))
         dense.append(time_dense(layers, sampled) * len(all_heads) / len(sampled))
 
-    raw_s, load_s, static_s, dense_s = (statistics.median(x) for x in (raw, load, static, dense))
+    raw_s, load_s, static_s, factors_s, dense_s = (statistics.median(x) for x in (raw, load, static, with_factors, dense))
     print(f"model: {source.description}")
     print(f"  {adapter.num_layers} layers x {adapter.num_heads} heads ({adapter.num_kv_heads} kv), "
           f"d_model {adapter.d_model}, d_head {adapter.d_head}; {len(recorder.asked)} tensors read; "
@@ -126,6 +129,7 @@ def main() -> None:
     print(f"static extraction (factored, all heads)            : {static_s * 1e3:9.1f} ms  "
           f"= {static_s / load_s:.2f}x float64 load, {static_s / raw_s:.1f}x float32 read "
           f"(target <= {STATIC_TARGET}x load)")
+    print(f"  the same, keeping the float32 factors in memory  : {factors_s * 1e3:9.1f} ms")
     timed = "all heads" if len(sampled) == len(all_heads) else f"{len(sampled)} heads timed, extrapolated"
     print(f"dense per-head SVD of the d_model x d_model metric  : {dense_s * 1e3:9.1f} ms  ({timed})")
     print(f"ratio dense / static: {dense_s / static_s:.0f}x (target >= {DENSE_TARGET:.0f}x)")

@@ -60,7 +60,7 @@ class Extraction:
 
 def extract_geometry(model: str, *, options: ExtractOptions = ExtractOptions()) -> dict:
     """The geometry dict of ``model`` (bundled name, model folder or .gguf file); factors are not kept."""
-    return run_extraction(model, options=options, factor_sink=lambda index, factors: None).geometry
+    return run_extraction(model, options=options, factor_sink=lambda index, layer: None).geometry
 
 
 def extract_to_files(model: str, out: str | Path, *, options: ExtractOptions = ExtractOptions()) -> tuple[Path, Path]:
@@ -86,9 +86,9 @@ def run_extraction(
 
     The factors are kept in memory (``Extraction.factors``) unless ``factors_file`` is given (they
     are streamed there and the file committed when everything else succeeded) or ``factor_sink``
-    is (it receives each layer's factors).
+    is (it receives each layer's ``AttentionLayer`` as used for the spectra).
     """
-    from qkspectra.extract.spectra import static_spectra
+    from qkspectra.extract.spectra import layer_factors, static_spectra
     from qkspectra.models import load_model, resolve_model
     from qkspectra.models.adapters import adapter_for
     from qkspectra.models.tensors import open_tensors
@@ -117,7 +117,11 @@ def run_extraction(
         if factors_file is not None:
             writer = stack.enter_context(
                 FactorsFileWriter(factors_file, adapter.num_layers, factors_metadata(source.model_id, options.fold_ln)))
-            factor_sink = writer.write_layer
+
+            def stream_factors(index: int, layer) -> None:
+                writer.write_layer(index, layer_factors(layer))
+
+            factor_sink = stream_factors
         bar = stack.enter_context(
             tqdm(total=adapter.num_layers, unit="layer", desc="static spectra", disable=not progress, leave=False))
         static = static_spectra(adapter, tensors, fold_ln=options.fold_ln, on_layer=lambda _: bar.update(),

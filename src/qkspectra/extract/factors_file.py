@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 
@@ -26,8 +27,8 @@ from qkspectra.errors import QkspectraError
 
 HEADER_ALIGNMENT = 8
 
-# Receives (layer index, {name: that layer's factor}) once per layer.
-FactorSink = Callable[[int, dict[str, np.ndarray]], None]
+# Receives (layer index, that layer's AttentionLayer as used for the spectra) once per layer.
+FactorSink = Callable[[int, Any], None]
 
 
 class FactorsFileWriter:

@@ -136,14 +136,14 @@ def layer_factors(layer: AttentionLayer) -> dict[str, np.ndarray]:
 
 
 class FactorCollector:
-    """A factor sink that stacks every layer's factors in memory: (L, ...) per name."""
+    """A factor sink that stacks every layer's factors (``layer_factors``) in memory: (L, ...) per name."""
 
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
         self.factors: dict[str, np.ndarray] = {}
 
-    def __call__(self, index: int, factors: dict[str, np.ndarray]) -> None:
-        for name, factor in factors.items():
+    def __call__(self, index: int, layer: AttentionLayer) -> None:
+        for name, factor in layer_factors(layer).items():
             if name not in self.factors:
                 self.factors[name] = np.empty((self.num_layers, *factor.shape), dtype=np.float32)
             self.factors[name][index] = factor
@@ -159,9 +159,9 @@ def static_spectra(
 ) -> StaticSpectra:
     """Read each layer's query/key tensors, fold norms if asked, and compute its spectra.
 
-    Layers are read one at a time; only the current layer is held in float64. Each layer's
-    factors (see ``layer_factors``) go to ``factor_sink(index, factors)`` if given (e.g. a file
-    being streamed), else they are gathered into ``StaticSpectra.factors``.
+    Layers are read one at a time; only the current layer is held in float64. Each layer, as
+    used for the spectra (folded if asked), goes to ``factor_sink(index, layer)`` if given (e.g.
+    a file being streamed), else its ``layer_factors`` are gathered into ``StaticSpectra.factors``.
     ``on_layer(index)`` is called after each layer (progress reporting).
     """
     collector = FactorCollector(adapter.num_layers) if factor_sink is None else None
@@ -185,7 +185,7 @@ def static_spectra(
                 }
             )
             scales.append(layer.scale)
-            sink(index, layer_factors(layer))
+            sink(index, layer)
             if on_layer is not None:
                 on_layer(index)
     query_name = adapter.prefixed(tensors, adapter.anchor_tensor())
