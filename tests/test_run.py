@@ -133,3 +133,28 @@ def test_output_must_be_a_folder(tmp_path, capsys):
         main(["run", "--out", str(tmp_path / "file"), "--quiet"])
     assert "exists and is not a folder" in capsys.readouterr().err
 
+
+
+@pytest.mark.slow
+def test_functional_test_on_request_gets_the_run_options(first_run, monkeypatch):
+    import qkspectra.functional
+    from qkspectra.extract import factors_path
+    from qkspectra.geometry import load_geometry
+    from qkspectra.runner import analysis_document
+
+    effect = {"delta_loss": 0.5, "loss_kind": "final_hidden_cosine_distance", "mean_kl": 0.1, "mean_entropy_shift": 0.2}
+    calls = []
+
+    def fake_functional_evidence(model, geometry, anchors, rank_k, **kwargs):
+        calls.append((model, set(anchors), set(rank_k), kwargs))
+        return {"control": dict(effect, delta_loss=0.0), **{name: {"operator": effect} for name in anchors}}
+
+    monkeypatch.setattr(qkspectra.functional, "functional_evidence", fake_functional_evidence)
+    geometry_path = first_run[0].out_dir / "geometry.json"
+    options = ExtractOptions(max_tokens=100_000, seq_len=64, fold_ln=True, quiet=True)
+    document = analysis_document(load_geometry(geometry_path), factors_path(geometry_path), functional_model="minilm", options=options)
+    ((model, anchors, rank_k, kwargs),) = calls
+    assert model == "minilm" and anchors == rank_k == {"last", "middle", "best", "group"}
+    assert kwargs == {"max_tokens": 2048, "fold_ln": True, "corpus": None, "seq_len": 64, "progress": False}
+    assert document["functional"]["last"]["operator"]["delta_loss"] == 0.5
+    assert document["verdict"]["layers"]["functional"]["code"] == "rejected"

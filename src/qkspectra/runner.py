@@ -1,8 +1,8 @@
 """``qkspectra run``: extract (or reuse), analyze and report, into one folder.
 
     DIR/geometry.json                  the extraction (plus geometry.factors.safetensors)
-    DIR/analysis.json                  every figure, the operator-level and rank-k ones from the
-                                       factors included; the same inputs give the same bytes
+    DIR/analysis.json                  every figure (operator-level and rank-k ones from the factors,
+                                       functional ones on request); the same inputs give the same bytes
     DIR/plots/*.png, DIR/report.html, DIR/report.md
     DIR/run.json                       what ran: cache key, dates, timings
 
@@ -102,20 +102,37 @@ def reusable_geometry(out_dir: Path, key: dict[str, Any]) -> bool:
     return previous.get("cache_key") == key and geometry.is_file() and previous.get("geometry_sha256") == _sha256(geometry)
 
 
-def analysis_document(geometry: Geometry, factors_file: Path, *, groups: int | None = None) -> dict[str, Any]:
-    """The analysis document; with the factors file present, also the operator-level and rank-k sections."""
-    from qkspectra.pipeline import build_analysis_document
+def analysis_document(
+    geometry: Geometry,
+    factors_file: Path,
+    *,
+    groups: int | None = None,
+    functional_model: str | None = None,
+    options: ExtractOptions = ExtractOptions(),
+) -> dict[str, Any]:
+    """The analysis document with the rank-k section and, when the factors file exists, the operator-level one.
 
-    if not factors_file.is_file():
-        return build_analysis_document(geometry, groups=groups)
+    functional_model: also run the functional test on this model (the geometry's), on the corpus
+    of ``options`` with at most the functional test's default token budget. Slow: the model runs
+    once per reconstruction and anchor strategy.
+    """
     from qkspectra.analysis import analyze_all
     from qkspectra.operator import load_factors
+    from qkspectra.pipeline import build_analysis_document
     from qkspectra.rank_k import rank_k_evidence
 
-    factors = load_factors(factors_file, geometry)
+    factors = load_factors(factors_file, geometry) if factors_file.is_file() else None
     anchors = {name: a.anchor for name, a in analyze_all(geometry, groups=groups).items()}
     rank_k = rank_k_evidence(geometry, anchors, factors)
-    return build_analysis_document(geometry, groups=groups, factors=factors, rank_k=rank_k)
+    functional = None
+    if functional_model is not None:
+        from qkspectra.functional import DEFAULT_MAX_TOKENS, functional_evidence
+
+        functional = functional_evidence(
+            functional_model, geometry, anchors, rank_k, max_tokens=min(options.max_tokens, DEFAULT_MAX_TOKENS),
+            fold_ln=options.fold_ln, corpus=options.corpus, seq_len=options.seq_len, progress=not options.quiet,
+        )
+    return build_analysis_document(geometry, groups=groups, factors=factors, rank_k=rank_k, functional=functional)
 
 
 @dataclass(frozen=True)
@@ -132,10 +149,12 @@ def run(
     *,
     options: ExtractOptions = ExtractOptions(),
     groups: int | None = None,
+    functional: bool = False,
     say: Callable[[str], None] = lambda _: None,
 ) -> RunResult:
     """Extract (or reuse), analyze with every anchor strategy, and write the report folder.
 
+    functional: also run the functional test (slow; see ``analysis_document``).
     say: receives one line per step, for the user.
     """
     from qkspectra.extract import check_options, factors_path
@@ -163,7 +182,11 @@ def run(
 
     clock = time.perf_counter()
     geometry = load_geometry(geometry_path)
-    document = analysis_document(geometry, factors_path(geometry_path), groups=groups)
+    if functional:
+        say(f"running the functional test on {model}")
+    document = analysis_document(
+        geometry, factors_path(geometry_path), groups=groups, functional_model=model if functional else None, options=options
+    )
     atomic_write_json(out_dir / ANALYSIS_FILE, document)
     timings["analyze_s"] = time.perf_counter() - clock
 
@@ -181,6 +204,7 @@ def run(
             "geometry_sha256": _sha256(geometry_path),
             "extraction": "performed" if extracted else "reused",
             "groups": groups,
+            "functional": functional,
             "started": started.isoformat(timespec="seconds"),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "timings": {k: round(v, 3) for k, v in timings.items()},
