@@ -181,3 +181,14 @@ def test_report_command_rejects_bad_input_in_one_line(tmp_path, capsys, content,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_single_strategy_document_from_analyze_renders(tmp_path):
+    import orjson
+
+    main(["analyze", str(GOLDEN / "deep.json"), "--anchor", "2", "--json", str(tmp_path / "analysis.json"), "--quiet"])
+    doc = orjson.loads((tmp_path / "analysis.json").read_bytes())
+    page, md = render_html(doc, {"schedule": PIXEL}), render_markdown(doc, ["schedule"])
+    for text in (doc["verdict"]["text"], fmt(doc["rescale"]["mean_residual"])):
+        assert text in page and text in md
+    assert "| index | 2 |" in md

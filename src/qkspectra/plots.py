@@ -6,7 +6,7 @@ Two layers, kept apart:
 * ``report_figures(document, geometry)`` reads an analysis document (``analysis.json``) and,
   when available, the geometry it came from, derives the arrays and calls them.
 
-Axes: L layers, H heads, K singular values, S anchor strategies, N points of a rank-k curve.
+Axes: L layers, H heads, K singular values, N points of a rank-k curve.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ STRATEGY_STYLES = {
     "best": ("#2ca02c", "^", "-."),
     "group": ("#d62728", "D", ":"),
 }
-SUPPORTED_BELOW, PARTIAL_BELOW = 0.10, 0.30  # the verdict's residual thresholds
+SUPPORTED_BELOW, PARTIAL_BELOW = 0.10, 0.30  # the seed's verdict thresholds (Analysis.verdict_code)
 DPI = 110
 
 
