@@ -192,3 +192,17 @@ def test_a_single_strategy_document_from_analyze_renders(tmp_path):
     for text in (doc["verdict"]["text"], fmt(doc["rescale"]["mean_residual"])):
         assert text in page and text in md
     assert "| index | 2 |" in md
+
+
+def test_the_run_line_names_model_and_options():
+    from qkspectra.report import describe_run
+
+    metadata = {"model": "smollm2", "model_type": "llama", "fold_ln": False, "corpus": "notes.txt: 4 windows of 64 tokens, 256 tokens",
+                "seq_len": 64, "max_tokens": 256, "num_windows": 4, "window_per_line": True}
+    document = {"input": {"file": "geometry.json", "num_layers": 30, "num_heads": 9, "has_entropy": True, "metadata": metadata}}
+    assert describe_run(document) == (
+        "smollm2 · llama, 30 layers × 9 heads · norm not folded · corpus notes.txt · seq_len 64 · max_tokens 256 · "
+        "num_windows 4 · window per line"
+    )
+    document["input"].update(has_entropy=False, metadata={})
+    assert describe_run(document) == "geometry.json · 30 layers × 9 heads · static only"

@@ -119,6 +119,9 @@ def describe_run(document: Mapping[str, Any]) -> str:
         parts.append("norm folded" if metadata["fold_ln"] else "norm not folded")
     if not inp.get("has_entropy"):
         parts.append("static only")
+    corpus_label = str(metadata.get("corpus", "")).split(": ")[0]
+    if corpus_label and not corpus_label.startswith("default corpus"):
+        parts.append(f"corpus {corpus_label}")
     for key in ("seq_len", "max_tokens", "num_windows"):
         if key in metadata:
             parts.append(f"{key} {metadata[key]}")
