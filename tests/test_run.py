@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+from pathlib import Path
+
 import orjson
 import pytest
 
@@ -158,3 +161,31 @@ def test_functional_test_on_request_gets_the_run_options(first_run, monkeypatch)
     assert kwargs == {"max_tokens": 2048, "fold_ln": True, "corpus": None, "seq_len": 64, "progress": False}
     assert document["functional"]["last"]["operator"]["delta_loss"] == 0.5
     assert document["verdict"]["layers"]["functional"]["code"] == "rejected"
+
+
+def test_an_extraction_survives_a_failure_after_it(tmp_path, monkeypatch):
+    import qkspectra.extract
+    import qkspectra.runner
+    from qkspectra.errors import QkspectraError
+
+    golden = Path(__file__).parent / "data" / "golden" / "minilm_like.json"
+    extractions = []
+
+    def fake_extract_to_files(model, out, *, options):
+        extractions.append(model)
+        shutil.copy(golden, out)
+
+    def failing_analysis(*args, **kwargs):
+        raise QkspectraError("--groups 99: must be between 1 and the number of layers (6)")
+
+    monkeypatch.setattr(qkspectra.extract, "extract_to_files", fake_extract_to_files)
+    with monkeypatch.context() as patch:
+        patch.setattr(qkspectra.runner, "analysis_document", failing_analysis)
+        with pytest.raises(QkspectraError):
+            run("minilm", tmp_path, options=OPTIONS)
+    record = orjson.loads((tmp_path / "run.json").read_bytes())
+    assert record["extraction"] == "performed" and record["finished"] is None
+    assert not (tmp_path / "analysis.json").exists()
+    result = run("minilm", tmp_path, options=OPTIONS)
+    assert extractions == ["minilm"] and not result.extracted
+    assert orjson.loads((tmp_path / "run.json").read_bytes())["finished"] is not None

@@ -164,21 +164,35 @@ def run(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise QkspectraError(f"output {out_dir} exists and is not a folder")
-    started = datetime.now(timezone.utc)
     timings: dict[str, float] = {}
     key = cache_key(model, options)
     geometry_path = out_dir / GEOMETRY_FILE
+    record: dict[str, Any] = {
+        "qkspectra_version": __version__,
+        "model": model,
+        "cache_key": key,
+        "geometry_sha256": None,
+        "extraction": None,
+        "groups": groups,
+        "functional": functional,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": None,  # stays null if the run stops after the extraction
+        "timings": timings,
+    }
 
-    clock = time.perf_counter()
-    extracted = not reusable_geometry(out_dir, key)
-    if extracted:
+    if reusable_geometry(out_dir, key):
+        say(f"reusing {geometry_path} (same model and options)")
+        record["extraction"] = "reused"
+    else:
         from qkspectra.extract import extract_to_files
 
         say(f"extracting the geometry of {model}")
+        clock = time.perf_counter()
         extract_to_files(model, geometry_path, options=options)
-    else:
-        say(f"reusing {geometry_path} (same model and options)")
-    timings["extract_s" if extracted else "load_s"] = time.perf_counter() - clock
+        timings["extract_s"] = round(time.perf_counter() - clock, 3)
+        record["extraction"] = "performed"
+    record["geometry_sha256"] = _sha256(geometry_path)
+    atomic_write_json(out_dir / RUN_FILE, record)  # the extraction is reusable even if what follows fails
 
     clock = time.perf_counter()
     geometry = load_geometry(geometry_path)
@@ -188,26 +202,13 @@ def run(
         geometry, factors_path(geometry_path), groups=groups, functional_model=model if functional else None, options=options
     )
     atomic_write_json(out_dir / ANALYSIS_FILE, document)
-    timings["analyze_s"] = time.perf_counter() - clock
+    timings["analyze_s"] = round(time.perf_counter() - clock, 3)
 
     clock = time.perf_counter()
     say(f"writing plots and report in {out_dir}")
     report = write_report(document, geometry, out_dir)
-    timings["report_s"] = time.perf_counter() - clock
+    timings["report_s"] = round(time.perf_counter() - clock, 3)
 
-    atomic_write_json(
-        out_dir / RUN_FILE,
-        {
-            "qkspectra_version": __version__,
-            "model": model,
-            "cache_key": key,
-            "geometry_sha256": _sha256(geometry_path),
-            "extraction": "performed" if extracted else "reused",
-            "groups": groups,
-            "functional": functional,
-            "started": started.isoformat(timespec="seconds"),
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "timings": {k: round(v, 3) for k, v in timings.items()},
-        },
-    )
-    return RunResult(out_dir, document, extracted, report)
+    record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    atomic_write_json(out_dir / RUN_FILE, record)
+    return RunResult(out_dir, document, record["extraction"] == "performed", report)
