@@ -42,6 +42,8 @@ def test_run_writes_every_output(first_run):
     assert set(document["strategies"]) == {"last", "middle", "best", "group"}
     assert set(document["operator"]) == set(document["rank_k"]) == set(document["strategies"])  # from the factors file
     assert document["verdict"]["layers"]["operator"]["code"] != "n/a"
+    assert abs(document["functional"]["control"]["delta_loss"]) < 1e-6  # run's default includes the functional test
+    assert document["verdict"]["layers"]["functional"]["code"] != "n/a"
     record = orjson.loads((out / "run.json").read_bytes())
     assert record["extraction"] == "performed" and record["cache_key"]["options"]["max_tokens"] == 256
     assert {"started", "finished", "timings"} <= record.keys()
@@ -182,10 +184,10 @@ def test_an_extraction_survives_a_failure_after_it(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(qkspectra.runner, "analysis_document", failing_analysis)
         with pytest.raises(QkspectraError):
-            run("minilm", tmp_path, options=OPTIONS)
+            run("minilm", tmp_path, options=OPTIONS, functional=False)
     record = orjson.loads((tmp_path / "run.json").read_bytes())
     assert record["extraction"] == "performed" and record["finished"] is None
     assert not (tmp_path / "analysis.json").exists()
-    result = run("minilm", tmp_path, options=OPTIONS)
+    result = run("minilm", tmp_path, options=OPTIONS, functional=False)  # the stand-in geometry is not minilm's
     assert extractions == ["minilm"] and not result.extracted
     assert orjson.loads((tmp_path / "run.json").read_bytes())["finished"] is not None

@@ -64,7 +64,8 @@ from qkspectra.extract.spectra import fold_norm
 from qkspectra.geometry import Geometry
 from qkspectra.models.adapters import AttentionAdapter, AttentionLayer, adapter_for
 from qkspectra.models.tensors import StateDictSource
-from qkspectra.operator import Factors, OperatorFitter, check_against_geometry, single_blas_thread
+from qkspectra._threads import single_blas_thread
+from qkspectra.operator import Factors, OperatorFitter, check_against_geometry
 
 DEFAULT_MAX_TOKENS = 2048
 KINDS = ("spectral", "operator", "operator_rank_k")
@@ -486,7 +487,7 @@ def reconstruction_effects(model: nn.Module, windows: list[list[int]], singular_
         if key not in cache:
             with single_blas_thread():
                 X, Y = make_target()
-            write_reconstruction(model, adapter, layers, X, Y, fold_ln=fold_ln)
+                write_reconstruction(model, adapter, layers, X, Y, fold_ln=fold_ln)
             cache[key] = runner.compare(reference, original_loss).as_dict()
         return cache[key]
 

@@ -29,17 +29,14 @@ The batched factorisations run with one BLAS thread: OpenBLAS threads even its c
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import functools
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from qkspectra._threads import single_blas_thread
 from qkspectra.analysis import TINY, Anchor
 from qkspectra.errors import QkspectraError
 from qkspectra.geometry import Geometry
@@ -175,40 +172,6 @@ def factors_path_for(geometry: Geometry) -> Path | None:
 # ----------------------------------------------------------------------------
 # Factored linear algebra (batched over any leading axes)
 # ----------------------------------------------------------------------------
-
-
-@functools.cache
-def _openblas_thread_control() -> tuple | None:
-    """(get, set) for the thread count of the OpenBLAS numpy was built with, or None if not found."""
-    root = Path(np.__file__).parent
-    for library in sorted([*(root.parent / "numpy.libs").glob("*openblas*"), *(root / ".dylibs").glob("*openblas*")]):
-        try:
-            handle = ctypes.CDLL(str(library))
-        except OSError:
-            continue
-        for prefix in ("scipy_openblas_", "openblas_"):
-            for suffix in ("64_", ""):
-                getter = getattr(handle, f"{prefix}get_num_threads{suffix}", None)
-                setter = getattr(handle, f"{prefix}set_num_threads{suffix}", None)
-                if getter is not None and setter is not None:
-                    return getter, setter
-    return None
-
-
-@contextlib.contextmanager
-def single_blas_thread() -> Iterator[None]:
-    """Run numpy's BLAS/LAPACK on one thread inside the block (no-op if its OpenBLAS is not found)."""
-    control = _openblas_thread_control()
-    if control is None:
-        yield
-        return
-    get, set_ = control
-    previous = get()
-    set_(1)
-    try:
-        yield
-    finally:
-        set_(previous)
 
 
 def frobenius_inner(A: np.ndarray, B: np.ndarray, C: np.ndarray, D: np.ndarray) -> np.ndarray:

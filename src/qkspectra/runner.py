@@ -122,16 +122,17 @@ def analysis_document(
     from qkspectra.rank_k import rank_k_evidence
 
     factors = load_factors(factors_file, geometry) if factors_file.is_file() else None
+    if functional_model is None:
+        return build_analysis_document(geometry, groups=groups, factors=factors)
+
+    from qkspectra.functional import DEFAULT_MAX_TOKENS, functional_evidence
+
     anchors = {name: a.anchor for name, a in analyze_all(geometry, groups=groups).items()}
     rank_k = rank_k_evidence(geometry, anchors, factors)
-    functional = None
-    if functional_model is not None:
-        from qkspectra.functional import DEFAULT_MAX_TOKENS, functional_evidence
-
-        functional = functional_evidence(
-            functional_model, geometry, anchors, rank_k, max_tokens=min(options.max_tokens, DEFAULT_MAX_TOKENS),
-            fold_ln=options.fold_ln, corpus=options.corpus, seq_len=options.seq_len, progress=not options.quiet,
-        )
+    functional = functional_evidence(
+        functional_model, geometry, anchors, rank_k, max_tokens=min(options.max_tokens, DEFAULT_MAX_TOKENS),
+        fold_ln=options.fold_ln, corpus=options.corpus, seq_len=options.seq_len, progress=not options.quiet,
+    )
     return build_analysis_document(geometry, groups=groups, factors=factors, rank_k=rank_k, functional=functional)
 
 
@@ -149,7 +150,7 @@ def run(
     *,
     options: ExtractOptions = ExtractOptions(),
     groups: int | None = None,
-    functional: bool = False,
+    functional: bool = True,
     say: Callable[[str], None] = lambda _: None,
 ) -> RunResult:
     """Extract (or reuse), analyze with every anchor strategy, and write the report folder.

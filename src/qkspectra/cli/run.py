@@ -29,12 +29,12 @@ def run(
     static_only: Annotated[bool, typer.Option("--static-only", help="Spectra only: skip the corpus pass (no entropy).")] = False,
     batch_size: Annotated[Optional[int], typer.Option(help="Windows per forward pass (default: as many as fit in memory).")] = None,
     groups: Annotated[Optional[int], typer.Option(help="Number of contiguous layer groups for the group anchor (default: round(sqrt(layers))).")] = None,
-    functional: Annotated[
+    no_functional: Annotated[
         bool,
         typer.Option(
-            "--functional",
-            help="Also run the model with reconstructed operators (loss and attention change); slow: one pass per "
-            "reconstruction and anchor strategy, on at most 2048 corpus tokens.",
+            "--no-functional",
+            help="Skip the functional test (the model run with reconstructed operators: loss and attention change), "
+            "the slowest part: one pass per reconstruction and anchor strategy, on at most 2048 corpus tokens.",
         ),
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages; print only the strategy table and the verdict.")] = False,
@@ -58,7 +58,7 @@ def run(
     )
     out_dir = default_out_dir(model) if out is None else out
     say = (lambda _: None) if quiet else (lambda line: typer.echo(f"qkspectra: {line}", err=True))
-    result = run_all(model, out_dir, options=options, groups=groups, functional=functional, say=say)
+    result = run_all(model, out_dir, options=options, groups=groups, functional=not no_functional, say=say)
     typer.echo(render_summary(result.document), nl=False)
     for note in result.report.notes:
         say(note)
