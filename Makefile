@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 run: setup
-	$(BIN)/qkspectra analyze examples/minilm_geometry.json
+	$(BIN)/qkspectra run
 
 # The report's browser test needs Chromium: installed with apt-get when missing and run as root.
 browser:
