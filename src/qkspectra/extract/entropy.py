@@ -45,8 +45,9 @@ MAX_TOKENS_PER_BATCH = 16384
 # float32 bytes per attention-map entry alive at the peak of one eager attention call: two maps
 # while the mask is added or the softmax is taken, plus a third for margin.
 _BYTES_PER_MAP_ENTRY = 12
-# Attention-map entries reduced per step by entropy_from_probs (16 MiB of float32): few enough
-# steps that per-operation overhead stays small, small enough that no copy of a whole map is made.
+# Attention-map entries reduced per step by entropy_from_probs (16 MiB of float32): no copy of a
+# whole map is made, and the steps are few (each torch operation has a fixed cost, which grows
+# when other processes compete for the cores).
 _ENTRIES_PER_STEP = 2**22
 
 
@@ -68,15 +69,18 @@ def entropy_from_probs(probs: torch.Tensor, key_mask: torch.Tensor | None) -> to
     key_mask: bool, broadcastable to probs, True where the query sees the key; None: all keys
     returns   (B, H, query_pos)
 
-    Works through a block of query rows at a time, so the temporaries stay small (no copy of the map).
+    Works through a block of query rows at a time, so the temporaries stay small (no copy of the
+    map); not differentiable (it writes into a buffer).
     """
     entropy = probs.new_empty(probs.shape[:-1])  # (B, H, query_pos)
     rows_per_step = max(1, _ENTRIES_PER_STEP // max(1, probs[..., 0, :].numel()))
+    buffer = probs.new_empty(probs[..., :rows_per_step, :].shape)  # (B, H, rows, key_pos), reused
     tiny = torch.finfo(probs.dtype).tiny
     for start in range(0, probs.shape[-2], rows_per_step):
         rows = slice(start, start + rows_per_step)
         chunk = probs[..., rows, :]  # (B, H, rows, key_pos)
-        terms = torch.clamp_min(chunk, tiny).log_().mul_(chunk)  # p log p, exactly 0 at p = 0
+        terms = buffer[..., :chunk.shape[-2], :]
+        torch.clamp_min(chunk, tiny, out=terms).log_().mul_(chunk)  # p log p, exactly 0 at p = 0
         if key_mask is not None:
             terms.masked_fill_(~key_mask[..., rows, :], 0.0)
         entropy[..., rows] = terms.sum(dim=-1)
