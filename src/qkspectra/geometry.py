@@ -20,7 +20,6 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -210,21 +209,14 @@ class _Validator:
             if isinstance(s, list):
                 self.fail(f"{path}[{h}]", "empty spectrum")
             self.fail(f"{path}[{h}]", f"expected a list of singular values, found {_describe(s)}")
-        if not set(map(type, chain.from_iterable(heads))) <= _NUMBER_TYPES:
-            for h, s in enumerate(heads):
-                self._check_numbers(s, f"{path}[{h}]")
         k = max(lengths)
-        try:
-            if min(lengths) == k:
-                sigma = np.array(heads, dtype=np.float64)  # (H, k)
-            else:
-                sigma = np.zeros((num_heads, k))  # (H, k)
-                for h, s in enumerate(heads):
-                    sigma[h, : len(s)] = s
-        except OverflowError:
+        sigma = self._rectangular(heads) if min(lengths) == k else None  # (H, k), or None: check one by one
+        if sigma is None:
             for h, s in enumerate(heads):
                 self._check_numbers(s, f"{path}[{h}]")
-            raise
+            sigma = np.zeros((num_heads, k))  # (H, k)
+            for h, s in enumerate(heads):
+                sigma[h, : len(s)] = s
         padding = np.arange(k)[None, :] >= np.asarray(lengths)[:, None]  # (H, k)
         self._first(~np.isfinite(sigma), path, lambda x: f"not a finite number: {x}", sigma)
         self._first(sigma < 0, path, lambda x: f"negative singular value {_fmt(x)}", sigma)
@@ -232,6 +224,26 @@ class _Validator:
         rising[:, 1:] = (sigma[:, 1:] > sigma[:, :-1]) & ~padding[:, 1:]
         self._first(rising, path, lambda x: f"singular values not in descending order ({_fmt(x)} follows a smaller value)", sigma)
         return sigma
+
+    @staticmethod
+    def _rectangular(heads: list) -> np.ndarray | None:
+        """Equal-length spectra as a float64 (H, k) array when every element is surely a JSON number.
+
+        A fast path: numpy turns a string into a '<U' array and null or a huge integer into an
+        object array, but a boolean among numbers silently into 0.0 or 1.0; so a layer that holds
+        an exact 0 or 1, a non-finite value or anything else unusual is left (None) to the exact
+        element-by-element check, which also names the fault.
+        """
+        try:
+            values = np.array(heads)  # (H, k)
+        except (ValueError, TypeError, OverflowError):
+            return None
+        if values.ndim != 2 or values.dtype.kind not in "fi":
+            return None
+        values = values.astype(np.float64, copy=False)
+        if not np.isfinite(values).all() or ((values == 0.0) | (values == 1.0)).any():
+            return None
+        return values
 
     def entropy_row(self, row: Any, path: str, num_heads: int) -> np.ndarray:
         """One layer's entropies, ndarray of shape (H,)."""
