@@ -213,3 +213,52 @@ def test_factors_file_appears_only_when_committed(tmp_path):
     loaded = load_file(tmp_path / "f.safetensors")
     np.testing.assert_array_equal(loaded["W_Q"][:, 0, 0, 0], [1, 2])
     np.testing.assert_array_equal(loaded["b_Q"][:, 0, 0], [0, 1])
+
+
+def test_window_per_line_entropies_equal_the_models_own_maps(tmp_path, capsys):
+    """Acceptance: `extract --corpus FILE --window-per-line` against eager attention maps, line by line."""
+    lines = [
+        "Attention heads score queries against keys.",
+        "",
+        "A temperature schedule would make early layers softer and late layers sharper, or the other way round.",
+        "Short line.",
+        "The quick brown fox jumps over the lazy dog " * 6,
+    ]
+    corpus = tmp_path / "lines.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "geometry.json"
+    status, _, stderr = run(["extract", "minilm", "-o", str(out), "--corpus", str(corpus), "--window-per-line", "-q"], capsys)
+    assert (status, stderr) == (0, "")
+    ours = np.array([row["mean_attention_entropy_per_head"] for row in json.loads(out.read_text())["dynamic"]])  # (L, H)
+
+    folder = bundled_model_path("minilm")
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModel.from_pretrained(folder, local_files_only=True, attn_implementation="eager").eval()
+    total, count = np.zeros((6, 12)), 0
+    with torch.no_grad():
+        for line in filter(None, lines):
+            ids = tokenizer(line, return_tensors="pt")["input_ids"]  # (1, seq), default special tokens
+            maps = model(input_ids=ids, output_attentions=True).attentions  # L x (1, H, seq, seq)
+            for layer, p in enumerate(maps):
+                p = p[0].double()  # (H, query_pos, key_pos)
+                total[layer] += torch.special.entr(p).sum(dim=(-1, -2)).numpy()  # summed over queries
+            count += ids.shape[1]
+    np.testing.assert_allclose(ours, total / count, atol=1e-4, rtol=0)
+
+
+def test_analyze_uses_the_factors_file_beside_the_geometry(tmp_path, capsys):
+    out = tmp_path / "geometry.json"
+    assert run(["extract", "minilm", "-o", str(out), "--static-only", "--no-fold-ln", "-q"], capsys)[0] == 0
+    status, stdout, stderr = run(["analyze", str(out), "--json", str(tmp_path / "a.json")], capsys)
+    assert (status, stderr) == (0, "")
+    document = json.loads((tmp_path / "a.json").read_text())
+    assert "=== Operator level (from the factors file) ===" in stdout
+    # MiniLM, raw weights, anchor last, same head: the operators share almost nothing.
+    assert 0.8 < document["operator"]["last"]["mean_residual"] < 0.9
+    assert document["rank_k"]["last"]["operator"]["mean_k"] > 10
+    assert document["verdict"]["layers"]["operator"]["code"] == "rejected"
+    (tmp_path / "geometry.factors.safetensors").unlink()
+    run(["analyze", str(out), "--json", str(tmp_path / "b.json")], capsys)
+    document = json.loads((tmp_path / "b.json").read_text())
+    assert "operator" not in document
+    assert document["verdict"]["layers"]["operator"]["code"] == "n/a"

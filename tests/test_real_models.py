@@ -102,3 +102,26 @@ def test_loaded_smollm2_is_an_eager_float32_llama_in_eval_mode(smollm2_source):
     assert next(model.parameters()).dtype.is_floating_point and str(next(model.parameters()).dtype) == "torch.float32"
     assert (model.config.num_hidden_layers, model.config.num_attention_heads, model.config.num_key_value_heads) == (30, 9, 3)
     assert len(tokenizer("Hello world")["input_ids"]) >= 2
+
+
+def test_smollm2_end_to_end_through_analyze(tmp_path, smollm2_source):
+    """extract (static and dynamic, a small budget) then analyze every strategy with nulls and the factors."""
+    import json
+
+    from qkspectra.cli import main
+
+    out = tmp_path / "geometry.json"
+    main(["extract", "smollm2", "-o", str(out), "--seq-len", "64", "--max-tokens", "256", "--quiet"])
+    geometry = json.loads(out.read_text())
+    assert (geometry["num_layers"], geometry["num_heads"]) == (30, 9)
+    assert geometry["metadata"]["num_kv_heads"] == 3 and geometry["metadata"]["model_type"] == "llama"
+    entropy = np.array([row["mean_attention_entropy_per_head"] for row in geometry["dynamic"]])  # (L, H)
+    assert entropy.shape == (30, 9) and np.all(entropy >= 0) and np.all(entropy <= np.log(64) + 1e-9)
+    main(["analyze", str(out), "--anchor", "all", "--null", "--null-draws", "20", "--json", str(tmp_path / "a.json"), "--quiet"])
+    document = json.loads((tmp_path / "a.json").read_text())
+    assert set(document["strategies"]) == {"last", "middle", "best", "group"}
+    assert np.shape(document["rescale"]["T"]) == (30, 9)
+    assert document["entropy"]["corr_T_entropy"] is not None
+    assert document["null"]["gaussian"]["available"] and document["null"]["shuffle"]["available"]
+    assert set(document["operator"]) == {"last", "middle", "best", "group"}
+    assert set(document["verdict"]["layers"]) == {"spectral", "spectral_vs_null", "operator", "functional"}

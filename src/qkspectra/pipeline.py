@@ -31,6 +31,30 @@ def operator_missing_reason(geometry: Geometry) -> str:
     return NO_FACTORS
 
 
+def operator_sections(geometry: Geometry, analyses: dict[str, Analysis]) -> tuple[dict | None, dict | None, str]:
+    """The ``operator`` and ``rank_k`` sections from the factors file beside the geometry.
+
+    Returns (operator, rank_k, reason): both None, with the reason, when there is no factors
+    file or safetensors (the ``models`` extra) is not installed.
+    """
+    from qkspectra.operator import factors_path_for
+
+    path = factors_path_for(geometry)
+    if path is None or not path.is_file():
+        return None, None, NO_FACTORS
+    try:
+        import safetensors  # noqa: F401
+    except ImportError:
+        return None, None, f"reading {path.name} needs safetensors (pip install 'qkspectra[models]')"
+    from qkspectra.operator import OperatorFitter, load_factors, operator_evidence
+    from qkspectra.rank_k import rank_k_evidence
+
+    anchors = {name: a.anchor for name, a in analyses.items()}
+    fitter = OperatorFitter(load_factors(path, geometry))
+    operator = operator_evidence(fitter.factors, anchors, fitter=fitter)
+    return operator, rank_k_evidence(geometry, anchors, fitter=fitter), ""
+
+
 @dataclass(frozen=True)
 class BeyondSeed:
     """What goes beyond the seed's figures. nulls and bootstrap are None when not computed."""

@@ -8,6 +8,10 @@ they qualify and bootstrap intervals under the correlations.
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+
 from qkspectra.analysis import Analysis, Correlation
 from qkspectra.bootstrap import BootstrapResult, Interval
 from qkspectra.nulls import CROSS_HEAD, NULL_LABELS, RESIDUAL_PREFIX, SHAPE_INVARIANCE, NullBaseline
@@ -175,6 +179,24 @@ def render_null_comparison(analyses: dict[str, Analysis], nulls: dict[str, NullB
             if null.available and f is not None and f.p_value is not None:
                 parts.append(f"{NULL_LABELS.get(null_name, null_name)} {f.null_mean:.4f} ± {f.null_std:.2g} (p = {f.p_value:.3f})")
         out.append(f"  {name:<8}  {a.rescale.mean_residual:.4f}  vs  " + ("; ".join(parts) or "n/a"))
+    return "\n".join(out) + "\n"
+
+
+def render_operator(operator: dict[str, Any], rank_k: dict[str, Any]) -> str:
+    """The operator-level section: per strategy, how far M_L^h is from T M_anchor^h as an operator."""
+    out = ["", "=== Operator level (from the factors file) ==="]
+    out.append("  residual ||M_L^h - T M_a^h||_F / ||M_L^h||_F, mean over all (L, h), anchor layer included;")
+    out.append("  k: the rank of the correction T M_a + rank-k that reaches residual < 0.10 (operator level)")
+    out.append(
+        f"  {'strategy':<8}  {'same head':>9}  {'matched':>9}  {'angle (deg)':>11}  {'mean k':>7}  {'params':>7}"
+    )
+    for name, entry in operator.items():
+        angle = float(np.mean(entry["principal_angles_deg_mean"]))
+        k = rank_k[name]["operator"]
+        out.append(
+            f"  {name:<8}  {entry['mean_residual']:>9.4f}  {entry['matched_mean_residual']:>9.4f}  {angle:>11.1f}  "
+            f"{k['mean_k']:>7.1f}  {k['param_ratio']:>7.2f}"
+        )
     return "\n".join(out) + "\n"
 
 

@@ -44,9 +44,16 @@ def analyze(
     from qkspectra.bootstrap import BootstrapOptions
     from qkspectra.geometry import load_geometry
     from qkspectra.nulls import NullOptions
-    from qkspectra.pipeline import beyond_seed, operator_missing_reason
+    from qkspectra.pipeline import beyond_seed, operator_sections
     from qkspectra.results import result_document
-    from qkspectra.textreport import NO_NULL_LINE, render_comparison, render_layered_verdict, render_null_comparison, render_report
+    from qkspectra.textreport import (
+        NO_NULL_LINE,
+        render_comparison,
+        render_layered_verdict,
+        render_null_comparison,
+        render_operator,
+        render_report,
+    )
 
     choice = parse_anchor(anchor)
     if groups is not None and choice not in ("group", "all"):
@@ -63,12 +70,15 @@ def analyze(
         primary = choice if isinstance(choice, str) else "index"
         analyses = {primary: run_analysis(geometry, choice, groups=groups)}
 
+    operator, rank_k, operator_missing = operator_sections(geometry, analyses)
     extra = beyond_seed(
-        analyses, primary, nulls=null_options, bootstrap=bootstrap_options, operator_missing=operator_missing_reason(geometry)
+        analyses, primary, nulls=null_options, bootstrap=bootstrap_options, operator=operator, operator_missing=operator_missing
     )
 
     if json_out is not None:
         document = result_document(analyses, primary, nulls=extra.nulls, bootstrap=extra.bootstrap, verdict=extra.verdict)
+        if operator is not None:
+            document["operator"], document["rank_k"] = operator, rank_k
         atomic_write_json(json_out, document)
     if not quiet:
         text = render_report(analyses[primary], extra.nulls, extra.bootstrap, primary)
@@ -76,7 +86,9 @@ def analyze(
             text += render_comparison(analyses)
             if extra.nulls:
                 text += render_null_comparison(analyses, extra.nulls)
-        if null:
+        if operator is not None:
+            text += render_operator(operator, rank_k)
+        if null or operator is not None:
             text += render_layered_verdict(extra.verdict, extra.nulls)
         else:
             text += "\n" + NO_NULL_LINE + "\n"
