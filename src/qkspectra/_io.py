@@ -1,4 +1,8 @@
-"""Atomic file writes: a reader never sees a half-written output file."""
+"""Atomic file writes: a reader never sees a half-written output file.
+
+A write that the file system refuses (a folder in the way, no permission, disk full) raises
+``QkspectraError`` naming the file, so the command line prints one line instead of a traceback.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from pathlib import Path
 
 import orjson
 
+from qkspectra.errors import QkspectraError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -15,18 +21,40 @@ def _umask() -> int:
     return mask
 
 
+def write_error(path: Path, error: OSError) -> QkspectraError:
+    """``cannot write PATH: REASON`` for an OSError met while writing ``path``."""
+    blocking = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
+    reason = f"{blocking} is a file, not a folder" if blocking is not None else error.strerror or str(error)
+    return QkspectraError(f"cannot write {path}: {reason}")
+
+
+def make_folder(path: Path, *, for_file: Path | None = None) -> None:
+    """Create ``path`` and its parents if needed; QkspectraError (naming ``for_file``, if given) if refused."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(for_file or path, e) from None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder, then rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise QkspectraError(f"cannot write {path}: it is a folder")
+    make_folder(path.parent, for_file=path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(path, e) from None
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # the permissions a plain open() would give
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(path, e) from None
         raise
     return path
 

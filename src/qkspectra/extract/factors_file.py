@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from qkspectra._io import _umask
+from qkspectra._io import _umask, make_folder, write_error
 from qkspectra.errors import QkspectraError
 
 HEADER_ALIGNMENT = 8
@@ -58,13 +58,18 @@ class FactorsFileWriter:
             offset = end
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % HEADER_ALIGNMENT)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, staging = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self._staging = Path(staging)
-        self._file = os.fdopen(fd, "wb")
-        self._file.write(len(encoded).to_bytes(8, "little") + encoded)
-        self._data_start = 8 + len(encoded)
-        self._file.truncate(self._data_start + offset)
+        if self.path.is_dir():
+            raise QkspectraError(f"cannot write {self.path}: it is a folder")
+        make_folder(self.path.parent, for_file=self.path)
+        try:
+            fd, staging = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            self._staging = Path(staging)
+            self._file = os.fdopen(fd, "wb")
+            self._file.write(len(encoded).to_bytes(8, "little") + encoded)
+            self._data_start = 8 + len(encoded)
+            self._file.truncate(self._data_start + offset)
+        except OSError as e:
+            raise write_error(self.path, e) from None
 
     def write_layer(self, index: int, tensors: dict[str, np.ndarray]) -> None:
         """Write layer ``index``'s slice of every tensor (same names and shapes for every layer)."""
@@ -76,8 +81,11 @@ class FactorsFileWriter:
             offset, layer_bytes, shape = self._layout[name]
             if array.shape != shape:
                 raise QkspectraError(f"layer {index}: factor {name} has shape {array.shape}, expected {shape}")
-            self._file.seek(self._data_start + offset + index * layer_bytes)
-            self._file.write(np.ascontiguousarray(array, dtype="<f4").tobytes())
+            try:
+                self._file.seek(self._data_start + offset + index * layer_bytes)
+                self._file.write(np.ascontiguousarray(array, dtype="<f4").tobytes())
+            except OSError as e:
+                raise write_error(self.path, e) from None
         self._layers_written.add(index)
 
     def commit(self) -> Path:
@@ -85,9 +93,12 @@ class FactorsFileWriter:
         if self._layers_written != set(range(self.num_layers)):
             raise QkspectraError(f"factors of layers {sorted(set(range(self.num_layers)) - self._layers_written)} "
                                  "were never written")
-        self._file.close()
-        os.chmod(self._staging, 0o666 & ~_umask())
-        os.replace(self._staging, self.path)
+        try:
+            self._file.close()
+            os.chmod(self._staging, 0o666 & ~_umask())
+            os.replace(self._staging, self.path)
+        except OSError as e:
+            raise write_error(self.path, e) from None
         self._staging = None
         return self.path
 
