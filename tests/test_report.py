@@ -169,7 +169,9 @@ def test_plot_command_with_geometry_beside(tmp_path, document, capsys):
 
 @pytest.mark.parametrize(
     "content, message",
-    [(None, "no such file"), (b"{nope", "not valid JSON"), (b'{"num_layers": 1}', "not an analysis document")],
+    [(None, "no such file"), (b"{nope", "not valid JSON"), (b'{"num_layers": 1}', "not an analysis document"),
+     (b'{"input": 1, "rescale": 2, "anchor": 3}', "not an analysis document"),
+     (b'{"input": {"num_layers": 1}, "rescale": {}, "anchor": {"strategy": "last"}}', "not an analysis document")],
 )
 def test_report_command_rejects_bad_input_in_one_line(tmp_path, capsys, content, message):
     path = tmp_path / "analysis.json"
@@ -180,6 +182,17 @@ def test_report_command_rejects_bad_input_in_one_line(tmp_path, capsys, content,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_command_rejects_a_geometry_of_another_shape_beside(tmp_path, document, capsys):
+    shutil.copy(GOLDEN / "deep.json", tmp_path / "geometry.json")
+    atomic_write_json(tmp_path / "analysis.json", document)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path / "analysis.json"), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not the geometry of this analysis" in err
     assert not (tmp_path / "out").exists()
 
 

@@ -610,7 +610,8 @@ def write_report(document: Mapping[str, Any], geometry: Geometry | None, out_dir
     """out_dir/plots/*.png, out_dir/report.html and out_dir/report.md, each written atomically."""
     out_dir = Path(out_dir)
     images, notes = render_plots(document, geometry)
-    paths = _write_images(images, out_dir)
-    html_path = atomic_write_text(out_dir / "report.html", render_html(document, images, notes))
-    md_path = atomic_write_text(out_dir / "report.md", render_markdown(document, list(images), notes))
+    page, markdown = render_html(document, images, notes), render_markdown(document, list(images), notes)
+    paths = _write_images(images, out_dir)  # only once everything has rendered
+    html_path = atomic_write_text(out_dir / "report.html", page)
+    md_path = atomic_write_text(out_dir / "report.md", markdown)
     return ReportFiles(paths, html_path, md_path, notes)

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
 from qkspectra.cli import app
+from qkspectra.errors import QkspectraError
 
 ANALYSIS_HELP = "analysis.json written by `qkspectra run` (geometry.json beside it adds the per-head plots)."
 OUT_HELP = "Output folder (default: the folder of analysis.json)."
+NOT_ANALYSIS = "not an analysis document (write one with `qkspectra run` or `qkspectra analyze --json`)"
 
 
 def _inputs(path: Path) -> tuple[dict[str, Any], Any]:
     """The analysis document and the geometry beside it (None when absent)."""
     import orjson
 
-    from qkspectra.errors import QkspectraError
     from qkspectra.geometry import load_geometry
     from qkspectra.runner import GEOMETRY_FILE
 
@@ -29,15 +30,32 @@ def _inputs(path: Path) -> tuple[dict[str, Any], Any]:
         raise QkspectraError(f"{path}: is a folder; give its analysis.json") from None
     except orjson.JSONDecodeError as e:
         raise QkspectraError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(document, dict) or not {"input", "rescale", "anchor"} <= document.keys():
-        raise QkspectraError(f"{path}: not an analysis document (write one with `qkspectra run` or `qkspectra analyze --json`)")
+    if not isinstance(document, dict) or not all(isinstance(document.get(key), dict) for key in ("input", "rescale", "anchor")):
+        raise QkspectraError(f"{path}: {NOT_ANALYSIS}")
     geometry_path = path.parent / GEOMETRY_FILE
-    return document, load_geometry(geometry_path) if geometry_path.is_file() else None
+    if not geometry_path.is_file():
+        return document, None
+    geometry = load_geometry(geometry_path)
+    shape = (document["input"].get("num_layers"), document["input"].get("num_heads"))
+    if shape != (geometry.num_layers, geometry.num_heads):
+        raise QkspectraError(
+            f"{geometry_path} has {geometry.num_layers} layers × {geometry.num_heads} heads, but {path.name} was "
+            f"computed on {shape[0]} × {shape[1]}: not the geometry of this analysis"
+        )
+    return document, geometry
 
 
-def _say(quiet: bool, line: str) -> None:
+def _rebuild(path: Path, out: Path | None, quiet: bool, write: Callable[..., Any], summary: Callable[[Any, Path], str]) -> None:
+    """Read the inputs, ``write(document, geometry, out_dir)``, print the notes and ``summary(files, out_dir)``."""
+    document, geometry = _inputs(path)
+    out_dir = path.parent if out is None else out
+    try:
+        files = write(document, geometry, out_dir)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise QkspectraError(f"{path}: {NOT_ANALYSIS}: {type(e).__name__} {e}") from None
     if not quiet:
-        typer.echo(f"qkspectra: {line}", err=True)
+        for line in (*files.notes, summary(files, out_dir)):
+            typer.echo(f"qkspectra: {line}", err=True)
 
 
 @app.command()
@@ -49,11 +67,8 @@ def report(
     """Rebuild plots/*.png, report.html and report.md from an analysis.json."""
     from qkspectra.report import write_report
 
-    document, geometry = _inputs(path)
-    files = write_report(document, geometry, path.parent if out is None else out)
-    for note in files.notes:
-        _say(quiet, note)
-    _say(quiet, f"report: {files.html}  ({files.markdown.name}, {len(files.plots)} plots)")
+    _rebuild(path, out, quiet, write_report,
+             lambda files, _: f"report: {files.html}  ({files.markdown.name}, {len(files.plots)} plots)")
 
 
 @app.command()
@@ -65,9 +80,5 @@ def plot(
     """Rebuild plots/*.png from an analysis.json."""
     from qkspectra.report import PLOTS_FOLDER, write_plots
 
-    document, geometry = _inputs(path)
-    out_dir = path.parent if out is None else out
-    files = write_plots(document, geometry, out_dir)
-    for note in files.notes:
-        _say(quiet, note)
-    _say(quiet, f"{len(files.plots)} plots in {out_dir / PLOTS_FOLDER}: {', '.join(files.plots)}")
+    _rebuild(path, out, quiet, write_plots,
+             lambda files, out_dir: f"{len(files.plots)} plots in {out_dir / PLOTS_FOLDER}: {', '.join(files.plots)}")
