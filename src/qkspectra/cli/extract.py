@@ -1,44 +1,47 @@
-"""``qkspectra extract``: a model's per-head QK spectra and attention entropy as a geometry JSON."""
+"""``qkspectra extract``: a model's per-head QK spectra and attention entropy as a geometry JSON.
+
+The extraction options are declared once here; ``qkspectra run`` takes the same ones.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from qkspectra.cli import app
 from qkspectra.extract.corpus import DEFAULT_MAX_TOKENS
 
+if TYPE_CHECKING:
+    from qkspectra.extract import ExtractOptions
+
 MODEL_HELP = (
     "Bundled model name (minilm, smollm2), a local Hugging Face model folder, or a .gguf file "
     "(dequantised once into $QKSPECTRA_CACHE, default ~/.cache/qkspectra/models)."
 )
 
+Model = Annotated[str, typer.Argument(help=MODEL_HELP)]
+NoFoldLn = Annotated[bool, typer.Option("--no-fold-ln", help="Use the raw W_Q, W_K instead of folding in the gain of "
+                                        "the norm feeding attention.")]
+StaticOnly = Annotated[bool, typer.Option("--static-only", help="Skip the corpus pass (no 'dynamic' rows, no entropy).")]
+Corpus = Annotated[Optional[Path], typer.Option(help="A .txt file, a folder of .txt files or a .jsonl file "
+                                                "(default: the bundled corpus).")]
+WindowPerLine = Annotated[bool, typer.Option("--window-per-line", help="One window per non-blank corpus line instead "
+                                             "of fixed-length windows.")]
+SeqLen = Annotated[Optional[int], typer.Option(help="Tokens per window (default: min(512, the model's maximum)).")]
+MaxTokens = Annotated[int, typer.Option(help="Corpus budget in tokens.")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Windows per forward pass (default: as many as fit in memory).")]
 
-@app.command()
-def extract(
-    model: Annotated[str, typer.Argument(help=MODEL_HELP)] = "minilm",
-    output: Annotated[Path, typer.Option("--output", "-o", help="Geometry JSON to write; the per-head factors go "
-                                         "beside it as <stem>.factors.safetensors.", show_default=False)] = ...,
-    no_fold_ln: Annotated[bool, typer.Option("--no-fold-ln", help="Use the raw W_Q, W_K instead of folding in the "
-                                             "gain of the norm feeding attention.")] = False,
-    static_only: Annotated[bool, typer.Option("--static-only", help="Skip the corpus pass (no 'dynamic' rows).")] = False,
-    corpus: Annotated[Optional[Path], typer.Option(help="A .txt file, a folder of .txt files or a .jsonl file "
-                                                   "(default: the bundled corpus).")] = None,
-    window_per_line: Annotated[bool, typer.Option("--window-per-line", help="One window per non-blank corpus line "
-                                                  "instead of fixed-length windows.")] = False,
-    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per window (default: min(512, the model's "
-                                                   "maximum)).")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Corpus budget in tokens.")] = DEFAULT_MAX_TOKENS,
-    batch_size: Annotated[Optional[int], typer.Option(help="Windows per forward pass (default: as many as fit "
-                                                      "in memory).")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, no summary line.")] = False,
-) -> None:
-    """Per-head singular values of s * W_Q W_K^T (static) and mean attention entropy over a corpus (dynamic)."""
-    from qkspectra.extract import ExtractOptions, extract_to_files
 
-    options = ExtractOptions(
+def extract_options(
+    *, no_fold_ln: bool, static_only: bool, corpus: Path | None, window_per_line: bool, seq_len: int | None,
+    max_tokens: int, batch_size: int | None, quiet: bool,
+) -> ExtractOptions:
+    """The library's options from the command line's."""
+    from qkspectra.extract import ExtractOptions
+
+    return ExtractOptions(
         fold_ln=not no_fold_ln,
         static_only=static_only,
         corpus=None if corpus is None else str(corpus),
@@ -48,6 +51,28 @@ def extract(
         batch_size=batch_size,
         quiet=quiet,
     )
+
+
+@app.command()
+def extract(
+    model: Model = "minilm",
+    output: Annotated[Path, typer.Option("--output", "-o", help="Geometry JSON to write; the per-head factors go "
+                                         "beside it as <stem>.factors.safetensors.", show_default=False)] = ...,
+    no_fold_ln: NoFoldLn = False,
+    static_only: StaticOnly = False,
+    corpus: Corpus = None,
+    window_per_line: WindowPerLine = False,
+    seq_len: SeqLen = None,
+    max_tokens: MaxTokens = DEFAULT_MAX_TOKENS,
+    batch_size: BatchSize = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, no summary line.")] = False,
+) -> None:
+    """Per-head singular values of s * W_Q W_K^T (static) and mean attention entropy over a corpus (dynamic)."""
+    from qkspectra.extract import extract_to_files
+
+    options = extract_options(no_fold_ln=no_fold_ln, static_only=static_only, corpus=corpus,
+                              window_per_line=window_per_line, seq_len=seq_len, max_tokens=max_tokens,
+                              batch_size=batch_size, quiet=quiet)
     json_file, factors_file = extract_to_files(model, output, options=options)
     if not quiet:
         passes = "static spectra" if static_only else "static spectra and attention entropy"
