@@ -206,3 +206,13 @@ def test_minilm_raw_last_anchor_equals_dense(minilm_source):
     np.testing.assert_allclose(section["T"], np.array([t for t, _ in dense]).reshape(6, 12), rtol=1e-6)
     assert 0.99 < dense_residual[:5].mean() < 1.0  # the layers other than the anchor differ almost entirely
     assert section["matched_mean_residual"] <= section["mean_residual"] + 1e-12
+
+
+@pytest.mark.parametrize("name, beside", [("g.factors.safetensors", True), ("../../etc/passwd", False), ("sub/g.safetensors", False),
+                                          ("..", False), ("", False), (["g"], False)])
+def test_factors_path_for_takes_only_a_file_name_beside_the_geometry(tmp_path, name, beside):
+    from qkspectra.geometry import Geometry
+    from qkspectra.operator import factors_path_for
+
+    g = Geometry(np.ones((1, 1, 1)), None, metadata={"factors_file": name}, source=str(tmp_path / "g.json"))
+    assert factors_path_for(g) == (tmp_path / name if beside else None)

@@ -162,9 +162,12 @@ def check_against_geometry(factors: Factors, geometry: Geometry) -> None:
 
 
 def factors_path_for(geometry: Geometry) -> Path | None:
-    """The factors file the geometry's metadata names (beside the geometry file), or None."""
+    """The factors file the geometry's metadata names (beside the geometry file), or None.
+
+    None also when the name is not a plain file name (a path elsewhere is not "beside").
+    """
     name = geometry.metadata.get("factors_file")
-    if not isinstance(name, str) or geometry.source.startswith("<"):
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or geometry.source.startswith("<"):
         return None
     return Path(geometry.source).with_name(name)
 

@@ -9,7 +9,6 @@ and the layered verdict.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from qkspectra.analysis import Analysis, analyze_all
@@ -25,9 +24,11 @@ NO_FUNCTIONAL = "functional test not run"
 
 def operator_missing_reason(geometry: Geometry) -> str:
     """Why the operator layer is n/a when no factors were given."""
-    name = geometry.metadata.get("factors_file")
-    if isinstance(name, str) and not geometry.source.startswith("<") and Path(geometry.source).with_name(name).is_file():
-        return f"operator test not requested (the factors file {name} is beside the geometry)"
+    from qkspectra.operator import factors_path_for
+
+    path = factors_path_for(geometry)
+    if path is not None and path.is_file():
+        return f"operator test not requested (the factors file {path.name} is beside the geometry)"
     return NO_FACTORS
 
 
