@@ -267,12 +267,13 @@ def test_analyze_with_null_and_an_index_anchor(tmp_path, capsys):
     assert set(figures) == {"shape_invariance_mean", "cross_head_mean_cos", "mean_residual.index"}
 
 
-def test_bad_null_draws_is_one_line_and_status_2(capsys):
+@pytest.mark.parametrize("option", [("--null-draws", "0"), ("--seed", "-1")])
+def test_bad_null_draws_is_one_line_and_status_2(capsys, option):
     with pytest.raises(SystemExit) as e:
-        main(["analyze", str(GOLDEN / "minilm_like.json"), "--null", "--null-draws", "0"])
+        main(["analyze", str(GOLDEN / "minilm_like.json"), "--null", *option])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--null-draws 0" in err
+    assert err.count("\n") == 1 and " ".join(option) in err
 
 
 def test_null_baselines_need_numpy_alone():

@@ -60,6 +60,8 @@ def analyze(
         fail("--groups goes with --anchor group or --anchor all")
     if null_draws < 1:
         fail(f"--null-draws {null_draws}: must be at least 1")
+    if seed < 0:
+        fail(f"--seed {seed}: must be at least 0")
     null_options = NullOptions(shuffle_draws=null_draws, gaussian_draws=null_draws, seed=seed) if null else None
     bootstrap_options = BootstrapOptions(seed=seed) if null else None
     geometry = load_geometry(path)
