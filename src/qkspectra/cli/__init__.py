@@ -32,14 +32,7 @@ def fail(message: str) -> None:
 
 
 def _register() -> None:
-    from qkspectra.cli import analyze  # noqa: F401  (registers its command)
-
-    for name in ("extract", "run", "report"):
-        try:
-            __import__(f"qkspectra.cli.{name}")
-        except ModuleNotFoundError as e:  # command module not written yet
-            if e.name != f"qkspectra.cli.{name}":
-                raise
+    from qkspectra.cli import analyze, extract, report, run  # noqa: F401  (each registers its commands)
 
 
 def main(argv: list[str] | None = None) -> None:
