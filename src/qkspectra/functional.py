@@ -193,12 +193,21 @@ def _linear_weight(per_head: np.ndarray) -> np.ndarray:
     return per_head.transpose(0, 2, 1).reshape(-1, per_head.shape[1])
 
 
-def _write_bert(params: _Parameters, index: int, W_Q, W_K, b_Q, b_K) -> None:
-    attention = f"encoder.layer.{index}.attention.self"
-    for part, W, b in (("query", W_Q, b_Q), ("key", W_K, b_K)):
-        params.set(f"{attention}.{part}.weight", _linear_weight(W))
-        if b is not None:
-            params.set(f"{attention}.{part}.bias", b.reshape(-1))
+def _separate_projections(attention: str, query: str, key: str) -> Callable:
+    """The writer for separate query and key nn.Linear layers; ``attention`` is formatted with the layer index."""
+
+    def write(params: _Parameters, index: int, W_Q, W_K, b_Q, b_K) -> None:
+        prefix = attention.format(index=index)
+        for part, W, b in ((query, W_Q, b_Q), (key, W_K, b_K)):
+            params.set(f"{prefix}.{part}.weight", _linear_weight(W))
+            if b is not None:
+                params.set(f"{prefix}.{part}.bias", b.reshape(-1))
+
+    return write
+
+
+_write_bert = _separate_projections("encoder.layer.{index}.attention.self", "query", "key")
+_write_llama = _separate_projections("layers.{index}.self_attn", "q_proj", "k_proj")
 
 
 def _write_gpt2(params: _Parameters, index: int, W_Q, W_K, b_Q, b_K) -> None:
@@ -224,14 +233,6 @@ def _write_gpt_neox(params: _Parameters, index: int, W_Q, W_K, b_Q, b_K) -> None
         bias = params.get(f"{name}.bias").reshape(H, 3, d_head)
         bias[:, 0], bias[:, 1] = b_Q, b_K
         params.set(f"{name}.bias", bias.reshape(-1))
-
-
-def _write_llama(params: _Parameters, index: int, W_Q, W_K, b_Q, b_K) -> None:
-    attention = f"layers.{index}.self_attn"
-    for part, W, b in (("q_proj", W_Q, b_Q), ("k_proj", W_K, b_K)):
-        params.set(f"{attention}.{part}.weight", _linear_weight(W))
-        if b is not None:
-            params.set(f"{attention}.{part}.bias", b.reshape(-1))
 
 
 WRITERS: dict[str, Callable] = {
