@@ -34,15 +34,18 @@ class BertAdapter(AttentionAdapter):
         return "encoder.layer.0.attention.self.query.weight"
 
     def layer(self, tensors: TensorSource, index: int) -> AttentionLayer:
-        attention = f"encoder.layer.{index}.attention.self"
         norm = "embeddings.LayerNorm" if index == 0 else f"encoder.layer.{index - 1}.output.LayerNorm"
+        return self.self_attention(tensors, f"encoder.layer.{index}.attention.self", norm)
+
+    def self_attention(self, tensors: TensorSource, attention: str, norm: str | None) -> AttentionLayer:
+        """The layer with ``{attention}.query`` and ``.key`` linears, fed by the LayerNorm ``norm`` (None: not folded)."""
         return AttentionLayer(
             W_Q=heads_from_linear(self.read(tensors, f"{attention}.query.weight"), self.num_heads),
             W_K=heads_from_linear(self.read(tensors, f"{attention}.key.weight"), self.num_heads),
             b_Q=heads_from_bias(self.read_optional(tensors, f"{attention}.query.bias"), self.num_heads),
             b_K=heads_from_bias(self.read_optional(tensors, f"{attention}.key.bias"), self.num_heads),
             scale=self.d_head**-0.5,
-            norm_gain=self.read(tensors, f"{norm}.weight"),
-            norm_bias=self.read_optional(tensors, f"{norm}.bias"),
+            norm_gain=None if norm is None else self.read(tensors, f"{norm}.weight"),
+            norm_bias=None if norm is None else self.read_optional(tensors, f"{norm}.bias"),
             rotary=None,
         )
