@@ -71,7 +71,11 @@ def extract_to_files(model: str, out: str | Path, *, options: ExtractOptions = E
     """
     out = output_path(out)
     extraction = run_extraction(model, options=options, factors_file=factors_path(out))
-    atomic_write_json(out, extraction.geometry)
+    try:
+        atomic_write_json(out, extraction.geometry)
+    except BaseException:
+        factors_path(out).unlink(missing_ok=True)  # no factors file without its geometry
+        raise
     return out, factors_path(out)
 
 
