@@ -99,6 +99,7 @@ def build_analysis_document(
     nulls: NullOptions | bool = True,
     bootstrap: BootstrapOptions | bool = True,
     factors: Any = None,
+    fitter: Any = None,
     rank_k: dict[str, Any] | None = None,
     functional: dict[str, Any] | None = None,
     functional_missing: str = NO_FUNCTIONAL,
@@ -110,6 +111,8 @@ def build_analysis_document(
         ``.factors.safetensors`` path such as ``operator.factors_path_for(geometry)``, or a
         dict of arrays): the operator fits go under ``operator`` and, unless ``rank_k`` is
         given, the rank-k corrections under ``rank_k`` (one fitter for both). None: neither.
+    fitter: an ``operator.OperatorFitter`` on those factors that has already fitted layer pairs
+        (e.g. for a ``rank_k`` computed beforehand), reused instead of fitting again.
     rank_k, functional: results computed elsewhere, merged into the document under those
         keys; functional also feeds the layered verdict (n/a with ``functional_missing``
         when absent).
@@ -121,7 +124,8 @@ def build_analysis_document(
         from qkspectra.rank_k import rank_k_evidence
 
         anchors = {name: a.anchor for name, a in analyses.items()}
-        fitter = OperatorFitter(as_factors(factors, geometry))
+        if fitter is None:
+            fitter = OperatorFitter(as_factors(factors, geometry))
         operator = operator_evidence(fitter.factors, anchors, fitter=fitter)
         if rank_k is None:
             rank_k = rank_k_evidence(geometry, anchors, fitter=fitter)

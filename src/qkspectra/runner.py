@@ -117,7 +117,7 @@ def analysis_document(
     once per reconstruction and anchor strategy.
     """
     from qkspectra.analysis import analyze_all
-    from qkspectra.operator import load_factors
+    from qkspectra.operator import OperatorFitter, load_factors
     from qkspectra.pipeline import build_analysis_document
     from qkspectra.rank_k import rank_k_evidence
 
@@ -128,12 +128,15 @@ def analysis_document(
     from qkspectra.functional import DEFAULT_MAX_TOKENS, functional_evidence
 
     anchors = {name: a.anchor for name, a in analyze_all(geometry, groups=groups).items()}
-    rank_k = rank_k_evidence(geometry, anchors, factors)
+    fitter = None if factors is None else OperatorFitter(factors)
+    rank_k = rank_k_evidence(geometry, anchors, fitter=fitter)
     functional = functional_evidence(
         functional_model, geometry, anchors, rank_k, max_tokens=min(options.max_tokens, DEFAULT_MAX_TOKENS),
         fold_ln=options.fold_ln, corpus=options.corpus, seq_len=options.seq_len, progress=not options.quiet,
     )
-    return build_analysis_document(geometry, groups=groups, factors=factors, rank_k=rank_k, functional=functional)
+    return build_analysis_document(
+        geometry, groups=groups, factors=factors, fitter=fitter, rank_k=rank_k, functional=functional
+    )
 
 
 @dataclass(frozen=True)
