@@ -7,7 +7,8 @@ bundled GGUF, converted first if needed) this prints
            safetensors file into float64 arrays (the raw float32 read is shown too);
   static   the whole static pass: the same reads plus norm folding, thin QR of every factor,
            SVD of every d_head x d_head core and the summaries (target: at most 1.5x load);
-           also shown with the float32 factors kept, as for the factors file;
+           also shown with the float32 factors kept, as for the factors file, and with
+           Householder QR for every factor instead of the Gram (CholeskyQR) route;
   dense    the baseline: form each head's d_model x d_model metric from the loaded factors
            and take numpy's SVD of it (singular values only), for ``--dense-heads`` heads
            (default all 270), extrapolated to all heads when fewer are timed
@@ -34,6 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
+from qkspectra.extract import spectra  # noqa: E402
 from qkspectra.extract.spectra import fold_norm, single_threaded_torch, static_spectra  # noqa: E402
 from qkspectra.models import resolve_model  # noqa: E402
 from qkspectra.models.adapters import adapter_for  # noqa: E402
@@ -77,12 +79,20 @@ def time_load(path, names: list[str]) -> tuple[float, float]:
     return stored_seconds, time.perf_counter() - start
 
 
-def time_static(adapter, folder, *, keep_factors: bool) -> float:
-    """Seconds for the static pass; without ``keep_factors`` the factors are dropped, as in ``extract_geometry``."""
-    start = time.perf_counter()
-    static_spectra(adapter, open_tensors(folder), fold_ln=True,
-                   factor_sink=None if keep_factors else (lambda index, layer: None))
-    return time.perf_counter() - start
+def time_static(adapter, folder, *, keep_factors: bool, householder: bool = False) -> float:
+    """Seconds for the static pass; without ``keep_factors`` the factors are dropped, as in ``extract_geometry``.
+
+    ``householder``: every factor takes Householder QR (the Gram route's spread limit set to 0).
+    """
+    spread = spectra.GRAM_DIAGONAL_SPREAD
+    spectra.GRAM_DIAGONAL_SPREAD = 0.0 if householder else spread
+    try:
+        start = time.perf_counter()
+        static_spectra(adapter, open_tensors(folder), fold_ln=True,
+                       factor_sink=None if keep_factors else (lambda index, layer: None))
+        return time.perf_counter() - start
+    finally:
+        spectra.GRAM_DIAGONAL_SPREAD = spread
 
 
 def time_dense(layers, heads: list[tuple[int, int]]) -> float:
@@ -104,22 +114,24 @@ def main() -> None:
     source = resolve_model("smollm2", progress=True)
     adapter = adapter_for(source.config)
     recorder = RecordingSource(open_tensors(source.folder))
-    layers = [fold_norm(adapter.layer(recorder, index)) for index in range(adapter.num_layers)]
+    layers = [fold_norm(adapter.layer(recorder, index)).per_query_head() for index in range(adapter.num_layers)]
     all_heads = [(layer, head) for layer in range(adapter.num_layers) for head in range(adapter.num_heads)]
     step = max(1, len(all_heads) // args.dense_heads) if args.dense_heads else 1
     sampled = all_heads[::step]
     path = source.folder / SINGLE_FILE
 
-    raw, load, static, with_factors, dense = [], [], [], [], []
+    raw, load, static, with_factors, householder, dense = [], [], [], [], [], []
     for _ in range(args.repeats):
         raw_seconds, load_seconds = time_load(path, recorder.asked)
         raw.append(raw_seconds)
         load.append(load_seconds)
         static.append(time_static(adapter, source.folder, keep_factors=False))
         with_factors.append(time_static(adapter, source.folder, keep_factors=True))
+        householder.append(time_static(adapter, source.folder, keep_factors=False, householder=True))
         dense.append(time_dense(layers, sampled) * len(all_heads) / len(sampled))
 
-    raw_s, load_s, static_s, factors_s, dense_s = (statistics.median(x) for x in (raw, load, static, with_factors, dense))
+    raw_s, load_s, static_s, factors_s, householder_s, dense_s = (
+        statistics.median(x) for x in (raw, load, static, with_factors, householder, dense))
     print(f"model: {source.description}")
     print(f"  {adapter.num_layers} layers x {adapter.num_heads} heads ({adapter.num_kv_heads} kv), "
           f"d_model {adapter.d_model}, d_head {adapter.d_head}; {len(recorder.asked)} tensors read; "
@@ -130,6 +142,7 @@ def main() -> None:
           f"= {static_s / load_s:.2f}x float64 load, {static_s / raw_s:.1f}x float32 read "
           f"(target <= {STATIC_TARGET}x load)")
     print(f"  the same, keeping the float32 factors in memory  : {factors_s * 1e3:9.1f} ms")
+    print(f"  the same, Householder QR for every factor        : {householder_s * 1e3:9.1f} ms")
     timed = "all heads" if len(sampled) == len(all_heads) else f"{len(sampled)} heads timed, extrapolated"
     print(f"dense per-head SVD of the d_model x d_model metric  : {dense_s * 1e3:9.1f} ms  ({timed})")
     print(f"ratio dense / static: {dense_s / static_s:.0f}x (target >= {DENSE_TARGET:.0f}x)")

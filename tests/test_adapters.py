@@ -135,6 +135,7 @@ def rotate(x: np.ndarray, layer: AttentionLayer) -> np.ndarray:
 
 def attention_probabilities(layer: AttentionLayer, x: np.ndarray, causal: bool) -> np.ndarray:
     """softmax(scale * q k^T + mask) from the extracted factors; x (B, T, d_model) -> (B, H, T, T)."""
+    layer = layer.per_query_head()  # query head h reads key head h // (H / H_kv)
     q = np.einsum("btd,hde->bhte", x, layer.W_Q)
     k = np.einsum("btd,hde->bhte", x, layer.W_K)
     if layer.b_Q is not None:
@@ -204,7 +205,9 @@ def test_factors_reproduce_eager_attention(case, fold):
     assert len(attentions) == adapter.num_layers
     for index, (x, x_hat) in enumerate(inputs):
         layer = adapter.layer(tensors, index)
-        assert layer.W_Q.shape == layer.W_K.shape == (adapter.num_heads, adapter.d_model, adapter.d_head)
+        assert layer.W_Q.shape == (adapter.num_heads, adapter.d_model, adapter.d_head)
+        assert layer.W_K.shape == (adapter.num_kv_heads, adapter.d_model, adapter.d_head)
+        assert layer.kv_group_size == adapter.num_heads // adapter.num_kv_heads
         assert (layer.norm_gain is None) == (x_hat is None)
         if fold and x_hat is not None:
             np.testing.assert_allclose(x_hat * layer.norm_gain + (layer.norm_bias if layer.norm_bias is not None else 0), x, atol=1e-5)

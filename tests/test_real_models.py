@@ -72,6 +72,27 @@ def test_factored_spectra_match_dense_svd(name, fold, request):
             np.testing.assert_allclose(row["operator_norm_per_head"], top[:, 0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["minilm", "smollm2"])
+def test_cholesky_and_householder_routes_agree_on_real_weights(name, request, monkeypatch):
+    """Every factor of the bundled models takes the Gram (CholeskyQR) route, and Householder QR gives the same values."""
+    from qkspectra.extract import spectra
+
+    source = request.getfixturevalue(f"{name}_source")
+    adapter = adapter_for(source.config)
+    fallbacks = []
+    householder = spectra.householder_r_factors
+    monkeypatch.setattr(spectra, "householder_r_factors", lambda W: fallbacks.append(W.shape) or householder(W))
+    gram_route = np.array([row["metric_singvals_per_head"] for row in
+                           static_spectra(adapter, open_tensors(source.folder)).rows])  # (L, H, d_head)
+    assert fallbacks == []
+    monkeypatch.setattr(spectra, "GRAM_DIAGONAL_SPREAD", 0.0)  # now every factor takes Householder QR
+    reference = np.array([row["metric_singvals_per_head"] for row in
+                          static_spectra(adapter, open_tensors(source.folder)).rows])
+    assert len(fallbacks) == 2 * adapter.num_layers
+    error = np.abs(gram_route - reference) / reference[..., :1]
+    assert error.max() <= 1e-13
+
+
 def test_gguf_is_converted_once_into_the_cache(smollm2_source, model_cache, monkeypatch):
     folder = smollm2_source.folder
     assert folder.parent == model_cache and folder.name.startswith("SmolLM2-135M-Instruct.Q4_1-")

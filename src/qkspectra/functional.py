@@ -82,13 +82,13 @@ LOSS_KINDS = {True: "next_token_cross_entropy", False: "final_hidden_cosine_dist
 
 
 def model_layers(model: nn.Module) -> tuple[AttentionAdapter, list[AttentionLayer]]:
-    """The adapter for ``model`` and its layers as stored (no folding), float64."""
+    """The adapter for ``model`` and its layers as stored (no folding), float64, one key factor per query head."""
     model_type = model.config.model_type
     if model_type in REFUSED_MODEL_TYPES:
         raise QkspectraError(f"the functional test does not support {model_type}: {REFUSED_MODEL_TYPES[model_type]}")
     adapter = adapter_for(model.config)
     tensors = StateDictSource(model.state_dict())
-    return adapter, [adapter.layer(tensors, index) for index in range(adapter.num_layers)]
+    return adapter, [adapter.layer(tensors, index).per_query_head() for index in range(adapter.num_layers)]
 
 
 def factors_of_layers(layers: list[AttentionLayer], *, fold_ln: bool) -> Factors:

@@ -6,6 +6,16 @@ those of the small core s * R_Q R_K^T, where W_Q^h = Q_Q R_Q and W_K^h = Q_K R_K
 factorisations (Q_Q, Q_K have orthonormal columns). Everything is float64 and batched over
 heads; the d_model x d_model matrix is never formed.
 
+The triangular factor R of a well-conditioned factor W is computed as CholeskyQR does it: the
+Cholesky factor of the d_head x d_head Gram matrix W^T W = R^T R, which is the R of Householder
+QR up to the signs of its rows (signs that leave the core's singular values unchanged). One
+matrix product replaces a Householder sweep. Forming the Gram matrix squares the condition
+number, so a factor whose R has a diagonal spread wider than ``GRAM_DIAGONAL_SPREAD``, whose
+Gram matrix is not numerically positive definite (rank-deficient heads) or overflows, is
+factorised by Householder QR instead. On the bundled models the widest spread is 37 (SmolLM2,
+folded), and both routes give the same singular values to 2e-15 of each head's largest
+(measured, folded and raw). ``benchmarks/bench_static.py`` times the pass both ways.
+
 Norm folding (on by default): if a norm with gain g (and bias beta) feeds the block, x = g * x_hat
 + beta with x_hat the normalised vector, and the logit in terms of x_hat has the factors
 diag(g) W_Q, diag(g) W_K and the biases b_Q + beta W_Q, b_K + beta W_K.
@@ -20,6 +30,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from qkspectra._threads import single_blas_thread
 from qkspectra.errors import QkspectraError
 from qkspectra.extract.factors_file import FactorSink
 from qkspectra.models.adapters import AttentionAdapter, AttentionLayer
@@ -64,22 +75,64 @@ def fold_norm(layer: AttentionLayer) -> AttentionLayer:
     )
 
 
-def r_factors(W: np.ndarray) -> torch.Tensor:
-    """Triangular factors of thin QR, batched: (..., d_model, d_head) -> (..., k, d_head), k = min(d_model, d_head)."""
-    return torch.linalg.qr(torch.as_tensor(W, dtype=torch.float64), mode="r").R
+# Largest ratio of R's largest to smallest diagonal entry for which R is taken from the Gram
+# matrix. The ratio is a lower bound on W's condition number, whose square is the Gram matrix's;
+# a wider spread sends the factor to Householder QR (tests: factors of condition 1e3 to 1e9 and
+# rank-deficient ones give the dense SVD's values to 1e-13 of the largest either way).
+GRAM_DIAGONAL_SPREAD = 1e4
 
 
-def metric_singular_values(W_Q: np.ndarray, W_K: np.ndarray, scale: float, *, kv_group_size: int = 1) -> np.ndarray:
-    """Singular values of scale * W_Q[h] @ W_K[h].T per head, descending.
+class NonFiniteFactor(ValueError):
+    """A query or key factor holds NaN or infinite entries."""
 
-    W_Q, W_K: (H, d_model, d_head). With ``kv_group_size`` g > 1, consecutive groups of g heads
-    share one key factor (grouped-query attention) and each is factorised only once.
-    Returns (H, k) float64, k = min(d_model, d_head).
+
+def r_factors(W: np.ndarray) -> np.ndarray:
+    """Triangular factors of thin QR, batched: (..., d_model, d_head) -> (..., k, d_head), k = min(d_model, d_head).
+
+    CholeskyQR for factors the Gram route handles accurately, Householder QR for the rest
+    (see the module's documentation); rows of R may differ in sign between the two.
+    Raises NonFiniteFactor if W is not finite.
+    """
+    W = np.asarray(W, dtype=np.float64)
+    d_model, d_head = W.shape[-2:]
+    if d_model < d_head or W.size == 0:
+        return householder_r_factors(W)
+    with np.errstate(over="ignore", invalid="ignore"):  # such factors go to Householder below
+        gram = np.matmul(W.swapaxes(-1, -2), W)  # (..., d_head, d_head)
+    # Every entry of W enters one diagonal entry of its Gram matrix as a square, so NaN or inf
+    # in W (or squares beyond float64's range) shows in that diagonal.
+    finite = np.isfinite(np.diagonal(gram, axis1=-2, axis2=-1)).all(-1)  # (...,)
+    R, info = torch.linalg.cholesky_ex(torch.from_numpy(np.where(finite[..., None, None], gram, 1.0)), upper=True)
+    R = R.numpy()  # (..., d_head, d_head)
+    diagonal = np.diagonal(R, axis1=-2, axis2=-1)  # (..., d_head)
+    householder = ~finite | (info.numpy() != 0) | ~(diagonal.min(-1) * GRAM_DIAGONAL_SPREAD >= diagonal.max(-1))
+    if householder.any():
+        R[householder] = householder_r_factors(W[householder])
+    return R
+
+
+def householder_r_factors(W: np.ndarray) -> np.ndarray:
+    """Triangular factors of thin QR by Householder reflections: (..., d_model, d_head) -> (..., k, d_head).
+
+    Raises NonFiniteFactor if W is not finite.
+    """
+    if not np.isfinite(W).all():
+        raise NonFiniteFactor("not all finite")
+    return np.linalg.qr(W, mode="r")
+
+
+def metric_singular_values(W_Q: np.ndarray, W_K: np.ndarray, scale: float) -> np.ndarray:
+    """Singular values of scale * W_Q[h] @ W_K[h // g].T per query head h, descending.
+
+    W_Q: (H, d_model, d_head); W_K: (H_kv, d_model, d_head) with H_kv dividing H, g = H / H_kv
+    (grouped-query attention: each key factor is factorised once for its g query heads).
+    Returns (H, k) float64, k = min(d_model, d_head). Raises NonFiniteFactor if a factor is not finite.
     """
     R_Q = r_factors(W_Q)  # (H, k, d_head)
-    R_K = torch.repeat_interleave(r_factors(W_K[::kv_group_size]), kv_group_size, dim=0)  # (H, k, d_head)
-    core = R_Q @ R_K.mT  # (H, k, k)
-    return (scale * torch.linalg.svdvals(core)).numpy()
+    R_K = r_factors(W_K)  # (H_kv, k, d_head)
+    H, k = R_Q.shape[:2]
+    core = np.matmul(R_Q.reshape(R_K.shape[0], -1, k, R_Q.shape[-1]), R_K[:, None].swapaxes(-1, -2))  # (H_kv, g, k, k)
+    return scale * np.linalg.svd(core.reshape(H, k, k), compute_uv=False)
 
 
 def spectrum_statistics(singvals: np.ndarray) -> dict[str, np.ndarray]:
@@ -128,11 +181,14 @@ class StaticSpectra:
 
 
 def layer_factors(layer: AttentionLayer) -> dict[str, np.ndarray]:
-    """The layer's factors with sqrt(s) in each, float32: W_Q, W_K (H, d_model, d_head), b_Q, b_K (H, d_head)."""
+    """The layer's factors with sqrt(s) in each, float32, one per query head: W_Q, W_K (H, d_model, d_head), b_Q, b_K (H, d_head)."""
     root_scale = np.sqrt(layer.scale)
-    factors = {"W_Q": layer.W_Q, "W_K": layer.W_K, "b_Q": layer.b_Q, "b_K": layer.b_K}
-    return {name: np.multiply(factor, root_scale, dtype=np.float32)
-            for name, factor in factors.items() if factor is not None}
+    group = layer.kv_group_size
+    factors = {"W_Q": (layer.W_Q, 1), "W_K": (layer.W_K, group), "b_Q": (layer.b_Q, 1), "b_K": (layer.b_K, group)}
+    scaled = {name: (np.multiply(factor, root_scale, dtype=np.float32), repeats)
+              for name, (factor, repeats) in factors.items() if factor is not None}
+    return {name: factor if repeats == 1 else np.repeat(factor, repeats, axis=0)
+            for name, (factor, repeats) in scaled.items()}
 
 
 class FactorCollector:
@@ -166,17 +222,19 @@ def static_spectra(
     """
     collector = FactorCollector(adapter.num_layers) if factor_sink is None else None
     sink = collector if collector is not None else factor_sink
-    kv_group_size = adapter.num_heads // adapter.num_kv_heads
     rows, scales, norm_folded = [], [], []
-    with single_threaded_torch():
+    with single_threaded_torch(), single_blas_thread():
         for index in range(adapter.num_layers):
             layer = adapter.layer(tensors, index)
             norm_folded.append(fold_ln and layer.norm_gain is not None)
             if fold_ln:
                 layer = fold_norm(layer)
-            if not all(np.isfinite(a).all() for a in (layer.W_Q, layer.W_K, layer.b_Q, layer.b_K) if a is not None):
-                raise QkspectraError(f"layer {index}: the checkpoint's query/key weights are not all finite")
-            singvals = metric_singular_values(layer.W_Q, layer.W_K, layer.scale, kv_group_size=kv_group_size)  # (H, k)
+            try:
+                if not all(np.isfinite(b).all() for b in (layer.b_Q, layer.b_K) if b is not None):
+                    raise NonFiniteFactor("biases not all finite")
+                singvals = metric_singular_values(layer.W_Q, layer.W_K, layer.scale)  # (H, k)
+            except NonFiniteFactor:
+                raise QkspectraError(f"layer {index}: the checkpoint's query/key weights are not all finite") from None
             stats = spectrum_statistics(singvals)
             rows.append(
                 {

@@ -5,7 +5,9 @@ for pre-norm models) and positions ignored, the pre-softmax logit between query 
 
     logit = scale * (x @ W_Q[h] + b_Q[h]) . (y @ W_K[h] + b_K[h])
 
-Rotary models rotate both brackets by their position before the dot product (``rotary``).
+Grouped-query models store one key factor per key/value head: query head h reads key head
+h // (H / H_kv), and ``per_query_head()`` gives the layer with that factor repeated for each
+query head. Rotary models rotate both brackets by their position before the dot product (``rotary``).
 ``norm_gain`` / ``norm_bias`` are the affine parameters of the norm whose output is x, so
 x = norm_gain * x_hat + norm_bias with x_hat the normalised vector (``None`` when no norm
 feeds the block directly). Nothing downstream knows which architecture a layer came from.
@@ -14,7 +16,7 @@ feeds the block directly). Nothing downstream knows which architecture a layer c
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -40,13 +42,25 @@ class RotaryEmbedding:
 @dataclass(frozen=True, eq=False)
 class AttentionLayer:
     W_Q: np.ndarray  # (H, d_model, d_head) float64
-    W_K: np.ndarray  # (H, d_model, d_head) float64; grouped-query models already expanded
+    W_K: np.ndarray  # (H_kv, d_model, d_head) float64, H_kv divides H; query head h reads W_K[h // (H / H_kv)]
     b_Q: np.ndarray | None  # (H, d_head)
-    b_K: np.ndarray | None  # (H, d_head)
+    b_K: np.ndarray | None  # (H_kv, d_head)
     scale: float  # the model's own logit scale s
     norm_gain: np.ndarray | None  # (d_model,) gain of the norm whose output enters the block
     norm_bias: np.ndarray | None  # (d_model,) bias of that norm (LayerNorm), None for RMSNorm
     rotary: RotaryEmbedding | None
+
+    @property
+    def kv_group_size(self) -> int:
+        """Query heads per key/value head, H / H_kv (1 without grouped-query attention)."""
+        return self.W_Q.shape[0] // self.W_K.shape[0]
+
+    def per_query_head(self) -> AttentionLayer:
+        """The same layer with one key factor (and key bias) per query head: W_K (H, d_model, d_head)."""
+        if self.kv_group_size == 1:
+            return self
+        num_heads = self.W_Q.shape[0]
+        return replace(self, W_K=expand_kv_heads(self.W_K, num_heads), b_K=expand_kv_heads(self.b_K, num_heads))
 
 
 # Config fields that change the attention logit in ways no adapter models; any value other

@@ -1,7 +1,7 @@
 """Llama (and SmolLM2): pre-RMSNorm decoder, rotary embedding, grouped-query attention.
 
 ``q_proj`` has H*d_head outputs, ``k_proj`` H_kv*d_head; query head h reads key head
-h // (H / H_kv), so W_K is expanded to one factor per query head. q/k biases exist when
+h // (H / H_kv), and W_K keeps one factor per key head. q/k biases exist when
 ``attention_bias`` is set and are kept. The norm feeding attention is ``input_layernorm``
 (RMSNorm: a gain, no bias). Logit scale 1/sqrt(head_dim). Mistral and Qwen2 reuse this
 layout and add their sliding-window checks.
@@ -14,7 +14,6 @@ from typing import Any
 from qkspectra.models.adapters.base import (
     AttentionAdapter,
     AttentionLayer,
-    expand_kv_heads,
     heads_from_bias,
     heads_from_linear,
     rotary_from_config,
@@ -43,13 +42,11 @@ class LlamaAdapter(AttentionAdapter):
     def layer(self, tensors: TensorSource, index: int) -> AttentionLayer:
         attention = f"layers.{index}.self_attn"
         H, H_kv = self.num_heads, self.num_kv_heads
-        W_K = heads_from_linear(self.read(tensors, f"{attention}.k_proj.weight"), H_kv)  # (H_kv, d_model, d_head)
-        b_K = heads_from_bias(self.read_optional(tensors, f"{attention}.k_proj.bias"), H_kv)  # (H_kv, d_head)
         return AttentionLayer(
             W_Q=heads_from_linear(self.read(tensors, f"{attention}.q_proj.weight"), H),
-            W_K=expand_kv_heads(W_K, H),
+            W_K=heads_from_linear(self.read(tensors, f"{attention}.k_proj.weight"), H_kv),
             b_Q=heads_from_bias(self.read_optional(tensors, f"{attention}.q_proj.bias"), H),
-            b_K=expand_kv_heads(b_K, H),
+            b_K=heads_from_bias(self.read_optional(tensors, f"{attention}.k_proj.bias"), H_kv),
             scale=self.d_head**-0.5,
             norm_gain=self.read(tensors, f"layers.{index}.input_layernorm.weight"),
             norm_bias=None,
