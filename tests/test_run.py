@@ -87,13 +87,32 @@ def test_the_cache_key_follows_model_and_options(first_run):
     assert not reusable_geometry(out, cache_key("smollm2", OPTIONS))
 
 
+def fake_previous_run(folder: Path, key) -> None:
+    """A geometry, a factors file and the run.json that vouches for both."""
+    (folder / "geometry.json").write_text("{}")
+    factors = folder / "geometry.factors.safetensors"
+    factors.write_bytes(b"factors")
+    stamp = {"name": factors.name, "size": factors.stat().st_size, "mtime_ns": factors.stat().st_mtime_ns}
+    sha = hashlib.sha256(b"{}").hexdigest()
+    (folder / "run.json").write_bytes(orjson.dumps({"cache_key": key, "geometry_sha256": sha, "factors_file": stamp}))
+
+
 def test_an_edited_geometry_is_not_reused(tmp_path):
     key = cache_key("minilm", OPTIONS)
-    (tmp_path / "geometry.json").write_text("{}")
-    sha = hashlib.sha256(b"{}").hexdigest()
-    (tmp_path / "run.json").write_bytes(orjson.dumps({"cache_key": key, "geometry_sha256": sha}))
+    fake_previous_run(tmp_path, key)
     assert reusable_geometry(tmp_path, key)
     (tmp_path / "geometry.json").write_text('{"edited": 1}')
+    assert not reusable_geometry(tmp_path, key)
+
+
+def test_a_deleted_or_replaced_factors_file_means_extracting_again(tmp_path):
+    key = cache_key("minilm", OPTIONS)
+    fake_previous_run(tmp_path, key)
+    factors = tmp_path / "geometry.factors.safetensors"
+    os.utime(factors, ns=(1, 1))
+    assert not reusable_geometry(tmp_path, key)
+    fake_previous_run(tmp_path, key)
+    factors.unlink()
     assert not reusable_geometry(tmp_path, key)
 
 
@@ -176,6 +195,7 @@ def test_an_extraction_survives_a_failure_after_it(tmp_path, monkeypatch):
     def fake_extract_to_files(model, out, *, options):
         extractions.append(model)
         shutil.copy(golden, out)
+        qkspectra.extract.factors_path(out).write_bytes(b"stand-in factors")  # never read (see below)
 
     def failing_analysis(*args, **kwargs):
         raise QkspectraError("--groups 99: must be between 1 and the number of layers (6)")
@@ -188,6 +208,9 @@ def test_an_extraction_survives_a_failure_after_it(tmp_path, monkeypatch):
     record = orjson.loads((tmp_path / "run.json").read_bytes())
     assert record["extraction"] == "performed" and record["finished"] is None
     assert not (tmp_path / "analysis.json").exists()
+    analysis_document = qkspectra.runner.analysis_document
+    monkeypatch.setattr(qkspectra.runner, "analysis_document",  # analyse without the stand-in factors
+                        lambda geometry, factors_file, **kw: analysis_document(geometry, tmp_path / "absent", **kw))
     result = run("minilm", tmp_path, options=OPTIONS, functional=False)  # the stand-in geometry is not minilm's
     assert extractions == ["minilm"] and not result.extracted
     assert orjson.loads((tmp_path / "run.json").read_bytes())["finished"] is not None

@@ -7,7 +7,9 @@
     DIR/run.json                       what ran: cache key, dates, timings
 
 The extraction is reused when ``run.json`` holds the same cache key (model identity,
-extraction options, qkspectra version) and the SHA-256 of the ``geometry.json`` beside it.
+extraction options, qkspectra version), the SHA-256 of the ``geometry.json`` beside it, and
+the size and modification time of the factors file beside that (a deleted or replaced factors
+file means extracting again).
 The model's identity is read from the file system without loading it: a bundled model's
 package version, or the sizes and modification times of a folder's or .gguf file's files.
 """
@@ -95,11 +97,24 @@ def _previous_run(out_dir: Path) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
+def _factors_stamp(geometry_path: Path) -> dict[str, Any] | None:
+    from qkspectra.extract import factors_path
+
+    factors = factors_path(geometry_path)
+    return _file_stamp(factors) if factors.is_file() else None
+
+
 def reusable_geometry(out_dir: Path, key: dict[str, Any]) -> bool:
-    """True when out_dir holds the geometry of this cache key, unchanged since it was written."""
+    """True when out_dir holds the geometry and factors file of this cache key, unchanged since they were written."""
     previous = _previous_run(out_dir)
     geometry = out_dir / GEOMETRY_FILE
-    return previous.get("cache_key") == key and geometry.is_file() and previous.get("geometry_sha256") == _sha256(geometry)
+    return (
+        previous.get("cache_key") == key
+        and geometry.is_file()
+        and previous.get("geometry_sha256") == _sha256(geometry)
+        and previous.get("factors_file") is not None
+        and previous.get("factors_file") == _factors_stamp(geometry)
+    )
 
 
 def analysis_document(
@@ -176,6 +191,7 @@ def run(
         "model": model,
         "cache_key": key,
         "geometry_sha256": None,
+        "factors_file": None,  # name, size and modification time of the factors file
         "extraction": None,
         "groups": groups,
         "functional": functional,
@@ -196,6 +212,7 @@ def run(
         timings["extract_s"] = round(time.perf_counter() - clock, 3)
         record["extraction"] = "performed"
     record["geometry_sha256"] = _sha256(geometry_path)
+    record["factors_file"] = _factors_stamp(geometry_path)
     atomic_write_json(out_dir / RUN_FILE, record)  # the extraction is reusable even if what follows fails
 
     clock = time.perf_counter()
