@@ -151,7 +151,7 @@ def analysis_folder(tmp_path_factory, document):
 def test_report_command_without_geometry_leaves_out_the_per_head_plots(analysis_folder, tmp_path, capsys):
     main(["report", str(analysis_folder / "analysis.json"), "--out", str(tmp_path)])
     err = capsys.readouterr().err
-    assert "plot spectral_shapes left out: no geometry.json beside analysis.json" in err
+    assert "plot spectral_shapes left out: its geometry file is not beside the analysis file" in err
     assert sorted(p.stem for p in (tmp_path / "plots").iterdir()) == ["cross_head", "residual_heatmap", "schedule", "temperature_heatmap"]
     page = (tmp_path / "report.html").read_text()
     assert "plot entropy_scatter left out" in page and page.count("<img ") == 4
@@ -165,6 +165,15 @@ def test_plot_command_with_geometry_beside(tmp_path, document, capsys):
     assert capsys.readouterr().err == ""
     assert sorted(p.stem for p in (tmp_path / "plots").iterdir()) == sorted(PLOT_NAMES)
     assert not (tmp_path / "report.html").exists()
+
+
+def test_plot_command_finds_the_geometry_the_analysis_names(tmp_path, capsys):
+    """`analyze big.json --json a.json` then `plot a.json`: the per-head plots come from big.json."""
+    shutil.copy(GOLDEN / "minilm_like.json", tmp_path / "my_model.json")
+    main(["analyze", str(tmp_path / "my_model.json"), "--anchor", "all", "--json", str(tmp_path / "a.json"), "--quiet"])
+    main(["plot", str(tmp_path / "a.json"), "--quiet"])
+    assert capsys.readouterr().err == ""
+    assert {"spectral_shapes", "entropy_scatter"} <= {p.stem for p in (tmp_path / "plots").iterdir()}
 
 
 @pytest.mark.parametrize(

@@ -131,7 +131,7 @@ def heatmap_figure(
         ax.set_title(f"anchor: {name}", fontsize=9)
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
-        ax.set_xticks(_ticks(H))
+        ax.set_xticks(_ticks(H, 8 if cols > 2 else 16))  # narrow panels: fewer head labels
         ax.set_yticks(_ticks(L))
     for ax in axes[n:]:
         ax.set_visible(False)
@@ -156,7 +156,7 @@ def spectral_shapes_figure(shape: np.ndarray, title: str) -> Figure:
     rows = -(-H // cols)
     width, height = 2.6 * cols + 1.4, 1.9 * rows + 1.2
     fig = Figure(figsize=(width, height))  # fixed margins: constrained layout doubles the drawing time here
-    margin_in = {"left": 0.75, "right": 1.1, "top": 0.85, "bottom": 0.55}
+    margin_in = {"left": 0.75, "right": 1.1, "top": 1.05, "bottom": 0.55}  # top: two title lines, then head titles
     fig.subplots_adjust(
         left=margin_in["left"] / width, right=1 - margin_in["right"] / width,
         top=1 - margin_in["top"] / height, bottom=margin_in["bottom"] / height, wspace=0.08, hspace=0.3,
@@ -182,7 +182,8 @@ def spectral_shapes_figure(shape: np.ndarray, title: str) -> Figure:
         ax.set_ylabel("σ_k / σ_1", fontsize=8)
     colorbar_axes = fig.add_axes((1 - 0.8 / width, 0.2, 0.15 / width, 0.6))
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=colorbar_axes, label="layer (depth)")
-    fig.suptitle(f"Spectral shape of each head across layers (same shape = lines overlap)\n{title}", fontsize=11)
+    fig.suptitle(f"Spectral shape of each head across layers (same shape = lines overlap)\n{title}", fontsize=11,
+                 y=1 - 0.12 / height, va="top")
     return fig
 
 
@@ -274,8 +275,9 @@ def rank_k_figure(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray
     return fig
 
 
-def _ticks(n: int) -> np.ndarray:
-    step = max(1, -(-n // 16))
+def _ticks(n: int, most: int = 16) -> np.ndarray:
+    """At most ``most`` evenly spaced integer ticks over range(n), starting at 0."""
+    step = max(1, -(-n // most))
     return np.arange(0, n, step)
 
 
@@ -327,13 +329,13 @@ def report_figures(document: Mapping[str, Any], geometry: Geometry | None, *, ti
     figures["residual_heatmap"] = heatmap_figure(R, "rescale residual", title, cmap="magma_r", vmin=0.0, vmax=r_max)
 
     if geometry is None:
-        skipped["spectral_shapes"] = "no geometry.json beside analysis.json"
+        skipped["spectral_shapes"] = "its geometry file is not beside the analysis file"
     else:
         shape = spectral_shape(geometry.singular_values)  # (L, H, K)
         figures["spectral_shapes"] = spectral_shapes_figure(np.where(shape > 0, shape, np.nan), title)
 
     if geometry is None:
-        skipped["entropy_scatter"] = "no geometry.json beside analysis.json"
+        skipped["entropy_scatter"] = "its geometry file is not beside the analysis file"
     elif geometry.entropy is None:
         skipped["entropy_scatter"] = "the geometry has no dynamic (entropy) section"
     else:

@@ -10,13 +10,18 @@ import typer
 from qkspectra.cli import app
 from qkspectra.errors import QkspectraError
 
-ANALYSIS_HELP = "analysis.json written by `qkspectra run` (geometry.json beside it adds the per-head plots)."
+ANALYSIS_HELP = ("analysis.json written by `qkspectra run` or `qkspectra analyze --json` (the geometry file it was "
+                 "computed from, beside it, adds the per-head plots).")
 OUT_HELP = "Output folder (default: the folder of analysis.json)."
 NOT_ANALYSIS = "not an analysis document (write one with `qkspectra run` or `qkspectra analyze --json`)"
 
 
 def _inputs(path: Path) -> tuple[dict[str, Any], Any]:
-    """The analysis document and the geometry beside it (None when absent)."""
+    """The analysis document and the geometry beside it (None when absent).
+
+    The geometry is the file the document names as its input, else ``geometry.json`` (as in a
+    ``qkspectra run`` folder), looked up beside ``path``.
+    """
     import orjson
 
     from qkspectra.geometry import load_geometry
@@ -32,8 +37,10 @@ def _inputs(path: Path) -> tuple[dict[str, Any], Any]:
         raise QkspectraError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(document, dict) or not all(isinstance(document.get(key), dict) for key in ("input", "rescale", "anchor")):
         raise QkspectraError(f"{path}: {NOT_ANALYSIS}")
-    geometry_path = path.parent / GEOMETRY_FILE
-    if not geometry_path.is_file():
+    named = document["input"].get("file")
+    candidates = [Path(named).name] if isinstance(named, str) and Path(named).name else []
+    geometry_path = next((path.parent / name for name in (*candidates, GEOMETRY_FILE) if (path.parent / name).is_file()), None)
+    if geometry_path is None:
         return document, None
     geometry = load_geometry(geometry_path)
     shape = (document["input"].get("num_layers"), document["input"].get("num_heads"))
