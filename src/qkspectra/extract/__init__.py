@@ -105,13 +105,14 @@ def run_extraction(
 
     corpus = seq_len = None
     if not options.static_only:
-        from qkspectra.extract.corpus import default_seq_len, load_windows
+        from qkspectra.extract.corpus import default_seq_len, load_windows, model_max_length
 
         check_position_limit(source.config, options.seq_len)
         torch_model, tokenizer = load_model(source, progress=progress)
-        seq_len = options.seq_len if options.seq_len is not None else default_seq_len(torch_model)
+        if not options.window_per_line:
+            seq_len = options.seq_len if options.seq_len is not None else default_seq_len(torch_model)
         corpus = load_windows(tokenizer, corpus=options.corpus, seq_len=seq_len, max_tokens=options.max_tokens,
-                              window_per_line=options.window_per_line)
+                              window_per_line=options.window_per_line, max_length=model_max_length(torch_model))
         adapter.check_sequence_length(max(map(len, corpus.windows)))
 
     from tqdm.auto import tqdm
@@ -190,6 +191,9 @@ def check_options(options: ExtractOptions) -> None:
         raise QkspectraError(f"--seq-len must be at least 2, got {options.seq_len}")
     if options.max_tokens < 1:
         raise QkspectraError(f"--max-tokens must be at least 1, got {options.max_tokens}")
+    if options.window_per_line and options.seq_len is not None:
+        raise QkspectraError("--seq-len and --window-per-line exclude each other: with --window-per-line each line "
+                             "is one window, cut only at the model's maximum length")
     if options.seq_len is not None and options.max_tokens < options.seq_len:
         raise QkspectraError(f"--max-tokens ({options.max_tokens}) must be at least --seq-len ({options.seq_len})")
     if options.batch_size is not None and options.batch_size < 1:

@@ -20,8 +20,10 @@ Windowing (the default)
 
 One window per line (``window_per_line=True``)
     Each non-blank line is tokenized on its own with the tokenizer's default special tokens and
-    truncated only at the tokenizer's maximum length (``model_max_length``), never at
-    ``seq_len``. Lines are taken in order while the total stays within ``max_tokens``.
+    truncated only at the model's maximum length (its position table: ``max_position_embeddings``
+    or ``n_positions``; the tokenizer's ``model_max_length`` only when the model states none),
+    never at ``seq_len``, which plays no part. Lines are taken in order while the total stays
+    within ``max_tokens``.
 
 Reading is deterministic; ``sha256`` identifies the corpus bytes exactly as read (files
 concatenated in reading order).
@@ -69,19 +71,20 @@ class _Documents:
 
 def default_seq_len(model_or_tokenizer: object) -> int:
     """The default window length: the lesser of 512 and the model's (or tokenizer's) maximum length."""
+    max_length = model_max_length(model_or_tokenizer)
+    return DEFAULT_SEQ_LEN_CAP if max_length is None else min(DEFAULT_SEQ_LEN_CAP, max_length)
+
+
+def model_max_length(model_or_tokenizer: object) -> int | None:
+    """The longest sequence a model takes (its position table), or a tokenizer's maximum; None if unknown."""
     config = getattr(model_or_tokenizer, "config", None)
-    limits = [DEFAULT_SEQ_LEN_CAP]
-    if config is not None:
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            value = getattr(config, key, None)
-            if isinstance(value, int) and value > 0:
-                limits.append(value)
-                break
-    else:
-        max_length = tokenizer_max_length(model_or_tokenizer)
-        if max_length is not None:
-            limits.append(max_length)
-    return min(limits)
+    if config is None:
+        return tokenizer_max_length(model_or_tokenizer)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def tokenizer_max_length(tokenizer: object) -> int | None:
@@ -92,22 +95,27 @@ def tokenizer_max_length(tokenizer: object) -> int | None:
     return None
 
 
-def load_windows(tokenizer, *, corpus: str | None, seq_len: int, max_tokens: int,
-                 window_per_line: bool) -> Corpus:
+def load_windows(tokenizer, *, corpus: str | None, seq_len: int | None, max_tokens: int,
+                 window_per_line: bool, max_length: int | None = None) -> Corpus:
     """Read a corpus and cut it into token windows (see the module docstring for the rules).
 
+    seq_len: window length (fixed windows; unused with ``window_per_line``).
+    max_length: the model's maximum length, where lines are truncated with ``window_per_line``
+    (None: the tokenizer's maximum, if it states one).
     Raises QkspectraError for a missing path, an empty corpus, a bad ``.jsonl`` line,
     ``seq_len < 2`` or ``max_tokens < seq_len``.
     """
-    if seq_len < 2:
-        raise QkspectraError(f"--seq-len must be at least 2, got {seq_len}")
-    if max_tokens < seq_len:
-        raise QkspectraError(f"--max-tokens ({max_tokens}) must be at least --seq-len ({seq_len})")
+    if not window_per_line:
+        if seq_len is None or seq_len < 2:
+            raise QkspectraError(f"--seq-len must be at least 2, got {seq_len}")
+        if max_tokens < seq_len:
+            raise QkspectraError(f"--max-tokens ({max_tokens}) must be at least --seq-len ({seq_len})")
     documents = _read_documents(corpus)
     if not any(text.strip() for text in documents.texts):
         raise QkspectraError(f"corpus {documents.label} holds no text")
     if window_per_line:
-        windows = _line_windows(tokenizer, documents, max_tokens)
+        windows = _line_windows(tokenizer, documents, max_tokens,
+                                tokenizer_max_length(tokenizer) if max_length is None else max_length)
         how = "one window per line"
     else:
         windows = _fixed_windows(tokenizer, documents, seq_len, max_tokens)
@@ -127,7 +135,7 @@ def _read_documents(corpus: str | None) -> _Documents:
         raise QkspectraError(f"corpus not found: {corpus}")
     digest = hashlib.sha256()
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix == ".txt" and p.is_file())
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".txt" and p.is_file())
         if not files:
             raise QkspectraError(f"corpus folder {corpus} holds no .txt files")
         texts = []
@@ -138,7 +146,7 @@ def _read_documents(corpus: str | None) -> _Documents:
         return _Documents(texts, f"{corpus} ({len(files)} .txt files)", digest.hexdigest())
     data = path.read_bytes()
     digest.update(data)
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         texts = _jsonl_texts(_decode(data, corpus), corpus)
         return _Documents(texts, f"{corpus} ({len(texts)} records)", digest.hexdigest())
     return _Documents([_decode(data, corpus)], corpus, digest.hexdigest())
@@ -204,8 +212,7 @@ def _fixed_windows(tokenizer, documents: _Documents, seq_len: int, max_tokens: i
     return windows
 
 
-def _line_windows(tokenizer, documents: _Documents, max_tokens: int) -> list[list[int]]:
-    max_length = tokenizer_max_length(tokenizer)
+def _line_windows(tokenizer, documents: _Documents, max_tokens: int, max_length: int | None) -> list[list[int]]:
     special_ids = set(tokenizer.all_special_ids)
     windows = []
     total = 0
