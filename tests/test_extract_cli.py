@@ -119,6 +119,25 @@ def garbage_gguf(tmp_path):
     return path
 
 
+def truncated_gguf(tmp_path):
+    """The bundled GGUF cut inside its header block (the reader fails with struct.error there)."""
+    path = tmp_path / "garbage-truncated.gguf"
+    with open(bundled_model_path("smollm2"), "rb") as f:
+        path.write_bytes(f.read(500_000))
+    return path
+
+
+def truncated_shard_folder(tmp_path):
+    """A sharded checkpoint whose second shard lost its tail; a tokenizer so that the corpus pass loads the model."""
+    folder = tmp_path / "sharded"
+    AutoModel.from_config(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=30522)).save_pretrained(
+        folder, max_shard_size="100KB")
+    AutoTokenizer.from_pretrained(bundled_model_path("minilm")).save_pretrained(folder)
+    shard = sorted(folder.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    return folder
+
+
 def config_only_folder(tmp_path, content):
     folder = tmp_path / "config-only"
     folder.mkdir()
@@ -132,6 +151,8 @@ ERRORS = {
     "corrupt-weights": (lambda p: [str(corrupt_folder(p))], "corrupt or truncated"),
     "no-weights": (lambda p: [str(config_only_folder(p, {"model_type": "gpt2"}))], "has no model.safetensors"),
     "not-a-gguf": (lambda p: [str(garbage_gguf(p))], "cannot read GGUF file"),
+    "truncated-gguf": (lambda p: [str(truncated_gguf(p))], "cannot read GGUF file"),
+    "truncated-shard": (lambda p: [str(truncated_shard_folder(p)), "--max-tokens", "64"], "cannot load the weights"),
     "unsupported-type": (lambda p: [str(config_only_folder(p, {"model_type": "t5"}))], "'t5' is not supported"),
     "empty-corpus": (lambda p: ["--corpus", str(p / "empty.txt")], "holds no text"),
     "missing-corpus": (lambda p: ["--corpus", str(p / "nope.txt")], "does not exist"),
@@ -154,6 +175,20 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys,
     assert stderr.startswith("qkspectra: error: ") and stderr.count("\n") == 1 and message in stderr
     assert not out_dir.exists()
     assert not [p for p in model_cache.iterdir() if p.name.lstrip(".").startswith("garbage")]  # nothing half-converted
+
+
+def test_a_fault_in_a_later_layer_leaves_no_file_and_no_folder(tmp_path, capsys):
+    """NaN weights in layer 1 are found after layer 0's factors were streamed: nothing may remain, not even folders."""
+    model = AutoModel.from_config(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50))
+    with torch.no_grad():
+        model.h[1].attn.c_attn.weight[3, 5] = float("nan")
+    folder = tmp_path / "nan-model"
+    model.save_pretrained(folder)
+    capsys.readouterr()
+    status, _, stderr = run(["extract", str(folder), "-o", str(tmp_path / "out" / "sub" / "g.json"), "--static-only", "-q"],
+                            capsys)
+    assert status == 2 and "layer 1: the checkpoint's query/key weights are not all finite" in stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_sliding_window_shorter_than_windows_is_refused(tmp_path, capsys):

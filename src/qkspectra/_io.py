@@ -28,12 +28,26 @@ def write_error(path: Path, error: OSError) -> QkspectraError:
     return QkspectraError(f"cannot write {path}: {reason}")
 
 
-def make_folder(path: Path, *, for_file: Path | None = None) -> None:
-    """Create ``path`` and its parents if needed; QkspectraError (naming ``for_file``, if given) if refused."""
+def make_folder(path: Path, *, for_file: Path | None = None) -> list[Path]:
+    """Create ``path`` and its parents if needed; QkspectraError (naming ``for_file``, if given) if refused.
+
+    Returns the folders it created, outermost first (for ``remove_folders`` to undo).
+    """
+    missing = [folder for folder in (path, *path.parents) if not folder.exists()][::-1]
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise write_error(for_file or path, e) from None
+    return missing
+
+
+def remove_folders(created: list[Path]) -> None:
+    """Undo ``make_folder``: remove the folders it created, innermost first, as long as they are empty."""
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from qkspectra._io import _umask, make_folder, write_error
+from qkspectra._io import _umask, make_folder, remove_folders, write_error
 from qkspectra.errors import QkspectraError
 
 HEADER_ALIGNMENT = 8
@@ -43,6 +43,7 @@ class FactorsFileWriter:
         self._layout: dict[str, tuple[int, int, tuple[int, ...]]] = {}  # name -> (data offset, layer bytes, shape)
         self._data_start = 0
         self._layers_written: set[int] = set()
+        self._created_folders: list[Path] = []  # folders made for the file, removed again if it is never committed
 
     def __enter__(self) -> FactorsFileWriter:
         return self
@@ -60,7 +61,7 @@ class FactorsFileWriter:
         encoded += b" " * (-len(encoded) % HEADER_ALIGNMENT)
         if self.path.is_dir():
             raise QkspectraError(f"cannot write {self.path}: it is a folder")
-        make_folder(self.path.parent, for_file=self.path)
+        self._created_folders = make_folder(self.path.parent, for_file=self.path)
         try:
             fd, staging = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
             self._staging = Path(staging)
@@ -108,3 +109,4 @@ class FactorsFileWriter:
             self._file.close()
         if self._staging is not None:
             self._staging.unlink(missing_ok=True)
+            remove_folders(self._created_folders)

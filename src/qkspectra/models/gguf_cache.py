@@ -77,7 +77,7 @@ def _convert(gguf_path: Path, out: Path, *, progress: bool) -> None:
                 gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
             )
             tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
-        except (ValueError, OSError, KeyError, RuntimeError) as e:
+        except Exception as e:  # the gguf reader fails in its own ways on damaged files (struct.error, ...)
             raise QkspectraError(f"cannot read GGUF file {gguf_path}: {first_line(e)}") from e
         # A GGUF-loaded model refuses save_pretrained while it still looks quantised.
         model.hf_quantizer = None

@@ -47,11 +47,11 @@ def load_model(source: ModelSource | str, *, attn_implementation: str = "eager",
             model = AutoModel.from_pretrained(
                 source.folder, dtype=torch.float32, attn_implementation=attn_implementation, local_files_only=True
             )
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
+        except Exception as e:  # damaged files fail in the loaders' own ways (SafetensorError, ...)
             raise QkspectraError(f"cannot load the weights of {source.folder}: {first_line(e)}") from e
         try:
             tokenizer = AutoTokenizer.from_pretrained(source.folder, local_files_only=True)
-        except (OSError, ValueError, KeyError) as e:
+        except Exception as e:
             raise QkspectraError(f"cannot load the tokenizer of {source.folder}: {first_line(e)}") from e
     model.eval()
     return model, tokenizer
