@@ -3,13 +3,15 @@
 Layer i runs the shared layer group int(i / (num_hidden_layers / num_hidden_groups)), so
 with one group (the usual case) every layer has the same W_Q, W_K and the same spectra.
 
-Norm folding. Layers i >= 1 read the output LayerNorm of the group that ran before them
-(``full_layer_layer_norm``), so its gain is folded as for BERT. Layer 0 does not read a
-LayerNorm output: the embeddings (size ``embedding_size``) are normalised and then projected
-by ``embedding_hidden_mapping_in`` to ``hidden_size``, x = P (g * e_hat + beta) + c. Folding g
-there would mean folding the projection P too, giving a metric on the embedding_size space,
-a different operator with a different shape. Layer 0 is therefore reported unfolded
-(``norm_gain`` None), even when folding is on; the output records which layers were folded.
+Norm folding is not applied to ALBERT, in any layer. Layers i >= 1 read the output LayerNorm
+of the group that ran before them (``full_layer_layer_norm``), but layer 0 does not read a
+LayerNorm output: the embeddings (size ``embedding_size``) are normalised and then projected by
+``embedding_hidden_mapping_in`` to ``hidden_size``, x = P (g * e_hat + beta) + c, and folding g
+there would mean folding P too (a metric on another space, of another shape). Folding layers
+i >= 1 alone would make layer 0 differ from the layers that share its weights for a reason that
+has nothing to do with depth (where a norm sits), which is exactly what a depth-wise analysis
+must not see. So every layer reports ``norm_gain`` None: with one group, every layer has the
+same spectra whether folding is asked for or not, and the output records no layer as folded.
 """
 
 from __future__ import annotations
@@ -42,5 +44,4 @@ class AlbertAdapter(BertAdapter):
 
     def layer(self, tensors: TensorSource, index: int) -> AttentionLayer:
         group = "encoder.albert_layer_groups.{}.albert_layers.0"
-        norm = None if index == 0 else f"{group.format(self.group_of(index - 1))}.full_layer_layer_norm"
-        return self.self_attention(tensors, f"{group.format(self.group_of(index))}.attention", norm)
+        return self.self_attention(tensors, f"{group.format(self.group_of(index))}.attention", None)  # never folded
