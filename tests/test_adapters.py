@@ -215,6 +215,17 @@ def test_factors_reproduce_eager_attention(case, fold):
         np.testing.assert_allclose(attention_probabilities(layer, x, causal), attentions[index], atol=1e-5)
 
 
+@pytest.mark.parametrize(("case", "expected"), [
+    ("qwen2", {"query": True, "key": True}), ("llama-4q-2kv", {"query": True, "key": True}),
+    ("llama-6q-2kv", {"query": False, "key": False}), ("gpt2", {"query": True, "key": True}),
+])
+def test_query_and_key_biases_are_recorded_as_stored(case, expected):
+    model = tiny_model(CASES[case][0]())
+    static = static_spectra(adapter_for(model.config), StateDictSource(model.state_dict()), fold_ln=True)
+    assert static.qk_biases == expected
+    assert ("b_Q" in static.factors) == expected["query"] and ("b_K" in static.factors) == expected["key"]
+
+
 def test_albert_layers_share_one_spectrum():
     make_config, _, _ = CASES["albert"]
     model = tiny_model(make_config())

@@ -146,6 +146,7 @@ def run_extraction(
             "scale": static.scales[0] if len(set(static.scales)) == 1 else static.scales,
             "fold_ln": options.fold_ln,
             "norm_folded_per_layer": static.norm_folded,
+            "qk_biases": static.qk_biases,
             "positions": adapter.describe_positions(),
             "rotary": None if adapter.rotary is None else asdict(adapter.rotary),
             "dtype": static.checkpoint_dtype,

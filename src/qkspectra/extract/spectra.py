@@ -171,6 +171,8 @@ class StaticSpectra:
                       W_Q[l, h] @ W_K[l, h].T is the metric; b_Q, b_K (L, H, d_head) likewise
                       times sqrt(s), when the model has them. None when they went to a factor sink.
     checkpoint_dtype: stored dtype of the query weights
+    qk_biases:        whether the checkpoint has query and key biases: {"query": bool, "key": bool}
+                      (as stored; folding a LayerNorm's bias adds bias factors even where it has none)
     """
 
     rows: list[dict]
@@ -178,6 +180,7 @@ class StaticSpectra:
     norm_folded: list[bool]
     factors: dict[str, np.ndarray] | None
     checkpoint_dtype: str
+    qk_biases: dict[str, bool]
 
 
 def layer_factors(layer: AttentionLayer) -> dict[str, np.ndarray]:
@@ -226,6 +229,8 @@ def static_spectra(
     with single_threaded_torch(), single_blas_thread():
         for index in range(adapter.num_layers):
             layer = adapter.layer(tensors, index)
+            if index == 0:
+                qk_biases = {"query": layer.b_Q is not None, "key": layer.b_K is not None}
             norm_folded.append(fold_ln and layer.norm_gain is not None)
             if fold_ln:
                 layer = fold_norm(layer)
@@ -248,4 +253,4 @@ def static_spectra(
                 on_layer(index)
     query_name = adapter.prefixed(tensors, adapter.anchor_tensor())
     return StaticSpectra(rows, scales, norm_folded, None if collector is None else collector.factors,
-                         tensors.dtype(query_name))
+                         tensors.dtype(query_name), qk_biases)
