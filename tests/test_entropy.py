@@ -50,6 +50,12 @@ def tiny_model(kind: str, **overrides):
         "llama": lambda: transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                                   num_key_value_heads=2, intermediate_size=64,
                                                   max_position_embeddings=512, **common),
+        "gpt_neox": lambda: transformers.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                       intermediate_size=64, rotary_pct=0.25,
+                                                       max_position_embeddings=512, **common),
+        "qwen2": lambda: transformers.Qwen2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+                                                  num_key_value_heads=2, intermediate_size=64,
+                                                  max_position_embeddings=512, **common),
     }
     config = configs[kind]()
     for key, value in overrides.items():
@@ -139,7 +145,7 @@ def test_uniform_attention_gives_log_n_and_normalized_entropy_one(kind, lines_co
 # --- agreement with the model's own maps -------------------------------------------------------------
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert", "albert", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert", "albert", "mistral", "gpt_neox", "qwen2"])
 def test_batched_padded_pass_matches_output_attentions_line_by_line(kind, padding_side, lines_corpus):
     model = tiny_model(kind)
     stats = attention_entropy(model, lines_corpus, batch_size=4, progress=False, padding_side=padding_side)
