@@ -9,6 +9,9 @@ bundled GGUF, converted first if needed) this prints
            SVD of every d_head x d_head core and the summaries (target: at most 1.5x load);
            also shown with the float32 factors kept, as for the factors file, and with
            Householder QR for every factor instead of the Gram (CholeskyQR) route;
+  floor    the two steps no factored method avoids, timed alone on the same factors: the
+           d_head x d_head Gram products W^T W of the 360 distinct factors and the SVDs of the
+           270 d_head x d_head cores (what the 1.5x-load target leaves room for);
   dense    the baseline: form each head's d_model x d_model metric from the loaded factors
            and take numpy's SVD of it (singular values only), for ``--dense-heads`` heads
            (default all 270), extrapolated to all heads when fewer are timed
@@ -95,6 +98,23 @@ def time_static(adapter, folder, *, keep_factors: bool, householder: bool = Fals
         spectra.GRAM_DIAGONAL_SPREAD = spread
 
 
+def time_floor(layers) -> tuple[float, float]:
+    """(seconds for every Gram product W^T W, seconds for every core SVD), each batched per layer as in the pass."""
+    factors = [(layer.W_Q, layer.W_K) for layer in layers]  # the distinct factors (shared keys once)
+    cores = [spectra.r_factors(W_Q) @ np.repeat(spectra.r_factors(W_K), len(W_Q) // len(W_K), axis=0).swapaxes(-1, -2)
+             for W_Q, W_K in factors]  # per layer (H, k, k)
+    with single_threaded_torch():
+        start = time.perf_counter()
+        for W_Q, W_K in factors:
+            np.matmul(W_Q.swapaxes(-1, -2), W_Q)
+            np.matmul(W_K.swapaxes(-1, -2), W_K)
+        gram = time.perf_counter() - start
+        start = time.perf_counter()
+        for core in cores:
+            np.linalg.svd(core, compute_uv=False)
+        return gram, time.perf_counter() - start
+
+
 def time_dense(layers, heads: list[tuple[int, int]]) -> float:
     """Seconds to form and SVD the d_model x d_model metric of each (layer, head) in ``heads``."""
     start = time.perf_counter()
@@ -114,13 +134,14 @@ def main() -> None:
     source = resolve_model("smollm2", progress=True)
     adapter = adapter_for(source.config)
     recorder = RecordingSource(open_tensors(source.folder))
-    layers = [fold_norm(adapter.layer(recorder, index)).per_query_head() for index in range(adapter.num_layers)]
+    folded = [fold_norm(adapter.layer(recorder, index)) for index in range(adapter.num_layers)]  # shared keys once
+    layers = [layer.per_query_head() for layer in folded]
     all_heads = [(layer, head) for layer in range(adapter.num_layers) for head in range(adapter.num_heads)]
     step = max(1, len(all_heads) // args.dense_heads) if args.dense_heads else 1
     sampled = all_heads[::step]
     path = source.folder / SINGLE_FILE
 
-    raw, load, static, with_factors, householder, dense = [], [], [], [], [], []
+    raw, load, static, with_factors, householder, gram, core_svd, dense = [], [], [], [], [], [], [], []
     for _ in range(args.repeats):
         raw_seconds, load_seconds = time_load(path, recorder.asked)
         raw.append(raw_seconds)
@@ -128,10 +149,13 @@ def main() -> None:
         static.append(time_static(adapter, source.folder, keep_factors=False))
         with_factors.append(time_static(adapter, source.folder, keep_factors=True))
         householder.append(time_static(adapter, source.folder, keep_factors=False, householder=True))
+        gram_seconds, svd_seconds = time_floor(folded)
+        gram.append(gram_seconds)
+        core_svd.append(svd_seconds)
         dense.append(time_dense(layers, sampled) * len(all_heads) / len(sampled))
 
-    raw_s, load_s, static_s, factors_s, householder_s, dense_s = (
-        statistics.median(x) for x in (raw, load, static, with_factors, householder, dense))
+    raw_s, load_s, static_s, factors_s, householder_s, gram_s, svd_s, dense_s = (
+        statistics.median(x) for x in (raw, load, static, with_factors, householder, gram, core_svd, dense))
     print(f"model: {source.description}")
     print(f"  {adapter.num_layers} layers x {adapter.num_heads} heads ({adapter.num_kv_heads} kv), "
           f"d_model {adapter.d_model}, d_head {adapter.d_head}; {len(recorder.asked)} tensors read; "
@@ -143,6 +167,10 @@ def main() -> None:
           f"(target <= {STATIC_TARGET}x load)")
     print(f"  the same, keeping the float32 factors in memory  : {factors_s * 1e3:9.1f} ms")
     print(f"  the same, Householder QR for every factor        : {householder_s * 1e3:9.1f} ms")
+    print(f"floor: Gram products of the factors alone          : {gram_s * 1e3:9.1f} ms")
+    print(f"floor: SVDs of the {len(all_heads)} d_head x d_head cores alone   : {svd_s * 1e3:9.1f} ms")
+    print(f"  a pass doing nothing but the load, these products and these SVDs: "
+          f"{(load_s + gram_s + svd_s) / load_s:.2f}x float64 load")
     timed = "all heads" if len(sampled) == len(all_heads) else f"{len(sampled)} heads timed, extrapolated"
     print(f"dense per-head SVD of the d_model x d_model metric  : {dense_s * 1e3:9.1f} ms  ({timed})")
     print(f"ratio dense / static: {dense_s / static_s:.0f}x (target >= {DENSE_TARGET:.0f}x)")
