@@ -138,7 +138,10 @@ def test_default_output_folder(tmp_path):
     [
         (["no-such-model"], "neither a bundled model"),
         (["minilm", "--corpus", "no-such-corpus.txt"], "corpus no-such-corpus.txt does not exist"),
-        (["minilm", "--max-tokens", "0"], "--max-tokens must be at least 1"),
+        (["minilm", "--max-tokens", "0"], "--max-tokens must be between 1 and"),
+        (["minilm", "--max-tokens", "100000000000000000000"], "--max-tokens must be between 1 and"),
+        (["minilm", "--groups", "0"], "--groups 0: must be between 1 and the number of layers"),
+        (["minilm", "--groups", "99999999999999999999"], "must be between 1 and the number of layers"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
@@ -149,6 +152,14 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_a_folder_in_the_way_of_an_output_stops_the_run_before_it_writes(tmp_path, capsys):
+    (tmp_path / "out" / "report.md").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "minilm", "--out", str(tmp_path / "out"), "--quiet", "--no-functional"])
+    assert exit_info.value.code == 2 and "report.md: it is a folder" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["report.md"]
 
 
 def test_output_must_be_a_folder(tmp_path, capsys):

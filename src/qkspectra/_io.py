@@ -50,11 +50,38 @@ def remove_folders(created: list[Path]) -> None:
             return
 
 
+def refuse_overwriting_inputs(output: Path, inputs: list[Path]) -> None:
+    """QkspectraError if ``output`` is one of ``inputs``, or an existing file inside one that is a folder.
+
+    Writing there would destroy what is being read (a geometry, its factors, a corpus, a model's files).
+    """
+    output = Path(output)
+    resolved = output.resolve()  # symbolic links and ".." resolved, also through folders not yet made
+    for source in inputs:
+        source = Path(source)
+        if not source.exists():
+            continue
+        same = resolved == source.resolve() or (output.exists() and output.samefile(source))
+        if same or (source.is_dir() and output.exists() and source.resolve() in resolved.parents):
+            raise QkspectraError(f"output {output} would overwrite an input ({source}); write it elsewhere")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename."""
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename.
+
+    A path that names an existing device or pipe (``/dev/null``, ``/dev/stdout``) is written
+    directly: renaming over it would replace the device with a file.
+    """
     path = Path(path)
     if path.is_dir():
         raise QkspectraError(f"cannot write {path}: it is a folder")
+    if path.exists() and not path.is_file():
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            raise write_error(path, e) from None
+        return path
     make_folder(path.parent, for_file=path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from qkspectra._io import atomic_write_bytes, atomic_write_text
+from qkspectra.errors import QkspectraError
 from qkspectra.geometry import Geometry
 
 PLOTS_FOLDER = "plots"
@@ -596,12 +597,31 @@ def render_plots(document: Mapping[str, Any], geometry: Geometry | None) -> tupl
     return images, notes
 
 
+def report_paths(out_dir: Path, *, pages: bool = True) -> list[Path]:
+    """Every file a report (or, without ``pages``, a set of plots) may write in ``out_dir``."""
+    from qkspectra.plots import PLOT_NAMES
+
+    plots = [out_dir / PLOTS_FOLDER / f"{name}.png" for name in PLOT_NAMES]
+    return plots + ([out_dir / "report.html", out_dir / "report.md"] if pages else [])
+
+
+def check_writable(paths: list[Path]) -> None:
+    """QkspectraError, before anything is written, if a folder or a file stands where one of ``paths`` must go."""
+    for path in paths:
+        if path.is_dir():
+            raise QkspectraError(f"cannot write {path}: it is a folder")
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise QkspectraError(f"cannot write {path}: {blocking} is a file, not a folder")
+
+
 def _write_images(images: Mapping[str, bytes], out_dir: Path) -> dict[str, Path]:
     return {name: atomic_write_bytes(out_dir / PLOTS_FOLDER / f"{name}.png", png) for name, png in images.items()}
 
 
 def write_plots(document: Mapping[str, Any], geometry: Geometry | None, out_dir: str | Path) -> ReportFiles:
     """out_dir/plots/NAME.png for every plot."""
+    check_writable(report_paths(Path(out_dir), pages=False))
     images, notes = render_plots(document, geometry)
     return ReportFiles(_write_images(images, Path(out_dir)), None, None, notes)
 
@@ -609,6 +629,7 @@ def write_plots(document: Mapping[str, Any], geometry: Geometry | None, out_dir:
 def write_report(document: Mapping[str, Any], geometry: Geometry | None, out_dir: str | Path) -> ReportFiles:
     """out_dir/plots/*.png, out_dir/report.html and out_dir/report.md, each written atomically."""
     out_dir = Path(out_dir)
+    check_writable(report_paths(out_dir))
     images, notes = render_plots(document, geometry)
     page, markdown = render_html(document, images, notes), render_markdown(document, list(images), notes)
     paths = _write_images(images, out_dir)  # only once everything has rendered

@@ -30,11 +30,14 @@ from qkspectra._io import atomic_write_json
 from qkspectra.errors import QkspectraError
 from qkspectra.extract import ExtractOptions
 from qkspectra.geometry import Geometry
-from qkspectra.report import ReportFiles, write_report
+from qkspectra.report import ReportFiles, check_writable, report_paths, write_report
 
 GEOMETRY_FILE = "geometry.json"
 ANALYSIS_FILE = "analysis.json"
 RUN_FILE = "run.json"
+MAX_LAYERS = 1_000_000  # bound on --groups before the model's own number of layers is known
+# Every file a run writes outside plots/ (checked before anything is written).
+OUTPUT_FILES = (GEOMETRY_FILE, "geometry.factors.safetensors", ANALYSIS_FILE, RUN_FILE, "report.html", "report.md")
 NOT_IN_KEY = ("quiet",)  # options that cannot change the extraction
 
 
@@ -176,13 +179,17 @@ def run(
     functional: also run the functional test (slow; see ``analysis_document``).
     say: receives one line per step, for the user.
     """
-    from qkspectra.extract import check_options, factors_path
+    from qkspectra.extract import check_options, factors_path, refuse_overwriting_inputs_of
     from qkspectra.geometry import load_geometry
 
     check_options(options)
+    if groups is not None and not 1 <= groups <= MAX_LAYERS:  # against the layers once they are known
+        raise QkspectraError(f"--groups {groups}: must be between 1 and the number of layers")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise QkspectraError(f"output {out_dir} exists and is not a folder")
+    refuse_overwriting_inputs_of(model, options, [out_dir / name for name in OUTPUT_FILES])
+    check_writable([out_dir / name for name in OUTPUT_FILES] + report_paths(out_dir))
     timings: dict[str, float] = {}
     key = cache_key(model, options)
     geometry_path = out_dir / GEOMETRY_FILE

@@ -36,12 +36,31 @@ def _register() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the command line: every error is one line on stderr and exit status 2 (130 when interrupted)."""
+    from typer import Abort
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+
     _register()
     try:
-        app(args=argv, standalone_mode=True)
-    except SystemExit as e:  # success returns; errors keep their exit status
-        if e.code not in (0, None):
-            raise
-    except QkspectraError as e:
-        typer.echo(f"qkspectra: error: {e}", err=True)
+        status = app(args=argv, standalone_mode=False)
+    except NoArgsIsHelpError as e:  # bare `qkspectra`: the help (rich prints it itself and returns "")
+        text = e.ctx.get_help() if e.ctx is not None else ""
+        if text:
+            typer.echo(text)
         sys.exit(2)
+    except ClickException as e:  # usage errors: unknown option, missing argument, value of the wrong type
+        _error(" ".join(e.format_message().split()) + " (see --help)")
+    except Abort:
+        sys.exit(130)
+    except QkspectraError as e:
+        _error(str(e))
+    except OSError as e:  # paths the system refuses outright: names too long, symbolic link loops
+        where = f"{e.filename}: " if e.filename else ""
+        _error(f"{where}{e.strerror or e}")
+    if status not in (0, None):
+        sys.exit(status)
+
+
+def _error(message: str) -> None:
+    typer.echo(f"qkspectra: error: {message}", err=True)
+    sys.exit(2)

@@ -9,6 +9,8 @@ import typer
 
 from qkspectra.cli import app, fail
 
+MAX_NULL_DRAWS = 100_000  # far beyond any p-value resolution a report needs; bounds the memory asked for
+
 
 def parse_anchor(text: str) -> str | int:
     """'last' | 'middle' | 'best' | 'group' | 'all' | a layer index."""
@@ -38,7 +40,7 @@ def analyze(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
 ) -> None:
     """Spectral-shape invariance, scalar-rescale fit to an anchor layer, and cross-head similarity."""
-    from qkspectra._io import atomic_write_json
+    from qkspectra._io import atomic_write_json, refuse_overwriting_inputs
     from qkspectra.analysis import analyze as run_analysis
     from qkspectra.analysis import analyze_all
     from qkspectra.bootstrap import BootstrapOptions
@@ -58,13 +60,18 @@ def analyze(
     choice = parse_anchor(anchor)
     if groups is not None and choice not in ("group", "all"):
         fail("--groups goes with --anchor group or --anchor all")
-    if null_draws < 1:
-        fail(f"--null-draws {null_draws}: must be at least 1")
-    if seed < 0:
-        fail(f"--seed {seed}: must be at least 0")
+    if not 1 <= null_draws <= MAX_NULL_DRAWS:
+        fail(f"--null-draws {null_draws}: must be between 1 and {MAX_NULL_DRAWS}")
+    if not 0 <= seed < 2**63:
+        fail(f"--seed {seed}: must be between 0 and 2**63 - 1")
+
     null_options = NullOptions(shuffle_draws=null_draws, gaussian_draws=null_draws, seed=seed) if null else None
     bootstrap_options = BootstrapOptions(seed=seed) if null else None
     geometry = load_geometry(path)
+    if json_out is not None:
+        from qkspectra.operator import factors_path_for
+
+        refuse_overwriting_inputs(json_out, [path, *filter(None, [factors_path_for(geometry)])])
     if choice == "all":
         analyses = analyze_all(geometry, groups=groups)
         primary = "last"

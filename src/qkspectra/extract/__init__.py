@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from qkspectra import __version__
-from qkspectra._io import atomic_write_json
+from qkspectra._io import atomic_write_json, refuse_overwriting_inputs
 from qkspectra.errors import QkspectraError
 from qkspectra.extract.corpus import DEFAULT_MAX_TOKENS
 from qkspectra.extract.factors_file import FactorSink, FactorsFileWriter
@@ -38,6 +38,9 @@ FACTOR_CONVENTION = (
     "sqrt(s) is multiplied into each of W_Q, W_K, b_Q, b_K, so logit = (x W_Q + b_Q) . (y W_K + b_K) before positions"
 )
 POSITION_LIMIT_FIELDS = ("max_position_embeddings", "n_positions")
+
+
+MAX_TOKENS_LIMIT = 10**12  # far beyond any corpus pass; keeps every count a 64-bit integer
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ def extract_to_files(model: str, out: str | Path, *, options: ExtractOptions = E
     JSON is written (atomically); on any error neither appears. Returns both paths.
     """
     out = output_path(out)
+    refuse_overwriting_inputs_of(model, options, [out, factors_path(out)])
     extraction = run_extraction(model, options=options, factors_file=factors_path(out))
     try:
         atomic_write_json(out, extraction.geometry)
@@ -190,8 +194,12 @@ def check_options(options: ExtractOptions) -> None:
     """Reject impossible option values before any model is read."""
     if options.seq_len is not None and options.seq_len < 2:
         raise QkspectraError(f"--seq-len must be at least 2, got {options.seq_len}")
-    if options.max_tokens < 1:
-        raise QkspectraError(f"--max-tokens must be at least 1, got {options.max_tokens}")
+    if not 1 <= options.max_tokens <= MAX_TOKENS_LIMIT:
+        raise QkspectraError(f"--max-tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {options.max_tokens}")
+    if options.seq_len is not None and options.seq_len > MAX_TOKENS_LIMIT:
+        raise QkspectraError(f"--seq-len must be at most {MAX_TOKENS_LIMIT}, got {options.seq_len}")
+    if options.batch_size is not None and options.batch_size > MAX_TOKENS_LIMIT:
+        raise QkspectraError(f"--batch-size must be at most {MAX_TOKENS_LIMIT}, got {options.batch_size}")
     if options.window_per_line and options.seq_len is not None:
         raise QkspectraError("--seq-len and --window-per-line exclude each other: with --window-per-line each line "
                              "is one window, cut only at the model's maximum length")
@@ -209,6 +217,15 @@ def check_position_limit(config, seq_len: int | None) -> None:
         limit = getattr(config, field, None)
         if isinstance(limit, int) and seq_len is not None and seq_len > limit:
             raise QkspectraError(f"--seq-len {seq_len} exceeds the model's {field}={limit}")
+
+
+def refuse_overwriting_inputs_of(model: str, options: ExtractOptions, outputs: list[Path]) -> None:
+    """QkspectraError if any of ``outputs`` is the model's own file(s) or the corpus."""
+    from qkspectra.models.source import model_input_paths
+
+    inputs = model_input_paths(model) + ([Path(options.corpus)] if options.corpus is not None else [])
+    for output in outputs:
+        refuse_overwriting_inputs(output, inputs)
 
 
 def factors_path(out: Path) -> Path:

@@ -55,6 +55,14 @@ def resolve_model(name_or_path: str, *, progress: bool = True) -> ModelSource:
     return ModelSource(path, name_or_path, "folder", description, load_config(path))
 
 
+def model_input_paths(name_or_path: str) -> list[Path]:
+    """The files or folder MODEL is read from, as named by the user (none for a bundled name)."""
+    if name_or_path in BUNDLED_MODELS:
+        return []
+    path = Path(name_or_path).expanduser()
+    return [path] if path.exists() else []
+
+
 def load_config(folder: Path) -> Any:
     """The transformers config of ``folder``; QkspectraError if missing, unreadable or of an unknown type."""
     config_file = folder / "config.json"

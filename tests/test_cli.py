@@ -1,0 +1,91 @@
+"""The command line's contract for bad input: one line on stderr, exit status 2, nothing written.
+
+(Each command's own checks are tested with the command; these are the cases every command shares.)
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from qkspectra.cli import main
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    try:
+        main(argv)
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["analyze", "--groups", "x", "g.json"], "Invalid value for '--groups'"),
+        (["analyze", "--bogus", "g.json"], "No such option: --bogus"),
+        (["analyze"], "Missing argument"),
+        (["extract", "minilm", "-o"], "Option '-o' requires an argument"),
+        (["no-such-command"], "No such command"),
+    ],
+)
+def test_usage_errors_are_one_line(argv, message, capsys):
+    status, out, err = run(argv, capsys)
+    assert status == 2 and out == ""
+    assert err.startswith("qkspectra: error: ") and err.count("\n") == 1 and message in err
+
+
+def test_paths_the_system_refuses_are_one_line(tmp_path, capsys):
+    too_long = tmp_path / ("x" * 300) / "geometry.json"
+    status, _, err = run(["analyze", str(too_long)], capsys)
+    assert status == 2 and err.count("\n") == 1
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    status, _, err = run(["report", str(tmp_path / "loop")], capsys)
+    assert status == 2 and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("null_draws", "seed"), [("99999999999999999999", "0"), ("3000000000", "0"), ("5", "99999999999999999999")]
+)
+def test_out_of_range_numbers_are_refused_before_any_work(tmp_path, capsys, null_draws, seed):
+    out = tmp_path / "a.json"
+    argv = ["analyze", str(GOLDEN / "minilm_like.json"), "--null", "--null-draws", null_draws, "--seed", seed,
+            "--json", str(out), "-q"]
+    status, _, err = run(argv, capsys)
+    assert status == 2 and err.count("\n") == 1 and "must be between" in err
+    assert not out.exists()
+
+
+def test_an_output_never_overwrites_its_own_input(tmp_path, capsys):
+    geometry = tmp_path / "g.json"
+    shutil.copy(GOLDEN / "minilm_like.json", geometry)
+    before = geometry.read_bytes()
+    for target in (geometry, tmp_path / "sub" / ".." / "g.json"):
+        status, _, err = run(["analyze", str(geometry), "--json", str(target), "-q"], capsys)
+        assert status == 2 and "would overwrite an input" in err
+    assert geometry.read_bytes() == before
+
+
+def test_extract_never_overwrites_the_corpus_or_the_model(tmp_path, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Some text.\n")
+    status, _, err = run(["extract", "minilm", "--corpus", str(corpus), "-o", str(corpus), "-q"], capsys)
+    assert status == 2 and "would overwrite an input" in err and corpus.read_text() == "Some text.\n"
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "bert"}')
+    status, _, err = run(["extract", str(model), "--static-only", "-o", str(model / "config.json"), "-q"], capsys)
+    assert status == 2 and "would overwrite an input" in err
+    assert (model / "config.json").read_text() == '{"model_type": "bert"}'
+
+
+def test_writing_to_a_device_leaves_the_device_alone(capsys):
+    status, _, err = run(["analyze", str(GOLDEN / "minilm_like.json"), "--json", "/dev/null", "-q"], capsys)
+    assert (status, err) == (0, "")
+    assert Path("/dev/null").is_char_device()
