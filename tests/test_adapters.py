@@ -8,6 +8,8 @@ extracted W_Q, W_K, biases and rotary, and compare with ``output_attentions=True
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -277,6 +279,33 @@ def with_attribute(config, **values):
     for name, value in values.items():
         setattr(config, name, value)
     return config
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (with_attribute(BertConfig(hidden_size=32), num_attention_heads=5), "hidden size 32 is not a multiple of 5"),
+        (with_attribute(BertConfig(), num_attention_heads=0), "cannot read the attention's shapes"),
+        (SimpleNamespace(**dict(BertConfig().to_dict(), num_attention_heads="12")), "cannot read the attention's shapes"),
+        (with_attribute(BertConfig(), num_hidden_layers=0), "num_layers is 0, not a positive whole number"),
+        (with_attribute(LlamaConfig(num_attention_heads=6, hidden_size=48), num_key_value_heads=4),
+         "6 query heads cannot share 4 key/value heads"),
+        (with_attribute(LlamaConfig(), num_key_value_heads=-3), "num_kv_heads is -3"),
+    ],
+    ids=["heads-not-tiling", "zero-heads", "string-heads", "zero-layers", "kv-not-dividing", "negative-kv"],
+)
+def test_config_shapes_that_describe_no_attention_are_refused(config, message):
+    with pytest.raises(QkspectraError, match=message):
+        adapter_for(config)
+
+
+def test_a_tensor_of_the_wrong_shape_is_named():
+    model = tiny_model(CASES["llama-6q-2kv"][0]())
+    state = dict(model.state_dict())
+    name = "layers.1.self_attn.k_proj.weight"
+    state[name] = state[name][:-1]
+    with pytest.raises(QkspectraError, match=rf"tensor '{name}' has shape \(15, 48\), but the config implies \(16, 48\)"):
+        adapter_for(model.config).layer(StateDictSource(state), 1)
 
 
 @pytest.mark.parametrize(

@@ -102,6 +102,7 @@ BAD_DOCS = [
     ("negative", (["static", 2, SV, 1, 2], -0.4), f"static[2].{SV}[1][2]: negative singular value -0.4"),
     ("not descending", (["static", 0, SV, 0], [1.0, 2.0, 0.5]), f"static[0].{SV}[0][1]: singular values not in descending order"),
     ("huge int", (["static", 0, SV, 0, 0], 10**400), f"static[0].{SV}[0][0]: number too large"),
+    ("overflowing square", (["static", 1, SV, 0, 0], 1e300), f"static[1].{SV}[0][0]: singular value 1e+300 too large"),
     ("dynamic too short", (["dynamic"], [{ENT: [1.0, 1.0]}]), "dynamic: 1 rows, but num_layers is 3"),
     ("dynamic wrong heads", (["dynamic", 1, ENT], [1.0]), f"dynamic[1].{ENT}: 1 heads, but num_heads is 2"),
     ("dynamic string", (["dynamic", 2, ENT, 1], "x"), f'dynamic[2].{ENT}[1]: expected a number, found a string "x"'),
@@ -133,6 +134,7 @@ BAD_FILES = [
     ("top-level list", b"[1, 2]", "expected a JSON object at the top level, found a list"),
     ("binary", b"\xff\xfe\x00garbage", "not"),
     ("absurd nesting", b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+    ("5000-digit integer", b'{"num_layers": ' + b"9" * 5000 + b"}", "not a geometry file"),
     ("NaN", json.dumps(good_doc()).replace('"mean_attention_entropy_per_head": [', '"mean_attention_entropy_per_head": [NaN, ', 1).encode(), "dynamic[0].mean_attention_entropy_per_head"),
     ("Infinity", json.dumps(good_doc()).replace('"mean_attention_entropy_per_head": [', '"mean_attention_entropy_per_head": [Infinity, ', 1).encode(), "dynamic[0].mean_attention_entropy_per_head"),
 ]

@@ -254,7 +254,7 @@ class _Parameters:
         self.tensors = StateDictSource(self.parameters)
 
     def get(self, name: str) -> np.ndarray:
-        return self.adapter.read(self.tensors, name)
+        return self.tensors.get(self.adapter.prefixed(self.tensors, name))
 
     def set(self, name: str, value: np.ndarray) -> None:
         parameter = self.parameters[self.adapter.prefixed(self.tensors, name)]

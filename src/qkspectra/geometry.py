@@ -64,6 +64,11 @@ class Geometry:
         return self.singular_values.shape[2]
 
 
+# Largest singular value accepted: the fits square and sum them, and (1e150)^2 times any
+# realistic rank stays far inside float64's range (about 1.8e308).
+MAX_SINGULAR_VALUE = 1e150
+
+
 def load_geometry(path: str | os.PathLike) -> Geometry:
     """Read and validate a geometry JSON file."""
     path = Path(path)
@@ -97,6 +102,8 @@ def _parse_json(raw: bytes, src: str) -> Any:
         raise QkspectraError(f"{src}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise QkspectraError(f"{src}: not a geometry file: JSON nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise QkspectraError(f"{src}: not a geometry file: {e}") from None
 
 
 def parse_geometry(data: Any, *, source: str = "<memory>") -> Geometry:
@@ -220,6 +227,8 @@ class _Validator:
         padding = np.arange(k)[None, :] >= np.asarray(lengths)[:, None]  # (H, k)
         self._first(~np.isfinite(sigma), path, lambda x: f"not a finite number: {x}", sigma)
         self._first(sigma < 0, path, lambda x: f"negative singular value {_fmt(x)}", sigma)
+        self._first(sigma > MAX_SINGULAR_VALUE, path, lambda x: f"singular value {_fmt(x)} too large: its square "
+                    f"overflows float64 in the fits (above {MAX_SINGULAR_VALUE:.0e}; rescale the geometry)", sigma)
         rising = np.zeros_like(padding)
         rising[:, 1:] = (sigma[:, 1:] > sigma[:, :-1]) & ~padding[:, 1:]
         self._first(rising, path, lambda x: f"singular values not in descending order ({_fmt(x)} follows a smaller value)", sigma)

@@ -226,6 +226,7 @@ def static_spectra(
     collector = FactorCollector(adapter.num_layers) if factor_sink is None else None
     sink = collector if collector is not None else factor_sink
     rows, scales, norm_folded = [], [], []
+    qk_biases = {"query": False, "key": False}
     with single_threaded_torch(), single_blas_thread():
         for index in range(adapter.num_layers):
             layer = adapter.layer(tensors, index)

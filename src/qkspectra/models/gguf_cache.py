@@ -51,8 +51,12 @@ def cached_gguf_folder(gguf_path: Path, *, progress: bool = True) -> Path:
     folder = gguf_cache_folder(gguf_path)
     if is_complete(folder):
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    except OSError as e:
+        raise QkspectraError(f"cannot use the model cache {folder.parent} (set by QKSPECTRA_CACHE or the default "
+                             f"~/.cache/qkspectra/models): {e.strerror or e}") from None
     try:
         _convert(gguf_path.resolve(), staging, progress=progress)
         try:

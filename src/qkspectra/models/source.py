@@ -81,10 +81,11 @@ def load_config(folder: Path) -> Any:
     try:
         with transformers_quiet(progress=False):
             return AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (ValueError, KeyError, OSError, TypeError) as e:
+    except Exception as e:  # transformers validates configs with its own error types
         from qkspectra.models.adapters import supported_model_types
+        from qkspectra.models.loading import first_line
 
         raise QkspectraError(
-            f"{config_file}: cannot read config of model type {raw['model_type']!r} "
+            f"{config_file}: cannot read config of model type {raw['model_type']!r}: {first_line(e)} "
             f"(supported model types: {', '.join(supported_model_types())})"
         ) from e

@@ -45,6 +45,10 @@ class SafetensorsSource:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise QkspectraError(f"{index} is not a valid safetensors shard index: {e}") from e
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(name, str) and isinstance(shard, str) for name, shard in weight_map.items()
+            ):
+                raise QkspectraError(f"{index}: weight_map must map tensor names to shard file names")
             self._file_of = {name: self.folder / shard for name, shard in weight_map.items()}
         elif (self.folder / SINGLE_FILE).is_file():
             self._file_of = None

@@ -43,7 +43,12 @@ def adapter_for(config: Any) -> AttentionAdapter:
         raise QkspectraError(
             f"model type {model_type!r} is not supported; supported model types: {', '.join(supported_model_types())}"
         )
-    return ADAPTERS[model_type](config)
+    try:
+        adapter = ADAPTERS[model_type](config)
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:  # e.g. a head count that is a string
+        raise QkspectraError(f"{model_type} config: cannot read the attention's shapes ({e})") from None
+    adapter.check_dimensions()
+    return adapter
 
 
 __all__ = ["ADAPTERS", "AttentionAdapter", "AttentionLayer", "RotaryEmbedding", "adapter_for", "supported_model_types"]

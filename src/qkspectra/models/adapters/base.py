@@ -104,6 +104,23 @@ class AttentionAdapter(abc.ABC):
                 )
         self._prefix: str | None = None
 
+    # Whether W_Q's d_head-sized blocks must tile d_model exactly (False where the config may
+    # set head_dim independently of hidden_size, as Llama's does).
+    heads_tile_d_model: ClassVar[bool] = True
+
+    def check_dimensions(self) -> None:
+        """QkspectraError naming the config's fault if its shapes cannot describe an attention layer."""
+        for name in ("num_layers", "num_heads", "num_kv_heads", "d_model", "d_head"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise QkspectraError(f"{self.model_type} config: {name} is {value!r}, not a positive whole number")
+        if self.num_heads % self.num_kv_heads:
+            raise QkspectraError(f"{self.model_type} config: {self.num_heads} query heads cannot share "
+                                 f"{self.num_kv_heads} key/value heads evenly")
+        if self.heads_tile_d_model and self.num_heads * self.d_head != self.d_model:
+            raise QkspectraError(f"{self.model_type} config: hidden size {self.d_model} is not a multiple of "
+                                 f"{self.num_heads} attention heads")
+
     @abc.abstractmethod
     def layer(self, tensors: TensorSource, index: int) -> AttentionLayer:
         """Layer ``index`` (0-based, in execution order) read from ``tensors``."""
@@ -133,12 +150,17 @@ class AttentionAdapter(abc.ABC):
     def anchor_tensor(self) -> str:
         """A tensor name every checkpoint of this architecture has (used to find the prefix)."""
 
-    def read(self, tensors: TensorSource, name: str) -> np.ndarray:
-        return tensors.get(self.prefixed(tensors, name))
-
-    def read_optional(self, tensors: TensorSource, name: str) -> np.ndarray | None:
+    def read(self, tensors: TensorSource, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The tensor ``name``; QkspectraError unless its shape is ``shape`` (what the config implies)."""
         full = self.prefixed(tensors, name)
-        return tensors.get(full) if full in tensors.names() else None
+        tensor = tensors.get(full)
+        if tensor.shape != shape:
+            raise QkspectraError(f"tensor {full!r} has shape {tuple(tensor.shape)}, but the config implies {shape}")
+        return tensor
+
+    def read_optional(self, tensors: TensorSource, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+        full = self.prefixed(tensors, name)
+        return self.read(tensors, name, shape) if full in tensors.names() else None
 
 
 def rotary_from_config(config: Any, head_dim: int) -> RotaryEmbedding:

@@ -39,13 +39,14 @@ class BertAdapter(AttentionAdapter):
 
     def self_attention(self, tensors: TensorSource, attention: str, norm: str | None) -> AttentionLayer:
         """The layer with ``{attention}.query`` and ``.key`` linears, fed by the LayerNorm ``norm`` (None: not folded)."""
+        H, d = self.num_heads, self.d_model
         return AttentionLayer(
-            W_Q=heads_from_linear(self.read(tensors, f"{attention}.query.weight"), self.num_heads),
-            W_K=heads_from_linear(self.read(tensors, f"{attention}.key.weight"), self.num_heads),
-            b_Q=heads_from_bias(self.read_optional(tensors, f"{attention}.query.bias"), self.num_heads),
-            b_K=heads_from_bias(self.read_optional(tensors, f"{attention}.key.bias"), self.num_heads),
+            W_Q=heads_from_linear(self.read(tensors, f"{attention}.query.weight", (d, d)), H),
+            W_K=heads_from_linear(self.read(tensors, f"{attention}.key.weight", (d, d)), H),
+            b_Q=heads_from_bias(self.read_optional(tensors, f"{attention}.query.bias", (d,)), H),
+            b_K=heads_from_bias(self.read_optional(tensors, f"{attention}.key.bias", (d,)), H),
             scale=self.d_head**-0.5,
-            norm_gain=None if norm is None else self.read(tensors, f"{norm}.weight"),
-            norm_bias=None if norm is None else self.read_optional(tensors, f"{norm}.bias"),
+            norm_gain=None if norm is None else self.read(tensors, f"{norm}.weight", (d,)),
+            norm_bias=None if norm is None else self.read_optional(tensors, f"{norm}.bias", (d,)),
             rotary=None,
         )

@@ -42,15 +42,15 @@ class GPT2Adapter(AttentionAdapter):
 
     def layer(self, tensors: TensorSource, index: int) -> AttentionLayer:
         d = self.d_model
-        weight = self.read(tensors, f"h.{index}.attn.c_attn.weight")  # (d_model, 3*d_model)
-        bias = self.read_optional(tensors, f"h.{index}.attn.c_attn.bias")  # (3*d_model,)
+        weight = self.read(tensors, f"h.{index}.attn.c_attn.weight", (d, 3 * d))  # Conv1D: x @ weight
+        bias = self.read_optional(tensors, f"h.{index}.attn.c_attn.bias", (3 * d,))
         return AttentionLayer(
             W_Q=self._split(weight[:, :d]),
             W_K=self._split(weight[:, d : 2 * d]),
             b_Q=None if bias is None else bias[:d].reshape(self.num_heads, self.d_head),
             b_K=None if bias is None else bias[d : 2 * d].reshape(self.num_heads, self.d_head),
             scale=self.scale(index),
-            norm_gain=self.read(tensors, f"h.{index}.ln_1.weight"),
-            norm_bias=self.read_optional(tensors, f"h.{index}.ln_1.bias"),
+            norm_gain=self.read(tensors, f"h.{index}.ln_1.weight", (d,)),
+            norm_bias=self.read_optional(tensors, f"h.{index}.ln_1.bias", (d,)),
             rotary=None,
         )

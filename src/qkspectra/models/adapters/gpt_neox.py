@@ -33,10 +33,10 @@ class GPTNeoXAdapter(AttentionAdapter):
         return f"rotary on {self.rotary.rotary_dim} of {self.d_head} head dimensions"
 
     def layer(self, tensors: TensorSource, index: int) -> AttentionLayer:
-        H, dh = self.num_heads, self.d_head
-        weight = self.read(tensors, f"layers.{index}.attention.query_key_value.weight")  # (3*d_model, d_model)
-        per_head = weight.reshape(H, 3, dh, self.d_model).transpose(1, 0, 3, 2)  # (3, H, d_model, d_head)
-        bias = self.read_optional(tensors, f"layers.{index}.attention.query_key_value.bias")
+        H, dh, d = self.num_heads, self.d_head, self.d_model
+        weight = self.read(tensors, f"layers.{index}.attention.query_key_value.weight", (3 * d, d))
+        per_head = weight.reshape(H, 3, dh, d).transpose(1, 0, 3, 2)  # (3, H, d_model, d_head)
+        bias = self.read_optional(tensors, f"layers.{index}.attention.query_key_value.bias", (3 * d,))
         bias_per_head = None if bias is None else bias.reshape(H, 3, dh)  # (H, 3, d_head)
         return AttentionLayer(
             W_Q=per_head[0],
@@ -44,7 +44,7 @@ class GPTNeoXAdapter(AttentionAdapter):
             b_Q=None if bias_per_head is None else bias_per_head[:, 0],
             b_K=None if bias_per_head is None else bias_per_head[:, 1],
             scale=dh**-0.5,
-            norm_gain=self.read(tensors, f"layers.{index}.input_layernorm.weight"),
-            norm_bias=self.read_optional(tensors, f"layers.{index}.input_layernorm.bias"),
+            norm_gain=self.read(tensors, f"layers.{index}.input_layernorm.weight", (d,)),
+            norm_bias=self.read_optional(tensors, f"layers.{index}.input_layernorm.bias", (d,)),
             rotary=self.rotary,
         )

@@ -23,6 +23,7 @@ from qkspectra.models.tensors import TensorSource
 
 class LlamaAdapter(AttentionAdapter):
     model_type = "llama"
+    heads_tile_d_model = False  # head_dim may be set on its own
 
     def __init__(self, config: Any):
         super().__init__(config)
@@ -41,14 +42,14 @@ class LlamaAdapter(AttentionAdapter):
 
     def layer(self, tensors: TensorSource, index: int) -> AttentionLayer:
         attention = f"layers.{index}.self_attn"
-        H, H_kv = self.num_heads, self.num_kv_heads
+        H, H_kv, dh, d = self.num_heads, self.num_kv_heads, self.d_head, self.d_model
         return AttentionLayer(
-            W_Q=heads_from_linear(self.read(tensors, f"{attention}.q_proj.weight"), H),
-            W_K=heads_from_linear(self.read(tensors, f"{attention}.k_proj.weight"), H_kv),
-            b_Q=heads_from_bias(self.read_optional(tensors, f"{attention}.q_proj.bias"), H),
-            b_K=heads_from_bias(self.read_optional(tensors, f"{attention}.k_proj.bias"), H_kv),
+            W_Q=heads_from_linear(self.read(tensors, f"{attention}.q_proj.weight", (H * dh, d)), H),
+            W_K=heads_from_linear(self.read(tensors, f"{attention}.k_proj.weight", (H_kv * dh, d)), H_kv),
+            b_Q=heads_from_bias(self.read_optional(tensors, f"{attention}.q_proj.bias", (H * dh,)), H),
+            b_K=heads_from_bias(self.read_optional(tensors, f"{attention}.k_proj.bias", (H_kv * dh,)), H_kv),
             scale=self.d_head**-0.5,
-            norm_gain=self.read(tensors, f"layers.{index}.input_layernorm.weight"),
+            norm_gain=self.read(tensors, f"layers.{index}.input_layernorm.weight", (d,)),
             norm_bias=None,
             rotary=self.rotary,
         )
