@@ -191,6 +191,28 @@ def test_a_fault_in_a_later_layer_leaves_no_file_and_no_folder(tmp_path, capsys)
     assert not (tmp_path / "out").exists()
 
 
+def test_factors_beyond_float32_are_refused_not_written(tmp_path, capsys):
+    """Stored weights near float32's limit fold (with a LayerNorm bias) into biases beyond it."""
+    model = AutoModel.from_config(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50))
+    with torch.no_grad():
+        model.h[0].attn.c_attn.weight.fill_(3e38)
+        model.h[0].ln_1.bias.fill_(1.0)
+    folder = tmp_path / "huge-model"
+    model.save_pretrained(folder)
+    capsys.readouterr()
+    status, _, stderr = run(["extract", str(folder), "-o", str(tmp_path / "out" / "g.json"), "--static-only", "-q"], capsys)
+    assert status == 2 and "layer 0: the query/key factors exceed float32's range" in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_without_a_tokenizer_is_refused_for_the_corpus_pass(tmp_path, capsys):
+    folder = tiny_folder(tmp_path / "no-tokenizer", GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50))
+    capsys.readouterr()
+    status, _, stderr = run(["extract", str(folder), "-o", str(tmp_path / "g.json"), "--max-tokens", "64", "-q"], capsys)
+    assert status == 2 and "has no tokenizer" in stderr and stderr.count("\n") == 1
+    assert run(["extract", str(folder), "-o", str(tmp_path / "g.json"), "--static-only", "-q"], capsys)[0] == 0
+
+
 def test_sliding_window_shorter_than_windows_is_refused(tmp_path, capsys):
     config = MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, sliding_window=8)

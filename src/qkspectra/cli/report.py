@@ -54,10 +54,18 @@ def _inputs(path: Path) -> tuple[dict[str, Any], Any]:
 
 def _rebuild(path: Path, out: Path | None, quiet: bool, write: Callable[..., Any], summary: Callable[[Any, Path], str]) -> None:
     """Read the inputs, ``write(document, geometry, out_dir)``, print the notes and ``summary(files, out_dir)``."""
+    import warnings
+
+    import numpy as np
+
     document, geometry = _inputs(path)
     out_dir = path.parent if out is None else out
     try:
-        files = write(document, geometry, out_dir)
+        # A hand-edited document with absurd numbers may make numpy or matplotlib warn on the
+        # way to the error below; the one-line error is what the user needs.
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            files = write(document, geometry, out_dir)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise QkspectraError(f"{path}: {NOT_ANALYSIS}: {type(e).__name__} {e}") from None
     if not quiet:

@@ -188,8 +188,11 @@ def layer_factors(layer: AttentionLayer) -> dict[str, np.ndarray]:
     root_scale = np.sqrt(layer.scale)
     group = layer.kv_group_size
     factors = {"W_Q": (layer.W_Q, 1), "W_K": (layer.W_K, group), "b_Q": (layer.b_Q, 1), "b_K": (layer.b_K, group)}
-    scaled = {name: (np.multiply(factor, root_scale, dtype=np.float32), repeats)
-              for name, (factor, repeats) in factors.items() if factor is not None}
+    with np.errstate(over="ignore"):
+        scaled = {name: (np.multiply(factor, root_scale, dtype=np.float32), repeats)
+                  for name, (factor, repeats) in factors.items() if factor is not None}
+    if not all(np.isfinite(factor).all() for factor, _ in scaled.values()):
+        raise NonFiniteFactor("beyond float32's range")
     return {name: factor if repeats == 1 else np.repeat(factor, repeats, axis=0)
             for name, (factor, repeats) in scaled.items()}
 
@@ -249,7 +252,11 @@ def static_spectra(
                 }
             )
             scales.append(layer.scale)
-            sink(index, layer)
+            try:
+                sink(index, layer)
+            except NonFiniteFactor:
+                raise QkspectraError(f"layer {index}: the query/key factors exceed float32's range (about 3.4e38), "
+                                     "the factors file's type") from None
             if on_layer is not None:
                 on_layer(index)
     query_name = adapter.prefixed(tensors, adapter.anchor_tensor())

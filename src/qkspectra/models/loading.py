@@ -31,6 +31,11 @@ def transformers_quiet(*, progress: bool) -> Iterator[None]:
             hf_logging.disable_progress_bar()
 
 
+# Files any Hugging Face tokenizer is saved as (fast, WordPiece, BPE, SentencePiece).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
 def load_model(source: ModelSource | str, *, attn_implementation: str = "eager", progress: bool = True):
     """Return ``(model, tokenizer)``: the base transformer (no task head) in eval mode, float32.
 
@@ -49,6 +54,10 @@ def load_model(source: ModelSource | str, *, attn_implementation: str = "eager",
             )
         except Exception as e:  # damaged files fail in the loaders' own ways (SafetensorError, ...)
             raise QkspectraError(f"cannot load the weights of {source.folder}: {first_line(e)}") from e
+        if not any((source.folder / name).is_file() for name in TOKENIZER_FILES):
+            # transformers would build a near-empty tokenizer and read every word as unknown
+            raise QkspectraError(f"{source.folder} has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                                 "the corpus pass needs one (--static-only does not)")
         try:
             tokenizer = AutoTokenizer.from_pretrained(source.folder, local_files_only=True)
         except Exception as e:
