@@ -89,3 +89,31 @@ def test_writing_to_a_device_leaves_the_device_alone(capsys):
     status, _, err = run(["analyze", str(GOLDEN / "minilm_like.json"), "--json", "/dev/null", "-q"], capsys)
     assert (status, err) == (0, "")
     assert Path("/dev/null").is_char_device()
+
+
+def test_report_and_plot_never_overwrite_the_analysis_they_read(tmp_path, capsys):
+    shutil.copy(GOLDEN / "minilm_like.json", tmp_path / "g.json")
+    assert run(["analyze", str(tmp_path / "g.json"), "--anchor", "all", "--json", str(tmp_path / "report.md"), "-q"],
+               capsys)[0] == 0
+    before = (tmp_path / "report.md").read_bytes()
+    status, _, err = run(["report", str(tmp_path / "report.md"), "-q"], capsys)
+    assert status == 2 and "would overwrite an input" in err and (tmp_path / "report.md").read_bytes() == before
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_outputs_inside_a_model_folder_may_be_rewritten_but_its_files_never(tmp_path, capsys):
+    from transformers import AutoModel, GPT2Config
+
+    model = tmp_path / "model"
+    AutoModel.from_config(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50)).save_pretrained(model)
+    capsys.readouterr()
+    for _ in range(2):  # the second run rewrites its own outputs
+        assert run(["extract", str(model), "--static-only", "-o", str(model / "g.json"), "-q"], capsys)[0] == 0
+    status, _, err = run(["extract", str(model), "--static-only", "-o", str(model / "model.safetensors"), "-q"], capsys)
+    assert status == 2 and "would overwrite an input" in err
+
+
+def test_an_output_behind_a_symbolic_link_loop_is_one_line(tmp_path, capsys):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    status, _, err = run(["analyze", str(GOLDEN / "minilm_like.json"), "--json", str(tmp_path / "loop"), "-q"], capsys)
+    assert status == 2 and err.count("\n") == 1

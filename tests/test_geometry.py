@@ -103,6 +103,7 @@ BAD_DOCS = [
     ("not descending", (["static", 0, SV, 0], [1.0, 2.0, 0.5]), f"static[0].{SV}[0][1]: singular values not in descending order"),
     ("huge int", (["static", 0, SV, 0, 0], 10**400), f"static[0].{SV}[0][0]: number too large"),
     ("overflowing square", (["static", 1, SV, 0, 0], 1e300), f"static[1].{SV}[0][0]: singular value 1e+300 too large"),
+    ("everything tiny", (["static"], [{SV: [[3e-9, 1e-9], [2e-9, 0.0]]}] * 3), "static: the largest singular value is 3e-09"),
     ("dynamic too short", (["dynamic"], [{ENT: [1.0, 1.0]}]), "dynamic: 1 rows, but num_layers is 3"),
     ("dynamic wrong heads", (["dynamic", 1, ENT], [1.0]), f"dynamic[1].{ENT}: 1 heads, but num_heads is 2"),
     ("dynamic string", (["dynamic", 2, ENT, 1], "x"), f'dynamic[2].{ENT}[1]: expected a number, found a string "x"'),

@@ -51,18 +51,18 @@ def remove_folders(created: list[Path]) -> None:
 
 
 def refuse_overwriting_inputs(output: Path, inputs: list[Path]) -> None:
-    """QkspectraError if ``output`` is one of ``inputs``, or an existing file inside one that is a folder.
+    """QkspectraError if ``output`` is one of the files ``inputs``.
 
     Writing there would destroy what is being read (a geometry, its factors, a corpus, a model's files).
     """
     output = Path(output)
-    resolved = output.resolve()  # symbolic links and ".." resolved, also through folders not yet made
+    try:
+        resolved = output.resolve()  # symbolic links and ".." resolved, also through folders not yet made
+    except (OSError, RuntimeError) as e:  # a symbolic link loop
+        raise QkspectraError(f"cannot write {output}: {e}") from None
     for source in inputs:
         source = Path(source)
-        if not source.exists():
-            continue
-        same = resolved == source.resolve() or (output.exists() and output.samefile(source))
-        if same or (source.is_dir() and output.exists() and source.resolve() in resolved.parents):
+        if source.is_file() and (resolved == source.resolve() or (output.exists() and output.samefile(source))):
             raise QkspectraError(f"output {output} would overwrite an input ({source}); write it elsewhere")
 
 

@@ -67,6 +67,10 @@ class Geometry:
 # Largest singular value accepted: the fits square and sum them, and (1e150)^2 times any
 # realistic rank stays far inside float64's range (about 1.8e308).
 MAX_SINGULAR_VALUE = 1e150
+# Smallest largest-singular-value accepted: below it the seed's absolute 1e-20 guards on
+# squared norms start to treat real heads as zero (measured: every value x 1e-10 already
+# changes the mean residual of a real geometry from 0.106 to 0.64). All-zero geometries pass.
+MIN_LARGEST_SINGULAR_VALUE = 1e-6
 
 
 def load_geometry(path: str | os.PathLike) -> Geometry:
@@ -120,6 +124,11 @@ def parse_geometry(data: Any, *, source: str = "<memory>") -> Geometry:
     sigma = np.zeros((num_layers, num_heads, max_rank))  # (L, H, K)
     for L, s in enumerate(spectra):
         sigma[L, :, : s.shape[1]] = s
+    largest = float(sigma.max())
+    if 0.0 < largest < MIN_LARGEST_SINGULAR_VALUE:
+        v.fail("static", f"the largest singular value is {_fmt(largest)}: the fits treat squared norms below 1e-20 as "
+                         "zero (the seed's guard), so a geometry this small changes the result; multiply every "
+                         "value by a power of ten")
 
     entropy = None
     if "dynamic" in data:

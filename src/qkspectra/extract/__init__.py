@@ -223,7 +223,10 @@ def refuse_overwriting_inputs_of(model: str, options: ExtractOptions, outputs: l
     """QkspectraError if any of ``outputs`` is the model's own file(s) or the corpus."""
     from qkspectra.models.source import model_input_paths
 
-    inputs = model_input_paths(model) + ([Path(options.corpus)] if options.corpus is not None else [])
+    corpus = [] if options.corpus is None else [Path(options.corpus)]
+    if corpus and corpus[0].is_dir():
+        corpus = sorted(corpus[0].iterdir())  # a folder's .txt files are read (and anything beside them left)
+    inputs = model_input_paths(model) + corpus
     for output in outputs:
         refuse_overwriting_inputs(output, inputs)
 

@@ -56,11 +56,22 @@ def resolve_model(name_or_path: str, *, progress: bool = True) -> ModelSource:
 
 
 def model_input_paths(name_or_path: str) -> list[Path]:
-    """The files or folder MODEL is read from, as named by the user (none for a bundled name)."""
+    """The files MODEL is read from, as named by the user (none for a bundled name).
+
+    A .gguf file itself; in a folder, its config, weights, shard index and tokenizer files.
+    """
     if name_or_path in BUNDLED_MODELS:
         return []
     path = Path(name_or_path).expanduser()
-    return [path] if path.exists() else []
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        return []
+    from qkspectra.models.loading import TOKENIZER_FILES
+
+    named = ["config.json", "generation_config.json", "special_tokens_map.json", "model.safetensors",
+             "model.safetensors.index.json", *TOKENIZER_FILES]
+    return [path / name for name in named] + sorted(path.glob("model-*.safetensors"))  # shards
 
 
 def load_config(folder: Path) -> Any:
