@@ -142,6 +142,7 @@ def test_default_output_folder(tmp_path):
         (["minilm", "--max-tokens", "100000000000000000000"], "--max-tokens must be between 1 and"),
         (["minilm", "--groups", "0"], "--groups 0: must be between 1 and the number of layers"),
         (["minilm", "--groups", "99999999999999999999"], "must be between 1 and the number of layers"),
+        (["minilm", "--groups", "7"], "--groups 7: must be between 1 and the number of layers (6)"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):

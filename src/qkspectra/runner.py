@@ -88,6 +88,14 @@ def default_out_dir(model: str, cwd: Path | None = None) -> Path:
     return out
 
 
+def model_num_layers(model: str, options: ExtractOptions) -> int:
+    """The number of attention layers of ``model``, from its config (a GGUF is converted on first use)."""
+    from qkspectra.models import resolve_model
+    from qkspectra.models.adapters import adapter_for
+
+    return adapter_for(resolve_model(model, progress=not options.quiet).config).num_layers
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -207,7 +215,12 @@ def run(
         "timings": timings,
     }
 
-    if reusable_geometry(out_dir, key):
+    reusable = reusable_geometry(out_dir, key)
+    if groups is not None:  # checked against the model before anything is extracted or written
+        num_layers = load_geometry(geometry_path).num_layers if reusable else model_num_layers(model, options)
+        if groups > num_layers:
+            raise QkspectraError(f"--groups {groups}: must be between 1 and the number of layers ({num_layers})")
+    if reusable:
         say(f"reusing {geometry_path} (same model and options)")
         record["extraction"] = "reused"
     else:

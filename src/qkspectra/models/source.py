@@ -96,7 +96,9 @@ def load_config(folder: Path) -> Any:
         from qkspectra.models.adapters import supported_model_types
         from qkspectra.models.loading import first_line
 
+        detail = first_line(e).rstrip(":") or type(e).__name__
+        supported = "" if raw["model_type"] in supported_model_types() else (
+            f" (supported model types: {', '.join(supported_model_types())})")
         raise QkspectraError(
-            f"{config_file}: cannot read config of model type {raw['model_type']!r}: {first_line(e)} "
-            f"(supported model types: {', '.join(supported_model_types())})"
+            f"{config_file}: cannot read the config of model type {raw['model_type']!r}: {detail}{supported}"
         ) from e
