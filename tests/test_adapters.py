@@ -228,6 +228,37 @@ def test_query_and_key_biases_are_recorded_as_stored(case, expected):
     assert ("b_Q" in static.factors) == expected["query"] and ("b_K" in static.factors) == expected["key"]
 
 
+def key_projection(model_type: str, attention: nn.Module, num_heads: int):
+    """The module whose output holds the keys, and how to read them: output (B, T, *) -> (B, T, H_kv, d_head)."""
+    if model_type in ("bert", "albert"):
+        return attention.key, lambda y, dh: y.reshape(*y.shape[:2], -1, dh)
+    if model_type == "gpt2":
+        return attention.c_attn, lambda y, dh: np.split(y, 3, axis=-1)[1].reshape(*y.shape[:2], -1, dh)
+    if model_type == "gpt_neox":
+        return attention.query_key_value, lambda y, dh: y.reshape(*y.shape[:2], num_heads, 3, dh)[..., 1, :]
+    return attention.k_proj, lambda y, dh: y.reshape(*y.shape[:2], -1, dh)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_key_factors_and_biases_equal_the_models_own_key_projection(case):
+    """Key biases cancel in the softmax without rotary, so attention maps cannot check them: the keys can."""
+    make_config, modules_of, _ = CASES[case]
+    model = tiny_model(make_config())
+    adapter = adapter_for(model.config)
+    module, read_keys = key_projection(adapter.model_type, modules_of(model, 1)[0], adapter.num_heads)
+    seen = []
+    handle = module.register_forward_hook(lambda m, args, output: seen.append((args[0], output)))
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(2)))
+    handle.remove()
+    x, y = (t.double().numpy() for t in seen[-1 if adapter.model_type != "albert" else 1])  # ALBERT: 2nd call is layer 1
+    layer = adapter.layer(StateDictSource(model.state_dict()), 1)
+    ours = np.einsum("btd,hde->bthe", x, layer.W_K)  # (B, T, H_kv, d_head)
+    if layer.b_K is not None:
+        ours = ours + layer.b_K
+    np.testing.assert_allclose(ours, read_keys(y, adapter.d_head), atol=1e-5)
+
+
 def test_albert_layers_share_one_spectrum():
     make_config, _, _ = CASES["albert"]
     model = tiny_model(make_config())
