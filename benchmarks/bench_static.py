@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
+from qkspectra._threads import single_blas_thread  # noqa: E402
 from qkspectra.extract import spectra  # noqa: E402
 from qkspectra.extract.spectra import fold_norm, single_threaded_torch, static_spectra  # noqa: E402
 from qkspectra.models import resolve_model  # noqa: E402
@@ -85,17 +86,17 @@ def time_load(path, names: list[str]) -> tuple[float, float]:
 def time_static(adapter, folder, *, keep_factors: bool, householder: bool = False) -> float:
     """Seconds for the static pass; without ``keep_factors`` the factors are dropped, as in ``extract_geometry``.
 
-    ``householder``: every factor takes Householder QR (the Gram route's spread limit set to 0).
+    ``householder``: every factor takes Householder QR (the Gram route's condition limit set to 0).
     """
-    spread = spectra.GRAM_DIAGONAL_SPREAD
-    spectra.GRAM_DIAGONAL_SPREAD = 0.0 if householder else spread
+    spread = spectra.GRAM_CONDITION_LIMIT
+    spectra.GRAM_CONDITION_LIMIT = 0.0 if householder else spread
     try:
         start = time.perf_counter()
         static_spectra(adapter, open_tensors(folder), fold_ln=True,
                        factor_sink=None if keep_factors else (lambda index, layer: None))
         return time.perf_counter() - start
     finally:
-        spectra.GRAM_DIAGONAL_SPREAD = spread
+        spectra.GRAM_CONDITION_LIMIT = spread
 
 
 def time_floor(layers) -> tuple[float, float]:
@@ -103,7 +104,7 @@ def time_floor(layers) -> tuple[float, float]:
     factors = [(layer.W_Q, layer.W_K) for layer in layers]  # the distinct factors (shared keys once)
     cores = [spectra.r_factors(W_Q) @ np.repeat(spectra.r_factors(W_K), len(W_Q) // len(W_K), axis=0).swapaxes(-1, -2)
              for W_Q, W_K in factors]  # per layer (H, k, k)
-    with single_threaded_torch():
+    with single_threaded_torch(), single_blas_thread():  # as in the static pass
         start = time.perf_counter()
         for W_Q, W_K in factors:
             np.matmul(W_Q.swapaxes(-1, -2), W_Q)

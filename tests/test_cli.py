@@ -117,3 +117,11 @@ def test_an_output_behind_a_symbolic_link_loop_is_one_line(tmp_path, capsys):
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     status, _, err = run(["analyze", str(GOLDEN / "minilm_like.json"), "--json", str(tmp_path / "loop"), "-q"], capsys)
     assert status == 2 and err.count("\n") == 1
+
+
+def test_plot_reads_an_analysis_named_like_a_page_it_does_not_write(tmp_path, capsys):
+    shutil.copy(GOLDEN / "minilm_like.json", tmp_path / "g.json")
+    assert run(["analyze", str(tmp_path / "g.json"), "--anchor", "all", "--json", str(tmp_path / "report.html"), "-q"],
+               capsys)[0] == 0
+    assert run(["plot", str(tmp_path / "report.html"), "-q"], capsys)[0] == 0
+    assert (tmp_path / "plots" / "schedule.png").is_file()

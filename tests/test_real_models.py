@@ -85,7 +85,7 @@ def test_cholesky_and_householder_routes_agree_on_real_weights(name, request, mo
     gram_route = np.array([row["metric_singvals_per_head"] for row in
                            static_spectra(adapter, open_tensors(source.folder)).rows])  # (L, H, d_head)
     assert fallbacks == []
-    monkeypatch.setattr(spectra, "GRAM_DIAGONAL_SPREAD", 0.0)  # now every factor takes Householder QR
+    monkeypatch.setattr(spectra, "GRAM_CONDITION_LIMIT", 0.0)  # now every factor takes Householder QR
     reference = np.array([row["metric_singvals_per_head"] for row in
                           static_spectra(adapter, open_tensors(source.folder)).rows])
     assert len(fallbacks) == 2 * adapter.num_layers

@@ -70,11 +70,35 @@ def test_ill_conditioned_factors_keep_every_digit_the_metric_needs(smallest):
     np.testing.assert_allclose(metric_singular_values(W_Q, W_K, 1.0), dense, rtol=0, atol=1e-13 * dense[:, :1].max())
 
 
+def kahan_factor(rng, d_model, d_head, c):
+    """Q times a Kahan matrix: badly conditioned (about 1e6 at c = 0.2, d_head 64) with a mild diagonal."""
+    s = np.sqrt(1 - c * c)
+    kahan = np.diag(s ** np.arange(d_head)) @ (np.eye(d_head) + np.triu(np.full((d_head, d_head), -c), 1))
+    return orthonormal_columns(rng, d_model, d_head) @ kahan
+
+
+def test_a_badly_conditioned_factor_with_a_harmless_looking_diagonal_takes_householder(monkeypatch):
+    rng = np.random.default_rng(6)
+    W_Q = np.stack([kahan_factor(rng, 200, 64, 0.2) for _ in range(2)])  # diagonal spread ~4, condition ~1e6
+    W_K = rng.standard_normal((2, 200, 64))
+    fallbacks = []
+    householder = spectra.householder_r_factors
+    monkeypatch.setattr(spectra, "householder_r_factors", lambda W: fallbacks.append(len(W)) or householder(W))
+    values = metric_singular_values(W_Q, W_K, 1.0)
+    assert fallbacks == [2]  # the two Kahan factors; the Gaussian keys stay on the Gram route
+    dense = np.linalg.svd(W_Q @ W_K.transpose(0, 2, 1), compute_uv=False)[:, :64]
+    np.testing.assert_allclose(values, dense, rtol=0, atol=1e-14 * dense[:, :1].max())
+
+
 def test_the_gram_route_and_householder_agree(monkeypatch):
     rng = np.random.default_rng(4)
     W_Q, W_K = rng.standard_normal((6, 40, 8)), rng.standard_normal((2, 40, 8))
+    fallbacks = []
+    householder = spectra.householder_r_factors
+    monkeypatch.setattr(spectra, "householder_r_factors", lambda W: fallbacks.append(len(W)) or householder(W))
     gram_route = metric_singular_values(W_Q, W_K, 0.7)
-    monkeypatch.setattr(spectra, "GRAM_DIAGONAL_SPREAD", 0.0)  # every factor takes Householder QR
+    assert fallbacks == []
+    monkeypatch.setattr(spectra, "GRAM_CONDITION_LIMIT", 0.0)  # every factor takes Householder QR
     np.testing.assert_allclose(metric_singular_values(W_Q, W_K, 0.7), gram_route, rtol=1e-13)
 
 

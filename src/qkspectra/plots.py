@@ -38,10 +38,6 @@ SUPPORTED_BELOW, PARTIAL_BELOW = 0.10, 0.30  # the seed's verdict thresholds (An
 DPI = 110
 
 
-# Every figure a report can hold, in report order (one PNG each under plots/).
-PLOT_NAMES = ("schedule", "temperature_heatmap", "residual_heatmap", "spectral_shapes", "entropy_scatter", "cross_head",
-              "rank_k")
-
 def _style(strategy: str, i: int) -> dict[str, Any]:
     colour, marker, line = STRATEGY_STYLES.get(strategy, (f"C{4 + i}", "v", "-"))
     return {"color": colour, "marker": marker, "linestyle": line, "markersize": 5, "linewidth": 2.2 - 0.35 * i,

@@ -599,9 +599,7 @@ def render_plots(document: Mapping[str, Any], geometry: Geometry | None) -> tupl
 
 def report_paths(out_dir: Path, *, pages: bool = True) -> list[Path]:
     """Every file a report (or, without ``pages``, a set of plots) may write in ``out_dir``."""
-    from qkspectra.plots import PLOT_NAMES
-
-    plots = [out_dir / PLOTS_FOLDER / f"{name}.png" for name in PLOT_NAMES]
+    plots = [out_dir / PLOTS_FOLDER / f"{name}.png" for name in FIGURE_CAPTIONS]
     return plots + ([out_dir / "report.html", out_dir / "report.md"] if pages else [])
 
 

@@ -35,9 +35,6 @@ from qkspectra.report import ReportFiles, check_writable, report_paths, write_re
 GEOMETRY_FILE = "geometry.json"
 ANALYSIS_FILE = "analysis.json"
 RUN_FILE = "run.json"
-MAX_LAYERS = 1_000_000  # bound on --groups before the model's own number of layers is known
-# Every file a run writes outside plots/ (checked before anything is written).
-OUTPUT_FILES = (GEOMETRY_FILE, "geometry.factors.safetensors", ANALYSIS_FILE, RUN_FILE, "report.html", "report.md")
 NOT_IN_KEY = ("quiet",)  # options that cannot change the extraction
 
 
@@ -191,16 +188,18 @@ def run(
     from qkspectra.geometry import load_geometry
 
     check_options(options)
-    if groups is not None and not 1 <= groups <= MAX_LAYERS:  # against the layers once they are known
+    if groups is not None and groups < 1:  # and at most the number of layers, checked below
         raise QkspectraError(f"--groups {groups}: must be between 1 and the number of layers")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise QkspectraError(f"output {out_dir} exists and is not a folder")
-    refuse_overwriting_inputs_of(model, options, [out_dir / name for name in OUTPUT_FILES])
-    check_writable([out_dir / name for name in OUTPUT_FILES] + report_paths(out_dir))
+    geometry_path = out_dir / GEOMETRY_FILE
+    outputs = [geometry_path, factors_path(geometry_path), out_dir / ANALYSIS_FILE, out_dir / RUN_FILE,
+               *report_paths(out_dir)]
+    refuse_overwriting_inputs_of(model, options, outputs)
+    check_writable(outputs)
     timings: dict[str, float] = {}
     key = cache_key(model, options)
-    geometry_path = out_dir / GEOMETRY_FILE
     record: dict[str, Any] = {
         "qkspectra_version": __version__,
         "model": model,

@@ -26,9 +26,8 @@ def _root() -> None:
 
 
 def fail(message: str) -> None:
-    """Print one line to stderr and exit with status 2."""
-    typer.echo(f"qkspectra: error: {message}", err=True)
-    raise typer.Exit(2)
+    """Stop the command: ``main`` prints ``message`` as one line on stderr and exits with status 2."""
+    raise QkspectraError(message)
 
 
 def _register() -> None:
@@ -36,7 +35,7 @@ def _register() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the command line: every error is one line on stderr and exit status 2 (130 when interrupted)."""
+    """Run the command line: bad input and usage errors give one line on stderr and exit status 2 (130: interrupted)."""
     from typer import Abort
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
 

@@ -59,12 +59,12 @@ def _rebuild(path: Path, out: Path | None, quiet: bool, write: Callable[..., Any
     import numpy as np
 
     from qkspectra._io import refuse_overwriting_inputs
-    from qkspectra.report import report_paths
+    from qkspectra.report import report_paths, write_plots
 
     document, geometry = _inputs(path)
     out_dir = path.parent if out is None else out
     inputs = [path] + ([Path(geometry.source)] if geometry is not None else [])
-    for output in report_paths(out_dir):
+    for output in report_paths(out_dir, pages=write is not write_plots):
         refuse_overwriting_inputs(output, inputs)
     try:
         # A hand-edited document with absurd numbers may make numpy or matplotlib warn on the

@@ -223,10 +223,9 @@ def refuse_overwriting_inputs_of(model: str, options: ExtractOptions, outputs: l
     """QkspectraError if any of ``outputs`` is the model's own file(s) or the corpus."""
     from qkspectra.models.source import model_input_paths
 
-    corpus = [] if options.corpus is None else [Path(options.corpus)]
-    if corpus and corpus[0].is_dir():
-        corpus = sorted(corpus[0].iterdir())  # a folder's .txt files are read (and anything beside them left)
-    inputs = model_input_paths(model) + corpus
+    from qkspectra.extract.corpus import corpus_files
+
+    inputs = model_input_paths(model) + ([] if options.corpus is None else corpus_files(Path(options.corpus)))
     for output in outputs:
         refuse_overwriting_inputs(output, inputs)
 

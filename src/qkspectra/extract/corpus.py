@@ -135,7 +135,7 @@ def _read_documents(corpus: str | None) -> _Documents:
         raise QkspectraError(f"corpus not found: {corpus}")
     digest = hashlib.sha256()
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".txt" and p.is_file())
+        files = corpus_files(path)
         if not files:
             raise QkspectraError(f"corpus folder {corpus} holds no .txt files")
         texts = []
@@ -150,6 +150,13 @@ def _read_documents(corpus: str | None) -> _Documents:
         texts = _jsonl_texts(_decode(data, corpus), corpus)
         return _Documents(texts, f"{corpus} ({len(texts)} records)", digest.hexdigest())
     return _Documents([_decode(data, corpus)], corpus, digest.hexdigest())
+
+
+def corpus_files(path: Path) -> list[Path]:
+    """The files a corpus path is read from: itself, or a folder's .txt files in name order."""
+    if not path.is_dir():
+        return [path]
+    return sorted(p for p in path.iterdir() if p.suffix.lower() == ".txt" and p.is_file())
 
 
 def _decode(data: bytes, where: str) -> str:

@@ -10,11 +10,11 @@ The triangular factor R of a well-conditioned factor W is computed as CholeskyQR
 Cholesky factor of the d_head x d_head Gram matrix W^T W = R^T R, which is the R of Householder
 QR up to the signs of its rows (signs that leave the core's singular values unchanged). One
 matrix product replaces a Householder sweep. Forming the Gram matrix squares the condition
-number, so a factor whose R has a diagonal spread wider than ``GRAM_DIAGONAL_SPREAD``, whose
+number, so a factor whose estimated condition number exceeds ``GRAM_CONDITION_LIMIT``, whose
 Gram matrix is not numerically positive definite (rank-deficient heads) or overflows, is
-factorised by Householder QR instead. On the bundled models the widest spread is 37 (SmolLM2,
-folded), and both routes give the same singular values to 2e-15 of each head's largest
-(measured, folded and raw). ``benchmarks/bench_static.py`` times the pass both ways.
+factorised by Householder QR instead. On the bundled models the largest estimated condition
+is 1.3e3 (SmolLM2, folded), and both routes give the same singular values to 2e-15 of each
+head's largest (measured, folded and raw). ``benchmarks/bench_static.py`` times the pass both ways.
 
 Norm folding (on by default): if a norm with gain g (and bias beta) feeds the block, x = g * x_hat
 + beta with x_hat the normalised vector, and the logit in terms of x_hat has the factors
@@ -29,11 +29,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from scipy.linalg.lapack import dtrcon
 
 from qkspectra._threads import single_blas_thread
 from qkspectra.errors import QkspectraError
 from qkspectra.extract.factors_file import FactorSink
 from qkspectra.models.adapters import AttentionAdapter, AttentionLayer
+from qkspectra.models.adapters.base import expand_kv_heads
 from qkspectra.models.tensors import TensorSource
 
 
@@ -75,11 +77,11 @@ def fold_norm(layer: AttentionLayer) -> AttentionLayer:
     )
 
 
-# Largest ratio of R's largest to smallest diagonal entry for which R is taken from the Gram
-# matrix. The ratio is a lower bound on W's condition number, whose square is the Gram matrix's;
-# a wider spread sends the factor to Householder QR (tests: factors of condition 1e3 to 1e9 and
-# rank-deficient ones give the dense SVD's values to 1e-13 of the largest either way).
-GRAM_DIAGONAL_SPREAD = 1e4
+# Largest condition number of W (LAPACK's 1-norm estimate for R, ``trcon``) for which R is
+# taken from the Gram matrix. Measured on Kahan-type factors (576 x 64) against a dense SVD,
+# the Gram route's error grows like eps * condition: 6e-15 of the top singular value at
+# condition 3e3, 8e-14 at 1e5, 4e-12 at 3e6. The bundled models' factors reach 1.3e3.
+GRAM_CONDITION_LIMIT = 1e4
 
 
 class NonFiniteFactor(ValueError):
@@ -104,8 +106,12 @@ def r_factors(W: np.ndarray) -> np.ndarray:
     finite = np.isfinite(np.diagonal(gram, axis1=-2, axis2=-1)).all(-1)  # (...,)
     R, info = torch.linalg.cholesky_ex(torch.from_numpy(np.where(finite[..., None, None], gram, 1.0)), upper=True)
     R = R.numpy()  # (..., d_head, d_head)
-    diagonal = np.diagonal(R, axis1=-2, axis2=-1)  # (..., d_head)
-    householder = ~finite | (info.numpy() != 0) | ~(diagonal.min(-1) * GRAM_DIAGONAL_SPREAD >= diagonal.max(-1))
+    householder = ~finite | (info.numpy() != 0)  # (...,)
+    flat_R, flat_householder = R.reshape(-1, d_head, d_head), householder.reshape(-1)
+    for i in np.flatnonzero(~flat_householder):
+        reciprocal_condition = dtrcon(flat_R[i], norm="1", uplo="U")[0]
+        flat_householder[i] = not reciprocal_condition * GRAM_CONDITION_LIMIT >= 1.0  # NaN-safe
+    householder = flat_householder.reshape(householder.shape)
     if householder.any():
         R[householder] = householder_r_factors(W[householder])
     return R
@@ -186,15 +192,15 @@ class StaticSpectra:
 def layer_factors(layer: AttentionLayer) -> dict[str, np.ndarray]:
     """The layer's factors with sqrt(s) in each, float32, one per query head: W_Q, W_K (H, d_model, d_head), b_Q, b_K (H, d_head)."""
     root_scale = np.sqrt(layer.scale)
-    group = layer.kv_group_size
-    factors = {"W_Q": (layer.W_Q, 1), "W_K": (layer.W_K, group), "b_Q": (layer.b_Q, 1), "b_K": (layer.b_K, group)}
+    factors = {"W_Q": layer.W_Q, "W_K": layer.W_K, "b_Q": layer.b_Q, "b_K": layer.b_K}
     with np.errstate(over="ignore"):
-        scaled = {name: (np.multiply(factor, root_scale, dtype=np.float32), repeats)
-                  for name, (factor, repeats) in factors.items() if factor is not None}
-    if not all(np.isfinite(factor).all() for factor, _ in scaled.values()):
+        scaled = {name: np.multiply(factor, root_scale, dtype=np.float32)
+                  for name, factor in factors.items() if factor is not None}
+    if not all(np.isfinite(factor).all() for factor in scaled.values()):
         raise NonFiniteFactor("beyond float32's range")
-    return {name: factor if repeats == 1 else np.repeat(factor, repeats, axis=0)
-            for name, (factor, repeats) in scaled.items()}
+    num_heads = layer.W_Q.shape[0]  # keys are repeated (in float32) for the query heads that share them
+    return {name: expand_kv_heads(factor, num_heads) if name in ("W_K", "b_K") else factor
+            for name, factor in scaled.items()}
 
 
 class FactorCollector:

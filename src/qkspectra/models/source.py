@@ -68,10 +68,15 @@ def model_input_paths(name_or_path: str) -> list[Path]:
     if not path.is_dir():
         return []
     from qkspectra.models.loading import TOKENIZER_FILES
+    from qkspectra.models.tensors import SHARD_INDEX, SINGLE_FILE
 
-    named = ["config.json", "generation_config.json", "special_tokens_map.json", "model.safetensors",
-             "model.safetensors.index.json", *TOKENIZER_FILES]
-    return [path / name for name in named] + sorted(path.glob("model-*.safetensors"))  # shards
+    named = ["config.json", "generation_config.json", "special_tokens_map.json", SINGLE_FILE, SHARD_INDEX,
+             *TOKENIZER_FILES]
+    try:  # the shards, as the index names them
+        shards = set(json.loads((path / SHARD_INDEX).read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        shards = set()
+    return [path / name for name in named] + [path / shard for shard in sorted(shards) if isinstance(shard, str)]
 
 
 def load_config(folder: Path) -> Any:
