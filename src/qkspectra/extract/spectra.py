@@ -193,8 +193,8 @@ def layer_factors(layer: AttentionLayer) -> dict[str, np.ndarray]:
     """The layer's factors with sqrt(s) in each, float32, one per query head: W_Q, W_K (H, d_model, d_head), b_Q, b_K (H, d_head)."""
     root_scale = np.sqrt(layer.scale)
     factors = {"W_Q": layer.W_Q, "W_K": layer.W_K, "b_Q": layer.b_Q, "b_K": layer.b_K}
-    with np.errstate(over="ignore"):
-        scaled = {name: np.multiply(factor, root_scale, dtype=np.float32)
+    with np.errstate(over="ignore"):  # written straight into C order: the checkpoint's layout is transposed
+        scaled = {name: np.multiply(factor, root_scale, out=np.empty(factor.shape, np.float32), casting="same_kind")
                   for name, factor in factors.items() if factor is not None}
     if not all(np.isfinite(factor).all() for factor in scaled.values()):
         raise NonFiniteFactor("beyond float32's range")
