@@ -180,7 +180,11 @@ def test_plot_command_finds_the_geometry_the_analysis_names(tmp_path, capsys):
     "content, message",
     [(None, "no such file"), (b"{nope", "not valid JSON"), (b'{"num_layers": 1}', "not an analysis document"),
      (b'{"input": 1, "rescale": 2, "anchor": 3}', "not an analysis document"),
-     (b'{"input": {"num_layers": 1}, "rescale": {}, "anchor": {"strategy": "last"}}', "not an analysis document")],
+     (b'{"input": {"num_layers": 1}, "rescale": {}, "anchor": {"strategy": "last"}}', "input.num_heads: missing"),
+     (b'{"input": {"num_layers": 1, "num_heads": 2}, "rescale": {"T": [[1, "x"]], "residual": [[0, 0]]}, '
+      b'"anchor": {"group_anchors": [0]}, "cross_head": {}}', 'rescale.T[0][1]: expected a finite number, found \'x\''),
+     (b'{"input": {"num_layers": 1, "num_heads": 2}, "rescale": {}, "anchor": {}, "strategies": {"last": {'
+      b'"rescale": {"T": [[1, 2]], "residual": [[0]]}}}}', "strategies.last.rescale.residual: expected 1 x 2 numbers, found shape (1, 1)")],
 )
 def test_report_command_rejects_bad_input_in_one_line(tmp_path, capsys, content, message):
     path = tmp_path / "analysis.json"

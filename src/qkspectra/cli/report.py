@@ -25,6 +25,7 @@ def _inputs(path: Path) -> tuple[dict[str, Any], Any]:
     import orjson
 
     from qkspectra.geometry import load_geometry
+    from qkspectra.report import check_analysis
     from qkspectra.runner import GEOMETRY_FILE
 
     try:
@@ -37,6 +38,7 @@ def _inputs(path: Path) -> tuple[dict[str, Any], Any]:
         raise QkspectraError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(document, dict) or not all(isinstance(document.get(key), dict) for key in ("input", "rescale", "anchor")):
         raise QkspectraError(f"{path}: {NOT_ANALYSIS}")
+    check_analysis(document, str(path))
     named = document["input"].get("file")
     candidates = [Path(named).name] if isinstance(named, str) and Path(named).name else []
     geometry_path = next((path.parent / name for name in (*candidates, GEOMETRY_FILE) if (path.parent / name).is_file()), None)
