@@ -125,3 +125,11 @@ def test_plot_reads_an_analysis_named_like_a_page_it_does_not_write(tmp_path, ca
                capsys)[0] == 0
     assert run(["plot", str(tmp_path / "report.html"), "-q"], capsys)[0] == 0
     assert (tmp_path / "plots" / "schedule.png").is_file()
+
+
+@pytest.mark.parametrize("argv", [["analyze", str(GOLDEN / "minilm_like.json"), "--json", "{}/new/", "-q"],
+                                  ["extract", "minilm", "--static-only", "-o", "{}/new/", "-q"]])
+def test_an_output_file_named_like_a_folder_is_refused(tmp_path, capsys, argv):
+    status, _, err = run([a.format(tmp_path) for a in argv], capsys)
+    assert status == 2 and "names a folder; give a file name" in err
+    assert not (tmp_path / "new").exists()

@@ -5,7 +5,9 @@ Each command lives in its own module and registers itself on ``app``; no maths h
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import typer
 
@@ -28,6 +30,13 @@ def _root() -> None:
 def fail(message: str) -> None:
     """Stop the command: ``main`` prints ``message`` as one line on stderr and exits with status 2."""
     raise QkspectraError(message)
+
+
+def output_file(text: str, option: str, example: str) -> Path:
+    """The file an option names; QkspectraError if the text names a folder (ends with a slash) or nothing."""
+    if not text or text.endswith(("/", os.sep)):
+        raise QkspectraError(f"{option} {text!r} names a folder; give a file name such as {text}{example}")
+    return Path(text)
 
 
 def _register() -> None:

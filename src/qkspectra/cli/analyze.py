@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from qkspectra.cli import app, fail
+from qkspectra.cli import app, fail, output_file
 
 MAX_NULL_DRAWS = 100_000  # far beyond any p-value resolution a report needs; bounds the memory asked for
 
@@ -31,7 +31,7 @@ def analyze(
     groups: Annotated[
         Optional[int], typer.Option(help="Number of contiguous layer groups for --anchor group (default: round(sqrt(layers))).")
     ] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every figure at full precision to this JSON file.")] = None,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Write every figure at full precision to this JSON file.")] = None,
     null: Annotated[
         bool, typer.Option("--null", help="Compare the figures with null baselines (Gaussian heads, shuffled labels), add bootstrap intervals and the layered verdict.")
     ] = False,
@@ -57,6 +57,7 @@ def analyze(
         render_report,
     )
 
+    json_path = None if json_out is None else output_file(json_out, "--json", "analysis.json")
     choice = parse_anchor(anchor)
     if groups is not None and choice not in ("group", "all"):
         fail("--groups goes with --anchor group or --anchor all")
@@ -68,10 +69,10 @@ def analyze(
     null_options = NullOptions(shuffle_draws=null_draws, gaussian_draws=null_draws, seed=seed) if null else None
     bootstrap_options = BootstrapOptions(seed=seed) if null else None
     geometry = load_geometry(path)
-    if json_out is not None:
+    if json_path is not None:
         from qkspectra.operator import factors_path_for
 
-        refuse_overwriting_inputs(json_out, [path, *filter(None, [factors_path_for(geometry)])])
+        refuse_overwriting_inputs(json_path, [path, *filter(None, [factors_path_for(geometry)])])
     if choice == "all":
         analyses = analyze_all(geometry, groups=groups)
         primary = "last"
@@ -84,11 +85,11 @@ def analyze(
         analyses, primary, nulls=null_options, bootstrap=bootstrap_options, operator=operator, operator_missing=operator_missing
     )
 
-    if json_out is not None:
+    if json_path is not None:
         document = result_document(analyses, primary, nulls=extra.nulls, bootstrap=extra.bootstrap, verdict=extra.verdict)
         if operator is not None:
             document["operator"], document["rank_k"] = operator, rank_k
-        atomic_write_json(json_out, document)
+        atomic_write_json(json_path, document)
     if not quiet:
         text = render_report(analyses[primary], extra.nulls, extra.bootstrap, primary)
         if len(analyses) > 1:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from qkspectra.cli import app
+from qkspectra.cli import app, output_file
 from qkspectra.extract.corpus import DEFAULT_MAX_TOKENS
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def extract_options(
 @app.command()
 def extract(
     model: Model = "minilm",
-    output: Annotated[Path, typer.Option("--output", "-o", help="Geometry JSON to write; the per-head factors go "
+    output: Annotated[str, typer.Option("--output", "-o", help="Geometry JSON to write; the per-head factors go "
                                          "beside it as <stem>.factors.safetensors.", show_default=False)] = ...,
     no_fold_ln: NoFoldLn = False,
     static_only: StaticOnly = False,
@@ -73,7 +73,7 @@ def extract(
     options = extract_options(no_fold_ln=no_fold_ln, static_only=static_only, corpus=corpus,
                               window_per_line=window_per_line, seq_len=seq_len, max_tokens=max_tokens,
                               batch_size=batch_size, quiet=quiet)
-    json_file, factors_file = extract_to_files(model, output, options=options)
+    json_file, factors_file = extract_to_files(model, output_file(output, "-o", "geometry.json"), options=options)
     if not quiet:
         passes = "static spectra" if static_only else "static spectra and attention entropy"
         typer.echo(f"wrote {json_file} ({passes}) and {factors_file}", err=True)
