@@ -344,3 +344,6 @@ def test_analyze_uses_the_factors_file_beside_the_geometry(tmp_path, capsys):
     document = json.loads((tmp_path / "b.json").read_text())
     assert "operator" not in document
     assert document["verdict"]["layers"]["operator"]["code"] == "n/a"
+    (tmp_path / "geometry.factors.safetensors").mkdir()  # a folder in its place is an error, not "no factors"
+    status, _, stderr = run(["analyze", str(out), "-q"], capsys)
+    assert status == 2 and "geometry.factors.safetensors: the geometry names this as its factors file" in stderr

@@ -13,6 +13,7 @@ from typing import Any
 
 from qkspectra.analysis import Analysis, analyze_all
 from qkspectra.bootstrap import BootstrapOptions, BootstrapResult, bootstrap_correlations
+from qkspectra.errors import QkspectraError
 from qkspectra.geometry import Geometry
 from qkspectra.nulls import NullBaseline, NullOptions, null_baselines
 from qkspectra.results import result_document
@@ -41,6 +42,8 @@ def operator_sections(geometry: Geometry, analyses: dict[str, Analysis]) -> tupl
     from qkspectra.operator import factors_path_for
 
     path = factors_path_for(geometry)
+    if path is not None and path.exists() and not path.is_file():
+        raise QkspectraError(f"{path}: the geometry names this as its factors file, but it is not a file")
     if path is None or not path.is_file():
         return None, None, NO_FACTORS
     try:
