@@ -37,3 +37,20 @@ def smollm2_source(model_cache):
     from qkspectra.models import resolve_model
 
     return resolve_model("smollm2", progress=False)
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``qkspectra ARGV`` in-process; returns (exit status, stdout, stderr)."""
+    from qkspectra.cli import main
+
+    def run(argv: list[str]) -> tuple[int, str, str]:
+        try:
+            main(argv)
+            status = 0
+        except SystemExit as e:
+            status = e.code
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    return run
