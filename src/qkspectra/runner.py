@@ -214,12 +214,12 @@ def run(
         "timings": timings,
     }
 
-    reusable = reusable_geometry(out_dir, key)
+    geometry = load_geometry(geometry_path) if reusable_geometry(out_dir, key) else None
     if groups is not None:  # checked against the model before anything is extracted or written
-        num_layers = load_geometry(geometry_path).num_layers if reusable else model_num_layers(model, options)
+        num_layers = geometry.num_layers if geometry is not None else model_num_layers(model, options)
         if groups > num_layers:
             raise QkspectraError(f"--groups {groups}: must be between 1 and the number of layers ({num_layers})")
-    if reusable:
+    if geometry is not None:
         say(f"reusing {geometry_path} (same model and options)")
         record["extraction"] = "reused"
     else:
@@ -235,7 +235,8 @@ def run(
     atomic_write_json(out_dir / RUN_FILE, record)  # the extraction is reusable even if what follows fails
 
     clock = time.perf_counter()
-    geometry = load_geometry(geometry_path)
+    if geometry is None:
+        geometry = load_geometry(geometry_path)
     if functional:
         say(f"running the functional test on {model}")
     document = analysis_document(
