@@ -12,19 +12,7 @@ import torch
 from safetensors.numpy import load_file
 from transformers import AutoModel, AutoTokenizer, BertConfig, GPT2Config, MistralConfig
 
-from qkspectra.cli import main
 from qkspectra.models.bundled import bundled_model_path
-
-
-def run(argv, capsys):
-    """(exit status, stdout, stderr) of ``qkspectra argv`` run in-process."""
-    try:
-        main(argv)
-        status = 0
-    except SystemExit as e:
-        status = e.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 def tiny_folder(path, config):
@@ -33,9 +21,9 @@ def tiny_folder(path, config):
     return path
 
 
-def test_static_only_minilm_writes_schema_metadata_and_factors(tmp_path, capsys):
+def test_static_only_minilm_writes_schema_metadata_and_factors(tmp_path, cli):
     out = tmp_path / "geometry.json"
-    status, stdout, stderr = run(["extract", "-o", str(out), "--static-only", "--quiet"], capsys)
+    status, stdout, stderr = cli(["extract", "-o", str(out), "--static-only", "--quiet"])
     assert (status, stdout, stderr) == (0, "", "")
     geometry = json.loads(out.read_text())
     assert (geometry["num_layers"], geometry["num_heads"]) == (6, 12)
@@ -62,21 +50,21 @@ def test_static_only_minilm_writes_schema_metadata_and_factors(tmp_path, capsys)
                                geometry["static"][3]["metric_singvals_per_head"][5], rtol=1e-4, atol=1e-6)
 
 
-def test_no_fold_ln_is_recorded_and_changes_spectra(tmp_path, capsys):
+def test_no_fold_ln_is_recorded_and_changes_spectra(tmp_path, cli):
     folded, raw = tmp_path / "folded.json", tmp_path / "raw.json"
-    assert run(["extract", "minilm", "-o", str(folded), "--static-only", "-q"], capsys)[0] == 0
-    assert run(["extract", "minilm", "-o", str(raw), "--static-only", "--no-fold-ln", "-q"], capsys)[0] == 0
+    assert cli(["extract", "minilm", "-o", str(folded), "--static-only", "-q"])[0] == 0
+    assert cli(["extract", "minilm", "-o", str(raw), "--static-only", "--no-fold-ln", "-q"])[0] == 0
     folded, raw = json.loads(folded.read_text()), json.loads(raw.read_text())
     assert raw["metadata"]["fold_ln"] is False and raw["metadata"]["norm_folded_per_layer"] == [False] * 6
     assert raw["static"][0]["metric_singvals_per_head"] != folded["static"][0]["metric_singvals_per_head"]
 
 
-def test_dynamic_pass_on_a_small_corpus(tmp_path, capsys):
+def test_dynamic_pass_on_a_small_corpus(tmp_path, cli):
     text = tmp_path / "corpus.txt"
     text.write_text("The cat sat on the mat while the dog slept by the door. " * 40)
     out = tmp_path / "geometry.json"
-    status, _, stderr = run(["extract", "-o", str(out), "--corpus", str(text), "--seq-len", "32",
-                             "--max-tokens", "128", "-q"], capsys)
+    status, _, stderr = cli(["extract", "-o", str(out), "--corpus", str(text), "--seq-len", "32",
+                             "--max-tokens", "128", "-q"])
     assert (status, stderr) == (0, "")
     geometry = json.loads(out.read_text())
     assert len(geometry["dynamic"]) == 6
@@ -88,20 +76,20 @@ def test_dynamic_pass_on_a_small_corpus(tmp_path, capsys):
     assert len(metadata["corpus_sha256"]) == 64 and "corpus.txt" in metadata["corpus"]
 
 
-def test_tiny_sharded_folder_static_only(tmp_path, capsys):
+def test_tiny_sharded_folder_static_only(tmp_path, cli):
     folder = tmp_path / "tiny"
     torch.manual_seed(0)
     AutoModel.from_config(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50)).save_pretrained(
         folder, max_shard_size="20KB")
     out = tmp_path / "g.json"
-    assert run(["extract", str(folder), "-o", str(out), "--static-only", "-q"], capsys)[0] == 0
+    assert cli(["extract", str(folder), "-o", str(out), "--static-only", "-q"])[0] == 0
     geometry = json.loads(out.read_text())
     assert (geometry["num_layers"], geometry["num_heads"]) == (2, 4)
     assert geometry["metadata"]["model_type"] == "gpt2"
 
 
-def test_progress_goes_to_stderr_and_quiet_silences_it(tmp_path, capsys):
-    status, stdout, stderr = run(["extract", "-o", str(tmp_path / "g.json"), "--static-only"], capsys)
+def test_progress_goes_to_stderr_and_quiet_silences_it(tmp_path, cli):
+    status, stdout, stderr = cli(["extract", "-o", str(tmp_path / "g.json"), "--static-only"])
     assert status == 0 and stdout == ""
     assert "static spectra" in stderr and "wrote" in stderr
 
@@ -164,20 +152,20 @@ ERRORS = {
 
 
 @pytest.mark.parametrize("case", list(ERRORS))
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys, model_cache):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys, model_cache, cli):
     (tmp_path / "empty.txt").write_text("  \n\n")
     arguments, message = ERRORS[case]
     out_dir = tmp_path / "out"
     argv = ["extract", *arguments(tmp_path), "-o", str(out_dir / "g.json"), "-q"]
     capsys.readouterr()  # drop what building the fixture folders printed
-    status, stdout, stderr = run(argv, capsys)
+    status, stdout, stderr = cli(argv)
     assert status == 2
     assert stderr.startswith("qkspectra: error: ") and stderr.count("\n") == 1 and message in stderr
     assert not out_dir.exists()
     assert not [p for p in model_cache.iterdir() if p.name.lstrip(".").startswith("garbage")]  # nothing half-converted
 
 
-def test_a_fault_in_a_later_layer_leaves_no_file_and_no_folder(tmp_path, capsys):
+def test_a_fault_in_a_later_layer_leaves_no_file_and_no_folder(tmp_path, capsys, cli):
     """NaN weights in layer 1 are found after layer 0's factors were streamed: nothing may remain, not even folders."""
     model = AutoModel.from_config(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50))
     with torch.no_grad():
@@ -185,13 +173,12 @@ def test_a_fault_in_a_later_layer_leaves_no_file_and_no_folder(tmp_path, capsys)
     folder = tmp_path / "nan-model"
     model.save_pretrained(folder)
     capsys.readouterr()
-    status, _, stderr = run(["extract", str(folder), "-o", str(tmp_path / "out" / "sub" / "g.json"), "--static-only", "-q"],
-                            capsys)
+    status, _, stderr = cli(["extract", str(folder), "-o", str(tmp_path / "out" / "sub" / "g.json"), "--static-only", "-q"])
     assert status == 2 and "layer 1: the checkpoint's query/key weights are not all finite" in stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_factors_beyond_float32_are_refused_not_written(tmp_path, capsys):
+def test_factors_beyond_float32_are_refused_not_written(tmp_path, capsys, cli):
     """Stored weights near float32's limit fold (with a LayerNorm bias) into biases beyond it."""
     model = AutoModel.from_config(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50))
     with torch.no_grad():
@@ -200,28 +187,28 @@ def test_factors_beyond_float32_are_refused_not_written(tmp_path, capsys):
     folder = tmp_path / "huge-model"
     model.save_pretrained(folder)
     capsys.readouterr()
-    status, _, stderr = run(["extract", str(folder), "-o", str(tmp_path / "out" / "g.json"), "--static-only", "-q"], capsys)
+    status, _, stderr = cli(["extract", str(folder), "-o", str(tmp_path / "out" / "g.json"), "--static-only", "-q"])
     assert status == 2 and "layer 0: the query/key factors exceed float32's range" in stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_a_folder_without_a_tokenizer_is_refused_for_the_corpus_pass(tmp_path, capsys):
+def test_a_folder_without_a_tokenizer_is_refused_for_the_corpus_pass(tmp_path, capsys, cli):
     folder = tiny_folder(tmp_path / "no-tokenizer", GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50))
     capsys.readouterr()
-    status, _, stderr = run(["extract", str(folder), "-o", str(tmp_path / "g.json"), "--max-tokens", "64", "-q"], capsys)
+    status, _, stderr = cli(["extract", str(folder), "-o", str(tmp_path / "g.json"), "--max-tokens", "64", "-q"])
     assert status == 2 and "has no tokenizer" in stderr and stderr.count("\n") == 1
-    assert run(["extract", str(folder), "-o", str(tmp_path / "g.json"), "--static-only", "-q"], capsys)[0] == 0
+    assert cli(["extract", str(folder), "-o", str(tmp_path / "g.json"), "--static-only", "-q"])[0] == 0
 
 
-def test_sliding_window_shorter_than_windows_is_refused(tmp_path, capsys):
+def test_sliding_window_shorter_than_windows_is_refused(tmp_path, cli):
     config = MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
     folder = tiny_folder(tmp_path / "mistral", config)
     # Static spectra do not depend on the window: allowed.
-    assert run(["extract", str(folder), "-o", str(tmp_path / "s.json"), "--static-only", "-q"], capsys)[0] == 0
+    assert cli(["extract", str(folder), "-o", str(tmp_path / "s.json"), "--static-only", "-q"])[0] == 0
     AutoTokenizer.from_pretrained(bundled_model_path("minilm")).save_pretrained(folder)  # any tokenizer will do
-    status, _, stderr = run(["extract", str(folder), "-o", str(tmp_path / "d.json"), "--seq-len", "16",
-                             "--max-tokens", "64", "-q"], capsys)
+    status, _, stderr = cli(["extract", str(folder), "-o", str(tmp_path / "d.json"), "--seq-len", "16",
+                             "--max-tokens", "64", "-q"])
     assert status == 2 and "sliding_window=8, shorter than the sequence length 16" in stderr
     assert not (tmp_path / "d.json").exists()
 
@@ -273,7 +260,7 @@ def test_factors_file_appears_only_when_committed(tmp_path):
     np.testing.assert_array_equal(loaded["b_Q"][:, 0, 0], [0, 1])
 
 
-def test_window_per_line_entropies_equal_the_models_own_maps(tmp_path, capsys):
+def test_window_per_line_entropies_equal_the_models_own_maps(tmp_path, cli):
     """Acceptance: `extract --corpus FILE --window-per-line` against eager attention maps, line by line."""
     lines = [
         "Attention heads score queries against keys.",
@@ -285,7 +272,7 @@ def test_window_per_line_entropies_equal_the_models_own_maps(tmp_path, capsys):
     corpus = tmp_path / "lines.txt"
     corpus.write_text("\n".join(lines) + "\n")
     out = tmp_path / "geometry.json"
-    status, _, stderr = run(["extract", "minilm", "-o", str(out), "--corpus", str(corpus), "--window-per-line", "-q"], capsys)
+    status, _, stderr = cli(["extract", "minilm", "-o", str(out), "--corpus", str(corpus), "--window-per-line", "-q"])
     assert (status, stderr) == (0, "")
     ours = np.array([row["mean_attention_entropy_per_head"] for row in json.loads(out.read_text())["dynamic"]])  # (L, H)
 
@@ -312,7 +299,7 @@ def test_window_per_line_entropies_equal_the_models_own_maps(tmp_path, capsys):
     np.testing.assert_allclose(sink, total_sink / count, atol=1e-4, rtol=0)
 
 
-def test_window_per_line_cuts_lines_at_the_models_own_maximum(tmp_path, capsys):
+def test_window_per_line_cuts_lines_at_the_models_own_maximum(tmp_path, capsys, cli):
     """A model with a 64-position table behind a 512-token tokenizer: a long line becomes one 64-token window."""
     folder = tiny_folder(tmp_path / "short-bert", BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
                                                               num_attention_heads=4, intermediate_size=37,
@@ -321,17 +308,17 @@ def test_window_per_line_cuts_lines_at_the_models_own_maximum(tmp_path, capsys):
     (tmp_path / "lines.txt").write_text("word " * 100 + "\nA short line.\n")
     out = tmp_path / "g.json"
     capsys.readouterr()  # drop what saving the folder printed
-    status, _, stderr = run(["extract", str(folder), "-o", str(out), "--corpus", str(tmp_path / "lines.txt"),
-                             "--window-per-line", "--max-tokens", "1000", "-q"], capsys)
+    status, _, stderr = cli(["extract", str(folder), "-o", str(out), "--corpus", str(tmp_path / "lines.txt"),
+                             "--window-per-line", "--max-tokens", "1000", "-q"])
     assert (status, stderr) == (0, "")
     metadata = json.loads(out.read_text())["metadata"]
     assert (metadata["num_windows"], metadata["num_tokens"], metadata["seq_len"]) == (2, 64 + 6, None)
 
 
-def test_analyze_uses_the_factors_file_beside_the_geometry(tmp_path, capsys):
+def test_analyze_uses_the_factors_file_beside_the_geometry(tmp_path, cli):
     out = tmp_path / "geometry.json"
-    assert run(["extract", "minilm", "-o", str(out), "--static-only", "--no-fold-ln", "-q"], capsys)[0] == 0
-    status, stdout, stderr = run(["analyze", str(out), "--json", str(tmp_path / "a.json")], capsys)
+    assert cli(["extract", "minilm", "-o", str(out), "--static-only", "--no-fold-ln", "-q"])[0] == 0
+    status, stdout, stderr = cli(["analyze", str(out), "--json", str(tmp_path / "a.json")])
     assert (status, stderr) == (0, "")
     document = json.loads((tmp_path / "a.json").read_text())
     assert "=== Operator level (from the factors file) ===" in stdout
@@ -340,10 +327,10 @@ def test_analyze_uses_the_factors_file_beside_the_geometry(tmp_path, capsys):
     assert document["rank_k"]["last"]["operator"]["mean_k"] > 10
     assert document["verdict"]["layers"]["operator"]["code"] == "rejected"
     (tmp_path / "geometry.factors.safetensors").unlink()
-    run(["analyze", str(out), "--json", str(tmp_path / "b.json")], capsys)
+    cli(["analyze", str(out), "--json", str(tmp_path / "b.json")])
     document = json.loads((tmp_path / "b.json").read_text())
     assert "operator" not in document
     assert document["verdict"]["layers"]["operator"]["code"] == "n/a"
     (tmp_path / "geometry.factors.safetensors").mkdir()  # a folder in its place is an error, not "no factors"
-    status, _, stderr = run(["analyze", str(out), "-q"], capsys)
+    status, _, stderr = cli(["analyze", str(out), "-q"])
     assert status == 2 and "geometry.factors.safetensors: the geometry names this as its factors file" in stderr
