@@ -31,6 +31,10 @@ FIGURES = {
     "mean_residual.middle",
     "mean_residual.best",
     "mean_residual.group",
+    "mean_residual_fitted.last",
+    "mean_residual_fitted.middle",
+    "mean_residual_fitted.best",
+    "mean_residual_fitted.group",
 }
 
 
@@ -112,12 +116,13 @@ def test_batched_figures_equal_the_analysis_figures():
     analyses["index"] = analyze(g, -3)
     batched = batched_figures(np.stack([sigma, sigma[::-1]]), anchor_rules(analyses))  # B = 2
     real = real_figures(analyses)
-    assert set(real) == FIGURES | {"mean_residual.index"}
+    assert set(real) == FIGURES | {"mean_residual.index", "mean_residual_fitted.index"}
     for name, value in real.items():
         assert batched[name][0] == pytest.approx(value, rel=1e-12), name
     reversed_geometry = Geometry(sigma[::-1].copy(), None)
     for name, a in analyze_all(reversed_geometry, groups=3).items():
         assert batched[f"mean_residual.{name}"][1] == pytest.approx(a.rescale.mean_residual, rel=1e-12)
+        assert batched[f"mean_residual_fitted.{name}"][1] == pytest.approx(a.rescale.mean_residual_fitted, rel=1e-12)
 
 
 def test_empirical_p_value_counts_draws_at_least_as_alike():

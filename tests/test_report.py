@@ -52,12 +52,15 @@ def beyond_seed(document: dict) -> dict:
                         "corr_T_entropy": {"last": {"estimate": -0.333, "low": -0.5123, "high": -0.1}},
                         "corr_opnorm_entropy": {"last": {"estimate": -0.7, "low": -0.8, "high": -0.6}}}
     doc["operator"] = {"last": {"T": grid(1.0), "residual": grid(0.4), "mean_residual": 0.4321, "matched_residual": grid(0.3),
-                                "matched_mean_residual": 0.3123, "matched_head": grid(0), "principal_angles_deg_mean": grid(61.25)}}
-    level = {"k": grid(2), "mean_k": 2.5, "param_ratio": 0.0781}
+                                "matched_mean_residual": 0.3123, "matched_head": grid(0), "principal_angles_deg_mean": grid(61.25),
+                                "mean_residual_fitted": 0.4765, "matched_mean_residual_fitted": 0.3456,
+                                "num_anchor_layers": 1, "num_fitted_layers": 5}}
+    level = {"k": grid(2), "mean_k": 2.5, "mean_k_fitted": 2.75, "param_ratio": 0.0781}
     doc["rank_k"] = {"last": {"spectral": level, "operator": level,
                               "curve": {"k": [0, 1], "spectral_mean_residual": [0.1, 0.0], "operator_mean_residual": [0.4, 0.2]}}}
     effect = {"delta_loss": 0.0567, "loss_kind": "masked LM", "mean_kl": 0.0123, "mean_entropy_shift": -0.02}
-    doc["functional"] = {"last": {"spectral": effect, "operator": effect, "operator_rank_k": effect}, "control": effect}
+    doc["functional"] = {"last": {"spectral": effect, "operator": effect, "operator_rank_k": effect, "num_anchor_layers": 1,
+                                  "replaced_layers": 5}, "control": effect}
     doc["verdict"].update(
         overall="partial",
         layers={"spectral": {"code": "supported", "evidence": "mean residual 0.089"},
@@ -106,7 +109,7 @@ def test_verdict_comes_first(document):
 def test_optional_sections_rendered_when_present(document):
     doc = beyond_seed(document)
     page, md = render_html(doc, images()), render_markdown(doc, PLOT_NAMES)
-    for text in (*OPTIONAL_TITLES, "0.0050", "one head per layer: nothing to shuffle", "-0.512", "0.4321", "0.3123", "61.2",
+    for text in (*OPTIONAL_TITLES, "0.0050", "one head per layer: nothing to shuffle", "-0.512", "0.4321", "0.3123", "0.4765", "0.3456", "2.75", "61.2",
                  "0.078", "0.0567", "masked LM", "control", "operator residual 0.43 &gt; 0.30"):
         assert text in page, text
     for text in (*OPTIONAL_TITLES, "0.0050", "0.4321", "0.0567", "operator residual 0.43 > 0.30"):
@@ -134,7 +137,8 @@ def test_all_text_is_escaped(document):
 def test_summary_prints_the_table_and_the_verdict(document):
     text = render_summary(beyond_seed(document))
     assert "=== Anchor strategies side by side ===" in text and "=== Verdict ===" in text
-    assert re.search(r"^  group\s+2, 3\s+0\.0753", text, re.M)
+    assert re.search(r"^  group\s+2, 3\s+2\s+4\s+0\.1129\s+0\.0753", text, re.M)  # anchors, fitted layers, fitted, all
+    assert "best anchor strategy by mean residual over the layers it fits, last" in text  # not group: it has more anchors
     assert "Overall: PARTIAL." in text and document["verdict"]["text"] in text
 
 

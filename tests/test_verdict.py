@@ -46,8 +46,15 @@ def planted_geometry() -> Geometry:
 
 
 def operator_results(residual: float, matched: float | None = None) -> dict:
-    """Part B's operator results: {strategy: {"mean_residual", "matched_mean_residual"}}."""
-    return {s: {"mean_residual": residual + 0.01 * i, "matched_mean_residual": matched} for i, s in enumerate(("last", "middle", "best", "group"))}
+    """Part B's operator results: {strategy: {"mean_residual_fitted", "matched_mean_residual_fitted", counts}}
+    for 6 layers; group (2 anchors) has the lowest figures, which must not decide the verdict."""
+    out = {}
+    for i, s in enumerate(("last", "middle", "best")):
+        out[s] = {"mean_residual_fitted": residual + 0.01 * i, "matched_mean_residual_fitted": matched,
+                  "num_anchor_layers": 1, "num_fitted_layers": 5}
+    out["group"] = {"mean_residual_fitted": residual / 10, "matched_mean_residual_fitted": residual / 10,
+                    "num_anchor_layers": 2, "num_fitted_layers": 4}
+    return out
 
 
 def functional_results(change: float, kind: str = "next_token_cross_entropy", control: float = 1e-13) -> dict:
@@ -58,10 +65,13 @@ def functional_results(change: float, kind: str = "next_token_cross_entropy", co
             return {"delta_loss": 2.0 * x, "relative_delta_loss": x, "loss_kind": kind}
         return {"delta_loss": x, "relative_delta_loss": None, "loss_kind": kind}
 
+    counts = {"num_anchor_layers": 1, "replaced_layers": 5}
     return {
         "control": effects(control),
-        "last": {"spectral": effects(0.5), "operator": effects(change), "operator_rank_k": None},
-        "best": {"spectral": effects(0.5), "operator": effects(change * 3), "operator_rank_k": effects(change / 2)},
+        "last": {"spectral": effects(0.5), "operator": effects(change), "operator_rank_k": None, **counts},
+        "best": {"spectral": effects(0.5), "operator": effects(change * 3), "operator_rank_k": effects(change / 2), **counts},
+        "group": {"spectral": effects(0.5), "operator": effects(change / 10), "operator_rank_k": None,
+                  "num_anchor_layers": 2, "replaced_layers": 4},
     }
 
 
@@ -76,6 +86,18 @@ def test_operator_layer_thresholds_and_the_matched_residual():
     layer = operator_layer(operator_results(0.9, matched=0.08))
     assert layer.code == "supported" and "matched heads" in layer.evidence and "0.080" in layer.evidence
     assert operator_layer(None).code == "n/a" and "no factors file beside the geometry" in operator_layer(None).evidence
+    assert "group" not in operator_layer(operator_results(0.9)).evidence  # more anchors never decide
+    assert "5 fitted layers" in operator_layer(operator_results(0.9)).evidence
+
+
+def test_a_strategy_that_fits_no_layer_is_never_chosen():
+    nothing_fitted = {"mean_residual_fitted": None, "matched_mean_residual_fitted": None,
+                      "num_anchor_layers": 6, "num_fitted_layers": 0}
+    assert operator_layer({"group": nothing_fitted}).code == "n/a"
+    assert "no layer is fitted" in operator_layer({"group": nothing_fitted}).evidence
+    only_group = operator_results(0.9)
+    del only_group["last"], only_group["middle"], only_group["best"]
+    assert operator_layer(only_group).code == "supported"  # the fewest anchors available: group itself
 
 
 def test_functional_layer_uses_the_change_of_the_operator_reconstruction():
@@ -83,6 +105,7 @@ def test_functional_layer_uses_the_change_of_the_operator_reconstruction():
     assert functional_layer(functional_results(0.05)).code == "partial"
     layer = functional_layer(functional_results(0.25))
     assert layer.code == "rejected" and "25.00%" in layer.evidence and "last anchor" in layer.evidence
+    assert "in 5 layers" in layer.evidence  # group replaced fewer layers, so it is not compared
     encoder = functional_layer(functional_results(0.004, kind="final_hidden_cosine_distance"))
     assert encoder.code == "supported" and "cosine distance of 0.0040" in encoder.evidence
     missing = functional_layer(None)
@@ -96,7 +119,7 @@ def test_a_control_that_moves_the_model_makes_the_functional_test_unreliable():
 
 def test_a_null_is_beaten_only_when_both_figures_are_below_alpha():
     def null(name, p_shape, p_residual, available=True):
-        figures = {"shape_invariance_mean": FigureNull(0.9, 0.8, 0.01, p_shape), "mean_residual.last": FigureNull(0.1, 0.2, 0.01, p_residual)}
+        figures = {"shape_invariance_mean": FigureNull(0.9, 0.8, 0.01, p_shape), "mean_residual_fitted.last": FigureNull(0.1, 0.2, 0.01, p_residual)}
         return NullBaseline(name, available, None if available else "why", 100, 0, figures)
 
     assert null_layer({"shuffle": null("shuffle", 0.01, 0.02)}, "last").code == "supported"
@@ -245,9 +268,9 @@ def test_analyze_with_null_keeps_every_seed_line_and_adds_nulls(tmp_path, capsys
     assert "    null (shuffle, 40 draws): mean " in text and ", p = " in text
     assert "95% bootstrap interval" in text and "=== Layered verdict ===" in text
     assert "Gaussian null unavailable: the geometry's metadata lacks d_model and d_head" in text
-    assert "mean residual against the null baselines:" in text
+    assert "mean residual over the fitted layers against the null baselines:" in text
     doc = json.loads(out.read_text())
-    assert doc["null"]["shuffle"]["draws"] == 40 and set(doc["null"]["shuffle"]["figures"]) >= {"mean_residual.group"}
+    assert doc["null"]["shuffle"]["draws"] == 40 and set(doc["null"]["shuffle"]["figures"]) >= {"mean_residual.group", "mean_residual_fitted.group"}
     assert doc["verdict"]["layers"]["spectral_vs_null"]["code"] in ("supported", "partial", "rejected")
 
 
@@ -264,7 +287,7 @@ def test_analyze_with_null_and_an_index_anchor(tmp_path, capsys):
     text = _run(capsys, path, "--null", "--null-draws", 30, "--anchor", "1", "--json", out)
     assert "null (Gaussian, 30 draws)" in text
     figures = json.loads(out.read_text())["null"]["gaussian"]["figures"]
-    assert set(figures) == {"shape_invariance_mean", "cross_head_mean_cos", "mean_residual.index"}
+    assert set(figures) == {"shape_invariance_mean", "cross_head_mean_cos", "mean_residual.index", "mean_residual_fitted.index"}
 
 
 @pytest.mark.parametrize("option", [("--null-draws", "0"), ("--seed", "-1")])
@@ -286,3 +309,34 @@ def test_null_baselines_need_numpy_alone():
     )
     done = subprocess.run([sys.executable, "-c", script, str(GOLDEN / "minilm_like.json")], capture_output=True, text=True)
     assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_every_layer_its_own_anchor_is_never_judged_better_than_one_anchor():
+    """--anchor group --groups L: every layer fits itself with residual 0; that must not win anything."""
+    from qkspectra.operator import head_singular_values
+    from qkspectra.report import best_strategy
+
+    rng = np.random.default_rng(3)
+    L, H, d_model, d_head = 4, 3, 16, 4
+    W_Q, W_K = rng.standard_normal((2, L, H, d_model, d_head))
+    g = Geometry(head_singular_values(W_Q, W_K), rng.uniform(0.5, 3.0, (L, H)), metadata={"d_model": d_model, "d_head": d_head})
+    doc = build_analysis_document(g, groups=L, nulls=FEW, bootstrap=False, factors={"W_Q": W_Q, "W_K": W_K})
+
+    group = doc["strategies"]["group"]
+    assert group["anchor"]["num_anchor_layers"] == L and group["anchor"]["num_fitted_layers"] == 0
+    assert group["rescale"]["mean_residual"] == 0 and group["rescale"]["mean_residual_fitted"] is None
+    assert group["rescale"]["fitted_reason"] and group["rescale"]["frac_below_0_10_fitted"] is None
+    assert doc["operator"]["group"]["mean_residual"] < 1e-12 and doc["operator"]["group"]["mean_residual_fitted"] is None
+    assert doc["rank_k"]["group"]["operator"]["mean_k_fitted"] is None
+    assert doc["null"]["shuffle"]["figures"]["mean_residual_fitted.group"]["p_value"] is None
+    assert best_strategy(doc["strategies"]) != "group"
+    layers = doc["verdict"]["layers"]
+    assert "group" not in layers["operator"]["evidence"] and layers["operator"]["code"] == "rejected"
+    assert doc["verdict"]["overall"] != "supported"
+    for name in ("last", "middle", "best"):  # one anchor: L - 1 fitted layers, figures over them
+        s = doc["strategies"][name]
+        assert (s["anchor"]["num_anchor_layers"], s["anchor"]["num_fitted_layers"]) == (1, L - 1)
+        fitted = np.array(s["rescale"]["residual"])[np.arange(L) != s["anchor"]["layer"]]
+        assert s["rescale"]["mean_residual_fitted"] == pytest.approx(fitted.mean(), rel=1e-12)
+        operator = np.array(doc["operator"][name]["matched_residual"])[np.arange(L) != s["anchor"]["layer"]]
+        assert doc["operator"][name]["matched_mean_residual_fitted"] == pytest.approx(operator.mean(), rel=1e-12)

@@ -19,6 +19,9 @@ folded or not, as ``fold_ln`` says):
   to its best rank-d_head approximation; that at most doubles its distance to M_L^h
   (heads with k = 0 keep the operator reconstruction);
 - ``control``: each head's own operator, through the same path; it must change nothing.
+Each strategy's entry also says how many layers it replaced (``replaced_layers``: the layers whose
+anchor is another layer; an anchor layer gets its own weights back) and its ``num_anchor_layers``:
+the verdict compares strategies at the same number of replaced layers (see ``verdict``).
 
 Writing a target back. A target is given as factors (X, Y) with X Y^T = target (s included):
 the spectral reconstruction rescales the head's own factors along its singular directions
@@ -502,6 +505,8 @@ def reconstruction_effects(model: nn.Module, windows: list[list[int]], singular_
                                    lambda: spectral_target(factors, spectral_T[..., None] * singular_values[a])),
             "operator": effects_of(("operator", a.tobytes()), lambda: operator_target(factors, a, operator_T)),
             "operator_rank_k": None,
+            "num_anchor_layers": anchor.num_anchor_layers,
+            "replaced_layers": anchor.num_fitted_layers,
         }
         if rank_k_section is not None:
             k = _operator_k(rank_k_section, name, (L, H))

@@ -1,7 +1,8 @@
 """Null baselines: what the spectral figures look like when there is no shared operator.
 
 Each qualified figure of the seed's experiments (the shape cosine across layers, the
-mean rescale residual of every anchor strategy, the cross-head mean cosine) is
+mean rescale residual of every anchor strategy over all (L, h) as the seed computes it and
+over the fitted layers only, the cross-head mean cosine) is
 recomputed on many draws of a null geometry and the real figure is placed in that
 distribution: null mean, null std and the empirical p-value
 
@@ -51,7 +52,8 @@ from qkspectra.geometry import Geometry
 NULL_LABELS = {"gaussian": "Gaussian", "shuffle": "shuffle"}  # for prose
 SHAPE_INVARIANCE = "shape_invariance_mean"
 CROSS_HEAD = "cross_head_mean_cos"
-RESIDUAL_PREFIX = "mean_residual."
+RESIDUAL_PREFIX = "mean_residual."  # over every (L, h), as the seed
+RESIDUAL_FITTED_PREFIX = "mean_residual_fitted."  # over the fitted layers only (anchor layers left out)
 RELATIVE_TIE = 1e-9  # a null figure this close (relative) to the real one counts as equally alike
 ABSOLUTE_TIE = 1e-12
 CHUNK_BYTES = 64 * 2**20  # memory for one chunk of draws' intermediate arrays
@@ -124,7 +126,8 @@ def batched_figures(sigma: np.ndarray, rules: dict[str, tuple[str | int, int | N
     """The qualified figures of every draw at once.
 
     sigma: (B, L, H, K). Returns {figure name: (B,)}, None where the figure is undefined
-    (one layer: no shape cosine across layers; one head: no cross-head cosine).
+    (one layer: no shape cosine across layers; one head: no cross-head cosine; every layer an
+    anchor: no residual over fitted layers).
     """
     shape = spectral_shape(sigma)  # (B, L, H, K)
     layer_cos = pairwise_cosines(np.swapaxes(shape, -3, -2))  # (B, H, L, L)
@@ -140,6 +143,12 @@ def batched_figures(sigma: np.ndarray, rules: dict[str, tuple[str | int, int | N
         anchor = np.take_along_axis(sigma, layers[:, :, None, None], axis=1)  # (B, L, H, K)
         _, residual = scalar_rescale(sigma, anchor)  # (B, L, H)
         out[RESIDUAL_PREFIX + name] = residual.mean(axis=(-2, -1))
+        fitted = layers != np.arange(layers.shape[-1])  # (B, L)
+        count = fitted.sum(axis=-1) * residual.shape[-1]  # (B,) fitted (L, h) of each draw
+        total = np.einsum("blh,bl->b", residual, fitted)  # (B,)
+        out[RESIDUAL_FITTED_PREFIX + name] = (
+            np.divide(total, count, out=np.full_like(total, np.nan), where=count > 0) if count.any() else None
+        )
     return out
 
 
@@ -153,12 +162,13 @@ def real_figures(analyses: dict[str, Analysis]) -> dict[str, float | None]:
     }
     for name, a in analyses.items():
         out[RESIDUAL_PREFIX + name] = a.rescale.mean_residual
+        out[RESIDUAL_FITTED_PREFIX + name] = a.rescale.mean_residual_fitted
     return out
 
 
 def higher_is_more_alike(figure: str) -> bool:
     """Cosines: higher is more alike; residuals: lower is."""
-    return not figure.startswith(RESIDUAL_PREFIX)
+    return not figure.startswith((RESIDUAL_PREFIX, RESIDUAL_FITTED_PREFIX))
 
 
 def empirical_p_value(real: float, null: np.ndarray, higher_is_alike: bool) -> float:
@@ -173,7 +183,9 @@ def compare(real: dict[str, float | None], null: dict[str, np.ndarray | None]) -
     out = {}
     for name, value in real.items():
         draws = null[name]
-        if value is None or draws is None:
+        if draws is not None:
+            draws = draws[~np.isnan(draws)]  # (B',) the draws where the figure is defined
+        if value is None or draws is None or draws.size == 0:
             out[name] = FigureNull(value, None, None, None)
         else:
             p = empirical_p_value(value, draws, higher_is_more_alike(name))
@@ -187,7 +199,7 @@ def _chunked_figures(
     """batched_figures over draws [0, draws) in chunks; sample(start, stop) -> (stop - start, L, H, K)."""
     step = max(1, CHUNK_BYTES // max(per_draw_bytes, 1))
     parts = [batched_figures(sample(start, min(start + step, draws)), rules) for start in range(0, draws, step)]
-    return {name: None if parts[0][name] is None else np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    return {name: None if any(p[name] is None for p in parts) else np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 def _figure_bytes(L: int, H: int, K: int) -> int:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from qkspectra._threads import single_blas_thread
-from qkspectra.analysis import TINY, Anchor
+from qkspectra.analysis import NO_FITTED_LAYER, TINY, Anchor
 from qkspectra.errors import QkspectraError
 from qkspectra.geometry import Geometry
 
@@ -351,8 +351,11 @@ def operator_evidence(factors: Factors | str | os.PathLike | dict[str, np.ndarra
     anchors: strategy name -> ``Anchor`` (e.g. {name: a.anchor for name, a in analyze_all(g).items()}).
     fitter:  reuse an ``OperatorFitter`` (and its cache) built on the same factors.
     Returns {strategy: {"T": [L][H], "residual": [L][H], "mean_residual", "matched_T", "matched_residual",
-    "matched_mean_residual", "matched_head": [L][H], "principal_angles_deg_mean": [L][H], "subspace_dim"}};
-    means are over all (L, h), the anchor layer(s) included.
+    "matched_mean_residual", "matched_head": [L][H], "principal_angles_deg_mean": [L][H], "subspace_dim",
+    "mean_residual_fitted", "matched_mean_residual_fitted", "num_anchor_layers", "num_fitted_layers",
+    "fitted_reason"}}; ``mean_residual`` and ``matched_mean_residual`` are over all (L, h), the anchor
+    layer(s) included (each fits itself with residual 0); the ``*_fitted`` means are over the fitted
+    layers only (None, with ``fitted_reason``, when every layer is an anchor layer).
     """
     if fitter is None:
         fitter = OperatorFitter(as_factors(factors), subspace_dim)
@@ -365,6 +368,8 @@ def operator_evidence(factors: Factors | str | os.PathLike | dict[str, np.ndarra
         fits = fitter.fit_all(anchor.layers)
         stack = {key: np.stack([getattr(fit, key) for fit in fits]) for key in
                  ("T", "residual", "matched_head", "matched_T", "matched_residual", "angles_deg_mean")}  # (L, H) each
+        fitted = anchor.fitted  # (L,)
+        fitted_mean = (lambda x: float(x[fitted].mean())) if fitted.any() else (lambda x: None)
         section[name] = {
             "T": stack["T"].tolist(),
             "residual": stack["residual"].tolist(),
@@ -375,5 +380,10 @@ def operator_evidence(factors: Factors | str | os.PathLike | dict[str, np.ndarra
             "matched_head": stack["matched_head"].astype(int).tolist(),
             "principal_angles_deg_mean": stack["angles_deg_mean"].tolist(),
             "subspace_dim": fitter.subspace_dim,
+            "mean_residual_fitted": fitted_mean(stack["residual"]),
+            "matched_mean_residual_fitted": fitted_mean(stack["matched_residual"]),
+            "num_anchor_layers": anchor.num_anchor_layers,
+            "num_fitted_layers": anchor.num_fitted_layers,
+            "fitted_reason": None if fitted.any() else NO_FITTED_LAYER,
         }
     return section

@@ -269,7 +269,7 @@ def rank_k_figure(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     for ax in axes:
-        ax.set_ylabel("mean residual")
+        ax.set_ylabel("mean residual (fitted layers)")
     axes[-1].legend(fontsize=8, title="anchor", title_fontsize=8)
     fig.suptitle(f"Residual against rank k (scalar rescale + rank-k correction)\n{title}", fontsize=11)
     return fig

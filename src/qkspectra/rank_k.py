@@ -94,6 +94,11 @@ def spectral_param_ratio(k: np.ndarray, anchor: Anchor, K: int) -> float:
     return stored / (L * H * K)
 
 
+def _fitted_mean(k: np.ndarray, anchor: Anchor) -> float | None:
+    """Mean of k (L, H) over the layers fitted to another layer; None when there is none."""
+    return float(k[anchor.fitted].mean()) if anchor.fitted.any() else None
+
+
 def _pad_curve(mean_curve: np.ndarray, length: int) -> list[float]:
     """A mean residual curve (R + 1,) extended to ``length`` entries with its last value (0 after full rank)."""
     return np.concatenate([mean_curve, np.full(length - mean_curve.size, mean_curve[-1])]).tolist()
@@ -105,8 +110,11 @@ def rank_k_evidence(geometry: Geometry, anchors: dict[str, Anchor], factors: Fac
 
     geometry: supplies the spectra (L, H, K); factors (or ``fitter``, which carries them): the operator
     level, None to skip it ("operator" is then None and the curve has no operator residuals).
-    Returns {strategy: {"spectral": {"k": [L][H], "mean_k", "param_ratio"}, "operator": {...} | None,
+    Returns {strategy: {"spectral": {"k": [L][H], "mean_k", "mean_k_fitted", "param_ratio"}, "operator": {...} | None,
     "curve": {"k": [0..kmax], "spectral_mean_residual": [...], "operator_mean_residual": [...] | None}}}.
+    ``mean_k`` is over all (L, h), anchor layers (k = 0) included; ``mean_k_fitted`` over the fitted
+    layers only (None when every layer is an anchor layer); the curve's mean residuals are over the
+    fitted layers (over all layers, all 0, when every layer is an anchor layer).
     """
     if not 0 < threshold < 1:
         raise QkspectraError(f"rank-k threshold must lie between 0 and 1, got {threshold}")
@@ -122,11 +130,13 @@ def rank_k_evidence(geometry: Geometry, anchors: dict[str, Anchor], factors: Fac
             "spectral": {
                 "k": spectral_k.tolist(),
                 "mean_k": float(spectral_k.mean()),
+                "mean_k_fitted": _fitted_mean(spectral_k, anchor),
                 "param_ratio": spectral_param_ratio(spectral_k, anchor, K),
             },
             "operator": None,
         }
-        curves = [spectral_curve.mean(axis=(0, 1))]  # (K + 1,)
+        layers = anchor.fitted if anchor.fitted.any() else slice(None)  # the curve is over the fitted layers
+        curves = [spectral_curve[layers].mean(axis=(0, 1))]  # (K + 1,)
         if fitter is not None:
             operator_curve = operator_correction_curve(fitter, anchor)  # (L, H, r + 1)
             operator_k = smallest_rank(operator_curve, threshold)  # (L, H)
@@ -134,9 +144,10 @@ def rank_k_evidence(geometry: Geometry, anchors: dict[str, Anchor], factors: Fac
             entry["operator"] = {
                 "k": operator_k.tolist(),
                 "mean_k": float(operator_k.mean()),
+                "mean_k_fitted": _fitted_mean(operator_k, anchor),
                 "param_ratio": operator_param_ratio(operator_k, anchor, f.d_model, f.d_head),
             }
-            curves.append(operator_curve.mean(axis=(0, 1)))  # (r + 1,)
+            curves.append(operator_curve[layers].mean(axis=(0, 1)))  # (r + 1,)
         length = max(c.size for c in curves)
         entry["curve"] = {
             "k": list(range(length)),

@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 
 from qkspectra._io import atomic_write_bytes, atomic_write_text
+from qkspectra.analysis import VERDICT_TEXT, seed_rule
 from qkspectra.errors import QkspectraError
 from qkspectra.geometry import Geometry
+from qkspectra.verdict import CHOICE_RULE, eligible_strategies
 
 PLOTS_FOLDER = "plots"
 
@@ -37,7 +39,7 @@ FIGURE_CAPTIONS = {
     "colour = layer.",
     "cross_head": "Mean pairwise shape cosine between the heads of each layer, and the residual when every head is "
     "fit to one spectrum.",
-    "rank_k": "Mean residual of scalar rescale plus a rank-k correction, against k.",
+    "rank_k": "Mean residual over the fitted layers of scalar rescale plus a rank-k correction, against k.",
 }
 
 
@@ -213,40 +215,60 @@ def _verdict_section(document: Mapping[str, Any]) -> Section:
     blocks.append(
         Paragraph(f"Scalar-rescale verdict (the seed's), anchor {primary}: {verdict.get('text', 'n/a')}", _verdict_style(verdict.get("code")))
     )
-    if len(per) > 1:
-        best = min(per, key=lambda name: per[name]["rescale"]["mean_residual"])
+    best = best_strategy(per) if len(per) > 1 else None
+    if best is not None:
         s = per[best]
+        fitted = s["rescale"]["mean_residual_fitted"]
+        code = seed_rule(fitted)
         blocks.append(
             Paragraph(
-                f"The seed's rule with the best anchor strategy by mean residual, {best} (anchor layer(s) "
-                f"{fmt(s['anchor']['group_anchors'])}, mean residual {fmt(s['rescale']['mean_residual'])}): {s['verdict']['text']}",
-                _verdict_style(s["verdict"]["code"]),
+                f"The seed's rule with the best anchor strategy by mean residual over the layers it fits, {best} "
+                f"(anchor layer(s) {fmt(s['anchor']['group_anchors'])}, {fmt(s['anchor']['num_fitted_layers'])} fitted "
+                f"layers, mean residual {fmt(fitted)} over them, {fmt(s['rescale']['mean_residual'])} over all layers; "
+                f"strategies compared {CHOICE_RULE}): {VERDICT_TEXT[code]}",
+                _verdict_style(code),
             )
         )
     return Section("Verdict", tuple(blocks), "verdict")
+
+
+def best_strategy(per: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The strategy with the lowest mean residual over its fitted layers, chosen as the verdict chooses
+    (``verdict.eligible_strategies``); None when no strategy fits a layer (or the document predates the figure)."""
+    entries = {
+        name: {**s["anchor"], "value": s["rescale"].get("mean_residual_fitted")}
+        for name, s in per.items()
+        if isinstance(s["rescale"].get("mean_residual_fitted"), (int, float))
+    }
+    eligible = eligible_strategies(entries)
+    return min(eligible, key=lambda name: eligible[name]["value"]) if eligible else None
 
 
 def _comparison_section(document: Mapping[str, Any]) -> Section:
     per = strategies(document)
     rows = []
     for name, s in per.items():
-        rs = s["rescale"]
+        rs, anchor = s["rescale"], s["anchor"]
         rows.append(
             (
                 name,
-                fmt(s["anchor"]["group_anchors"]),
+                fmt(anchor["group_anchors"]),
+                fmt(anchor.get("num_anchor_layers")),
+                fmt(anchor.get("num_fitted_layers")),
+                fmt(rs.get("mean_residual_fitted")),
                 fmt(rs["mean_residual"]),
                 fmt(rs["max_residual"]),
-                fmt(rs["frac_below_0_10"], 3),
-                fmt(rs["frac_below_0_20"], 3),
+                fmt(rs.get("frac_below_0_10_fitted"), 3),
+                fmt(rs.get("frac_below_0_20_fitted"), 3),
                 fmt(s["entropy"]["corr_T_entropy"], 3, signed=True),
                 fmt(s["cross_head"]["single_spectrum"]["mean_residual"]),
                 s["verdict"]["code"],
             )
         )
     table = Table(
-        ("strategy", "anchor layer(s)", "mean resid", "max resid", "frac < 0.10", "frac < 0.20", "corr(T, entropy)",
-         "one-spectrum resid", "verdict"),
+        ("strategy", "anchor layer(s)", "anchors", "fitted layers", "mean resid (fitted)", "mean resid (all, seed)",
+         "max resid", "frac < 0.10 (fitted)", "frac < 0.20 (fitted)", "corr(T, entropy)", "one-spectrum resid",
+         "seed's verdict"),
         tuple(rows),
     )
     return Section("Anchor strategies side by side", (table,), "strategies")
@@ -388,6 +410,10 @@ def _operator_section(document: Mapping[str, Any]) -> Section | None:
     rows = tuple(
         (
             name,
+            fmt(o.get("num_anchor_layers")),
+            fmt(o.get("num_fitted_layers")),
+            fmt(o.get("mean_residual_fitted")),
+            fmt(o.get("matched_mean_residual_fitted")),
             fmt(o.get("mean_residual")),
             fmt(o.get("matched_mean_residual")),
             fmt(_mean(o.get("principal_angles_deg_mean")), 1),
@@ -399,9 +425,11 @@ def _operator_section(document: Mapping[str, Any]) -> Section | None:
     blocks = (
         Paragraph(
             "Whole metric M_L^h against T·M_anchor^h (operator residual), and against the best-matching head of the "
-            "anchor layer (matched)."
+            "anchor layer (matched): means over the fitted layers (anchor layers left out), and over all layers, anchor "
+            "layers included, where each anchor layer fits itself with residual 0."
         ),
-        Table(("anchor", "operator mean resid", "matched mean resid", "mean principal angle (°)", "mean T"), rows),
+        Table(("anchor", "anchors", "fitted layers", "mean resid (fitted)", "matched (fitted)", "mean resid (all)",
+               "matched (all)", "mean principal angle (°)", "mean T"), rows),
     )
     return Section("Operator-level reconstruction", blocks, "operator")
 
@@ -411,13 +439,16 @@ def _rank_k_section(document: Mapping[str, Any], figures: Sequence[str]) -> Sect
     if not rank_k:
         return None
     rows = tuple(
-        (name, level, fmt(entry[level].get("mean_k"), 2), fmt(entry[level].get("param_ratio"), 3))
+        (name, level, fmt(entry[level].get("mean_k_fitted"), 2), fmt(entry[level].get("mean_k"), 2),
+         fmt(entry[level].get("param_ratio"), 3))
         for name, entry in rank_k.items()
         if isinstance(entry, Mapping)
         for level in ("spectral", "operator")
         if isinstance(entry.get(level), Mapping)
     )
-    blocks: list[Paragraph | Table | Plot] = [Table(("anchor", "level", "mean k", "parameter ratio"), rows)]
+    blocks: list[Paragraph | Table | Plot] = [
+        Table(("anchor", "level", "mean k (fitted layers)", "mean k (all layers)", "parameter ratio"), rows)
+    ]
     if "rank_k" in figures:
         blocks.append(Plot("rank_k", FIGURE_CAPTIONS["rank_k"]))
     return Section("Rank-k correction", tuple(blocks), "rank-k")
@@ -431,17 +462,20 @@ def _functional_section(document: Mapping[str, Any]) -> Section | None:
     for name, entry in functional.items():
         if not isinstance(entry, Mapping):
             continue
-        variants = entry.items() if all(isinstance(v, Mapping) for v in entry.values()) else (("", entry),)
+        variants = [(k, v) for k, v in entry.items() if isinstance(v, Mapping)]
+        replaced = entry.get("replaced_layers")
+        if "delta_loss" in entry:  # the control: every head's own operator, no layer replaced
+            variants, replaced = [("", entry)], 0
         for variant, f in variants:
             rows.append(
-                (name, variant, _sig(f.get("delta_loss")), _sig(f.get("relative_delta_loss")), fmt(f.get("loss_kind")),
-                 _sig(f.get("mean_kl")), _sig(f.get("mean_entropy_shift")))
+                (name, variant, fmt(replaced), _sig(f.get("delta_loss")), _sig(f.get("relative_delta_loss")),
+                 fmt(f.get("loss_kind")), _sig(f.get("mean_kl")), _sig(f.get("mean_entropy_shift")))
             )
     blocks = (
         Paragraph("The model run with reconstructed metrics in place of the real ones: change in loss and in attention "
                   "(the control puts each head's own operator back through the same path and must change nothing)."),
-        Table(("anchor", "reconstruction", "Δ loss", "relative Δ loss", "loss", "mean KL", "mean entropy shift (nats)"),
-              tuple(rows)),
+        Table(("anchor", "reconstruction", "layers replaced", "Δ loss", "relative Δ loss", "loss", "mean KL",
+               "mean entropy shift (nats)"), tuple(rows)),
     )
     return Section("Functional reconstruction", blocks, "functional")
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from qkspectra import __version__
-from qkspectra.analysis import Analysis, Correlation
+from qkspectra.analysis import NO_FITTED_LAYER, Analysis, Correlation
 from qkspectra.bootstrap import BootstrapResult, Interval
 from qkspectra.nulls import NullBaseline
 from qkspectra.verdict import LayeredVerdict
@@ -55,6 +55,8 @@ def analysis_dict(a: Analysis) -> dict[str, Any]:
             "groups": [list(g) for g in a.anchor.groups],
             "group_anchors": a.anchor.group_anchors,
             "scores": None if a.anchor.scores is None else a.anchor.scores.tolist(),
+            "num_anchor_layers": a.anchor.num_anchor_layers,
+            "num_fitted_layers": a.anchor.num_fitted_layers,
         },
         "shape_invariance": {
             "per_head_mean_cos": None if si.per_head_mean_cos is None else si.per_head_mean_cos.tolist(),
@@ -69,6 +71,10 @@ def analysis_dict(a: Analysis) -> dict[str, Any]:
             "max_residual": rs.max_residual,
             "frac_below_0_10": rs.frac_below(0.10),
             "frac_below_0_20": rs.frac_below(0.20),
+            "mean_residual_fitted": rs.mean_residual_fitted,
+            "frac_below_0_10_fitted": rs.frac_below_fitted(0.10),
+            "frac_below_0_20_fitted": rs.frac_below_fitted(0.20),
+            "fitted_reason": None if rs.fitted.any() else NO_FITTED_LAYER,
             "per_layer": {
                 "mean_residual": rs.residual.mean(axis=1).tolist(),
                 "max_residual": rs.residual.max(axis=1).tolist(),
@@ -105,9 +111,13 @@ def comparison_rows(analyses: dict[str, Analysis]) -> list[dict[str, Any]]:
             {
                 "strategy": name,
                 "anchor_layers": a.anchor.group_anchors,
+                "num_anchor_layers": a.anchor.num_anchor_layers,
+                "num_fitted_layers": a.anchor.num_fitted_layers,
                 "mean_residual": a.rescale.mean_residual,
+                "mean_residual_fitted": a.rescale.mean_residual_fitted,
                 "max_residual": a.rescale.max_residual,
                 "frac_below_0_10": a.rescale.frac_below(0.10),
+                "frac_below_0_10_fitted": a.rescale.frac_below_fitted(0.10),
                 "corr_T_entropy": _corr(a.corr_T_entropy, "pearson"),
                 "verdict": a.verdict_code,
             }

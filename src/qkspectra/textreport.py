@@ -14,7 +14,8 @@ import numpy as np
 
 from qkspectra.analysis import Analysis, Correlation
 from qkspectra.bootstrap import BootstrapResult, Interval
-from qkspectra.nulls import CROSS_HEAD, NULL_LABELS, RESIDUAL_PREFIX, SHAPE_INVARIANCE, NullBaseline
+from qkspectra.analysis import NO_FITTED_LAYER
+from qkspectra.nulls import CROSS_HEAD, NULL_LABELS, RESIDUAL_FITTED_PREFIX, RESIDUAL_PREFIX, SHAPE_INVARIANCE, NullBaseline
 from qkspectra.verdict import LayeredVerdict
 
 EXPECTED_SIGN = "(negative expected: larger T → sharper → lower entropy)"
@@ -34,6 +35,14 @@ def _anchor_words(a: Analysis) -> str:
             f"L{start}-{stop - 1}→L={int(a.anchor.layers[start])}" for start, stop in a.anchor.groups
         )
     return f"anchor L={a.anchor.layer}"
+
+
+def _fitted_words(a: Analysis) -> str:
+    """'over the 5 fitted layers (anchor layer 5 left out)'."""
+    anchors = a.anchor.group_anchors if a.anchor.strategy == "group" else [a.anchor.layer]
+    n = a.anchor.num_fitted_layers
+    return (f"over the {n} fitted layer{'' if n == 1 else 's'} only (anchor layer{'' if len(anchors) == 1 else 's'} "
+            f"{', '.join(map(str, anchors))} left out: an anchor layer fits itself with residual 0)")
 
 
 def _corr_line(label: str, c: Correlation | None, tail: str, missing: str) -> str:
@@ -107,6 +116,13 @@ def render_report(
     out.append(f"  overall max residual:  {rs.max_residual:.4f}")
     out.append(f"  frac of (L,h) with resid < 0.10: {rs.frac_below(0.10):.3f}")
     out.append(f"  frac of (L,h) with resid < 0.20: {rs.frac_below(0.20):.3f}")
+    out.append(f"  {_fitted_words(a)}:")
+    if rs.mean_residual_fitted is None:
+        out.append(f"    {_na(NO_FITTED_LAYER)}")
+    else:
+        out.append(f"    mean residual {rs.mean_residual_fitted:.4f}, frac < 0.10: {rs.frac_below_fitted(0.10):.3f}, "
+                   f"frac < 0.20: {rs.frac_below_fitted(0.20):.3f}")
+        out += _null_lines(nulls, RESIDUAL_FITTED_PREFIX + name, "    ")
 
     out += ["", "=== (2b) Temperature against attention entropy ==="]
     missing = "the geometry has no dynamic (entropy) section"
@@ -147,55 +163,70 @@ def render_report(
     else:
         out.append(f"  spectral shape is {si.label} across layers (per-head mean pairwise cos = {si.mean:.3f})")
     out.append(f"  scalar-rescale fit residual: mean {rs.mean_residual:.3f}")
+    if rs.mean_residual_fitted is not None:
+        out.append(f"  over the fitted layers only: mean {rs.mean_residual_fitted:.3f}")
     out += ["", f"  {a.verdict_text}"]
     return "\n".join(out) + "\n"
 
 
 def render_comparison(analyses: dict[str, Analysis]) -> str:
-    """The side-by-side table of every anchor strategy."""
+    """The side-by-side table of every anchor strategy (resid: the seed's mean over all layers; fitted: over the fitted layers)."""
     out = ["", "=== Anchor strategies side by side ==="]
     out.append(
-        f"  {'strategy':<8}  {'anchor layer(s)':<18}  {'mean resid':>10}  {'max resid':>10}  "
-        f"{'frac<0.10':>9}  {'corr(T,ent)':>11}  verdict"
+        f"  {'strategy':<8}  {'anchor layer(s)':<18}  {'anchors':>7}  {'fitted':>6}  {'mean resid':>10}  {'fitted resid':>12}  "
+        f"{'max resid':>10}  {'frac<0.10':>9}  {'corr(T,ent)':>11}  verdict"
     )
     for name, a in analyses.items():
         layers = ",".join(str(x) for x in a.anchor.group_anchors)
         c = a.corr_T_entropy
         corr = "n/a" if c is None or c.pearson is None else f"{c.pearson:+.3f}"
+        fitted = a.rescale.mean_residual_fitted
         out.append(
-            f"  {name:<8}  {layers:<18}  {a.rescale.mean_residual:>10.4f}  {a.rescale.max_residual:>10.4f}  "
-            f"{a.rescale.frac_below(0.10):>9.3f}  {corr:>11}  {a.verdict_code}"
+            f"  {name:<8}  {layers:<18}  {a.anchor.num_anchor_layers:>7}  {a.anchor.num_fitted_layers:>6}  "
+            f"{a.rescale.mean_residual:>10.4f}  {'n/a' if fitted is None else f'{fitted:.4f}':>12}  "
+            f"{a.rescale.max_residual:>10.4f}  {a.rescale.frac_below(0.10):>9.3f}  {corr:>11}  {a.verdict_code}"
         )
+    out.append("  (mean resid and frac: over all layers, as the seed; fitted resid: over the fitted layers only)")
     return "\n".join(out) + "\n"
 
 
 def render_null_comparison(analyses: dict[str, Analysis], nulls: dict[str, NullBaseline]) -> str:
-    """Each strategy's mean residual against the nulls (goes under the side-by-side table)."""
-    out = ["", "  mean residual against the null baselines:"]
+    """Each strategy's mean residual over its fitted layers against the nulls (goes under the side-by-side table)."""
+    out = ["", "  mean residual over the fitted layers against the null baselines:"]
     for name, a in analyses.items():
         parts = []
         for null_name, null in nulls.items():
-            f = null.figures.get(RESIDUAL_PREFIX + name)
+            f = null.figures.get(RESIDUAL_FITTED_PREFIX + name)
             if null.available and f is not None and f.p_value is not None:
                 parts.append(f"{NULL_LABELS.get(null_name, null_name)} {f.null_mean:.4f} ± {f.null_std:.2g} (p = {f.p_value:.3f})")
-        out.append(f"  {name:<8}  {a.rescale.mean_residual:.4f}  vs  " + ("; ".join(parts) or "n/a"))
+        fitted = a.rescale.mean_residual_fitted
+        out.append(f"  {name:<8}  {'n/a' if fitted is None else f'{fitted:.4f}':>6}  vs  " + ("; ".join(parts) or "n/a"))
     return "\n".join(out) + "\n"
 
 
 def render_operator(operator: dict[str, Any], rank_k: dict[str, Any]) -> str:
     """The operator-level section: per strategy, how far M_L^h is from T M_anchor^h as an operator."""
     out = ["", "=== Operator level (from the factors file) ==="]
-    out.append("  residual ||M_L^h - T M_a^h||_F / ||M_L^h||_F, mean over all (L, h), anchor layer included;")
-    out.append("  k: the rank of the correction T M_a + rank-k that reaches residual < 0.10 (operator level)")
+    out.append("  residual ||M_L^h - T M_a^h||_F / ||M_L^h||_F, mean over the fitted layers (anchor layers left out)")
+    out.append("  and, in brackets, over all (L, h), anchor layers included (each fits itself with residual 0);")
+    out.append("  k: the rank of the correction T M_a + rank-k that reaches residual < 0.10 (operator level, fitted layers)")
     out.append(
-        f"  {'strategy':<8}  {'same head':>9}  {'matched':>9}  {'angle (deg)':>11}  {'mean k':>7}  {'params':>7}"
+        f"  {'strategy':<8}  {'anchors':>7}  {'fitted':>6}  {'same head':>18}  {'matched':>18}  {'angle (deg)':>11}  "
+        f"{'mean k':>7}  {'params':>7}"
     )
+
+    def pair(fitted: float | None, whole: float) -> str:
+        return f"{'n/a' if fitted is None else f'{fitted:.4f}'} ({whole:.4f})"
+
     for name, entry in operator.items():
         angle = float(np.mean(entry["principal_angles_deg_mean"]))
         k = rank_k[name]["operator"]
+        mean_k = "n/a" if k["mean_k_fitted"] is None else f"{k['mean_k_fitted']:.1f}"
         out.append(
-            f"  {name:<8}  {entry['mean_residual']:>9.4f}  {entry['matched_mean_residual']:>9.4f}  {angle:>11.1f}  "
-            f"{k['mean_k']:>7.1f}  {k['param_ratio']:>7.2f}"
+            f"  {name:<8}  {entry['num_anchor_layers']:>7}  {entry['num_fitted_layers']:>6}  "
+            f"{pair(entry['mean_residual_fitted'], entry['mean_residual']):>18}  "
+            f"{pair(entry['matched_mean_residual_fitted'], entry['matched_mean_residual']):>18}  {angle:>11.1f}  "
+            f"{mean_k:>7}  {k['param_ratio']:>7.2f}"
         )
     return "\n".join(out) + "\n"
 

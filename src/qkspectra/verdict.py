@@ -2,25 +2,39 @@
 
 Layers (each "supported" | "partial" | "rejected" | "n/a", with one sentence of evidence):
 
-spectral          the seed's verdict (its rule on the primary strategy's mean scalar-rescale
-                  residual of the spectra: below 0.10 supported, below 0.30 partial, else
-                  rejected; the thresholds live with the seed's rule in ``analysis``).
+spectral          the seed's rule (mean scalar-rescale residual of the spectra: below 0.10
+                  supported, below 0.30 partial, else rejected) applied to the primary
+                  strategy's mean over the layers it fits (its anchor layers left out); n/a
+                  when every layer is an anchor layer.
 spectral_vs_null  whether the real spectra are more alike than chance. A null is beaten when
                   the p-values of the shape cosine across layers and of the primary
-                  strategy's mean residual are both <= alpha (0.05). Supported when every
-                  available null is beaten, partial when some are, rejected when none is;
-                  n/a without nulls or with one layer.
+                  strategy's mean residual over the fitted layers are both <= alpha (0.05).
+                  Supported when every available null is beaten, partial when some are,
+                  rejected when none is; n/a without nulls or with one layer.
 operator          the full operators (part B's ``operator`` results): the lowest mean operator
-                  residual over strategies, same head or matched head. Below 0.10
-                  supported, below 0.30 partial, else rejected.
+                  residual over the fitted layers, same head or matched head, among the
+                  eligible strategies (below). Below 0.10 supported, below 0.30 partial,
+                  else rejected.
 functional        the model with every head's operator replaced by the anchor's, rescaled
                   (part B's ``functional`` results, the ``operator`` reconstruction): the
-                  lowest change over strategies, as |relative_delta_loss| for language
-                  models (next-token cross-entropy) and as delta_loss, the cosine distance of
-                  the final hidden states, for encoders. Below 0.01 (1%) supported, below
-                  0.10 partial, else rejected; n/a when the control (each head's own
-                  operator written back) moves it by more than 1e-6, since the test is then
-                  unreliable.
+                  lowest change among the eligible strategies, as |relative_delta_loss| for
+                  language models (next-token cross-entropy) and as delta_loss, the cosine
+                  distance of the final hidden states, for encoders. Below 0.01 (1%)
+                  supported, below 0.10 partial, else rejected; n/a when the control (each
+                  head's own operator written back) moves it by more than 1e-6, since the
+                  test is then unreliable.
+
+Choosing among strategies. An anchor layer fits itself with residual 0 and is left
+unchanged by the functional test, so a strategy with more anchor layers would look better
+merely for having them: more zeros in its means, fewer layers replaced, and each fitted
+layer nearer its anchor. So every choice among strategies (the operator and functional
+layers here, the report's "best strategy" line) (1) uses figures over the fitted layers
+only (the layers whose anchor is another layer), (2) considers only the strategies that fit
+at least one layer and, among them, only those with the fewest anchor layers (a single
+anchor: last, middle, best or a layer index), so that every strategy compared replaces the
+same number of layers, and (3) takes the lowest figure among those. A strategy with more
+anchors (group) is reported with its figures and its numbers of anchor and fitted layers,
+but never decides a layer of the verdict while a strategy with fewer anchors is available.
 
 Overall: the weakest available layer (rejected < partial < supported). The spectral fit
 alone cannot tell a shared operator from chance (independent Gaussian heads pass it), so
@@ -34,10 +48,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from qkspectra.analysis import Analysis
-from qkspectra.nulls import NULL_LABELS, RESIDUAL_PREFIX, SHAPE_INVARIANCE, NullBaseline
+from qkspectra.analysis import NO_FITTED_LAYER, Analysis, seed_rule
+from qkspectra.nulls import NULL_LABELS, RESIDUAL_FITTED_PREFIX, SHAPE_INVARIANCE, NullBaseline
 
 CODES = ("rejected", "partial", "supported")  # weakest first
+CHOICE_RULE = "over the fitted layers, among the strategies with the fewest anchor layers"
 LAYERS = ("spectral", "spectral_vs_null", "operator", "functional")
 
 
@@ -88,14 +103,22 @@ def _p(p: float | None) -> str:
 
 
 def spectral_layer(analysis: Analysis) -> Layer:
-    """The seed's verdict on the spectra."""
-    residual = analysis.rescale.mean_residual
+    """The seed's rule on the primary strategy's mean residual over its fitted layers."""
+    rs, anchor = analysis.rescale, analysis.anchor
+    fitted = rs.mean_residual_fitted
+    if fitted is None:
+        return Layer("n/a", f"No spectral fit to judge with the {anchor.strategy} anchor: {NO_FITTED_LAYER}.")
     return Layer(
-        analysis.verdict_code,
-        f"Mean scalar-rescale residual of the spectra {residual:.3f} with the {analysis.anchor.strategy} anchor "
-        "(the seed's rule: supported below 0.10, partial below 0.30).",
-        f"mean residual {residual:.3f}",
+        seed_rule(fitted),
+        f"Mean scalar-rescale residual of the spectra {fitted:.3f} over the {_count(anchor.num_fitted_layers, 'layer')} "
+        f"fitted to the {anchor.strategy} anchor ({_count(anchor.num_anchor_layers, 'anchor layer')} left out; over all "
+        f"layers, the seed's figure, {rs.mean_residual:.3f}); the seed's rule: supported below 0.10, partial below 0.30.",
+        f"mean residual {fitted:.3f} over fitted layers",
     )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def null_layer(nulls: dict[str, NullBaseline] | None, strategy: str, t: Thresholds = THRESHOLDS) -> Layer:
@@ -104,8 +127,8 @@ def null_layer(nulls: dict[str, NullBaseline] | None, strategy: str, t: Threshol
         return Layer("n/a", "No null baseline was computed.")
     if all(null.figures[SHAPE_INVARIANCE].real is None for null in nulls.values()):
         return Layer("n/a", "One layer: no pair of layers to compare, so nothing to compare with chance.")
-    figures = (SHAPE_INVARIANCE, RESIDUAL_PREFIX + strategy)
-    labels = {SHAPE_INVARIANCE: "shape cosine", RESIDUAL_PREFIX + strategy: f"residual ({strategy})"}
+    figures = (SHAPE_INVARIANCE, RESIDUAL_FITTED_PREFIX + strategy)
+    labels = {SHAPE_INVARIANCE: "shape cosine", RESIDUAL_FITTED_PREFIX + strategy: f"residual ({strategy}, fitted layers)"}
     beaten, parts, briefs, unavailable = [], [], [], []
     for name, null in nulls.items():
         label = NULL_LABELS.get(name, name)
@@ -136,24 +159,49 @@ def _strategy_entries(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {name: value for name, value in results.items() if isinstance(value, dict) and name != "control"}
 
 
+def eligible_strategies(entries: dict[str, dict[str, Any]], fitted_key: str = "num_fitted_layers") -> dict[str, dict[str, Any]]:
+    """The strategies a choice may pick from (see "Choosing among strategies" in the module docstring).
+
+    entries: {strategy: entry}, each with "num_anchor_layers" and ``fitted_key`` (ints). Returns
+    those that fit at least one layer and have the fewest anchor layers among them, in their order.
+    """
+    def counts(entry: dict[str, Any]) -> tuple[int, int] | None:
+        anchors, fitted = entry.get("num_anchor_layers"), entry.get(fitted_key)
+        if isinstance(anchors, int) and isinstance(fitted, int) and fitted > 0:
+            return anchors, fitted
+        return None
+
+    usable = {name: entry for name, entry in entries.items() if counts(entry) is not None}
+    if not usable:
+        return {}
+    fewest = min(counts(entry)[0] for entry in usable.values())
+    return {name: entry for name, entry in usable.items() if counts(entry)[0] == fewest}
+
+
 def operator_layer(operator: dict[str, Any] | None, t: Thresholds = THRESHOLDS, *, missing: str = "no factors file beside the geometry") -> Layer:
-    """The lowest operator residual (same head or matched) over strategies."""
+    """The lowest operator residual over the fitted layers (same head or matched) among the eligible strategies."""
     if operator is None:
         return Layer("n/a", f"Operators not compared: {missing}.")
+    entries = _strategy_entries(operator)
+    eligible = eligible_strategies(entries)
     best = None  # (residual, strategy, kind)
-    for name, entry in _strategy_entries(operator).items():
-        for key, kind in (("mean_residual", "same head"), ("matched_mean_residual", "matched heads")):
+    for name, entry in eligible.items():
+        for key, kind in (("mean_residual_fitted", "same head"), ("matched_mean_residual_fitted", "matched heads")):
             value = entry.get(key)
             if isinstance(value, (int, float)) and (best is None or value < best[0]):
                 best = (float(value), name, kind)
     if best is None:
-        return Layer("n/a", f"Operators not compared: {operator.get('reason') or 'no operator residual in the results'}.")
+        reason = operator.get("reason") or (NO_FITTED_LAYER if entries else "no operator residual in the results")
+        return Layer("n/a", f"Operators not compared: {reason}.")
     value, name, kind = best
+    entry = eligible[name]
     return Layer(
         _graded(value, t.operator_supported, t.operator_partial),
-        f"Lowest mean operator residual {value:.3f} ({name} anchor, {kind}; "
-        f"supported below {t.operator_supported:.2f}, partial below {t.operator_partial:.2f}).",
-        f"best operator residual {value:.3f}",
+        f"Lowest mean operator residual {value:.3f} ({name} anchor, {kind}, over its "
+        f"{_count(entry['num_fitted_layers'], 'fitted layer')}; strategies compared {CHOICE_RULE}, "
+        f"{_count(entry['num_anchor_layers'], 'anchor layer')}; supported below {t.operator_supported:.2f}, "
+        f"partial below {t.operator_partial:.2f}).",
+        f"best operator residual {value:.3f} over fitted layers",
     )
 
 
@@ -178,24 +226,29 @@ def _change_words(change: float, entry: dict[str, Any]) -> str:
 
 
 def functional_layer(functional: dict[str, Any] | None, t: Thresholds = THRESHOLDS, *, missing: str = "functional test not run") -> Layer:
-    """The smallest change of the operator reconstruction over strategies (see the module docstring)."""
+    """The smallest change of the operator reconstruction among the eligible strategies (see the module docstring)."""
     if functional is None:
         return Layer("n/a", f"No functional evidence: {missing}.")
     control = functional_change(functional.get("control"))
     if control is not None and control > t.control_tolerance:
         return Layer("n/a", f"No functional evidence: the control (each head's own operator) changed the model by {control:.2g}, so the test is unreliable.")
+    entries = _strategy_entries(functional)
+    eligible = eligible_strategies(entries, "replaced_layers")
     best = None  # (change, strategy, entry)
-    for name, entry in _strategy_entries(functional).items():
+    for name, entry in eligible.items():
         change = functional_change(entry.get("operator"))
         if change is not None and (best is None or change < best[0]):
-            best = (change, name, entry["operator"])
+            best = (change, name, entry)
     if best is None:
-        return Layer("n/a", f"No functional evidence: {functional.get('reason') or 'no operator reconstruction in the results'}.")
+        reason = functional.get("reason") or (NO_FITTED_LAYER if entries else "no operator reconstruction in the results")
+        return Layer("n/a", f"No functional evidence: {reason}.")
     change, name, entry = best
     return Layer(
         _graded(change, t.functional_supported, t.functional_partial),
-        f"Replacing every head's operator by the anchor's, rescaled, {_change_words(change, entry)} "
-        f"({name} anchor; supported below {t.functional_supported:g}, partial below {t.functional_partial:g}).",
+        f"Replacing every head's operator by the anchor's, rescaled, in {_count(entry['replaced_layers'], 'layer')}, "
+        f"{_change_words(change, entry['operator'])} ({name} anchor; strategies compared at the same number of replaced "
+        f"layers, those with the fewest anchor layers; supported below {t.functional_supported:g}, partial below "
+        f"{t.functional_partial:g}).",
         f"change {change:.3g}",
     )
 
@@ -221,6 +274,7 @@ _SENTENCES = {
         "supported": "the scalar rescale of the spectra fits within the seed's 10% rule",
         "partial": "the scalar rescale of the spectra captures most of their structure",
         "rejected": "the scalar rescale of the spectra leaves large residuals",
+        "n/a": "the spectral fit had no layer to judge (every layer is an anchor layer)",
     },
     "spectral_vs_null": {
         "supported": "the spectra are more alike across layers than chance",
@@ -270,7 +324,7 @@ def summarize(layers: dict[str, Layer], overall: str) -> str:
             words = (", but " if weaker else ", and ") + words
         found.append(words)
         previous = layer.code
-    text = _sentence(found)
+    text = _sentence(found) if found else ""
     if missing:
         text += _sentence([" and ".join(missing)])
     if overall == "partial" and set(n for n in LAYERS if layers[n].code != "n/a") == {"spectral"}:
