@@ -184,10 +184,14 @@ class RunResult:
         return analyze_all(self.geometry, groups=None if groups is None else len(groups))
 
     def figures(self) -> dict[str, Any]:
-        """The report's figures (matplotlib ``Figure``s) by name: those the document and geometry allow."""
+        """The report's figures (matplotlib ``Figure``s) by name: those the document and geometry allow.
+
+        In IPython (Jupyter) a figure shows as the report's PNG image.
+        """
         from qkspectra.plots import report_figures
         from qkspectra.report import describe_run
 
+        _display_figures_in_ipython()
         return report_figures(self.document, self.geometry, title=describe_run(self.document)).figures
 
     def _repr_html_(self) -> str:
@@ -200,3 +204,28 @@ class RunResult:
 
         where = "" if self.out_dir is None else f", out_dir={str(self.out_dir)!r}"
         return f"<RunResult {model_name(self.document)}: overall {self.verdict.get('overall')}{where}>"
+
+
+def _display_figures_in_ipython() -> None:
+    """In a running IPython, show matplotlib figures as PNG when nothing else does.
+
+    The report's figures are drawn without pyplot, so no backend registered a display for them
+    (``%matplotlib inline`` would); one already registered is left as it is.
+    """
+    import sys
+
+    if "IPython" not in sys.modules:
+        return
+    from IPython import get_ipython
+    from matplotlib.figure import Figure
+
+    from qkspectra.plots import png_bytes
+
+    shell = get_ipython()
+    if shell is None:
+        return
+    formatter = shell.display_formatter.formatters["image/png"]
+    try:
+        formatter.lookup_by_type(Figure)
+    except KeyError:
+        formatter.for_type(Figure, png_bytes)
