@@ -184,9 +184,11 @@ def test_analyze_with_every_anchor_and_errors_in_python_terms():
     assert set(every) == {"last", "middle", "best", "group"}
     assert every["group"].anchor.groups == qkspectra.analyze(g, anchor="group", groups=2).anchor.groups
     np.testing.assert_array_equal(every["best"].rescale.T, qkspectra.analyze(g, anchor="best").rescale.T)
+    assert qkspectra.analyze(g, anchor=np.int64(-1)).anchor.layer == 3
     for anchor, groups, message in [("first", None, r"^anchor 'first': choose last, middle, best, group, all or a layer index$"),
                                     (4, None, r"^anchor 4: the geometry has 4 layers \(valid indices -4 to 3\)$"),
-                                    ("group", 5, r"^groups 5: must be between 1 and the number of layers \(4\)$")]:
+                                    ("group", 5, r"^groups 5: must be between 1 and the number of layers \(4\)$"),
+                                    ("best", 2, r"^groups goes with anchor group or anchor all$")]:
         with pytest.raises(QkspectraError, match=message):
             qkspectra.analyze(g, anchor=anchor, groups=groups)
 

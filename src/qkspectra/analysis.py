@@ -20,6 +20,7 @@ figure is None with a reason.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -331,6 +332,10 @@ def analyze(geometry: Geometry, anchor: str | int = "last", *, groups: int | Non
         or "all": every strategy, as ``analyze_all`` ({"last": Analysis, "middle": ..., ...}).
     groups: number of contiguous layer groups for anchor="group" (and "all").
     """
+    if isinstance(anchor, numbers.Integral) and not isinstance(anchor, bool):
+        anchor = int(anchor)  # numpy integers too
+    if groups is not None and anchor not in ("group", "all"):
+        raise QkspectraError(f"{option('groups')} goes with {option('anchor')} group or {option('anchor')} all")
     if anchor == "all":
         return analyze_all(geometry, groups=groups)
     return _analyze(geometry, _shared(geometry), anchor, groups)
