@@ -193,6 +193,16 @@ def test_analyze_with_every_anchor_and_errors_in_python_terms():
             qkspectra.analyze(g, anchor=anchor, groups=groups)
 
 
+def test_names_and_paths_work_as_on_the_command_line():
+    from qkspectra.models.bundled import bundled_model_path
+
+    by_name = qkspectra.extract_geometry("minilm", static_only=True, quiet=True)
+    by_path = qkspectra.extract_geometry(bundled_model_path("minilm"), static_only=True, fold_ln=False, quiet=True)
+    assert by_name.entropy is None and by_name.metadata["model"] == "minilm" and by_name.metadata["fold_ln"]
+    assert by_path.singular_values.shape == by_name.singular_values.shape == (6, 12, 32)
+    assert not by_path.metadata["fold_ln"] and not np.allclose(by_path.singular_values, by_name.singular_values)
+
+
 def test_the_command_line_still_names_its_flags(tmp_path, cli):
     status, _, stderr = cli(["extract", "minilm", "-o", str(tmp_path / "g.json"), "--seq-len", "1", "-q"])
     assert status == 2 and stderr == "qkspectra: error: --seq-len must be at least 2, got 1\n"
