@@ -1,8 +1,8 @@
 """A transformers model already in memory, read where it is and left as it was.
 
 ``InMemoryModel`` stands where a bundled name or a path would (``extract``, ``runner``, the
-functional test): the static pass reads its ``state_dict()`` (no copy; each tensor is turned
-into float64 one layer at a time, on the model's own device first), the corpus pass runs the
+functional test): the static pass reads its ``state_dict()`` (no copy of the model; one layer's
+tensors at a time are copied to the CPU and turned into float64), the corpus pass runs the
 model where it lives, in its own dtype. Nothing is written to disk and nothing is changed:
 ``untouched`` switches the attention to eager (the maps are read from it) and every module to
 evaluation mode, runs without gradients, and puts back the attention implementation, each
