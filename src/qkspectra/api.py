@@ -30,7 +30,7 @@ from qkspectra.errors import QkspectraError
 from qkspectra.geometry import Geometry
 
 
-def extract_options(options: Mapping[str, Any], function: str):
+def keyword_options(options: Mapping[str, Any], function: str):
     """``ExtractOptions`` from keyword arguments; QkspectraError naming an unknown option or a value of the wrong type."""
     from qkspectra.extract import ExtractOptions
 
@@ -83,7 +83,7 @@ def extract_geometry(model: Any, tokenizer: Any | None = None, **options: Any) -
     from qkspectra.geometry import parse_geometry
     from qkspectra.runner import model_name
 
-    settings = extract_options(options, "extract_geometry")
+    settings = keyword_options(options, "extract_geometry")
     subject = model_argument(model, tokenizer)
     extraction = run_extraction(subject, options=settings, factor_sink=lambda index, layer: None)
     return parse_geometry(extraction.geometry, source=f"<geometry of {model_name(subject)}>")
@@ -101,7 +101,7 @@ def run(model: Any, tokenizer: Any | None = None, out: str | os.PathLike | None 
     """
     from qkspectra import runner
 
-    settings = extract_options(options, "run")
+    settings = keyword_options(options, "run")
     _checked("groups", groups, int | None)
     _checked("functional", functional, bool)
     subject = model_argument(model, tokenizer)
