@@ -102,7 +102,7 @@ def run(model: Any, tokenizer: Any | None = None, out: str | os.PathLike | None 
     from qkspectra import runner
 
     settings = keyword_options(options, "run")
-    _checked("groups", groups, int | None)
+    groups = _checked("groups", groups, int | None)
     _checked("functional", functional, bool)
     subject = model_argument(model, tokenizer)
     if out is None:
