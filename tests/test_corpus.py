@@ -120,7 +120,7 @@ def test_default_seq_len(tokenizer):
         (lambda d: (d / "bad.jsonl").write_text("not json\n") and d / "bad.jsonl", {}, "bad.jsonl:1"),
         (lambda d: d, {}, "no .txt files"),
         (lambda d: None, {"seq_len": 1}, "at least 2"),
-        (lambda d: None, {"seq_len": 64, "max_tokens": 63}, "--max-tokens"),
+        (lambda d: None, {"seq_len": 64, "max_tokens": 63}, r"^max_tokens \(63\) must be at least seq_len"),
         (lambda d: None, {"seq_len": 2}, "no room for text"),
     ],
 )

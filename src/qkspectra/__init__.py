@@ -5,15 +5,21 @@
     >>> result = qkspectra.analyze(g, anchor="best")
     >>> result.rescale.T            # (L, H) temperatures
     >>> result.verdict_text
+    >>> run = qkspectra.run("minilm")  # or a transformers model in memory, with its tokenizer
+    >>> run.verdict.overall
 
-Analysis needs numpy alone; extraction from models (``qkspectra.extract``) needs
+Analysis needs numpy alone; extraction from models (``extract_geometry``, ``run``) needs
 the ``models`` extra (torch, transformers).
 """
 
 __version__ = "0.1.0"
 
 from qkspectra.analysis import Analysis, analyze, analyze_all  # noqa: E402
+from qkspectra.api import RunResult, extract_geometry, run  # noqa: E402
 from qkspectra.errors import QkspectraError  # noqa: E402
 from qkspectra.geometry import Geometry, load_geometry, parse_geometry  # noqa: E402
 
-__all__ = ["Analysis", "Geometry", "QkspectraError", "analyze", "analyze_all", "load_geometry", "parse_geometry", "__version__"]
+__all__ = [
+    "Analysis", "Geometry", "QkspectraError", "RunResult", "analyze", "analyze_all", "extract_geometry", "load_geometry",
+    "parse_geometry", "run", "__version__",
+]

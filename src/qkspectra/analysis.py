@@ -20,11 +20,12 @@ figure is None with a reason.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
-from qkspectra.errors import QkspectraError
+from qkspectra.errors import QkspectraError, option
 from qkspectra.geometry import Geometry
 
 TINY = 1e-20  # the seed's guard for norms and denominators
@@ -215,7 +216,7 @@ def anchor_layers(
     whole = ((0, L),)
     if isinstance(strategy, int):
         if not -L <= strategy < L:
-            raise QkspectraError(f"--anchor {strategy}: the geometry has {L} layers (valid indices {-L} to {L - 1})")
+            raise QkspectraError(f"{option('anchor')} {strategy}: the geometry has {L} layers (valid indices {-L} to {L - 1})")
         return np.full((*batch, L), strategy % L), whole, None
     if strategy == "last":
         return np.full((*batch, L), L - 1), whole, None
@@ -228,7 +229,7 @@ def anchor_layers(
     if strategy == "group":
         n = default_group_count(L) if groups is None else groups
         if not 1 <= n <= L:
-            raise QkspectraError(f"--groups {n}: must be between 1 and the number of layers ({L})")
+            raise QkspectraError(f"{option('groups')} {n}: must be between 1 and the number of layers ({L})")
         bounds = np.linspace(0, L, n + 1).round().astype(int)  # (n + 1,)
         spans = tuple((int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]))
         layers = np.empty((*batch, L), dtype=int)
@@ -238,7 +239,7 @@ def anchor_layers(
             scores[..., start:stop] = s
             layers[..., start:stop] = start + first_best_index(s)[..., None]
         return layers, spans, scores
-    raise QkspectraError(f"--anchor {strategy!r}: choose last, middle, best, group, all or a layer index")
+    raise QkspectraError(f"{option('anchor')} {strategy!r}: choose last, middle, best, group, all or a layer index")
 
 
 # ----------------------------------------------------------------------------
@@ -358,12 +359,19 @@ def _shared(geometry: Geometry) -> _Shared:
     return _Shared(shape, layer_cos, head_cos)
 
 
-def analyze(geometry: Geometry, anchor: str | int = "last", *, groups: int | None = None) -> Analysis:
+def analyze(geometry: Geometry, anchor: str | int = "last", *, groups: int | None = None) -> Analysis | dict[str, Analysis]:
     """Run the seed's experiments with one anchor strategy.
 
-    anchor: "last" | "middle" | "best" | "group" | a layer index (negative counts from the end).
-    groups: number of contiguous layer groups for anchor="group".
+    anchor: "last" | "middle" | "best" | "group" | a layer index (negative counts from the end),
+        or "all": every strategy, as ``analyze_all`` ({"last": Analysis, "middle": ..., ...}).
+    groups: number of contiguous layer groups for anchor="group" (and "all").
     """
+    if isinstance(anchor, numbers.Integral) and not isinstance(anchor, bool):
+        anchor = int(anchor)  # numpy integers too
+    if groups is not None and anchor not in ("group", "all"):
+        raise QkspectraError(f"{option('groups')} goes with {option('anchor')} group or {option('anchor')} all")
+    if anchor == "all":
+        return analyze_all(geometry, groups=groups)
     return _analyze(geometry, _shared(geometry), anchor, groups)
 
 

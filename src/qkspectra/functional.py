@@ -54,7 +54,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -69,6 +69,9 @@ from qkspectra.models.adapters import AttentionAdapter, AttentionLayer, adapter_
 from qkspectra.models.tensors import StateDictSource
 from qkspectra._threads import single_blas_thread
 from qkspectra.operator import Factors, OperatorFitter, check_against_geometry
+
+if TYPE_CHECKING:
+    from qkspectra.models.in_memory import InMemoryModel
 
 DEFAULT_MAX_TOKENS = 2048
 KINDS = ("spectral", "operator", "operator_rank_k")
@@ -527,8 +530,15 @@ def _operator_k(rank_k_section: dict[str, Any], strategy: str, shape: tuple[int,
     return k
 
 
-def load_functional_model(model_name_or_path: str, *, progress: bool = False):
-    """(model, tokenizer): a causal LM with its head, or the bare encoder, float32, eager attention."""
+def load_functional_model(model_name_or_path: str | InMemoryModel, *, progress: bool = False):
+    """(model, tokenizer): a causal LM with its head, or the bare encoder, float32, eager attention.
+
+    A model in memory gives a copy (the test rewrites its weights), in its own dtype and attention.
+    """
+    if not isinstance(model_name_or_path, str):
+        from qkspectra.models.in_memory import functional_copy
+
+        return functional_copy(model_name_or_path)
     from qkspectra.models import load_model, resolve_model
     from qkspectra.models.loading import first_line, transformers_quiet
 
@@ -548,7 +558,7 @@ def load_functional_model(model_name_or_path: str, *, progress: bool = False):
     return model.eval(), tokenizer
 
 
-def functional_evidence(model_name_or_path: str, geometry: Geometry, anchors: dict[str, Anchor],
+def functional_evidence(model_name_or_path: str | InMemoryModel, geometry: Geometry, anchors: dict[str, Anchor],
                         rank_k_section: dict[str, Any] | None, *, max_tokens: int = DEFAULT_MAX_TOKENS,
                         fold_ln: bool = True, corpus: str | None = None, seq_len: int | None = None,
                         progress: bool = False) -> dict[str, Any]:

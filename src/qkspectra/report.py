@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -665,6 +666,21 @@ def render_summary(document: Mapping[str, Any]) -> str:
             elif isinstance(block, Paragraph):
                 out.append(f"  {block.text}")
     return "\n".join(out) + "\n"
+
+
+# The page's rules a fragment needs (verdict paragraphs, tables), scoped to the fragment.
+_FRAGMENT_SELECTORS = ("p.verdict", "p.note", ".table-wrap", "table", "th", "td")
+
+
+def render_html_summary(document: Mapping[str, Any]) -> str:
+    """The verdict and the strategy table as an HTML fragment (a run's display in Jupyter), styled as the page."""
+    rules = re.findall(r"([^{}]+)\{([^{}]*)\}", CSS)
+    css = "".join(", ".join(f".qkspectra {part.strip()}" for part in selectors.split(",")) + f" {{{body}}}"
+                  for selectors, body in rules if selectors.strip().startswith(_FRAGMENT_SELECTORS))
+    sections = [_verdict_section(document), _comparison_section(document)]
+    body = "".join(f"<h3>{_e(s.title)}</h3>" + "".join(_html_block(b, {}) for b in s.blocks) for s in sections)
+    return (f'<div class="qkspectra"><style>{css}</style><p>{_e("qkspectra: " + describe_run(document))}</p>'
+            f"{body}</div>")
 
 
 # ----------------------------------------------------------------------------

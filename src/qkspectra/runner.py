@@ -12,6 +12,8 @@ the size and modification time of the factors file beside that (a deleted or rep
 file means extracting again).
 The model's identity is read from the file system without loading it: a bundled model's
 package version, or the sizes and modification times of a folder's or .gguf file's files.
+A model in memory (``InMemoryModel``) has no such identity: it is extracted every time.
+``run_in_memory`` does the same job without writing anything (the factors stay in memory).
 """
 
 from __future__ import annotations
@@ -21,16 +23,21 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 
 from qkspectra import __version__
 from qkspectra._io import atomic_write_json
-from qkspectra.errors import QkspectraError
+from qkspectra.errors import QkspectraError, option
 from qkspectra.extract import ExtractOptions
 from qkspectra.geometry import Geometry
 from qkspectra.report import ReportFiles, check_writable, report_paths, write_report
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from qkspectra.models.in_memory import InMemoryModel
 
 GEOMETRY_FILE = "geometry.json"
 ANALYSIS_FILE = "analysis.json"
@@ -64,8 +71,15 @@ def model_identity(model: str) -> dict[str, Any]:
     return {"path": str(path.resolve()), "files": _tree_stamp(path)}
 
 
-def cache_key(model: str, options: ExtractOptions) -> dict[str, Any]:
-    """The extraction's inputs: equal keys give the same geometry."""
+def model_name(model: str | InMemoryModel) -> str:
+    """What the user called the model: the name or path given, or the in-memory model's own name."""
+    return model if isinstance(model, str) else model.model_id
+
+
+def cache_key(model: str | InMemoryModel, options: ExtractOptions) -> dict[str, Any] | None:
+    """The extraction's inputs: equal keys give the same geometry. None for a model in memory (never reused)."""
+    if not isinstance(model, str):
+        return None
     settings = {k: v for k, v in asdict(options).items() if k not in NOT_IN_KEY}
     corpus = None if options.corpus is None else {"path": str(Path(options.corpus).resolve()), "files": _tree_stamp(Path(options.corpus))}
     return {"qkspectra_version": __version__, "model": model_identity(model), "options": settings, "corpus": corpus}
@@ -85,12 +99,13 @@ def default_out_dir(model: str, cwd: Path | None = None) -> Path:
     return out
 
 
-def model_num_layers(model: str, options: ExtractOptions) -> int:
+def model_num_layers(model: str | InMemoryModel, options: ExtractOptions) -> int:
     """The number of attention layers of ``model``, from its config (a GGUF is converted on first use)."""
     from qkspectra.models import resolve_model
     from qkspectra.models.adapters import adapter_for
 
-    return adapter_for(resolve_model(model, progress=not options.quiet).config).num_layers
+    config = resolve_model(model, progress=not options.quiet).config if isinstance(model, str) else model.config
+    return adapter_for(config).num_layers
 
 
 def _sha256(path: Path) -> str:
@@ -127,24 +142,25 @@ def reusable_geometry(out_dir: Path, key: dict[str, Any]) -> bool:
 
 def analysis_document(
     geometry: Geometry,
-    factors_file: Path,
+    factors_file: Path | dict[str, np.ndarray],
     *,
     groups: int | None = None,
-    functional_model: str | None = None,
+    functional_model: str | InMemoryModel | None = None,
     options: ExtractOptions = ExtractOptions(),
 ) -> dict[str, Any]:
     """The analysis document with the rank-k section and, when the factors file exists, the operator-level one.
 
+    factors_file: the factors file, or the factors themselves (as ``Extraction.factors`` keeps them).
     functional_model: also run the functional test on this model (the geometry's), on the corpus
     of ``options`` with at most the functional test's default token budget. Slow: the model runs
     once per reconstruction and anchor strategy.
     """
     from qkspectra.analysis import analyze_all
-    from qkspectra.operator import OperatorFitter, load_factors
+    from qkspectra.operator import OperatorFitter, as_factors
     from qkspectra.pipeline import build_analysis_document
     from qkspectra.rank_k import rank_k_evidence
 
-    factors = load_factors(factors_file, geometry) if factors_file.is_file() else None
+    factors = as_factors(factors_file, geometry) if isinstance(factors_file, dict) or factors_file.is_file() else None
     if functional_model is None:
         return build_analysis_document(geometry, groups=groups, factors=factors)
 
@@ -168,10 +184,11 @@ class RunResult:
     document: dict[str, Any]  # the analysis document written to analysis.json
     extracted: bool  # False when the geometry was reused
     report: ReportFiles
+    geometry: Geometry | None = None  # the geometry analysed
 
 
 def run(
-    model: str,
+    model: str | InMemoryModel,
     out_dir: str | Path,
     *,
     options: ExtractOptions = ExtractOptions(),
@@ -189,7 +206,7 @@ def run(
 
     check_options(options)
     if groups is not None and groups < 1:  # and at most the number of layers, checked below
-        raise QkspectraError(f"--groups {groups}: must be between 1 and the number of layers")
+        raise QkspectraError(f"{option('groups')} {groups}: must be between 1 and the number of layers")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise QkspectraError(f"output {out_dir} exists and is not a folder")
@@ -202,7 +219,7 @@ def run(
     key = cache_key(model, options)
     record: dict[str, Any] = {
         "qkspectra_version": __version__,
-        "model": model,
+        "model": model_name(model),
         "cache_key": key,
         "geometry_sha256": None,
         "factors_file": None,  # name, size and modification time of the factors file
@@ -214,18 +231,18 @@ def run(
         "timings": timings,
     }
 
-    geometry = load_geometry(geometry_path) if reusable_geometry(out_dir, key) else None
+    geometry = load_geometry(geometry_path) if key is not None and reusable_geometry(out_dir, key) else None
     if groups is not None:  # checked against the model before anything is extracted or written
         num_layers = geometry.num_layers if geometry is not None else model_num_layers(model, options)
         if groups > num_layers:
-            raise QkspectraError(f"--groups {groups}: must be between 1 and the number of layers ({num_layers})")
+            raise QkspectraError(f"{option('groups')} {groups}: must be between 1 and the number of layers ({num_layers})")
     if geometry is not None:
         say(f"reusing {geometry_path} (same model and options)")
         record["extraction"] = "reused"
     else:
         from qkspectra.extract import extract_to_files
 
-        say(f"extracting the geometry of {model}")
+        say(f"extracting the geometry of {model_name(model)}")
         clock = time.perf_counter()
         extract_to_files(model, geometry_path, options=options)
         timings["extract_s"] = round(time.perf_counter() - clock, 3)
@@ -238,7 +255,7 @@ def run(
     if geometry is None:
         geometry = load_geometry(geometry_path)
     if functional:
-        say(f"running the functional test on {model}")
+        say(f"running the functional test on {model_name(model)}")
     document = analysis_document(
         geometry, factors_path(geometry_path), groups=groups, functional_model=model if functional else None, options=options
     )
@@ -252,4 +269,31 @@ def run(
 
     record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     atomic_write_json(out_dir / RUN_FILE, record)
-    return RunResult(out_dir, document, record["extraction"] == "performed", report)
+    return RunResult(out_dir, document, record["extraction"] == "performed", report, geometry)
+
+
+def run_in_memory(
+    model: str | InMemoryModel,
+    *,
+    options: ExtractOptions = ExtractOptions(),
+    groups: int | None = None,
+    functional: bool = True,
+    say: Callable[[str], None] = lambda _: None,
+) -> tuple[Geometry, dict[str, Any]]:
+    """The job of ``run`` without writing anything: (geometry, analysis document), the factors kept in memory."""
+    from qkspectra.extract import check_options, run_extraction
+    from qkspectra.geometry import parse_geometry
+
+    check_options(options)
+    if groups is not None:
+        num_layers = model_num_layers(model, options)
+        if not 1 <= groups <= num_layers:
+            raise QkspectraError(f"{option('groups')} {groups}: must be between 1 and the number of layers ({num_layers})")
+    say(f"extracting the geometry of {model_name(model)}")
+    extraction = run_extraction(model, options=options)
+    geometry = parse_geometry(extraction.geometry, source=f"<geometry of {model_name(model)}>")
+    if functional:
+        say(f"running the functional test on {model_name(model)}")
+    document = analysis_document(geometry, extraction.factors, groups=groups,
+                                 functional_model=model if functional else None, options=options)
+    return geometry, document

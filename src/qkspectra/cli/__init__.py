@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from qkspectra.errors import QkspectraError
+from qkspectra.errors import QkspectraError, command_line_spelling
 
 app = typer.Typer(
     name="qkspectra",
@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
 
     _register()
     try:
-        status = app(args=argv, standalone_mode=False)
+        with command_line_spelling():
+            status = app(args=argv, standalone_mode=False)
     except NoArgsIsHelpError as e:  # bare `qkspectra`: the help (rich prints it itself and returns "")
         text = e.ctx.get_help() if e.ctx is not None else ""
         if text:

@@ -21,16 +21,21 @@ safetensors files; the dynamic part runs the model on a corpus.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from qkspectra import __version__
 from qkspectra._io import atomic_write_json, refuse_overwriting_inputs
-from qkspectra.errors import QkspectraError
+from qkspectra.errors import QkspectraError, option
 from qkspectra.extract.corpus import DEFAULT_MAX_TOKENS
 from qkspectra.extract.factors_file import FactorSink, FactorsFileWriter
+
+if TYPE_CHECKING:
+    from qkspectra.models.in_memory import InMemoryModel
 
 FACTORS_SUFFIX = ".factors.safetensors"
 FACTOR_CONVENTION = (
@@ -61,12 +66,12 @@ class Extraction:
     factors: dict[str, np.ndarray] | None  # W_Q, W_K (L, H, d_model, d_head), b_Q, b_K (L, H, d_head); None if streamed
 
 
-def extract_geometry(model: str, *, options: ExtractOptions = ExtractOptions()) -> dict:
-    """The geometry dict of ``model`` (bundled name, model folder or .gguf file); factors are not kept."""
+def extract_geometry(model: str | InMemoryModel, *, options: ExtractOptions = ExtractOptions()) -> dict:
+    """The geometry dict of ``model`` (bundled name, model folder, .gguf file or a model in memory); factors are not kept."""
     return run_extraction(model, options=options, factor_sink=lambda index, layer: None).geometry
 
 
-def extract_to_files(model: str, out: str | Path, *, options: ExtractOptions = ExtractOptions()) -> tuple[Path, Path]:
+def extract_to_files(model: str | InMemoryModel, out: str | Path, *, options: ExtractOptions = ExtractOptions()) -> tuple[Path, Path]:
     """Write the geometry JSON to ``out`` and stream the factors to ``<stem>.factors.safetensors``.
 
     The factors file is renamed into place only once the whole extraction has succeeded, then the
@@ -84,7 +89,7 @@ def extract_to_files(model: str, out: str | Path, *, options: ExtractOptions = E
 
 
 def run_extraction(
-    model: str,
+    model: str | InMemoryModel,
     *,
     options: ExtractOptions = ExtractOptions(),
     factors_file: str | Path | None = None,
@@ -92,36 +97,36 @@ def run_extraction(
 ) -> Extraction:
     """Static spectra and (unless ``static_only``) attention entropy of ``model``, with metadata.
 
-    The factors are kept in memory (``Extraction.factors``) unless ``factors_file`` is given (they
-    are streamed there and the file committed when everything else succeeded) or ``factor_sink``
-    is (it receives each layer's ``AttentionLayer`` as used for the spectra).
+    ``model``: a bundled name, a model folder or .gguf file, or a model in memory (``InMemoryModel``,
+    read where it is and left as it was). The factors are kept in memory (``Extraction.factors``)
+    unless ``factors_file`` is given (they are streamed there and the file committed when
+    everything else succeeded) or ``factor_sink`` is (it receives each layer's ``AttentionLayer``
+    as used for the spectra).
     """
     from qkspectra.extract.spectra import layer_factors, static_spectra
-    from qkspectra.models import load_model, resolve_model
     from qkspectra.models.adapters import adapter_for
-    from qkspectra.models.tensors import open_tensors
 
     check_options(options)
     progress = not options.quiet
-    source = resolve_model(model, progress=progress)
+    source = open_source(model, progress=progress)
     adapter = adapter_for(source.config)
-    tensors = open_tensors(source.folder)
-
-    corpus = seq_len = None
-    if not options.static_only:
-        from qkspectra.extract.corpus import default_seq_len, load_windows, model_max_length
-
-        check_position_limit(source.config, options.seq_len)
-        torch_model, tokenizer = load_model(source, progress=progress)
-        if not options.window_per_line:
-            seq_len = options.seq_len if options.seq_len is not None else default_seq_len(torch_model)
-        corpus = load_windows(tokenizer, corpus=options.corpus, seq_len=seq_len, max_tokens=options.max_tokens,
-                              window_per_line=options.window_per_line, max_length=model_max_length(torch_model))
-        adapter.check_sequence_length(max(map(len, corpus.windows)))
-
-    from tqdm.auto import tqdm
+    tensors = source_tensors(source)
 
     with contextlib.ExitStack() as stack:
+        corpus = seq_len = None
+        if not options.static_only:
+            from qkspectra.extract.corpus import default_seq_len, load_windows, model_max_length
+
+            check_position_limit(source.config, options.seq_len)
+            torch_model, tokenizer = stack.enter_context(corpus_model(source, progress=progress))
+            if not options.window_per_line:
+                seq_len = options.seq_len if options.seq_len is not None else default_seq_len(torch_model)
+            corpus = load_windows(tokenizer, corpus=options.corpus, seq_len=seq_len, max_tokens=options.max_tokens,
+                                  window_per_line=options.window_per_line, max_length=model_max_length(torch_model))
+            adapter.check_sequence_length(max(map(len, corpus.windows)))
+
+        from tqdm.auto import tqdm
+
         writer = None
         if factors_file is not None:
             writer = stack.enter_context(
@@ -190,23 +195,64 @@ def run_extraction(
     return Extraction(geometry=geometry, factors=static.factors)
 
 
+def open_source(model: str | InMemoryModel, *, progress: bool):
+    """Where the model comes from (``model_id``, ``description``, ``config``): a resolved ``ModelSource``, or the
+    ``InMemoryModel`` itself. With ``source_tensors`` and ``corpus_model``, the steps where a model in memory and
+    one on disk differ."""
+    from qkspectra.models.in_memory import InMemoryModel
+
+    if isinstance(model, InMemoryModel):
+        return model
+    from qkspectra.models import resolve_model
+
+    return resolve_model(model, progress=progress)
+
+
+def source_tensors(source):
+    """The model's tensors by checkpoint name, read lazily: from its safetensors files, or from the model in memory."""
+    from qkspectra.models.in_memory import InMemoryModel
+
+    if isinstance(source, InMemoryModel):
+        return source.tensors()
+    from qkspectra.models.tensors import open_tensors
+
+    return open_tensors(source.folder)
+
+
+@contextlib.contextmanager
+def corpus_model(source, *, progress: bool) -> Iterator[tuple[Any, Any]]:
+    """(torch model with eager attention, tokenizer) for the corpus pass: loaded from the source's
+    folder, or the model in memory, put back as it was afterwards."""
+    from qkspectra.models.in_memory import InMemoryModel, untouched
+
+    if isinstance(source, InMemoryModel):
+        source.check_tokenizer()
+        with untouched(source.model) as model:
+            yield model, source.tokenizer
+    else:
+        from qkspectra.models import load_model
+
+        yield load_model(source, progress=progress)
+
+
 def check_options(options: ExtractOptions) -> None:
     """Reject impossible option values before any model is read."""
     if options.seq_len is not None and options.seq_len < 2:
-        raise QkspectraError(f"--seq-len must be at least 2, got {options.seq_len}")
+        raise QkspectraError(f"{option('seq_len')} must be at least 2, got {options.seq_len}")
     if not 1 <= options.max_tokens <= MAX_TOKENS_LIMIT:
-        raise QkspectraError(f"--max-tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {options.max_tokens}")
+        raise QkspectraError(f"{option('max_tokens')} must be between 1 and {MAX_TOKENS_LIMIT}, got {options.max_tokens}")
     if options.seq_len is not None and options.seq_len > MAX_TOKENS_LIMIT:
-        raise QkspectraError(f"--seq-len must be at most {MAX_TOKENS_LIMIT}, got {options.seq_len}")
+        raise QkspectraError(f"{option('seq_len')} must be at most {MAX_TOKENS_LIMIT}, got {options.seq_len}")
     if options.batch_size is not None and options.batch_size > MAX_TOKENS_LIMIT:
-        raise QkspectraError(f"--batch-size must be at most {MAX_TOKENS_LIMIT}, got {options.batch_size}")
+        raise QkspectraError(f"{option('batch_size')} must be at most {MAX_TOKENS_LIMIT}, got {options.batch_size}")
     if options.window_per_line and options.seq_len is not None:
-        raise QkspectraError("--seq-len and --window-per-line exclude each other: with --window-per-line each line "
+        raise QkspectraError(f"{option('seq_len')} and {option('window_per_line')} exclude each other: with "
+                             f"{option('window_per_line')} each line "
                              "is one window, cut only at the model's maximum length")
     if options.seq_len is not None and options.max_tokens < options.seq_len:
-        raise QkspectraError(f"--max-tokens ({options.max_tokens}) must be at least --seq-len ({options.seq_len})")
+        raise QkspectraError(f"{option('max_tokens')} ({options.max_tokens}) must be at least {option('seq_len')} ({options.seq_len})")
     if options.batch_size is not None and options.batch_size < 1:
-        raise QkspectraError(f"--batch-size must be at least 1, got {options.batch_size}")
+        raise QkspectraError(f"{option('batch_size')} must be at least 1, got {options.batch_size}")
     if options.corpus is not None and not Path(options.corpus).exists():
         raise QkspectraError(f"corpus {options.corpus} does not exist")
 
@@ -216,16 +262,16 @@ def check_position_limit(config, seq_len: int | None) -> None:
     for field in POSITION_LIMIT_FIELDS:
         limit = getattr(config, field, None)
         if isinstance(limit, int) and seq_len is not None and seq_len > limit:
-            raise QkspectraError(f"--seq-len {seq_len} exceeds the model's {field}={limit}")
+            raise QkspectraError(f"{option('seq_len')} {seq_len} exceeds the model's {field}={limit}")
 
 
-def refuse_overwriting_inputs_of(model: str, options: ExtractOptions, outputs: list[Path]) -> None:
+def refuse_overwriting_inputs_of(model: str | InMemoryModel, options: ExtractOptions, outputs: list[Path]) -> None:
     """QkspectraError if any of ``outputs`` is the model's own file(s) or the corpus."""
     from qkspectra.models.source import model_input_paths
 
     from qkspectra.extract.corpus import corpus_files
 
-    inputs = model_input_paths(model) + ([] if options.corpus is None else corpus_files(Path(options.corpus)))
+    inputs = (model_input_paths(model) if isinstance(model, str) else []) + ([] if options.corpus is None else corpus_files(Path(options.corpus)))
     for output in outputs:
         refuse_overwriting_inputs(output, inputs)
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import orjson
 
-from qkspectra.errors import QkspectraError
+from qkspectra.errors import QkspectraError, option
 
 DEFAULT_MAX_TOKENS = 32768
 DEFAULT_SEQ_LEN_CAP = 512
@@ -107,9 +107,9 @@ def load_windows(tokenizer, *, corpus: str | None, seq_len: int | None, max_toke
     """
     if not window_per_line:
         if seq_len is None or seq_len < 2:
-            raise QkspectraError(f"--seq-len must be at least 2, got {seq_len}")
+            raise QkspectraError(f"{option('seq_len')} must be at least 2, got {seq_len}")
         if max_tokens < seq_len:
-            raise QkspectraError(f"--max-tokens ({max_tokens}) must be at least --seq-len ({seq_len})")
+            raise QkspectraError(f"{option('max_tokens')} ({max_tokens}) must be at least {option('seq_len')} ({seq_len})")
     documents = _read_documents(corpus)
     if not any(text.strip() for text in documents.texts):
         raise QkspectraError(f"corpus {documents.label} holds no text")
@@ -197,7 +197,7 @@ def _fixed_windows(tokenizer, documents: _Documents, seq_len: int, max_tokens: i
     n_special = len(prefix) + len(suffix)
     chunk_len = seq_len - n_special
     if chunk_len < 1:
-        raise QkspectraError(f"--seq-len {seq_len} leaves no room for text after the tokenizer's "
+        raise QkspectraError(f"{option('seq_len')} {seq_len} leaves no room for text after the tokenizer's "
                              f"{n_special} special tokens")
     needed = (max_tokens // seq_len + 1) * chunk_len  # content tokens enough to fill the budget
     stream: list[int] = []
@@ -233,7 +233,7 @@ def _line_windows(tokenizer, documents: _Documents, max_tokens: int, max_length:
             if total + len(ids) > max_tokens:
                 if not windows:
                     raise QkspectraError(f"the first line of corpus {documents.label} has {len(ids)} tokens, "
-                                         f"more than --max-tokens {max_tokens}")
+                                         f"more than {option('max_tokens')} {max_tokens}")
                 return windows
             windows.append(ids)
             total += len(ids)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qkspectra.errors import QkspectraError
+from qkspectra.errors import QkspectraError, option
 from qkspectra.extract.corpus import Corpus
 
 # Transient memory the attention maps of one batch may take, and a cap on tokens per batch
@@ -99,7 +99,7 @@ def attention_entropy(model: nn.Module, corpus: Corpus, *, batch_size: int | Non
     if getattr(model.config, "_attn_implementation", None) != "eager":
         raise QkspectraError("attention entropy needs the model loaded with attn_implementation='eager'")
     if batch_size is not None and batch_size < 1:
-        raise QkspectraError(f"--batch-size must be at least 1, got {batch_size}")
+        raise QkspectraError(f"{option('batch_size')} must be at least 1, got {batch_size}")
     if not corpus.windows:
         raise QkspectraError(f"corpus {corpus.description} has no windows")
     accumulator = _EntropyAccumulator(num_layers=model.config.num_hidden_layers)

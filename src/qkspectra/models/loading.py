@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from qkspectra.errors import QkspectraError
+from qkspectra.errors import QkspectraError, option
 from qkspectra.models.source import ModelSource, resolve_model
 
 
@@ -57,7 +57,7 @@ def load_model(source: ModelSource | str, *, attn_implementation: str = "eager",
         if not any((source.folder / name).is_file() for name in TOKENIZER_FILES):
             # transformers would build a near-empty tokenizer and read every word as unknown
             raise QkspectraError(f"{source.folder} has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...); "
-                                 "the corpus pass needs one (--static-only does not)")
+                                 f"the corpus pass needs one ({option('static_only')} does not)")
         try:
             tokenizer = AutoTokenizer.from_pretrained(source.folder, local_files_only=True)
         except Exception as e:

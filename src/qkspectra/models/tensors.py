@@ -112,7 +112,8 @@ class StateDictSource:
         if hasattr(tensor, "detach"):
             import torch
 
-            return tensor.detach().to(torch.float64).cpu().numpy()
+            # to the CPU first: half the transfer for 16-bit weights, and devices without float64 (MPS)
+            return tensor.detach().cpu().to(torch.float64).numpy()
         return np.asarray(tensor, dtype=np.float64)
 
     def dtype(self, name: str) -> str:

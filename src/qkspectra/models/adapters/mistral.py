@@ -7,7 +7,7 @@ corpus pass with longer windows is refused.
 
 from __future__ import annotations
 
-from qkspectra.errors import QkspectraError
+from qkspectra.errors import QkspectraError, option
 from qkspectra.models.adapters.llama import LlamaAdapter
 
 
@@ -19,5 +19,5 @@ class MistralAdapter(LlamaAdapter):
         if window is not None and window < seq_len:
             raise QkspectraError(
                 f"mistral config sets sliding_window={window}, shorter than the sequence length {seq_len}; "
-                f"use --seq-len {window} or less"
+                f"use {option('seq_len')} {window} or less"
             )

@@ -6,7 +6,7 @@ see only the last ``sliding_window`` keys; a corpus pass with longer sequences i
 
 from __future__ import annotations
 
-from qkspectra.errors import QkspectraError
+from qkspectra.errors import QkspectraError, option
 from qkspectra.models.adapters.llama import LlamaAdapter
 
 
@@ -20,5 +20,5 @@ class Qwen2Adapter(LlamaAdapter):
         if window is not None and sliding and window < seq_len:
             raise QkspectraError(
                 f"qwen2 config uses a sliding window of {window} tokens in layers {sliding[0]}..{sliding[-1]}, "
-                f"shorter than the sequence length {seq_len}; use --seq-len {window} or less"
+                f"shorter than the sequence length {seq_len}; use {option('seq_len')} {window} or less"
             )

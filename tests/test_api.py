@@ -1,0 +1,259 @@
+"""The Python API: ``extract_geometry`` and ``run`` on models in memory, equal to the command line on the same weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+import torch
+
+import qkspectra
+from qkspectra import QkspectraError
+from qkspectra.geometry import load_geometry
+
+SMALL = {"max_tokens": 96, "seq_len": 32, "quiet": True}
+SMALL_CLI = ["--max-tokens", "96", "--seq-len", "32", "-q"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from qkspectra.models.bundled import bundled_model_path
+
+    return AutoTokenizer.from_pretrained(bundled_model_path("minilm"))
+
+
+def tiny_bert(vocab_size: int):
+    """An encoder with sharp heads, LayerNorm gains to fold, and the default (SDPA) attention."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(num_hidden_layers=3, num_attention_heads=4, hidden_size=32, intermediate_size=64,
+                        vocab_size=vocab_size, max_position_embeddings=64)
+    model = BertModel(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "LayerNorm.weight" in name:
+                parameter.uniform_(0.5, 1.5)
+            elif parameter.ndim == 2 and "embeddings" not in name:
+                parameter.normal_(0, 0.3)
+    return model
+
+
+def tiny_llama(vocab_size: int):
+    """A causal LM with grouped-query attention and rotary positions."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                         intermediate_size=64, vocab_size=vocab_size, max_position_embeddings=64)
+    return LlamaForCausalLM(config)
+
+
+def snapshot(model) -> dict:
+    """Everything a caller could see change: weights (bitwise), dtypes, devices, modes, gradient flags, attention."""
+    return {
+        "state": {name: tensor.detach().clone() for name, tensor in model.state_dict().items()},
+        "training": {name: module.training for name, module in model.named_modules()},
+        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
+        "grad": {name: p.grad is None for name, p in model.named_parameters()},
+        "attention": model.config._attn_implementation,
+        "num_key_value_heads": getattr(model.config, "num_key_value_heads", None),
+    }
+
+
+def assert_unchanged(model, before: dict) -> None:
+    after = snapshot(model)
+    assert after["state"].keys() == before["state"].keys()
+    for name, tensor in before["state"].items():
+        now = after["state"][name]
+        assert now.dtype == tensor.dtype and now.device == tensor.device and torch.equal(now, tensor), name
+    for key in ("training", "requires_grad", "grad", "attention", "num_key_value_heads"):
+        assert after[key] == before[key], key
+
+
+def spectra_and_entropy(geometry):
+    return geometry.singular_values, geometry.entropy
+
+
+def test_in_memory_extraction_equals_the_command_line_on_the_saved_weights(tmp_path, tokenizer, cli):
+    model = tiny_bert(tokenizer.vocab_size)
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert cli(["extract", str(folder), "-o", str(tmp_path / "g.json"), *SMALL_CLI])[0] == 0
+    on_disk = load_geometry(tmp_path / "g.json")
+    in_memory = qkspectra.extract_geometry(model, tokenizer, **SMALL)
+    np.testing.assert_allclose(in_memory.singular_values, on_disk.singular_values, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(in_memory.entropy, on_disk.entropy, rtol=0, atol=1e-6)
+    assert in_memory.metadata["model_source"].startswith("model in memory: BertModel, float32 on cpu")
+    same = {key for key in on_disk.metadata if key not in ("model", "model_source", "factors_file")}
+    assert {key: in_memory.metadata[key] for key in same} == {key: on_disk.metadata[key] for key in same}
+    assert not (tmp_path / "tiny" / "geometry.json").exists() and len(list(tmp_path.iterdir())) == 3
+
+
+def test_a_bfloat16_model_is_read_as_it_is_and_left_unchanged(tokenizer):
+    model = tiny_llama(tokenizer.vocab_size).to(torch.bfloat16)
+    before = snapshot(model)
+    geometry = qkspectra.extract_geometry(model, tokenizer, **SMALL)
+    assert_unchanged(model, before)
+    assert geometry.metadata["dtype"] == "bfloat16"
+    # bfloat16 -> float32 is exact, so the spectra equal those of the float32 copy; the forward pass is bfloat16's
+    widened = qkspectra.extract_geometry(tiny_llama(tokenizer.vocab_size).to(torch.bfloat16).float(), tokenizer, **SMALL)
+    np.testing.assert_allclose(geometry.singular_values, widened.singular_values, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(geometry.entropy, widened.entropy, rtol=0, atol=0.05)
+
+
+def test_a_model_in_training_mode_with_frozen_parts_is_left_as_it_was(tokenizer, tmp_path, monkeypatch):
+    model = tiny_bert(tokenizer.vocab_size).train()
+    model.embeddings.requires_grad_(False)
+    model.encoder.layer[1].eval()  # a mixed state that model.train(True) would not restore
+    before = snapshot(model)
+    monkeypatch.chdir(tmp_path)
+    result = qkspectra.run(model, tokenizer, **SMALL)  # the functional test rewrites a copy, never this model
+    assert_unchanged(model, before)
+    assert list(tmp_path.iterdir()) == []  # nothing written without out
+    assert abs(result.document["functional"]["control"]["delta_loss"]) < 1e-9
+    assert result.verdict.layers["functional"].code != "n/a"
+
+
+def test_run_result_exposes_the_document_verdict_strategies_and_figures(tokenizer, tmp_path):
+    model = tiny_llama(tokenizer.vocab_size)
+    before = snapshot(model)
+    result = qkspectra.run(model, tokenizer, tmp_path / "run", **SMALL)
+    assert_unchanged(model, before)  # grouped-query heads are expanded in the functional test's copy only
+    document = orjson.loads((tmp_path / "run" / "analysis.json").read_bytes())
+    assert document == orjson.loads(orjson.dumps(result.document))
+    verdict = document["verdict"]
+    assert result.verdict.overall == verdict["overall"] and result.verdict.summary == verdict["summary"]
+    assert set(result.verdict.layers) == {"spectral", "spectral_vs_null", "operator", "functional"}
+    for name, layer in verdict["layers"].items():
+        assert result.verdict.layers[name].code == layer["code"]
+        assert result.verdict.layers[name].evidence == layer["evidence"]
+    assert set(result.strategies) == set(result.analyses) == {"last", "middle", "best", "group"}
+    assert result.strategies["best"].rescale.mean_residual == result.analyses["best"].rescale.mean_residual
+    figures = result.figures()
+    assert list(figures)[:3] == ["schedule", "temperature_heatmap", "residual_heatmap"]
+    assert {p.stem for p in (tmp_path / "run" / "plots").iterdir()} == set(figures)
+    html = result._repr_html_()
+    assert f"Overall: {verdict['overall'].upper()}" in html and "Anchor strategies side by side" in html
+    assert "<table>" in html and "<script" not in html
+    record = orjson.loads((tmp_path / "run" / "run.json").read_bytes())
+    assert record["extraction"] == "performed" and record["cache_key"] is None and record["model"] == "LlamaForCausalLM"
+    again = qkspectra.run(model, tokenizer, tmp_path / "run", functional=False, **SMALL)  # a model in memory is never reused
+    assert orjson.loads((tmp_path / "run" / "run.json").read_bytes())["extraction"] == "performed"
+    assert again.document["verdict"]["layers"]["functional"]["code"] == "n/a"
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m, t: qkspectra.extract_geometry(m, t, seq_len=1), r"^seq_len must be at least 2, got 1$"),
+        (lambda m, t: qkspectra.extract_geometry(m, t, seq_len="12"), r"^seq_len must be a whole number or None, got '12'$"),
+        (lambda m, t: qkspectra.extract_geometry(m, t, fold_ln=1), r"^fold_ln must be True or False, got 1$"),
+        (lambda m, t: qkspectra.extract_geometry(m, t, seq_len=64, max_tokens=32),
+         r"^max_tokens \(32\) must be at least seq_len \(64\)$"),
+        (lambda m, t: qkspectra.extract_geometry(m, t, seq_len=64, window_per_line=True),
+         r"^seq_len and window_per_line exclude each other"),
+        (lambda m, t: qkspectra.extract_geometry(m, t, seq_len=128), r"^seq_len 128 exceeds the model's max_position_embeddings=64$"),
+        (lambda m, t: qkspectra.extract_geometry(m, t, batch_size=0), r"^batch_size must be at least 1, got 0$"),
+        (lambda m, t: qkspectra.extract_geometry(m, t, no_fold_ln=True), r"^extract_geometry\(\) has no option 'no_fold_ln'; its options: fold_ln, "),
+        (lambda m, t: qkspectra.extract_geometry(m), r"the attention-entropy pass needs the model's tokenizer; pass tokenizer=\.\.\., or static_only=True"),
+        (lambda m, t: qkspectra.extract_geometry("minilm", t), r"^tokenizer goes with a model in memory"),
+        (lambda m, t: qkspectra.extract_geometry(m.state_dict(), t), r"^model must be a bundled model name, a path, or a transformers model in memory; got OrderedDict$"),
+        (lambda m, t: qkspectra.extract_geometry("no-such-model"), r"^model 'no-such-model' is neither a bundled model"),
+        (lambda m, t: qkspectra.run(m, t, groups=9, **SMALL), r"^groups 9: must be between 1 and the number of layers \(3\)$"),
+        (lambda m, t: qkspectra.run(m, t, functional="no"), r"^functional must be True or False, got 'no'$"),
+    ],
+)
+def test_bad_arguments_raise_one_line_errors_naming_python_arguments(tokenizer, call, message):
+    model = tiny_bert(tokenizer.vocab_size)
+    with pytest.raises(QkspectraError, match=message) as info:
+        call(model, tokenizer)
+    assert "\n" not in str(info.value) and "--" not in str(info.value)
+
+
+def test_analyze_with_every_anchor_and_errors_in_python_terms():
+    from qkspectra.geometry import parse_geometry
+
+    rng = np.random.default_rng(0)
+    sigma = np.sort(rng.uniform(0.1, 2.0, (4, 3, 5)), axis=-1)[..., ::-1]
+    g = parse_geometry({"num_layers": 4, "num_heads": 3, "static": [{"metric_singvals_per_head": s.tolist()} for s in sigma]})
+    every = qkspectra.analyze(g, anchor="all", groups=2)
+    assert set(every) == {"last", "middle", "best", "group"}
+    assert every["group"].anchor.groups == qkspectra.analyze(g, anchor="group", groups=2).anchor.groups
+    np.testing.assert_array_equal(every["best"].rescale.T, qkspectra.analyze(g, anchor="best").rescale.T)
+    assert qkspectra.analyze(g, anchor=np.int64(-1)).anchor.layer == 3
+    for anchor, groups, message in [("first", None, r"^anchor 'first': choose last, middle, best, group, all or a layer index$"),
+                                    (4, None, r"^anchor 4: the geometry has 4 layers \(valid indices -4 to 3\)$"),
+                                    ("group", 5, r"^groups 5: must be between 1 and the number of layers \(4\)$"),
+                                    ("best", 2, r"^groups goes with anchor group or anchor all$")]:
+        with pytest.raises(QkspectraError, match=message):
+            qkspectra.analyze(g, anchor=anchor, groups=groups)
+
+
+def test_names_and_paths_work_as_on_the_command_line():
+    from qkspectra.models.bundled import bundled_model_path
+
+    by_name = qkspectra.extract_geometry("minilm", static_only=True, quiet=True)
+    by_path = qkspectra.extract_geometry(bundled_model_path("minilm"), static_only=True, fold_ln=False, quiet=True)
+    assert by_name.entropy is None and by_name.metadata["model"] == "minilm" and by_name.metadata["fold_ln"]
+    assert by_path.singular_values.shape == by_name.singular_values.shape == (6, 12, 32)
+    assert not by_path.metadata["fold_ln"] and not np.allclose(by_path.singular_values, by_name.singular_values)
+
+
+def test_the_command_line_still_names_its_flags(tmp_path, cli):
+    status, _, stderr = cli(["extract", "minilm", "-o", str(tmp_path / "g.json"), "--seq-len", "1", "-q"])
+    assert status == 2 and stderr == "qkspectra: error: --seq-len must be at least 2, got 1\n"
+
+
+# ----------------------------------------------------------------------------
+# The real checkpoint: all-MiniLM-L6-v2 loaded with transformers, against `qkspectra extract` and `run`
+# ----------------------------------------------------------------------------
+
+MINILM = {"max_tokens": 256, "seq_len": 64, "quiet": True}
+MINILM_CLI = ["--max-tokens", "256", "--seq-len", "64", "-q"]
+
+
+@pytest.fixture(scope="module")
+def minilm_in_memory():
+    from transformers import AutoModel, AutoTokenizer
+
+    from qkspectra.models.bundled import bundled_model_path
+
+    path = bundled_model_path("minilm")
+    return AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def minilm_cli_run(tmp_path_factory):
+    """`qkspectra run minilm` once: its geometry is also `qkspectra extract minilm`'s (same options, same code)."""
+    from qkspectra.cli import main
+
+    out = tmp_path_factory.mktemp("cli") / "minilm"
+    main(["run", "minilm", "--out", str(out), *MINILM_CLI])
+    return out
+
+
+@pytest.mark.slow
+def test_minilm_in_memory_extraction_equals_the_command_line(minilm_in_memory, tmp_path, cli):
+    assert cli(["extract", "minilm", "-o", str(tmp_path / "g.json"), *MINILM_CLI])[0] == 0
+    expected = load_geometry(tmp_path / "g.json")
+    geometry = qkspectra.extract_geometry(*minilm_in_memory, **MINILM)
+    np.testing.assert_allclose(geometry.singular_values, expected.singular_values, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(geometry.entropy, expected.entropy, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_minilm_in_memory_run_equals_the_command_line(minilm_in_memory, minilm_cli_run):
+    model, tokenizer = minilm_in_memory
+    before = snapshot(model)
+    result = qkspectra.run(model, tokenizer, **MINILM)
+    assert_unchanged(model, before)
+    expected = orjson.loads((minilm_cli_run / "analysis.json").read_bytes())
+    document = orjson.loads(orjson.dumps(result.document))
+    assert document.keys() == expected.keys()
+    for key in document.keys() - {"input"}:  # input names the file and the model's source
+        assert document[key] == expected[key], key
+    assert result.verdict.overall == expected["verdict"]["overall"]
