@@ -64,9 +64,9 @@ def external_cluster(tmp_path_factory):
     worker = [sys.executable, "-m", "distributed.cli.dask_worker"]
     address = f"tcp://127.0.0.1:{port}"
     log = open(folder / "cluster.log", "wb")
-    processes = [subprocess.Popen([*dask, "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+    processes = [subprocess.Popen([*dask, "--host", "127.0.0.1", "--port", str(port), "--no-dashboard", "--dashboard-address", "127.0.0.1:0"],
                                   stdout=log, stderr=log, env=env)]
-    processes += [subprocess.Popen([*worker, address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard",
+    processes += [subprocess.Popen([*worker, address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard", "--dashboard-address", "127.0.0.1:0",
                                     "--name", f"w{i}"], stdout=log, stderr=log, env=env) for i in range(2)]
     try:
         from distributed import Client
@@ -107,6 +107,31 @@ def sweeps(checkpoints, external_cluster, tmp_path_factory):
     lines: list[str] = []
     result = run_sweep(second, out, SETTINGS, scheduler=external_cluster, say=lines.append)
     return result, finished, after_interrupt, lines
+
+
+def test_the_operator_fits_go_through_the_given_map():
+    import pickle
+
+    import numpy as np
+
+    from qkspectra.operator import OperatorFitter, make_factors
+
+    rng = np.random.default_rng(0)
+    factors = make_factors({"W_Q": rng.standard_normal((3, 2, 8, 4)), "W_K": rng.standard_normal((3, 2, 8, 4))})
+    calls = []
+
+    def elsewhere(func, items):  # as a cluster does it: the function travels pickled, without the map or the cache
+        items = list(items)
+        calls.append(items)
+        return [pickle.loads(pickle.dumps(func))(item) for item in items]
+
+    remote, local = OperatorFitter(factors, map=elsewhere), OperatorFitter(factors)
+    fits, expected = remote.fit_all(np.array([2, 2, 2])), local.fit_all(np.array([2, 2, 2]))
+    assert calls == [[(0, 2), (1, 2), (2, 2)]]
+    remote.fit_all(np.array([2, 2, 2]))
+    assert len(calls) == 1  # fitted pairs are kept
+    for fit, want in zip(fits, expected):
+        assert all(np.array_equal(getattr(fit, k), getattr(want, k)) for k in ("T", "residual", "matched_head", "difference_singvals"))
 
 
 def test_names_are_safe_and_unique():

@@ -58,7 +58,7 @@ def connect(scheduler: str | None = None, workers: int | None = None) -> Iterato
         raise QkspectraError(f"--workers {workers}: must be at least 1")
     with distributed.LocalCluster(
         n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-        dashboard_address=None, silence_logs=logging.CRITICAL,  # failures are recorded, not logged
+        dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL,  # failures are recorded, not logged
     ) as cluster, distributed.Client(cluster, set_as_default=False) as client:
         yield client
 

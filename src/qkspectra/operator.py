@@ -346,7 +346,8 @@ class OperatorFitter:
     def fit_pairs(self, pairs: Iterable[tuple[int, int]]) -> None:
         """Fit every (layer, anchor) pair not yet fitted, through ``map``."""
         missing = list(dict.fromkeys(p for p in pairs if p not in self._fits))
-        self._fits.update(zip(missing, self._map(self._fit_pair, missing)))
+        if missing:
+            self._fits.update(zip(missing, self._map(self._fit_pair, missing)))
 
     def fit_all(self, anchor_layers: np.ndarray) -> list[LayerFit]:
         """One fit per layer, layer L against anchor_layers[L] (shape (L,))."""

@@ -348,7 +348,7 @@ def run_sweep(
     document = {
         "qkspectra_version": __version__,
         "schema_version": SCHEMA_VERSION,
-        "engine": {**engine, "versions": _versions()},
+        "engine": {**engine, "cluster": "local" if scheduler is None else "existing", "versions": _versions()},
         "settings": {"options": {k: v for k, v in asdict(settings.options).items() if k != "quiet"},
                      "groups": settings.groups, "functional": settings.functional},
         "started": started.isoformat(timespec="seconds"),
