@@ -78,6 +78,10 @@ def main() -> None:
         loss = sum(losses[-20:]) / len(losses[-20:]) if losses else None
         rows.append({"model": folder.name, "step": step, "tokens": step * args.batch_size * args.seq_len,
                      "loss": "" if loss is None else f"{loss:.4f}"})
+        with open(args.out / "models.csv", "w", newline="") as f:  # after every checkpoint: an interrupted run leaves a usable list
+            writer = csv.DictWriter(f, fieldnames=["model", "step", "tokens", "loss"])
+            writer.writeheader()
+            writer.writerows(rows)
         print(f"step {step:5d}  loss {rows[-1]['loss'] or '-':>7}  {time.perf_counter() - clock:6.1f} s  -> {folder}", flush=True)
 
     model.train()
@@ -95,10 +99,6 @@ def main() -> None:
         losses.append(loss.item())
         if step in save_at:
             save(step)
-    with open(args.out / "models.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["model", "step", "tokens", "loss"])
-        writer.writeheader()
-        writer.writerows(rows)
     print(f"wrote {len(rows)} checkpoints and {args.out / 'models.csv'}")
 
 

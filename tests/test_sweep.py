@@ -60,11 +60,11 @@ def external_cluster(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cluster")
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))}
-    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
-    worker = [sys.executable, "-m", "distributed.cli.dask_worker"]
+    scheduler = [sys.executable, "-m", "dask", "scheduler"]
+    worker = [sys.executable, "-m", "dask", "worker"]
     address = f"tcp://127.0.0.1:{port}"
     log = open(folder / "cluster.log", "wb")
-    processes = [subprocess.Popen([*dask, "--host", "127.0.0.1", "--port", str(port), "--no-dashboard", "--dashboard-address", "127.0.0.1:0"],
+    processes = [subprocess.Popen([*scheduler, "--host", "127.0.0.1", "--port", str(port), "--no-dashboard", "--dashboard-address", "127.0.0.1:0"],
                                   stdout=log, stderr=log, env=env)]
     processes += [subprocess.Popen([*worker, address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard", "--dashboard-address", "127.0.0.1:0",
                                     "--name", f"w{i}"], stdout=log, stderr=log, env=env) for i in range(2)]
