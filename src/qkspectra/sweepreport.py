@@ -133,7 +133,7 @@ def sweep_sections(document: Mapping[str, Any], figures: Sequence[str]) -> list[
     engine = document["engine"]
     settings = [(f"option {k}", fmt(v)) for k, v in document["settings"]["options"].items()]
     rows = [
-        ("engine", engine["name"]), ("scheduler", engine["scheduler"]), ("workers", fmt(engine["workers"])),
+        ("engine", engine["name"]), ("cluster", fmt(engine.get("cluster"))), ("scheduler", engine["scheduler"]), ("workers", fmt(engine["workers"])),
         *((f"{k} version", v) for k, v in engine["versions"].items()),
         ("dask version", engine["dask_version"]), ("distributed version", engine["distributed_version"]),
         ("groups", fmt(document["settings"]["groups"])), ("functional test", fmt(document["settings"]["functional"])),
@@ -147,8 +147,10 @@ def sweep_sections(document: Mapping[str, Any], figures: Sequence[str]) -> list[
 def describe_sweep(document: Mapping[str, Any]) -> str:
     models = document["models"]
     ok = sum(m["status"] == "ok" for m in models)
-    return (f"{len(models)} models, {ok} ok, {len(models) - ok} failed; {document['engine']['workers']} workers "
-            f"({document['engine']['scheduler']}); qkspectra {document['qkspectra_version']}")
+    engine = document["engine"]
+    where = "a local cluster" if engine.get("cluster") == "local" else engine["scheduler"]
+    return (f"{len(models)} models, {ok} ok, {len(models) - ok} failed; {engine['workers']} workers "
+            f"({where}); qkspectra {document['qkspectra_version']}")
 
 
 def _e(text: str) -> str:
