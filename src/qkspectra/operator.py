@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -277,9 +277,14 @@ class LayerFit:
 
 
 class OperatorFitter:
-    """Fits layers to anchor layers, sharing the per-layer work (norms, bases) and caching (L, a) pairs."""
+    """Fits layers to anchor layers, sharing the per-layer work (norms, bases) and caching (L, a) pairs.
 
-    def __init__(self, factors: Factors, subspace_dim: int = DEFAULT_SUBSPACE_DIM):
+    map: how the missing layer pairs of ``fit_pairs`` and ``fit_all`` are fitted, ``map(func, pairs)``;
+    the builtin by default, ``cluster.cluster_map(client)`` for tasks on a Dask cluster (same numbers).
+    """
+
+    def __init__(self, factors: Factors, subspace_dim: int = DEFAULT_SUBSPACE_DIM, *,
+                 map: Callable[[Callable, Iterable], Iterable] = map):
         if subspace_dim < 1:
             raise QkspectraError(f"subspace dimension must be at least 1, got {subspace_dim}")
         self.factors = factors
@@ -289,6 +294,13 @@ class OperatorFitter:
         with single_blas_thread():
             self.left, self.right = top_singular_bases(W_Q, W_K, self.subspace_dim)  # (L, H, d_model, k) each
         self._fits: dict[tuple[int, int], LayerFit] = {}
+        self._map = map
+
+    def __getstate__(self) -> dict[str, Any]:  # what a task on another process needs: no cache, no map
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fits", "_map")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _fits={}, _map=map)
 
     def fit(self, layer: int, anchor: int) -> LayerFit:
         key = (layer, anchor)
@@ -327,9 +339,21 @@ class OperatorFitter:
         )  # (H, 2k)
         return LayerFit(T, residual, matched, matched_T, matched_residual, angles.mean(axis=-1), singvals)
 
+    def _fit_pair(self, pair: tuple[int, int]) -> LayerFit:
+        with single_blas_thread():
+            return self._fit(*pair)
+
+    def fit_pairs(self, pairs: Iterable[tuple[int, int]]) -> None:
+        """Fit every (layer, anchor) pair not yet fitted, through ``map``."""
+        missing = list(dict.fromkeys(p for p in pairs if p not in self._fits))
+        if missing:
+            self._fits.update(zip(missing, self._map(self._fit_pair, missing)))
+
     def fit_all(self, anchor_layers: np.ndarray) -> list[LayerFit]:
         """One fit per layer, layer L against anchor_layers[L] (shape (L,))."""
-        return [self.fit(layer, int(a)) for layer, a in enumerate(anchor_layers)]
+        pairs = [(layer, int(a)) for layer, a in enumerate(anchor_layers)]
+        self.fit_pairs(pairs)
+        return [self._fits[pair] for pair in pairs]
 
 
 def as_factors(factors: Factors | str | os.PathLike | dict[str, np.ndarray], geometry: Geometry | None = None) -> Factors:
@@ -360,6 +384,8 @@ def operator_evidence(factors: Factors | str | os.PathLike | dict[str, np.ndarra
     if fitter is None:
         fitter = OperatorFitter(as_factors(factors), subspace_dim)
     section = {}
+    if all(len(anchor.layers) == fitter.factors.num_layers for anchor in anchors.values()):  # every pair in one round
+        fitter.fit_pairs((layer, int(a)) for anchor in anchors.values() for layer, a in enumerate(anchor.layers))
     for name, anchor in anchors.items():
         if len(anchor.layers) != fitter.factors.num_layers:
             raise QkspectraError(

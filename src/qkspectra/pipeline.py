@@ -33,11 +33,12 @@ def operator_missing_reason(geometry: Geometry) -> str:
     return NO_FACTORS
 
 
-def operator_sections(geometry: Geometry, analyses: dict[str, Analysis]) -> tuple[dict | None, dict | None, str]:
+def operator_sections(geometry: Geometry, analyses: dict[str, Analysis], *, map: Any = map) -> tuple[dict | None, dict | None, str]:
     """The ``operator`` and ``rank_k`` sections from the factors file beside the geometry.
 
     Returns (operator, rank_k, reason): both None, with the reason, when there is no factors
-    file or safetensors (the ``models`` extra) is not installed.
+    file or safetensors (the ``models`` extra) is not installed. map: how the layer-pair fits
+    run (see ``operator.OperatorFitter``).
     """
     from qkspectra.operator import factors_path_for
 
@@ -54,7 +55,7 @@ def operator_sections(geometry: Geometry, analyses: dict[str, Analysis]) -> tupl
     from qkspectra.rank_k import rank_k_evidence
 
     anchors = {name: a.anchor for name, a in analyses.items()}
-    fitter = OperatorFitter(load_factors(path, geometry))
+    fitter = OperatorFitter(load_factors(path, geometry), map=map)
     operator = operator_evidence(fitter.factors, anchors, fitter=fitter)
     return operator, rank_k_evidence(geometry, anchors, fitter=fitter), ""
 

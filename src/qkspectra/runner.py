@@ -147,6 +147,7 @@ def analysis_document(
     groups: int | None = None,
     functional_model: str | InMemoryModel | None = None,
     options: ExtractOptions = ExtractOptions(),
+    map: Callable = map,
 ) -> dict[str, Any]:
     """The analysis document with the rank-k section and, when the factors file exists, the operator-level one.
 
@@ -154,6 +155,7 @@ def analysis_document(
     functional_model: also run the functional test on this model (the geometry's), on the corpus
     of ``options`` with at most the functional test's default token budget. Slow: the model runs
     once per reconstruction and anchor strategy.
+    map: how the operator analysis' layer-pair fits run (see ``operator.OperatorFitter``).
     """
     from qkspectra.analysis import analyze_all
     from qkspectra.operator import OperatorFitter, as_factors
@@ -161,13 +163,13 @@ def analysis_document(
     from qkspectra.rank_k import rank_k_evidence
 
     factors = as_factors(factors_file, geometry) if isinstance(factors_file, dict) or factors_file.is_file() else None
+    fitter = None if factors is None else OperatorFitter(factors, map=map)
     if functional_model is None:
-        return build_analysis_document(geometry, groups=groups, factors=factors)
+        return build_analysis_document(geometry, groups=groups, factors=factors, fitter=fitter)
 
     from qkspectra.functional import DEFAULT_MAX_TOKENS, functional_evidence
 
     anchors = {name: a.anchor for name, a in analyze_all(geometry, groups=groups).items()}
-    fitter = None if factors is None else OperatorFitter(factors)
     rank_k = rank_k_evidence(geometry, anchors, fitter=fitter)
     functional = functional_evidence(
         functional_model, geometry, anchors, rank_k, max_tokens=min(options.max_tokens, DEFAULT_MAX_TOKENS),
@@ -194,11 +196,13 @@ def run(
     options: ExtractOptions = ExtractOptions(),
     groups: int | None = None,
     functional: bool = True,
+    map: Callable = map,
     say: Callable[[str], None] = lambda _: None,
 ) -> RunResult:
     """Extract (or reuse), analyze with every anchor strategy, and write the report folder.
 
     functional: also run the functional test (slow; see ``analysis_document``).
+    map: how the operator analysis' layer-pair fits run (``cluster.cluster_map(client)``: on a Dask cluster).
     say: receives one line per step, for the user.
     """
     from qkspectra.extract import check_options, factors_path, refuse_overwriting_inputs_of
@@ -257,7 +261,8 @@ def run(
     if functional:
         say(f"running the functional test on {model_name(model)}")
     document = analysis_document(
-        geometry, factors_path(geometry_path), groups=groups, functional_model=model if functional else None, options=options
+        geometry, factors_path(geometry_path), groups=groups, functional_model=model if functional else None,
+        options=options, map=map,
     )
     atomic_write_json(out_dir / ANALYSIS_FILE, document)
     timings["analyze_s"] = round(time.perf_counter() - clock, 3)

@@ -40,7 +40,7 @@ def output_file(text: str, option: str, example: str) -> Path:
 
 
 def _register() -> None:
-    from qkspectra.cli import analyze, extract, report, run  # noqa: F401  (each registers its commands)
+    from qkspectra.cli import analyze, extract, report, run, sweep  # noqa: F401  (each registers its commands)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from qkspectra.cli import app, fail, output_file
+from qkspectra.cli.run import Scheduler
 
 MAX_NULL_DRAWS = 100_000  # far beyond any p-value resolution a report needs; bounds the memory asked for
 
@@ -37,6 +38,7 @@ def analyze(
     ] = False,
     null_draws: Annotated[int, typer.Option(help="Draws of each null baseline (with --null).")] = 200,
     seed: Annotated[int, typer.Option(help="Seed of the null baselines and the bootstrap (with --null).")] = 0,
+    scheduler: Scheduler = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
 ) -> None:
     """Spectral-shape invariance, scalar-rescale fit to an anchor layer, and cross-head similarity."""
@@ -44,6 +46,7 @@ def analyze(
     from qkspectra.analysis import analyze as run_analysis
     from qkspectra.analysis import analyze_all
     from qkspectra.bootstrap import BootstrapOptions
+    from qkspectra.cluster import fit_map
     from qkspectra.geometry import load_geometry
     from qkspectra.nulls import NullOptions
     from qkspectra.pipeline import beyond_seed, operator_sections
@@ -80,7 +83,8 @@ def analyze(
         primary = choice if isinstance(choice, str) else "index"
         analyses = {primary: run_analysis(geometry, choice, groups=groups)}
 
-    operator, rank_k, operator_missing = operator_sections(geometry, analyses)
+    with fit_map(scheduler) as layer_pairs_map:
+        operator, rank_k, operator_missing = operator_sections(geometry, analyses, map=layer_pairs_map)
     extra = beyond_seed(
         analyses, primary, nulls=null_options, bootstrap=bootstrap_options, operator=operator, operator_missing=operator_missing
     )

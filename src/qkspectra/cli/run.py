@@ -1,9 +1,12 @@
-"""``qkspectra run``: extract, analyze with every anchor, plot and report, in one folder."""
+"""``qkspectra run``: extract, analyze with every anchor, plot and report, in one folder.
+
+Its options are declared once here (the extraction's in ``cli.extract``); ``qkspectra sweep`` takes the same ones.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -21,6 +24,32 @@ from qkspectra.cli.extract import (
 )
 from qkspectra.extract.corpus import DEFAULT_MAX_TOKENS
 
+if TYPE_CHECKING:
+    from qkspectra.sweep import RunSettings
+
+Groups = Annotated[Optional[int], typer.Option(help="Number of contiguous layer groups for the group anchor (default: round(sqrt(layers))).")]
+NoFunctional = Annotated[
+    bool,
+    typer.Option(
+        "--no-functional",
+        help="Skip the functional test (the model run with reconstructed operators: loss and attention change), "
+        "the slowest part: one pass per reconstruction and anchor strategy, on at most 2048 corpus tokens.",
+    ),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages; print only the strategy table and the verdict.")]
+Scheduler = Annotated[
+    Optional[str],
+    typer.Option(help="Address of a Dask scheduler (tcp://HOST:PORT) whose workers fit the operator analysis' layer pairs "
+                 "(the same numbers as here)."),
+]
+
+
+def run_settings(*, groups: int | None, no_functional: bool, quiet: bool, **extract) -> RunSettings:
+    """The library's settings of a run from the command line's options (the extraction's in ``extract``)."""
+    from qkspectra.sweep import RunSettings
+
+    return RunSettings(extract_options(quiet=quiet, **extract), groups, not no_functional)
+
 
 @app.command()
 def run(
@@ -35,29 +64,26 @@ def run(
     window_per_line: WindowPerLine = False,
     static_only: StaticOnly = False,
     batch_size: BatchSize = None,
-    groups: Annotated[Optional[int], typer.Option(help="Number of contiguous layer groups for the group anchor (default: round(sqrt(layers))).")] = None,
-    no_functional: Annotated[
-        bool,
-        typer.Option(
-            "--no-functional",
-            help="Skip the functional test (the model run with reconstructed operators: loss and attention change), "
-            "the slowest part: one pass per reconstruction and anchor strategy, on at most 2048 corpus tokens.",
-        ),
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages; print only the strategy table and the verdict.")] = False,
+    groups: Groups = None,
+    no_functional: NoFunctional = False,
+    scheduler: Scheduler = None,
+    quiet: Quiet = False,
 ) -> None:
     """Extract (reusing a cached extraction of the same model and options), analyze with every anchor
     strategy, and write geometry.json, analysis.json, plots/*.png, report.html and report.md."""
+    from qkspectra.cluster import fit_map
     from qkspectra.report import render_summary
     from qkspectra.runner import default_out_dir
     from qkspectra.runner import run as run_all
 
-    options = extract_options(no_fold_ln=no_fold_ln, static_only=static_only, corpus=corpus,
-                              window_per_line=window_per_line, seq_len=seq_len, max_tokens=max_tokens,
-                              batch_size=batch_size, quiet=quiet)
+    settings = run_settings(no_fold_ln=no_fold_ln, static_only=static_only, corpus=corpus, window_per_line=window_per_line,
+                            seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, quiet=quiet, groups=groups,
+                            no_functional=no_functional)
     out_dir = default_out_dir(model) if out is None else out
     say = (lambda _: None) if quiet else (lambda line: typer.echo(f"qkspectra: {line}", err=True))
-    result = run_all(model, out_dir, options=options, groups=groups, functional=not no_functional, say=say)
+    with fit_map(scheduler) as layer_pairs_map:
+        result = run_all(model, out_dir, options=settings.options, groups=settings.groups, functional=settings.functional,
+                         map=layer_pairs_map, say=say)
     typer.echo(render_summary(result.document), nl=False)
     for note in result.report.notes:
         say(note)

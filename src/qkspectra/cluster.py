@@ -1,0 +1,110 @@
+"""The Dask distributed side of qkspectra: one place that knows about schedulers and workers.
+
+``connect(scheduler, workers)`` gives a ``distributed.Client``: on an existing cluster at
+``scheduler`` (``tcp://HOST:PORT``, started with ``dask scheduler`` / ``dask worker``,
+dask-jobqueue or Kubernetes), or, without one, on a local cluster of ``workers`` processes
+of one thread each, bound to the loopback interface and closed on leaving. A scheduler that
+cannot be reached within Dask's connect timeout (``distributed.comm.timeouts.connect``,
+30 s by default) is a ``QkspectraError``.
+
+``cluster_map(client)`` is a drop-in for the builtin ``map`` over a function and one
+iterable, with each call a task on the cluster (results in order). The maths modules take
+such a callable (``operator.OperatorFitter(map=...)``) and never import Dask.
+
+Needs the ``cluster`` extra (``dask[distributed]``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from qkspectra.errors import QkspectraError
+
+
+def require_distributed():
+    try:
+        import distributed
+    except ImportError:
+        raise QkspectraError("a Dask cluster needs dask.distributed (pip install 'qkspectra[cluster]')") from None
+    return distributed
+
+
+def default_workers() -> int:
+    """One worker process per core this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def connect(scheduler: str | None = None, workers: int | None = None) -> Iterator[Any]:
+    """A ``distributed.Client`` on ``scheduler``, or on a local cluster of ``workers`` processes (default: one per core)."""
+    distributed = require_distributed()
+    if scheduler is not None:
+        if workers is not None:
+            raise QkspectraError("--workers sizes a local cluster; with --scheduler the cluster's own workers run the tasks")
+        try:
+            client = distributed.Client(scheduler, set_as_default=False)
+        except (OSError, ValueError, TypeError) as e:  # unreachable (timed out), refused, or not an address
+            message = " ".join(str(e).split()) or type(e).__name__
+            raise QkspectraError(f"--scheduler {scheduler}: cannot reach a Dask scheduler there ({message})") from None
+        with client:
+            yield client
+        return
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise QkspectraError(f"--workers {workers}: must be at least 1")
+    with distributed.LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+        dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL,  # failures are recorded, not logged
+    ) as cluster, distributed.Client(cluster, set_as_default=False) as client:
+        yield client
+
+
+def describe(client: Any) -> dict[str, Any]:
+    """The engine for the record: scheduler address, workers, and the versions that ran."""
+    import dask
+    import distributed
+
+    info = client.scheduler_info()
+    return {
+        "name": "dask.distributed",
+        "scheduler": client.scheduler.address,
+        "workers": len(info.get("workers", {})),
+        "dask_version": dask.__version__,
+        "distributed_version": distributed.__version__,
+    }
+
+
+def _call(func: Callable[[Any], Any], item: Any) -> Any:
+    return func(item)
+
+
+def cluster_map(client: Any) -> Callable[[Callable[[Any], Any], Iterable[Any]], list[Any]]:
+    """``map(func, items)`` with each ``func(item)`` a task on ``client``'s cluster; results in order.
+
+    ``func`` (with what it carries, e.g. a bound method's object) is sent to the cluster once per
+    call and fetched once by each worker that needs it.
+    """
+
+    def mapped(func: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+        items = list(items)
+        if not items:
+            return []
+        remote = client.scatter(func, hash=False)
+        futures = [client.submit(_call, remote, item, pure=False) for item in items]
+        return client.gather(futures)
+
+    return mapped
+
+
+@contextlib.contextmanager
+def fit_map(scheduler: str | None) -> Iterator[Callable]:
+    """The builtin ``map`` without a scheduler; with one, ``cluster_map`` on it (connected for the block)."""
+    if scheduler is None:
+        yield map
+        return
+    with connect(scheduler) as client:
+        yield cluster_map(client)

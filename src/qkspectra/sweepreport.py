@@ -1,0 +1,253 @@
+"""The comparison report of a sweep: ``sweep.html`` (self-contained, offline), ``sweep.md`` and the plots,
+from the sweep document (``sweep.json``). Rendering only: every figure is already in the document.
+
+The page is typeset with the run report's helpers (``report``): the same style sheet, security
+policy, image check, tables and figures. The models table comes first, verdict layers first,
+each model's name linking to its own ``report.html``.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from qkspectra._io import atomic_write_bytes, atomic_write_text
+from qkspectra.report import (
+    CONTENT_SECURITY_POLICY,
+    CSS,
+    IMAGE_CHECK,
+    PLOTS_FOLDER,
+    Paragraph,
+    Plot,
+    Section,
+    Table,
+    _html_block,
+    _md_block,
+    check_writable,
+    fmt,
+)
+from qkspectra.verdict import LAYERS
+
+VERDICT_COLUMNS = ("overall", *LAYERS)
+CAPTIONS = {
+    "sweep_schedules": "Mean temperature T over heads (anchor: the last layer) against relative depth layer / (L - 1), "
+    "one line per model.",
+    "sweep_verdicts": "The layered verdict of every model: overall, then each layer (supported / partial / rejected / n/a).",
+}
+AGAINST_CAPTION = "Each key figure of the models table against the label {label}."
+SWEEP_CSS = """
+td.code-supported { background: #e8f6ec; } td.code-partial { background: #fff5e0; }
+td.code-rejected { background: #fdeceb; } td.code-n\\/a { color: #8a93a3; }
+td.failed { color: #cc3b30; font-weight: 600; }
+"""
+
+
+def _best(values: Any) -> float | None:
+    """The smallest number among ``values`` (nested dicts flattened), None when there is none."""
+    if isinstance(values, Mapping):
+        found = [_best(v) for v in values.values()]
+        found = [v for v in found if v is not None]
+        return min(found) if found else None
+    return float(values) if isinstance(values, (int, float)) and not isinstance(values, bool) else None
+
+
+# name -> how it is read from a model's key figures (sweep.key_figures)
+HEADLINE: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+    "spectral residual (last)": lambda f: f["spectral_residual"].get("last"),
+    "Gaussian null p (residual, last)": lambda f: f["null_p_values"].get("gaussian", {}).get("mean_residual.last"),
+    "shuffle null p (residual, last)": lambda f: f["null_p_values"].get("shuffle", {}).get("mean_residual.last"),
+    "operator residual (best)": lambda f: _best(f["operator_residual"]),
+    "functional change (best)": lambda f: _best(f["functional_change"]),
+    "corr(T, entropy) (last)": lambda f: f["corr_T_entropy"].get("last"),
+}
+
+
+def headline_figures(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The models table's figures of one model (None for each when it failed)."""
+    figures = record.get("figures")
+    return {name: (None if figures is None else read(figures)) for name, read in HEADLINE.items()}
+
+
+def label_columns(document: Mapping[str, Any]) -> list[str]:
+    """Every label column, in the order first seen."""
+    return list(dict.fromkeys(label for m in document["models"] for label in m["labels"]))
+
+
+def numeric_labels(document: Mapping[str, Any]) -> list[str]:
+    """The labels whose every given value is a number."""
+    return [
+        label for label in label_columns(document)
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool)
+               for v in (m["labels"].get(label) for m in document["models"]) if v is not None)
+        and any(m["labels"].get(label) is not None for m in document["models"])
+    ]
+
+
+def plot_name(label: str) -> str:
+    import re
+
+    return "sweep_against_" + (re.sub(r"[^A-Za-z0-9_-]+", "_", label).strip("_") or "label")
+
+
+def _codes(record: Mapping[str, Any]) -> list[str]:
+    if record["status"] != "ok":
+        return ["—"] * len(VERDICT_COLUMNS)
+    verdict = record["figures"]["verdict"]
+    return [verdict.get("overall") or "n/a", *(verdict["layers"].get(layer, {}).get("code") or "n/a" for layer in LAYERS)]
+
+
+def _sig(x: Any) -> str:
+    return "n/a" if x is None else format(x, ".3g") if isinstance(x, float) else fmt(x)
+
+
+def models_table(document: Mapping[str, Any]) -> Table:
+    """Models by figures: name, status, the verdict layers, the headline figures, the labels, the model."""
+    labels = label_columns(document)
+    rows = []
+    for m in document["models"]:
+        figures = headline_figures(m)
+        rows.append((m["name"], m["status"], *_codes(m), *(_sig(v) for v in figures.values()),
+                     *(fmt(m["labels"].get(label)) for label in labels), m["model"]))
+    columns = ("model name", "status", *(c.replace("_", " ") for c in VERDICT_COLUMNS), *HEADLINE, *labels, "model")
+    return Table(columns, tuple(rows))
+
+
+def sweep_sections(document: Mapping[str, Any], figures: Sequence[str]) -> list[Section]:
+    """Everything after the models table, laid out once for both pages."""
+    models = document["models"]
+    failed = [m for m in models if m["status"] != "ok"]
+    sections = []
+    against = {plot_name(label): label for label in numeric_labels(document)}
+    plots = [Plot(name, CAPTIONS.get(name) or AGAINST_CAPTION.format(label=against.get(name, name))) for name in figures]
+    if plots:
+        sections.append(Section("Plots", tuple(plots), "plots"))
+    if failed:
+        sections.append(Section("Failures", (Table(("model name", "model", "error"),
+                                                   tuple((m["name"], m["model"], m["error"] or "") for m in failed)),), "failures"))
+    timing_keys = list(dict.fromkeys(k for m in models for k in (m.get("timings") or {})))
+    timings = Table(("model name", "run", *timing_keys),
+                    tuple((m["name"], m.get("run") or "failed", *(fmt((m.get("timings") or {}).get(k), 1) for k in timing_keys))
+                          for m in models))
+    engine = document["engine"]
+    settings = [(f"option {k}", fmt(v)) for k, v in document["settings"]["options"].items()]
+    rows = [
+        ("engine", engine["name"]), ("cluster", fmt(engine.get("cluster"))), ("scheduler", engine["scheduler"]), ("workers", fmt(engine["workers"])),
+        *((f"{k} version", v) for k, v in engine["versions"].items()),
+        ("dask version", engine["dask_version"]), ("distributed version", engine["distributed_version"]),
+        ("groups", fmt(document["settings"]["groups"])), ("functional test", fmt(document["settings"]["functional"])),
+        *settings, ("started", document["started"]), ("finished", document["finished"]), ("wall time (s)", fmt(document["wall_s"], 1)),
+    ]
+    sections.append(Section("Timings (s)", (timings,), "timings"))
+    sections.append(Section("Engine and settings", (Table(("", ""), tuple(rows)),), "engine"))
+    return sections
+
+
+def describe_sweep(document: Mapping[str, Any]) -> str:
+    models = document["models"]
+    ok = sum(m["status"] == "ok" for m in models)
+    engine = document["engine"]
+    where = "a local cluster" if engine.get("cluster") == "local" else engine["scheduler"]
+    return (f"{len(models)} models, {ok} ok, {len(models) - ok} failed; {engine['workers']} workers "
+            f"({where}); qkspectra {document['qkspectra_version']}")
+
+
+def _e(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+def _models_html(document: Mapping[str, Any], table: Table) -> str:
+    """The models table, each name linking to the model's report.html, each verdict cell coloured by its code."""
+    code_columns = range(2, 2 + len(VERDICT_COLUMNS))
+    head = "".join(f"<th>{_e(c)}</th>" for c in table.columns)
+    body = []
+    for m, row in zip(document["models"], table.rows):
+        cells = []
+        for i, cell in enumerate(row):
+            if i == 0 and m["status"] == "ok":
+                cells.append(f'<td><a href="{_e(m["run_dir"])}/report.html">{_e(cell)}</a></td>')
+            elif i in code_columns:
+                cells.append(f'<td class="code-{_e(cell)}">{_e(cell)}</td>')
+            elif i == 1 and cell != "ok":
+                cells.append(f'<td class="failed">{_e(cell)}</td>')
+            else:
+                cells.append(f'<td class="text">{_e(cell)}</td>' if i == len(row) - 1 else f"<td>{_e(cell)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<div class="table-wrap"><table id="models"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+
+
+def render_sweep_html(document: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
+    """sweep.html: one self-contained page (inline CSS, images as data URIs, no network request)."""
+    sections = sweep_sections(document, list(images))
+    title = "qkspectra sweep"
+    nav = '<a href="#models">Models</a>' + "".join(f'<a href="#{_e(s.anchor)}">{_e(s.title)}</a>' for s in sections)
+    models = f'<section id="models-section"><h2>Models</h2>\n{_models_html(document, models_table(document))}</section>'
+    body = "\n".join(
+        f'<section id="{_e(s.anchor)}"><h2>{_e(s.title)}</h2>\n' + "\n".join(_html_block(b, images) for b in s.blocks) + "</section>"
+        for s in sections
+    )
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f'<meta http-equiv="Content-Security-Policy" content="{CONTENT_SECURITY_POLICY}">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{_e(title)}</title>\n<style>{CSS}{SWEEP_CSS}</style>\n<script>{IMAGE_CHECK}</script>\n</head>\n"
+        f'<body>\n<main>\n<h1>{_e(title)}</h1>\n<p class="subtitle">{_e(describe_sweep(document))}</p>\n'
+        f"<nav>{nav}</nav>\n{models}\n{body}\n</main>\n</body>\n</html>\n"
+    )
+
+
+def render_sweep_markdown(document: Mapping[str, Any], figures: Sequence[str]) -> str:
+    """sweep.md: the same tables and numbers; names link to each model's report.md, images are plots/NAME.png."""
+    table = models_table(document)
+    linked = tuple(
+        ((f"[{row[0]}]({m['run_dir']}/report.md)" if m["status"] == "ok" else row[0]), *row[1:])
+        for m, row in zip(document["models"], table.rows)
+    )
+    out = ["# qkspectra sweep", "", describe_sweep(document), "", "## Models", "",
+           _md_block(Table(table.columns, linked))]
+    for s in sweep_sections(document, figures):
+        out += ["", f"## {s.title}"]
+        for block in s.blocks:
+            out += ["", _md_block(block)]
+    return "\n".join(out) + "\n"
+
+
+def render_sweep_summary(document: Mapping[str, Any]) -> str:
+    """Terminal text after a sweep: name, status, verdict layers and the headline figures, one line per model."""
+    table = models_table(document)
+    keep = 2 + len(VERDICT_COLUMNS) + len(HEADLINE)
+    rows = [r[:keep] for r in table.rows]
+    columns = table.columns[:keep]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def sweep_paths(out_dir: Path) -> list[Path]:
+    """The sweep's own files in out_dir (the plots of numeric labels besides)."""
+    return [out_dir / "sweep.json", out_dir / "sweep.html", out_dir / "sweep.md",
+            *(out_dir / PLOTS_FOLDER / f"{name}.png" for name in CAPTIONS)]
+
+
+def check_sweep_outputs(out_dir: Path) -> None:
+    """QkspectraError, before anything runs, if a folder or a file stands where a sweep file must go."""
+    check_writable(sweep_paths(out_dir))
+
+
+def write_sweep_report(document: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """out_dir/plots/sweep_*.png, out_dir/sweep.html and out_dir/sweep.md, each written atomically; name -> path."""
+    from qkspectra.plots import png_bytes
+    from qkspectra.sweepplots import sweep_figures
+
+    out_dir = Path(out_dir)
+    scalars = {m["name"]: headline_figures(m) for m in document["models"]}
+    figures = sweep_figures(document, scalars, numeric_labels(document), title=describe_sweep(document), plot_name=plot_name)
+    images = {name: png_bytes(fig) for name, fig in figures.items()}
+    page, markdown = render_sweep_html(document, images), render_sweep_markdown(document, list(images))
+    paths = {name: atomic_write_bytes(out_dir / PLOTS_FOLDER / f"{name}.png", png) for name, png in images.items()}
+    paths["html"] = atomic_write_text(out_dir / "sweep.html", page)
+    paths["markdown"] = atomic_write_text(out_dir / "sweep.md", markdown)
+    return paths
