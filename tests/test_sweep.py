@@ -185,8 +185,12 @@ def test_sweep_json_holds_the_key_figures(sweeps):
     analysis = orjson.loads((result.out_dir / "step2" / "analysis.json").read_bytes())
     figures = step2["figures"]
     assert figures["verdict"]["layers"]["operator"] == analysis["verdict"]["layers"]["operator"]
-    assert figures["spectral_residual"]["group"] == analysis["strategies"]["group"]["rescale"]["mean_residual"]
-    assert figures["operator_residual"]["last"]["same_head"] == analysis["operator"]["last"]["mean_residual"]
+    assert figures["spectral_residual"]["group"] == analysis["strategies"]["group"]["rescale"]["mean_residual_fitted"]
+    assert figures["spectral_residual_all_layers"]["group"] == analysis["strategies"]["group"]["rescale"]["mean_residual"]
+    assert figures["operator_residual"]["last"]["same_head"] == analysis["operator"]["last"]["mean_residual_fitted"]
+    single = [analysis["operator"][name][key] for name in ("last", "middle", "best")
+              for key in ("mean_residual_fitted", "matched_mean_residual_fitted")]
+    assert figures["operator_residual_best"] == min(single)  # group (more anchors) never chosen
     assert figures["null_p_values"]["shuffle"]["mean_residual.last"] == analysis["null"]["shuffle"]["figures"]["mean_residual.last"]["p_value"]
     assert len(figures["schedule"]["mean_T"]) == 2 and step2["labels"] == {"step": 20}
     assert {"python", "numpy", "qkspectra", "torch"} <= result.document["engine"]["versions"].keys()

@@ -163,21 +163,31 @@ def sweep_models(models: Sequence[str] = (), models_file: str | os.PathLike | No
 # ----------------------------------------------------------------------------
 
 
+def _lowest(values: list[Any]) -> float | None:
+    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return min(numbers) if numbers else None
+
+
 def key_figures(document: Mapping[str, Any]) -> dict[str, Any]:
     """What the comparison shows of one ``analysis.json``.
 
     verdict: the seed's code, the overall code and each layer's code and evidence;
-    spectral_residual, corr_T_entropy: per anchor strategy; null_p_values: per null, per figure;
-    operator_residual: per strategy, same head and matched head; functional_change: per strategy,
-    the change of the operator reconstruction (``verdict.functional_change``);
+    spectral_residual (over each strategy's fitted layers), spectral_residual_all_layers (the
+    seed's mean), anchor_layers, corr_T_entropy: per anchor strategy; null_p_values: per null, per
+    figure; operator_residual: per strategy, same head and matched head, over the fitted layers;
+    functional_change: per strategy, the change of the operator reconstruction
+    (``verdict.functional_change``); operator_residual_best, functional_change_best: the lowest
+    among the strategies the verdict chooses from (``verdict.eligible_strategies``);
     schedule: the mean T over heads per layer, with the seed's (last) anchor. None where absent.
     """
-    from qkspectra.verdict import functional_change
+    from qkspectra.verdict import eligible_strategies, functional_change
 
     per = dict(document["strategies"]) if "strategies" in document else {document["anchor"]["strategy"]: document}
     verdict = document["verdict"]
     nulls = document.get("null") or {}
     functional = document.get("functional") or {}
+    replaced = {name: entry for name, entry in functional.items() if isinstance(entry, Mapping) and "operator" in entry}
+    operator = {name: entry for name, entry in (document.get("operator") or {}).items() if isinstance(entry, Mapping)}
     T = document["rescale"]["T"]  # (L, H)
     return {
         "num_layers": len(T),
@@ -188,19 +198,25 @@ def key_figures(document: Mapping[str, Any]) -> dict[str, Any]:
             "layers": {name: {"code": layer.get("code"), "evidence": layer.get("evidence")}
                        for name, layer in (verdict.get("layers") or {}).items()},
         },
-        "spectral_residual": {name: s["rescale"]["mean_residual"] for name, s in per.items()},
+        "spectral_residual": {name: s["rescale"].get("mean_residual_fitted") for name, s in per.items()},
+        "spectral_residual_all_layers": {name: s["rescale"]["mean_residual"] for name, s in per.items()},
+        "anchor_layers": {name: s["anchor"].get("num_anchor_layers") for name, s in per.items()},
         "null_p_values": {
             name: {figure: values.get("p_value") for figure, values in (entry.get("figures") or {}).items()}
             for name, entry in nulls.items() if isinstance(entry, Mapping) and entry.get("available")
         },
         "operator_residual": {
-            name: {"same_head": entry.get("mean_residual"), "matched_head": entry.get("matched_mean_residual")}
-            for name, entry in (document.get("operator") or {}).items()
+            name: {"same_head": entry.get("mean_residual_fitted"), "matched_head": entry.get("matched_mean_residual_fitted")}
+            for name, entry in operator.items()
         },
-        "functional_change": {
-            name: functional_change(entry.get("operator"))
-            for name, entry in functional.items() if isinstance(entry, Mapping) and "operator" in entry
-        },
+        "functional_change": {name: functional_change(entry.get("operator")) for name, entry in replaced.items()},
+        "operator_residual_best": _lowest(
+            [entry.get(key) for entry in eligible_strategies(operator).values()
+             for key in ("mean_residual_fitted", "matched_mean_residual_fitted")]
+        ),
+        "functional_change_best": _lowest(
+            [functional_change(entry.get("operator")) for entry in eligible_strategies(replaced, "replaced_layers").values()]
+        ),
         "corr_T_entropy": {name: s["entropy"]["corr_T_entropy"] for name, s in per.items()},
         "schedule": {
             "anchor": document["anchor"]["strategy"],

@@ -44,22 +44,13 @@ td.failed { color: #cc3b30; font-weight: 600; }
 """
 
 
-def _best(values: Any) -> float | None:
-    """The smallest number among ``values`` (nested dicts flattened), None when there is none."""
-    if isinstance(values, Mapping):
-        found = [_best(v) for v in values.values()]
-        found = [v for v in found if v is not None]
-        return min(found) if found else None
-    return float(values) if isinstance(values, (int, float)) and not isinstance(values, bool) else None
-
-
 # name -> how it is read from a model's key figures (sweep.key_figures)
 HEADLINE: dict[str, Callable[[Mapping[str, Any]], Any]] = {
-    "spectral residual (last)": lambda f: f["spectral_residual"].get("last"),
-    "Gaussian null p (residual, last)": lambda f: f["null_p_values"].get("gaussian", {}).get("mean_residual.last"),
-    "shuffle null p (residual, last)": lambda f: f["null_p_values"].get("shuffle", {}).get("mean_residual.last"),
-    "operator residual (best)": lambda f: _best(f["operator_residual"]),
-    "functional change (best)": lambda f: _best(f["functional_change"]),
+    "spectral residual (last, fitted layers)": lambda f: f["spectral_residual"].get("last"),
+    "Gaussian null p (residual, last)": lambda f: f["null_p_values"].get("gaussian", {}).get("mean_residual_fitted.last"),
+    "shuffle null p (residual, last)": lambda f: f["null_p_values"].get("shuffle", {}).get("mean_residual_fitted.last"),
+    "operator residual (best, fitted layers)": lambda f: f["operator_residual_best"],
+    "functional change (best)": lambda f: f["functional_change_best"],
     "corr(T, entropy) (last)": lambda f: f["corr_T_entropy"].get("last"),
 }
 
