@@ -88,7 +88,11 @@ def model_layers(model: nn.Module) -> tuple[AttentionAdapter, list[AttentionLaye
         raise QkspectraError(f"the functional test does not support {model_type}: {REFUSED_MODEL_TYPES[model_type]}")
     adapter = adapter_for(model.config)
     tensors = StateDictSource(model.state_dict())
-    return adapter, [adapter.layer(tensors, index).per_query_head() for index in range(adapter.num_layers)]
+    layers = [adapter.layer(tensors, index).per_query_head() for index in range(adapter.num_layers)]
+    if any(layer.has_qk_norm for layer in layers):
+        raise QkspectraError(f"the functional test does not support {model_type}: its query/key norms would "
+                             "renormalise any reconstruction written into its weights")
+    return adapter, layers
 
 
 def factors_of_layers(layers: list[AttentionLayer], *, fold_ln: bool) -> Factors:

@@ -119,6 +119,13 @@ def run_extraction(
                               window_per_line=options.window_per_line, max_length=model_max_length(torch_model))
         adapter.check_sequence_length(max(map(len, corpus.windows)))
 
+    qk_norm = qk_norm_metadata(adapter.layer(tensors, 0), static_only=corpus is None)
+    norm_rms = None
+    if qk_norm is not None and corpus is not None:
+        from qkspectra.extract.qk_norm import measure_norm_rms
+
+        norm_rms = measure_norm_rms(torch_model, corpus.windows, adapter, tensors, progress=progress)
+
     from tqdm.auto import tqdm
 
     with contextlib.ExitStack() as stack:
@@ -134,7 +141,7 @@ def run_extraction(
         bar = stack.enter_context(
             tqdm(total=adapter.num_layers, unit="layer", desc="static spectra", disable=not progress, leave=False))
         static = static_spectra(adapter, tensors, fold_ln=options.fold_ln, on_layer=lambda _: bar.update(),
-                                factor_sink=factor_sink)
+                                factor_sink=factor_sink, norm_rms=norm_rms)
         bar.close()
 
         geometry = {"num_layers": adapter.num_layers, "num_heads": adapter.num_heads, "static": static.rows}
@@ -142,6 +149,7 @@ def run_extraction(
             "model": source.model_id,
             "model_source": source.description,
             "model_type": adapter.model_type,
+            "adapter": adapter.describe(),
             "num_layers": adapter.num_layers,
             "num_heads": adapter.num_heads,
             "num_kv_heads": adapter.num_kv_heads,
@@ -153,6 +161,7 @@ def run_extraction(
             "qk_biases": static.qk_biases,
             "positions": adapter.describe_positions(),
             "rotary": None if adapter.rotary is None else asdict(adapter.rotary),
+            "qk_norm": qk_norm,
             "dtype": static.checkpoint_dtype,
             "computation_dtype": "float64",
             "factors_convention": FACTOR_CONVENTION,
@@ -188,6 +197,21 @@ def run_extraction(
             metadata["factors_file"] = writer.commit().name
     geometry["metadata"] = metadata
     return Extraction(geometry=geometry, factors=static.factors)
+
+
+def qk_norm_metadata(layer, *, static_only: bool) -> dict | None:
+    """How the metric of heads with query/key norms was linearised (None for models without them)."""
+    from qkspectra.extract.qk_norm import RMS_SOURCES
+
+    if not layer.has_qk_norm:
+        return None
+    norm = layer.q_norm or layer.k_norm
+    return {
+        "over": "each head" if norm.over == "head" else "the whole projection",
+        "kind": "LayerNorm" if norm.centred else "RMSNorm",
+        "metric": "s * (W_Q / r_Q) diag(g_q * g_k) (W_K / r_K)^T, r the RMS of what the norm normalises",
+        "rms": RMS_SOURCES["isotropic" if static_only else "corpus"],
+    }
 
 
 def check_options(options: ExtractOptions) -> None:

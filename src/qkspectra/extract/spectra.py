@@ -34,6 +34,7 @@ from scipy.linalg.lapack import dtrcon
 from qkspectra._threads import single_blas_thread
 from qkspectra.errors import QkspectraError
 from qkspectra.extract.factors_file import FactorSink
+from qkspectra.extract.qk_norm import NormRMS, linearise
 from qkspectra.models.adapters import AttentionAdapter, AttentionLayer
 from qkspectra.models.adapters.base import expand_kv_heads
 from qkspectra.models.tensors import TensorSource
@@ -224,8 +225,12 @@ def static_spectra(
     fold_ln: bool = True,
     on_layer: Callable[[int], None] | None = None,
     factor_sink: FactorSink | None = None,
+    norm_rms: NormRMS | None = None,
 ) -> StaticSpectra:
     """Read each layer's query/key tensors, fold norms if asked, and compute its spectra.
+
+    Heads with query/key norms are replaced by their linearised metric (``extract.qk_norm``), with
+    the typical RMS ``norm_rms`` measured on a corpus, or for isotropic unit-RMS input when None.
 
     Layers are read one at a time; only the current layer is held in float64. Each layer, as
     used for the spectra (folded if asked), goes to ``factor_sink(index, layer)`` if given (e.g.
@@ -242,6 +247,8 @@ def static_spectra(
             if index == 0:
                 qk_biases = {"query": layer.b_Q is not None, "key": layer.b_K is not None}
             norm_folded.append(fold_ln and layer.norm_gain is not None)
+            rms = None if norm_rms is None else (norm_rms.query[index], norm_rms.key[index])
+            layer = linearise(layer, rms)
             if fold_ln:
                 layer = fold_norm(layer)
             try:

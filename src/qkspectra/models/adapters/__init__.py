@@ -1,7 +1,7 @@
 """Architecture adapters, chosen by ``config.model_type`` from ``ADAPTERS``.
 
 Each adapter maps one architecture's checkpoint tensors to the common ``AttentionLayer``
-layout (see ``base``). Supported: albert, bert, gpt2, gpt_neox, llama, mistral, qwen2.
+layout (see ``base``). Supported: see ``supported_model_types()``.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ from typing import Any
 
 from qkspectra.errors import QkspectraError
 from qkspectra.models.adapters.albert import AlbertAdapter
-from qkspectra.models.adapters.base import AttentionAdapter, AttentionLayer, RotaryEmbedding
+from qkspectra.models.adapters.base import AttentionAdapter, AttentionLayer, QKNorm, RotaryEmbedding
 from qkspectra.models.adapters.bert import BertAdapter
 from qkspectra.models.adapters.gpt2 import GPT2Adapter
 from qkspectra.models.adapters.gpt_neox import GPTNeoXAdapter
 from qkspectra.models.adapters.llama import LlamaAdapter
 from qkspectra.models.adapters.mistral import MistralAdapter
+from qkspectra.models.adapters.qk_norm import Gemma3TextAdapter, Olmo2Adapter, Qwen3Adapter
 from qkspectra.models.adapters.qwen2 import Qwen2Adapter
 
 ADAPTERS: dict[str, type[AttentionAdapter]] = {
@@ -23,11 +24,14 @@ ADAPTERS: dict[str, type[AttentionAdapter]] = {
     for adapter in (
         AlbertAdapter,
         BertAdapter,
+        Gemma3TextAdapter,
         GPT2Adapter,
         GPTNeoXAdapter,
         LlamaAdapter,
         MistralAdapter,
+        Olmo2Adapter,
         Qwen2Adapter,
+        Qwen3Adapter,
     )
 }
 
@@ -51,4 +55,4 @@ def adapter_for(config: Any) -> AttentionAdapter:
     return adapter
 
 
-__all__ = ["ADAPTERS", "AttentionAdapter", "AttentionLayer", "RotaryEmbedding", "adapter_for", "supported_model_types"]
+__all__ = ["ADAPTERS", "AttentionAdapter", "AttentionLayer", "QKNorm", "RotaryEmbedding", "adapter_for", "supported_model_types"]
