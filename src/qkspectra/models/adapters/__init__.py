@@ -41,12 +41,18 @@ def supported_model_types() -> list[str]:
 
 
 def adapter_for(config: Any) -> AttentionAdapter:
-    """The adapter for ``config.model_type``; QkspectraError naming it if unsupported or misconfigured."""
+    """The adapter for ``config.model_type``; QkspectraError naming it if unsupported or misconfigured.
+
+    Model types without a hand-written adapter are read by the generic reader once it has proved
+    itself on a tiny random model of the same config class (``generic``), or refused in one line.
+    """
     model_type = getattr(config, "model_type", None)
     if model_type not in ADAPTERS:
-        raise QkspectraError(
-            f"model type {model_type!r} is not supported; supported model types: {', '.join(supported_model_types())}"
-        )
+        from qkspectra.models.adapters.generic import generic_adapter
+
+        adapter = generic_adapter(config)
+        adapter.check_dimensions()
+        return adapter
     try:
         adapter = ADAPTERS[model_type](config)
     except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:  # e.g. a head count that is a string

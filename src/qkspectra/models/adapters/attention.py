@@ -29,7 +29,12 @@ def rotate(z: torch.Tensor, rotary: RotaryEmbedding | None, positions: torch.Ten
     inv_freq = torch.from_numpy(inverse_frequencies(rotary)).to(z)  # (half,)
     angles = positions.to(z.dtype)[:, None, :, None] * inv_freq  # (B, 1, T, half)
     cos, sin = angles.cos(), angles.sin()
-    first, second, rest = z[..., :half], z[..., half:2 * half], z[..., 2 * half:]
+    rotated, rest = z[..., :2 * half], z[..., 2 * half:]
+    if rotary.interleaved:
+        first, second = rotated[..., 0::2], rotated[..., 1::2]  # (B, H, T, half) each
+        turned = torch.stack([first * cos - second * sin, second * cos + first * sin], dim=-1).flatten(-2)
+        return torch.cat([turned, rest], dim=-1)
+    first, second = rotated[..., :half], rotated[..., half:]
     return torch.cat([first * cos - second * sin, second * cos + first * sin, rest], dim=-1)
 
 

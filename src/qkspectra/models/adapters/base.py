@@ -37,12 +37,14 @@ class RotaryEmbedding:
 
     The first ``rotary_dim`` coordinates of each head are rotated; coordinate i < rotary_dim/2 is
     paired with i + rotary_dim/2 and turned by the angle position * base ** (-2 i / rotary_dim)
-    (``rope_type`` other than "default" rescales these frequencies, never the logit).
+    (``rope_type`` other than "default" rescales these frequencies, never the logit). With
+    ``interleaved``, coordinate 2i is paired with 2i + 1 instead.
     """
 
     rotary_dim: int
     base: float
     rope_type: str
+    interleaved: bool = False  # pairs (2i, 2i + 1) instead of (i, i + rotary_dim/2) (Cohere, GLM, Helium)
 
 
 @dataclass(frozen=True, eq=False)
