@@ -193,6 +193,8 @@ def run_extraction(
                 num_windows=stats.num_windows,
                 num_tokens=stats.num_tokens,
             )
+        if static.norm_rms is not None:
+            metadata["qk_norm"].update(rms_query=static.norm_rms.query.tolist(), rms_key=static.norm_rms.key.tolist())
         if writer is not None:
             metadata["factors_file"] = writer.commit().name
     geometry["metadata"] = metadata
@@ -211,6 +213,7 @@ def qk_norm_metadata(layer, *, static_only: bool) -> dict | None:
         "kind": "LayerNorm" if norm.centred else "RMSNorm",
         "metric": "s * (W_Q / r_Q) diag(g_q * g_k) (W_K / r_K)^T, r the RMS of what the norm normalises",
         "rms": RMS_SOURCES["isotropic" if static_only else "corpus"],
+        # rms_query (L, H) and rms_key (L, H_kv): the values used, added after the static pass
     }
 
 

@@ -73,23 +73,36 @@ def _linearised(W: np.ndarray, b: np.ndarray | None, norm: QKNorm | None,
     return W, b
 
 
-def linearise(layer: AttentionLayer, rms: tuple[np.ndarray, np.ndarray] | None = None) -> AttentionLayer:
+def isotropic_layer_rms(layer: AttentionLayer) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(query (H,), key (H_kv,)) typical RMS before the q/k norms for isotropic unit-RMS input x_hat,
+    with the input norm's gain folded whether or not ``layer`` is folded; None for a side without a norm."""
+    from qkspectra.extract.spectra import fold_norm
+
+    seen = fold_norm(layer)
+    return (None if layer.q_norm is None else isotropic_rms(seen.W_Q, seen.b_Q, layer.q_norm),
+            None if layer.k_norm is None else isotropic_rms(seen.W_K, seen.b_K, layer.k_norm))
+
+
+def linearise(layer: AttentionLayer, rms: tuple[np.ndarray | None, np.ndarray | None] | None = None) -> AttentionLayer:
     """The layer with its q/k norms replaced by their linearisation (a layer without them is returned as is).
 
-    rms: (query (H,), key (H_kv,)) typical RMS before the norms; None: for isotropic unit-RMS input,
-    computed with the input norm's gain folded whether or not ``layer`` is folded.
+    rms: (query (H,), key (H_kv,)) typical RMS before the norms; None: ``isotropic_layer_rms``.
     """
     if not layer.has_qk_norm:
         return layer
-    if rms is None:
-        from qkspectra.extract.spectra import fold_norm
-
-        seen = fold_norm(layer)
-        rms = (None if layer.q_norm is None else isotropic_rms(seen.W_Q, seen.b_Q, layer.q_norm),
-               None if layer.k_norm is None else isotropic_rms(seen.W_K, seen.b_K, layer.k_norm))
+    rms = isotropic_layer_rms(layer) if rms is None else rms
     W_Q, b_Q = _linearised(layer.W_Q, layer.b_Q, layer.q_norm, rms[0])
     W_K, b_K = _linearised(layer.W_K, layer.b_K, layer.k_norm, rms[1])
     return replace(layer, W_Q=W_Q, W_K=W_K, b_Q=b_Q, b_K=b_K, q_norm=None, k_norm=None)
+
+
+def delinearise(W: np.ndarray, b: np.ndarray | None, norm: QKNorm | None,
+                rms: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Weights W (heads, d_model, d_head) and bias that the norm turns into the linearised W, b (RMSNorm only)."""
+    if norm is None:
+        return W, b
+    factor = rms[:, None] / norm.gain  # (heads, d_head)
+    return W * factor[:, None, :], None if b is None else b * factor
 
 
 def measure_norm_rms(model, windows: list[list[int]], adapter, tensors, *, progress: bool = False) -> NormRMS:
