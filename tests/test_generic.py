@@ -18,35 +18,33 @@ from qkspectra.extract.spectra import static_spectra
 from qkspectra.models.adapters import ADAPTERS, adapter_for
 from qkspectra.models.adapters.attention import attention_probabilities
 from qkspectra.models.adapters.generic import generic_adapter
+from qkspectra.models.supported import VERIFIED_GENERIC_TYPES, replace_readme_section
 from qkspectra.models.tensors import StateDictSource
 
 TINY = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=32,
             vocab_size=96, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64)
 SEQ_LEN = 10
 
-# model type -> (extra config options, what the case covers)
+# model type -> extra config options; what each covers is in VERIFIED_GENERIC_TYPES (the README's list)
 GENERIC_CASES = {
-    "olmoe": ({"num_experts": 4, "num_experts_per_tok": 2}, "q/k norm over the whole projection, mixture of experts"),
-    "qwen3_moe": ({"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "head_dim": 12},
-                  "per-head q/k norm, mixture of experts"),
-    "exaone4": ({"head_dim": 12}, "per-head q/k norm, post-norm block (nothing to fold)"),
-    "gemma": ({"head_dim": 12}, "(1 + w) norm gains"),
-    "granite": ({"attention_multiplier": 1.0}, "no logit scale at all (attention_multiplier 1)"),
-    "phi": ({"partial_rotary_factor": 0.5}, "partial rotary, LayerNorm with bias, q/k biases"),
-    "stablelm": ({"partial_rotary_factor": 0.5, "use_qkv_bias": True}, "partial rotary, q/k biases"),
-    "glm": ({"head_dim": 12, "partial_rotary_factor": 0.5}, "partial interleaved rotary, q/k biases"),
-    "cohere": ({}, "interleaved rotary, LayerNorm without bias, parallel block"),
-    "helium": ({"head_dim": 12}, "interleaved rotary"),
-    "starcoder2": ({"sliding_window": 4}, "sliding window, LayerNorm, q/k biases"),
-    "mixtral": ({"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 4},
-                "mixture of experts, sliding window"),
-    "qwen2_moe": ({"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
-                   "shared_expert_intermediate_size": 16}, "mixture of experts with a shared expert, q/k biases"),
-    "smollm3": ({}, "Llama layout"),
-    "seed_oss": ({"head_dim": 12, "attention_bias": True}, "q/k biases"),
-    "arcee": ({}, "Llama layout with another MLP"),
-    "granitemoe": ({"num_local_experts": 4, "num_experts_per_tok": 2, "attention_multiplier": 0.3},
-                   "mixture of experts, logit scale 0.3"),
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "head_dim": 12},
+    "exaone4": {"head_dim": 12},
+    "gemma": {"head_dim": 12},
+    "granite": {"attention_multiplier": 1.0},
+    "phi": {"partial_rotary_factor": 0.5},
+    "stablelm": {"partial_rotary_factor": 0.5, "use_qkv_bias": True},
+    "glm": {"head_dim": 12, "partial_rotary_factor": 0.5},
+    "cohere": {},
+    "helium": {"head_dim": 12},
+    "starcoder2": {"sliding_window": 4},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 4},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+                  "shared_expert_intermediate_size": 16},
+    "smollm3": {},
+    "seed_oss": {"head_dim": 12, "attention_bias": True},
+    "arcee": {},
+    "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "attention_multiplier": 0.3},
 }
 
 
@@ -83,7 +81,7 @@ def assert_reproduces_own_attention(model, adapter):
 @pytest.mark.parametrize("model_type", list(GENERIC_CASES))
 def test_generic_reader_proves_itself_and_reads_the_checkpoint(model_type):
     assert model_type not in ADAPTERS
-    model = tiny_checkpoint(model_type, **GENERIC_CASES[model_type][0])
+    model = tiny_checkpoint(model_type, **GENERIC_CASES[model_type])
     adapter = adapter_for(model.config)
     assert adapter.describe() == f"generic, verified on a tiny {model_type}"
     assert_reproduces_own_attention(model, adapter)
@@ -94,7 +92,7 @@ def test_generic_reader_proves_itself_and_reads_the_checkpoint(model_type):
 def test_the_cases_cover_the_attention_options_the_issue_names():
     layers = {}
     for model_type in ("olmoe", "qwen3_moe", "granitemoe", "granite", "phi"):
-        model = tiny_checkpoint(model_type, **GENERIC_CASES[model_type][0])
+        model = tiny_checkpoint(model_type, **GENERIC_CASES[model_type])
         adapter = adapter_for(model.config)
         layers[model_type] = adapter.layer(StateDictSource(model.state_dict()), 0)
     assert layers["olmoe"].q_norm.over == "projection" and layers["qwen3_moe"].q_norm.over == "head"
@@ -136,3 +134,11 @@ def test_a_layout_it_cannot_see_is_refused_naming_what_failed():
     config = CONFIG_MAPPING["gpt_bigcode"](n_embd=32, n_layer=2, n_head=4, vocab_size=96)
     with pytest.raises(QkspectraError, match="model type 'gpt_bigcode' cannot be read: .*no separate query and key"):
         adapter_for(config)
+
+
+def test_the_readme_lists_the_registry_and_these_verified_types():
+    from pathlib import Path
+
+    assert set(GENERIC_CASES) == set(VERIFIED_GENERIC_TYPES)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert readme == replace_readme_section(readme), "run scripts/update_readme_models.py"
