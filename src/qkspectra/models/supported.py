@@ -33,7 +33,7 @@ VERIFIED_GENERIC_TYPES: dict[str, str] = {
 # What the generic reader refuses, judged from the config and the attention class (tested).
 REFUSED = ("soft-capped logits (gemma2's attn_logit_softcapping)", "ALiBi (bloom, mpt, falcon with alibi)",
            "relative-position terms (t5, deberta)", "learned attention sinks (gpt_oss)",
-           "fused query/key projections the reader cannot see (gpt_bigcode, ...)")
+           "fused query/key projections without a hand-written adapter (codegen, ...)")
 
 README_START = "<!-- supported-model-types:start (scripts/update_readme_models.py) -->"
 README_END = "<!-- supported-model-types:end -->"

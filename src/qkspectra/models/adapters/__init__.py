@@ -12,6 +12,16 @@ from qkspectra.errors import QkspectraError
 from qkspectra.models.adapters.albert import AlbertAdapter
 from qkspectra.models.adapters.base import AttentionAdapter, AttentionLayer, QKNorm, RotaryEmbedding
 from qkspectra.models.adapters.bert import BertAdapter
+from qkspectra.models.adapters.fused import (
+    DistilBertAdapter,
+    ElectraAdapter,
+    FalconAdapter,
+    GPTBigCodeAdapter,
+    PersimmonAdapter,
+    Phi3Adapter,
+    RobertaAdapter,
+    XLMRobertaAdapter,
+)
 from qkspectra.models.adapters.gpt2 import GPT2Adapter
 from qkspectra.models.adapters.gpt_neox import GPTNeoXAdapter
 from qkspectra.models.adapters.llama import LlamaAdapter
@@ -24,14 +34,22 @@ ADAPTERS: dict[str, type[AttentionAdapter]] = {
     for adapter in (
         AlbertAdapter,
         BertAdapter,
+        DistilBertAdapter,
+        ElectraAdapter,
+        FalconAdapter,
         Gemma3TextAdapter,
+        GPTBigCodeAdapter,
         GPT2Adapter,
         GPTNeoXAdapter,
         LlamaAdapter,
         MistralAdapter,
         Olmo2Adapter,
+        PersimmonAdapter,
+        Phi3Adapter,
         Qwen2Adapter,
         Qwen3Adapter,
+        RobertaAdapter,
+        XLMRobertaAdapter,
     )
 }
 
