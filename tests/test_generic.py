@@ -44,6 +44,7 @@ GENERIC_CASES = {
     "smollm3": {},
     "seed_oss": {"head_dim": 12, "attention_bias": True},
     "arcee": {},
+    "apertus": {"head_dim": 12},
     "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "attention_multiplier": 0.3},
 }
 

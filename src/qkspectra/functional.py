@@ -77,7 +77,7 @@ from qkspectra.operator import Factors, OperatorFitter, check_against_geometry
 
 DEFAULT_MAX_TOKENS = 2048
 KINDS = ("spectral", "operator", "operator_rank_k")
-ENCODER_MODEL_TYPES = ("bert",)
+ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert")
 REFUSED_MODEL_TYPES = {"albert": "its layers share one set of weights, which cannot hold per-layer reconstructions"}
 # The original model's attention maps are kept (float32) to compare every reconstruction with.
 REFERENCE_MAP_BUDGET = 4 * 2**30
@@ -284,6 +284,10 @@ def _write_gpt_neox(params: _Parameters, index: int, W_Q, W_K, b_Q, b_K) -> None
 
 WRITERS: dict[str, Callable] = {
     "bert": _write_bert,
+    "roberta": _write_bert,
+    "xlm-roberta": _write_bert,
+    "electra": _write_bert,
+    "distilbert": _separate_projections("transformer.layer.{index}.attention", "q_lin", "k_lin"),
     "gpt2": _write_gpt2,
     "gpt_neox": _write_gpt_neox,
     "llama": _write_llama,

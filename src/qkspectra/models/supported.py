@@ -11,6 +11,7 @@ from __future__ import annotations
 
 # model type -> what its test covers
 VERIFIED_GENERIC_TYPES: dict[str, str] = {
+    "apertus": "per-head q/k norm, llama3 rope frequencies, its input norm named attention_layernorm",
     "arcee": "Llama layout with another MLP",
     "cohere": "interleaved rotary, LayerNorm without bias, parallel block",
     "exaone4": "per-head q/k norm, post-norm block (nothing to fold)",

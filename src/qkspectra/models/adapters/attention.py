@@ -17,7 +17,9 @@ from qkspectra.models.adapters.base import AttentionLayer, QKNorm, RotaryEmbeddi
 
 
 def inverse_frequencies(rotary: RotaryEmbedding) -> np.ndarray:
-    """(rotary_dim // 2,) angle per position of each rotated pair (default rotary frequencies)."""
+    """(rotary_dim // 2,) angle per position of each rotated pair."""
+    if rotary.inv_freq is not None:
+        return np.asarray(rotary.inv_freq, dtype=np.float64)
     return rotary.base ** (-np.arange(0, rotary.rotary_dim, 2, dtype=np.float64) / rotary.rotary_dim)
 
 

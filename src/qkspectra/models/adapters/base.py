@@ -38,13 +38,16 @@ class RotaryEmbedding:
     The first ``rotary_dim`` coordinates of each head are rotated; coordinate i < rotary_dim/2 is
     paired with i + rotary_dim/2 and turned by the angle position * base ** (-2 i / rotary_dim)
     (``rope_type`` other than "default" rescales these frequencies, never the logit). With
-    ``interleaved``, coordinate 2i is paired with 2i + 1 instead.
+    ``interleaved``, coordinate 2i is paired with 2i + 1 instead. ``inv_freq`` holds the
+    frequencies themselves where ``rope_type`` rescales them (computed by transformers' own rope
+    functions from the config).
     """
 
     rotary_dim: int
     base: float
     rope_type: str
     interleaved: bool = False  # pairs (2i, 2i + 1) instead of (i, i + rotary_dim/2) (Cohere, GLM, Helium)
+    inv_freq: tuple[float, ...] | None = None  # the pairs' frequencies where rope_type rescales them (linear, llama3)
 
 
 @dataclass(frozen=True, eq=False)
@@ -227,7 +230,14 @@ def rotary_from_config(config: Any, head_dim: int, layer_type: str | None = None
             "the logits and is not modelled by qkspectra"
         )
     rotary_dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
-    return RotaryEmbedding(rotary_dim=rotary_dim, base=float(params["rope_theta"]), rope_type=rope_type)
+    inv_freq = None
+    if rope_type in ("linear", "llama3"):  # "dynamic" changes nothing within the position table
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        frequencies, _ = ROPE_INIT_FUNCTIONS[rope_type](config, None, layer_type=layer_type)
+        inv_freq = tuple(float(f) for f in frequencies)
+    return RotaryEmbedding(rotary_dim=rotary_dim, base=float(params["rope_theta"]), rope_type=rope_type,
+                           inv_freq=inv_freq)
 
 
 def qk_norm_from_tensors(gain: np.ndarray, bias: np.ndarray | None, num_heads: int, *, eps: float,
