@@ -36,7 +36,6 @@ from qkspectra.models.adapters.base import (
     AttentionAdapter,
     AttentionLayer,
     QKNorm,
-    RotaryEmbedding,
     heads_from_bias,
     heads_from_linear,
     qk_norm_from_tensors,
@@ -455,8 +454,9 @@ def _input_norm(model: Any, layout: Layout, attention_inputs: list, outputs: dic
     return None
 
 
-def _learn_and_verify(config: Any) -> tuple[Layout, NormRecipe | None, NormRecipe | None, NormRecipe | None] | str:
-    """Build the tiny model, learn the norm recipes from it, and check the reproduction; a line if anything fails."""
+def _learn_and_verify(config: Any) -> tuple | str:
+    """Build the tiny model, learn from it the norm recipes (input, query, key) and the rotary pairing, and check
+    the reproduction: (layout, input norm, query norm, key norm, interleaved), or a line saying what failed."""
     import torch
     from transformers import AutoModel
 
@@ -589,4 +589,4 @@ def _quiet_torch():
         yield
 
 
-__all__ = ["GenericAdapter", "RotaryEmbedding", "generic_adapter", "tiny_config"]
+__all__ = ["GenericAdapter", "generic_adapter", "tiny_config"]
