@@ -188,3 +188,13 @@ def test_sdpa_model_is_refused(lines_corpus):
     model = transformers.AutoModel.from_config(config, attn_implementation="sdpa")
     with pytest.raises(QkspectraError, match="eager"):
         attention_entropy(model, lines_corpus, progress=False)
+
+
+def test_batches_never_pad_a_window_by_a_sliding_window_or_more():
+    from qkspectra.extract.entropy import split_for_sliding_window, window_batches
+
+    windows = [[1] * n for n in (12, 11, 7, 6, 2)]
+    batches = window_batches(windows, num_heads=2, batch_size=5)
+    assert batches == [[0, 1, 2, 3, 4]]
+    assert split_for_sliding_window(windows, batches, 5) == [[0, 1], [2, 3], [4]]  # 12 - 7 and 7 - 2 are 5
+    assert split_for_sliding_window(windows, batches, None) == batches

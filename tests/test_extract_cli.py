@@ -141,7 +141,7 @@ ERRORS = {
     "not-a-gguf": (lambda p: [str(garbage_gguf(p))], "cannot read GGUF file"),
     "truncated-gguf": (lambda p: [str(truncated_gguf(p))], "cannot read GGUF file"),
     "truncated-shard": (lambda p: [str(truncated_shard_folder(p)), "--max-tokens", "64"], "cannot load the weights"),
-    "unsupported-type": (lambda p: [str(config_only_folder(p, {"model_type": "t5"}))], "'t5' is not supported"),
+    "unsupported-type": (lambda p: [str(config_only_folder(p, {"model_type": "t5"}))], "model type 't5' cannot be read"),
     "empty-corpus": (lambda p: ["--corpus", str(p / "empty.txt")], "holds no text"),
     "missing-corpus": (lambda p: ["--corpus", str(p / "nope.txt")], "does not exist"),
     "seq-len-1": (lambda p: ["--seq-len", "1"], "--seq-len must be at least 2"),

@@ -69,8 +69,26 @@ def tiny_bert():
     return model
 
 
+def tiny_gemma3():
+    """Per-head q/k norms, (1 + w) gains, one key head, sliding-window and global layers."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(3)
+    config = Gemma3TextConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, hidden_size=32,
+                              head_dim=8, intermediate_size=64, vocab_size=64, sliding_window=5,
+                              query_pre_attn_scalar=8, attn_implementation="eager",
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    model = sharpen(Gemma3ForCausalLM(config).eval())
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                parameter.uniform_(-0.5, 0.5)  # gains 1 + w that the writer must divide out
+    return model
+
+
 @pytest.mark.parametrize("fold_ln", [True, False])
-@pytest.mark.parametrize("make_model", [tiny_llama, tiny_bert], ids=["llama-gqa-rope", "bert-encoder"])
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_bert, tiny_gemma3],
+                         ids=["llama-gqa-rope", "bert-encoder", "gemma3-qk-norm"])
 def test_control_changes_nothing_and_reconstructions_do(make_model, fold_ln):
     section = effects(make_model(), fold_ln)
     control = section["control"]
@@ -81,7 +99,7 @@ def test_control_changes_nothing_and_reconstructions_do(make_model, fold_ln):
     assert np.array(last["operator"]["per_head_kl"]).shape == (3, 4)
     assert last["operator"]["mean_kl"] > 1e-3  # random layers are not rescales of the last one
     assert last["operator_rank_k"]["mean_kl"] < last["operator"]["mean_kl"]
-    expected_kind = "next_token_cross_entropy" if make_model is tiny_llama else "final_hidden_cosine_distance"
+    expected_kind = "final_hidden_cosine_distance" if make_model is tiny_bert else "next_token_cross_entropy"
     assert last["operator"]["loss_kind"] == expected_kind
 
 

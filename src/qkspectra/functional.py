@@ -62,7 +62,15 @@ from torch import nn
 
 from qkspectra.analysis import TINY, Anchor, scalar_rescale
 from qkspectra.errors import QkspectraError
-from qkspectra.extract.entropy import attention_modules, entropy_from_probs, forward_inputs, pad_windows, window_batches
+from qkspectra.extract.entropy import (
+    attention_modules,
+    entropy_from_probs,
+    forward_inputs,
+    pad_windows,
+    split_for_sliding_window,
+    window_batches,
+)
+from qkspectra.extract.qk_norm import NormRMS, delinearise, isotropic_layer_rms, linearise
 from qkspectra.extract.spectra import fold_norm
 from qkspectra.geometry import Geometry
 from qkspectra.models.adapters import AttentionAdapter, AttentionLayer, adapter_for
@@ -75,7 +83,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_TOKENS = 2048
 KINDS = ("spectral", "operator", "operator_rank_k")
-ENCODER_MODEL_TYPES = ("bert",)
+ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert")
 REFUSED_MODEL_TYPES = {"albert": "its layers share one set of weights, which cannot hold per-layer reconstructions"}
 # The original model's attention maps are kept (float32) to compare every reconstruction with.
 REFERENCE_MAP_BUDGET = 4 * 2**30
@@ -94,7 +102,38 @@ def model_layers(model: nn.Module) -> tuple[AttentionAdapter, list[AttentionLaye
         raise QkspectraError(f"the functional test does not support {model_type}: {REFUSED_MODEL_TYPES[model_type]}")
     adapter = adapter_for(model.config)
     tensors = StateDictSource(model.state_dict())
-    return adapter, [adapter.layer(tensors, index).per_query_head() for index in range(adapter.num_layers)]
+    layers = [adapter.layer(tensors, index) for index in range(adapter.num_layers)]
+    for norm, grouped in ((norm, layer.kv_group_size > 1) for layer in layers for norm in (layer.q_norm, layer.k_norm)):
+        if norm is not None and (norm.centred or norm.bias is not None):
+            raise QkspectraError(f"the functional test does not support {model_type}: its query/key norms centre "
+                                 "their input, which a reconstruction cannot be written through")
+        if norm is not None and norm.over == "projection" and grouped:
+            raise QkspectraError(f"the functional test does not support {model_type}: a key norm over the whole "
+                                 "projection of grouped key heads cannot hold one key per query head")
+    return adapter, [layer.per_query_head() for layer in layers]
+
+
+def linearised_layers(layers: list[AttentionLayer], norm_rms: NormRMS | None) -> list[AttentionLayer]:
+    """Layers with q/k norms replaced by their linearised metric (``extract.qk_norm``), as the geometry has them.
+
+    norm_rms: the typical RMS the geometry's extraction used (its metadata); None: isotropic input.
+    """
+    return [linearise(layer, None if norm_rms is None else _layer_rms(norm_rms, index, layer))
+            for index, layer in enumerate(layers)]
+
+
+def _layer_rms(norm_rms: NormRMS, index: int, layer: AttentionLayer) -> tuple[np.ndarray, np.ndarray]:
+    """(query (H,), key (H,)) RMS of layer ``index``, key heads repeated for the query heads that share them."""
+    key = norm_rms.key[index]
+    return norm_rms.query[index], np.repeat(key, layer.W_Q.shape[0] // key.shape[0])
+
+
+def geometry_norm_rms(geometry: Geometry) -> NormRMS | None:
+    """The q/k norm RMS recorded in the geometry's metadata, or None."""
+    qk_norm = geometry.metadata.get("qk_norm") or {}
+    if "rms_query" not in qk_norm:
+        return None
+    return NormRMS(query=np.asarray(qk_norm["rms_query"], dtype=float), key=np.asarray(qk_norm["rms_key"], dtype=float))
 
 
 def factors_of_layers(layers: list[AttentionLayer], *, fold_ln: bool) -> Factors:
@@ -112,7 +151,7 @@ def factors_of_layers(layers: list[AttentionLayer], *, fold_ln: bool) -> Factors
 
 def model_factors(model: nn.Module, *, fold_ln: bool = True) -> Factors:
     """The query/key factors of a loaded model, as the extraction would write them but in float64."""
-    return factors_of_layers(model_layers(model)[1], fold_ln=fold_ln)
+    return factors_of_layers(linearised_layers(model_layers(model)[1], None), fold_ln=fold_ln)
 
 
 # ----------------------------------------------------------------------------
@@ -216,6 +255,14 @@ _write_bert = _separate_projections("encoder.layer.{index}.attention.self", "que
 _write_llama = _separate_projections("layers.{index}.self_attn", "q_proj", "k_proj")
 
 
+def _writer_for(adapter: AttentionAdapter) -> Callable | None:
+    """The weight writer of a model type; a generic adapter's from its layout."""
+    layout = getattr(adapter, "layout", None)
+    if layout is not None:
+        return _separate_projections(layout.attention.replace("{}", "{index}"), layout.query, layout.key)
+    return WRITERS.get(adapter.model_type)
+
+
 def _write_gpt2(params: _Parameters, index: int, W_Q, W_K, b_Q, b_K) -> None:
     name = f"h.{index}.attn.c_attn"
     d = W_Q.shape[1]
@@ -243,11 +290,18 @@ def _write_gpt_neox(params: _Parameters, index: int, W_Q, W_K, b_Q, b_K) -> None
 
 WRITERS: dict[str, Callable] = {
     "bert": _write_bert,
+    "roberta": _write_bert,
+    "xlm-roberta": _write_bert,
+    "electra": _write_bert,
+    "distilbert": _separate_projections("transformer.layer.{index}.attention", "q_lin", "k_lin"),
     "gpt2": _write_gpt2,
     "gpt_neox": _write_gpt_neox,
     "llama": _write_llama,
     "mistral": _write_llama,
     "qwen2": _write_llama,
+    "qwen3": _write_llama,
+    "olmo2": _write_llama,
+    "gemma3_text": _write_llama,
 }
 
 
@@ -300,17 +354,20 @@ def _kept_bias(bias: np.ndarray | None, old: np.ndarray, new: np.ndarray) -> np.
 
 
 def write_reconstruction(model: nn.Module, adapter: AttentionAdapter, layers: list[AttentionLayer], X: np.ndarray,
-                         Y: np.ndarray, *, fold_ln: bool) -> None:
+                         Y: np.ndarray, *, fold_ln: bool, norm_rms: NormRMS | None = None) -> None:
     """Write the targets X Y^T (L, H, d_model, d_head factors, s included, in the folded space if ``fold_ln``).
 
     ``layers``: the model's original layers as stored (unfolded), for the scales, norms and biases.
+    Models with q/k norms: the targets are linearised metrics (with the RMS ``norm_rms``, None:
+    isotropic input); the weights written are those the norms turn back into them.
     """
-    writer = WRITERS.get(adapter.model_type)
+    writer = _writer_for(adapter)
     if writer is None:
         raise QkspectraError(f"the functional test cannot write weights of {adapter.model_type} models")
     params = _Parameters(model, adapter)
+    flat = linearised_layers(layers, norm_rms)
     for index, raw in enumerate(layers):
-        space = fold_norm(raw) if fold_ln else raw
+        space = fold_norm(flat[index]) if fold_ln else flat[index]
         root = np.sqrt(raw.scale)
         W_Q, W_K = X[index] / root, Y[index] / root  # (H, d_model, d_head) in the chosen space
         b_Q, b_K = _kept_bias(space.b_Q, space.W_K, W_K), _kept_bias(space.b_K, space.W_Q, W_Q)
@@ -321,6 +378,10 @@ def write_reconstruction(model: nn.Module, adapter: AttentionAdapter, layers: li
             if raw.norm_bias is not None:
                 b_Q = None if b_Q is None else b_Q - np.einsum("m,hmd->hd", raw.norm_bias, W_Q)
                 b_K = None if b_K is None else b_K - np.einsum("m,hmd->hd", raw.norm_bias, W_K)
+        if raw.has_qk_norm:
+            rms = _layer_rms(norm_rms, index, raw) if norm_rms is not None else isotropic_layer_rms(raw)
+            W_Q, b_Q = delinearise(W_Q, b_Q, raw.q_norm, rms[0])
+            W_K, b_K = delinearise(W_K, b_K, raw.k_norm, rms[1])
         if raw.b_Q is None:
             b_Q = None
         if raw.b_K is None:
@@ -380,7 +441,9 @@ class _Runner:
                 "use fewer tokens or shorter windows"
             )
         self.batches = []
-        for batch in window_batches(windows, H, None):
+        batches = split_for_sliding_window(windows, window_batches(windows, H, None),
+                                           getattr(model.config, "sliding_window", None))
+        for batch in batches:
             input_ids, attention_mask = pad_windows([windows[i] for i in batch], pad_id, "right")
             self.batches.append(forward_inputs(model, input_ids, attention_mask))
         self.num_queries = sum(len(w) for w in windows)
@@ -460,20 +523,21 @@ class _Runner:
 
 def reconstruction_effects(model: nn.Module, windows: list[list[int]], singular_values: np.ndarray,
                            anchors: dict[str, Anchor], rank_k_section: dict[str, Any] | None, *,
-                           fold_ln: bool = True) -> dict[str, Any]:
+                           fold_ln: bool = True, norm_rms: NormRMS | None = None) -> dict[str, Any]:
     """The ``functional`` section for a loaded model and token windows.
 
     The model is modified in place: converted to float64 and eager attention, key/value heads
     expanded, query/key weights overwritten (the original's outputs are recorded first).
     singular_values: (L, H, K) the geometry's spectra (spectral reconstruction and spectral T).
     rank_k_section: the ``rank_k`` section, for each strategy's operator-level k; None skips
-    ``operator_rank_k`` (then None in the output).
+    ``operator_rank_k`` (then None in the output). norm_rms: the q/k norm RMS the geometry's
+    linearised metric used (its metadata), for models with q/k norms; None: isotropic input.
     Returns {strategy: {"spectral": R, "operator": R, "operator_rank_k": R}, "control": R}.
     """
     adapter, layers = model_layers(model)
     if any(layer.rotary is not None and layer.b_Q is not None for layer in layers):
         raise QkspectraError("the functional test does not support rotary models with query/key biases")
-    factors = factors_of_layers(layers, fold_ln=fold_ln)
+    factors = factors_of_layers(linearised_layers(layers, norm_rms), fold_ln=fold_ln)
     L, H = factors.num_layers, factors.num_heads
     if singular_values.shape[:2] != (L, H):
         raise QkspectraError(f"the geometry has {singular_values.shape[:2]} layers x heads, the model {(L, H)}")
@@ -494,7 +558,7 @@ def reconstruction_effects(model: nn.Module, windows: list[list[int]], singular_
         if key not in cache:
             with single_blas_thread():
                 X, Y = make_target()
-                write_reconstruction(model, adapter, layers, X, Y, fold_ln=fold_ln)
+                write_reconstruction(model, adapter, layers, X, Y, fold_ln=fold_ln, norm_rms=norm_rms)
             cache[key] = runner.compare(reference, original_loss).as_dict()
         return cache[key]
 
@@ -571,7 +635,9 @@ def functional_evidence(model_name_or_path: str | InMemoryModel, geometry: Geome
 
     model, tokenizer = load_functional_model(model_name_or_path, progress=progress)
     _, layers = model_layers(model)
-    check_against_geometry(factors_of_layers(layers, fold_ln=fold_ln), geometry)
+    norm_rms = geometry_norm_rms(geometry)
+    check_against_geometry(factors_of_layers(linearised_layers(layers, norm_rms), fold_ln=fold_ln), geometry)
     windows = load_windows(tokenizer, corpus=corpus, seq_len=seq_len or default_seq_len(model),
                            max_tokens=max_tokens, window_per_line=False).windows
-    return reconstruction_effects(model, windows, geometry.singular_values, anchors, rank_k_section, fold_ln=fold_ln)
+    return reconstruction_effects(model, windows, geometry.singular_values, anchors, rank_k_section, fold_ln=fold_ln,
+                                  norm_rms=norm_rms)

@@ -125,6 +125,13 @@ def run_extraction(
                                   window_per_line=options.window_per_line, max_length=model_max_length(torch_model))
             adapter.check_sequence_length(max(map(len, corpus.windows)))
 
+        qk_norm = qk_norm_metadata(adapter.layer(tensors, 0), static_only=corpus is None)
+        norm_rms = None
+        if qk_norm is not None and corpus is not None:
+            from qkspectra.extract.qk_norm import measure_norm_rms
+
+            norm_rms = measure_norm_rms(torch_model, corpus.windows, adapter, tensors, progress=progress)
+
         from tqdm.auto import tqdm
 
         writer = None
@@ -139,7 +146,7 @@ def run_extraction(
         bar = stack.enter_context(
             tqdm(total=adapter.num_layers, unit="layer", desc="static spectra", disable=not progress, leave=False))
         static = static_spectra(adapter, tensors, fold_ln=options.fold_ln, on_layer=lambda _: bar.update(),
-                                factor_sink=factor_sink)
+                                factor_sink=factor_sink, norm_rms=norm_rms)
         bar.close()
 
         geometry = {"num_layers": adapter.num_layers, "num_heads": adapter.num_heads, "static": static.rows}
@@ -147,6 +154,7 @@ def run_extraction(
             "model": source.model_id,
             "model_source": source.description,
             "model_type": adapter.model_type,
+            "adapter": adapter.describe(),
             "num_layers": adapter.num_layers,
             "num_heads": adapter.num_heads,
             "num_kv_heads": adapter.num_kv_heads,
@@ -158,6 +166,7 @@ def run_extraction(
             "qk_biases": static.qk_biases,
             "positions": adapter.describe_positions(),
             "rotary": None if adapter.rotary is None else asdict(adapter.rotary),
+            "qk_norm": qk_norm,
             "dtype": static.checkpoint_dtype,
             "computation_dtype": "float64",
             "factors_convention": FACTOR_CONVENTION,
@@ -189,6 +198,8 @@ def run_extraction(
                 num_windows=stats.num_windows,
                 num_tokens=stats.num_tokens,
             )
+        if static.norm_rms is not None:
+            metadata["qk_norm"].update(rms_query=static.norm_rms.query.tolist(), rms_key=static.norm_rms.key.tolist())
         if writer is not None:
             metadata["factors_file"] = writer.commit().name
     geometry["metadata"] = metadata
@@ -217,6 +228,22 @@ def source_tensors(source):
     from qkspectra.models.tensors import open_tensors
 
     return open_tensors(source.folder)
+
+
+def qk_norm_metadata(layer, *, static_only: bool) -> dict | None:
+    """How the metric of heads with query/key norms was linearised (None for models without them)."""
+    from qkspectra.extract.qk_norm import RMS_SOURCES
+
+    if not layer.has_qk_norm:
+        return None
+    norm = layer.q_norm or layer.k_norm
+    return {
+        "over": "each head" if norm.over == "head" else "the whole projection",
+        "kind": "LayerNorm" if norm.centred else "RMSNorm",
+        "metric": "s * (W_Q / r_Q) diag(g_q * g_k) (W_K / r_K)^T, r the RMS of what the norm normalises",
+        "rms": RMS_SOURCES["isotropic" if static_only else "corpus"],
+        # rms_query (L, H) and rms_key (L, H_kv): the values used, added after the static pass
+    }
 
 
 @contextlib.contextmanager

@@ -113,7 +113,10 @@ def attention_entropy(model: nn.Module, corpus: Corpus, *, batch_size: int | Non
     try:
         with torch.inference_mode(), tqdm(total=corpus.num_tokens, unit="tok", desc="attention entropy",
                                           disable=not progress, leave=False) as bar:
-            for batch in window_batches(corpus.windows, model.config.num_attention_heads, batch_size):
+            batches = split_for_sliding_window(
+                corpus.windows, window_batches(corpus.windows, model.config.num_attention_heads, batch_size),
+                getattr(model.config, "sliding_window", None))
+            for batch in batches:
                 input_ids, attention_mask = pad_windows([corpus.windows[i] for i in batch], pad_id, padding_side)
                 inputs = forward_inputs(body, input_ids.to(device), attention_mask.to(device))
                 accumulator.begin_batch(inputs["attention_mask"])
@@ -188,6 +191,29 @@ def window_batches(windows: list[list[int]], num_heads: int, batch_size: int | N
         else:
             batches.append([index])
     return batches
+
+
+def split_for_sliding_window(windows: list[list[int]], batches: list[list[int]],
+                             sliding_window: int | None) -> list[list[int]]:
+    """Batches cut so that no window is padded by ``sliding_window`` tokens or more.
+
+    A padding query that far past its window's end sees only padding keys; eager attention gives it
+    NaN probabilities, which reach every real token of the next layer through its values (0 * NaN).
+    batches: window indices, longest first (``window_batches``).
+    """
+    if not isinstance(sliding_window, int):
+        return batches
+    cut: list[list[int]] = []
+    for batch in batches:
+        group = [batch[0]]
+        for index in batch[1:]:
+            if len(windows[group[0]]) - len(windows[index]) >= sliding_window:
+                cut.append(group)
+                group = [index]
+            else:
+                group.append(index)
+        cut.append(group)
+    return cut
 
 
 def _fits(count: int, seq_len: int, num_heads: int, batch_size: int | None) -> bool:

@@ -34,6 +34,7 @@ from scipy.linalg.lapack import dtrcon
 from qkspectra._threads import single_blas_thread
 from qkspectra.errors import QkspectraError
 from qkspectra.extract.factors_file import FactorSink
+from qkspectra.extract.qk_norm import NormRMS, isotropic_layer_rms, linearise
 from qkspectra.models.adapters import AttentionAdapter, AttentionLayer
 from qkspectra.models.adapters.base import expand_kv_heads
 from qkspectra.models.tensors import TensorSource
@@ -179,6 +180,7 @@ class StaticSpectra:
     checkpoint_dtype: stored dtype of the query weights
     qk_biases:        whether the checkpoint has query and key biases: {"query": bool, "key": bool}
                       (as stored; folding a LayerNorm's bias adds bias factors even where it has none)
+    norm_rms:         the typical RMS before the q/k norms the linearised metric used; None without q/k norms
     """
 
     rows: list[dict]
@@ -187,6 +189,7 @@ class StaticSpectra:
     factors: dict[str, np.ndarray] | None
     checkpoint_dtype: str
     qk_biases: dict[str, bool]
+    norm_rms: NormRMS | None = None
 
 
 def layer_factors(layer: AttentionLayer) -> dict[str, np.ndarray]:
@@ -224,8 +227,12 @@ def static_spectra(
     fold_ln: bool = True,
     on_layer: Callable[[int], None] | None = None,
     factor_sink: FactorSink | None = None,
+    norm_rms: NormRMS | None = None,
 ) -> StaticSpectra:
     """Read each layer's query/key tensors, fold norms if asked, and compute its spectra.
+
+    Heads with query/key norms are replaced by their linearised metric (``extract.qk_norm``), with
+    the typical RMS ``norm_rms`` measured on a corpus, or for isotropic unit-RMS input when None.
 
     Layers are read one at a time; only the current layer is held in float64. Each layer, as
     used for the spectra (folded if asked), goes to ``factor_sink(index, layer)`` if given (e.g.
@@ -235,6 +242,7 @@ def static_spectra(
     collector = FactorCollector(adapter.num_layers) if factor_sink is None else None
     sink = collector if collector is not None else factor_sink
     rows, scales, norm_folded = [], [], []
+    used_rms: list[tuple] = []
     qk_biases = {"query": False, "key": False}
     with single_threaded_torch(), single_blas_thread():
         for index in range(adapter.num_layers):
@@ -242,6 +250,10 @@ def static_spectra(
             if index == 0:
                 qk_biases = {"query": layer.b_Q is not None, "key": layer.b_K is not None}
             norm_folded.append(fold_ln and layer.norm_gain is not None)
+            if layer.has_qk_norm:
+                rms = isotropic_layer_rms(layer) if norm_rms is None else (norm_rms.query[index], norm_rms.key[index])
+                used_rms.append(rms)
+                layer = linearise(layer, rms)
             if fold_ln:
                 layer = fold_norm(layer)
             try:
@@ -267,4 +279,13 @@ def static_spectra(
                 on_layer(index)
     query_name = adapter.prefixed(tensors, adapter.anchor_tensor())
     return StaticSpectra(rows, scales, norm_folded, None if collector is None else collector.factors,
-                         tensors.dtype(query_name), qk_biases)
+                         tensors.dtype(query_name), qk_biases, _stacked_rms(used_rms))
+
+
+def _stacked_rms(used: list[tuple]) -> NormRMS | None:
+    """The per-layer (query, key) RMS the linearisation used, stacked; None for models without q/k norms."""
+    if not used:
+        return None
+    def side(i: int) -> np.ndarray:
+        return np.stack([np.full(1, np.nan) if rms[i] is None else rms[i] for rms in used])
+    return NormRMS(query=side(0), key=side(1))

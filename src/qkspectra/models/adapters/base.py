@@ -11,6 +11,12 @@ query head. Rotary models rotate both brackets by their position before the dot 
 ``norm_gain`` / ``norm_bias`` are the affine parameters of the norm whose output is x, so
 x = norm_gain * x_hat + norm_bias with x_hat the normalised vector (``None`` when no norm
 feeds the block directly). Nothing downstream knows which architecture a layer came from.
+
+Query/key norms (Gemma 3, Qwen3, OLMo 2, ...): with ``q_norm`` / ``k_norm`` set, each bracket
+above is normalised (``QKNorm``) after the projection and before positions, so the logit is
+scale * n_Q(x W_Q + b_Q) . n_K(y W_K + b_K). ``sliding_window`` W: a query sees only the last W
+keys (itself included). ``models.adapters.attention`` computes queries and keys exactly as the
+model forms its logits.
 """
 
 from __future__ import annotations
@@ -31,12 +37,37 @@ class RotaryEmbedding:
 
     The first ``rotary_dim`` coordinates of each head are rotated; coordinate i < rotary_dim/2 is
     paired with i + rotary_dim/2 and turned by the angle position * base ** (-2 i / rotary_dim)
-    (``rope_type`` other than "default" rescales these frequencies, never the logit).
+    (``rope_type`` other than "default" rescales these frequencies, never the logit). With
+    ``interleaved``, coordinate 2i is paired with 2i + 1 instead. ``inv_freq`` holds the
+    frequencies themselves where ``rope_type`` rescales them (computed by transformers' own rope
+    functions from the config).
     """
 
     rotary_dim: int
     base: float
     rope_type: str
+    interleaved: bool = False  # pairs (2i, 2i + 1) instead of (i, i + rotary_dim/2) (Cohere, GLM, Helium)
+    inv_freq: tuple[float, ...] | None = None  # the pairs' frequencies where rope_type rescales them (linear, llama3)
+
+
+@dataclass(frozen=True, eq=False)
+class QKNorm:
+    """A norm on the queries (or keys) of a layer, applied after the projection, before positions.
+
+    For each group of coordinates it normalises (one head's d_head coordinates with ``over="head"``,
+    all heads' together with ``over="projection"``), z -> gain * (z - c) / sqrt(mean((z - c)^2) + eps)
+    + bias, with c the group's mean if ``centred`` (LayerNorm) else 0 (RMSNorm).
+    """
+
+    gain: np.ndarray  # (H or H_kv, d_head) effective gain (Gemma's 1 + w already added)
+    bias: np.ndarray | None  # (H or H_kv, d_head), LayerNorm only
+    eps: float
+    over: str  # "head" or "projection"
+    centred: bool
+
+    def repeat_heads(self, num_heads: int) -> QKNorm:
+        """The norm for key heads repeated to ``num_heads`` (a mean over repeated heads is the same mean)."""
+        return replace(self, gain=expand_kv_heads(self.gain, num_heads), bias=expand_kv_heads(self.bias, num_heads))
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,6 +80,13 @@ class AttentionLayer:
     norm_gain: np.ndarray | None  # (d_model,) gain of the norm whose output enters the block
     norm_bias: np.ndarray | None  # (d_model,) bias of that norm (LayerNorm), None for RMSNorm
     rotary: RotaryEmbedding | None
+    q_norm: QKNorm | None = None  # norm on the queries after projection (per head or whole projection)
+    k_norm: QKNorm | None = None  # norm on the keys, one gain row per key head
+    sliding_window: int | None = None  # a query sees only the last sliding_window keys (itself included)
+
+    @property
+    def has_qk_norm(self) -> bool:
+        return self.q_norm is not None or self.k_norm is not None
 
     @property
     def kv_group_size(self) -> int:
@@ -60,7 +98,8 @@ class AttentionLayer:
         if self.kv_group_size == 1:
             return self
         num_heads = self.W_Q.shape[0]
-        return replace(self, W_K=expand_kv_heads(self.W_K, num_heads), b_K=expand_kv_heads(self.b_K, num_heads))
+        return replace(self, W_K=expand_kv_heads(self.W_K, num_heads), b_K=expand_kv_heads(self.b_K, num_heads),
+                       k_norm=None if self.k_norm is None else self.k_norm.repeat_heads(num_heads))
 
 
 # Config fields that change the attention logit in ways no adapter models; any value other
@@ -86,6 +125,8 @@ class AttentionAdapter(abc.ABC):
     """Maps one architecture's tensors to ``AttentionLayer``s. Subclasses set the shapes in ``__init__``."""
 
     model_type: ClassVar[str]
+    # Fields of LOGIT_CHANGING_FIELDS this adapter models (e.g. query_pre_attn_scalar in its scale).
+    handled_fields: ClassVar[tuple[str, ...]] = ()
     num_layers: int
     num_heads: int
     num_kv_heads: int
@@ -96,6 +137,8 @@ class AttentionAdapter(abc.ABC):
     def __init__(self, config: Any):
         self.config = config
         for field in LOGIT_CHANGING_FIELDS:
+            if field in self.handled_fields:
+                continue
             value = getattr(config, field, None)
             if value not in (None, False):
                 raise QkspectraError(
@@ -131,6 +174,10 @@ class AttentionAdapter(abc.ABC):
     def describe_positions(self) -> str:
         return "absolute position embeddings added before layer 0"
 
+    def describe(self) -> str:
+        """Which adapter reads the model, as the metadata records it."""
+        return self.model_type
+
     def prefixed(self, tensors: TensorSource, name: str) -> str:
         """``name`` with the checkpoint's module prefix (``""``, ``"model."``, ``"bert."``, ...)."""
         if self._prefix is None:
@@ -163,9 +210,14 @@ class AttentionAdapter(abc.ABC):
         return self.read(tensors, name, shape) if full in tensors.names() else None
 
 
-def rotary_from_config(config: Any, head_dim: int) -> RotaryEmbedding:
-    """The rotary embedding a config describes; QkspectraError for rope types that rescale logits."""
+def rotary_from_config(config: Any, head_dim: int, layer_type: str | None = None) -> RotaryEmbedding:
+    """The rotary embedding a config describes; QkspectraError for rope types that rescale logits.
+
+    ``layer_type``: for configs whose ``rope_parameters`` hold one entry per layer type (Gemma 3).
+    """
     params = getattr(config, "rope_parameters", None) or {}
+    if isinstance(params.get(layer_type or "full_attention"), dict):  # one entry per layer type
+        params = params[layer_type or "full_attention"]
     rope_type = params.get("rope_type", "default")
     if rope_type not in PLAIN_ROPE_TYPES:
         raise QkspectraError(
@@ -178,7 +230,29 @@ def rotary_from_config(config: Any, head_dim: int) -> RotaryEmbedding:
             "the logits and is not modelled by qkspectra"
         )
     rotary_dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
-    return RotaryEmbedding(rotary_dim=rotary_dim, base=float(params["rope_theta"]), rope_type=rope_type)
+    inv_freq = None
+    if rope_type in ("linear", "llama3"):  # "dynamic" changes nothing within the position table
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        frequencies, _ = ROPE_INIT_FUNCTIONS[rope_type](config, None, layer_type=layer_type)
+        inv_freq = tuple(float(f) for f in frequencies)
+    return RotaryEmbedding(rotary_dim=rotary_dim, base=float(params["rope_theta"]), rope_type=rope_type,
+                           inv_freq=inv_freq)
+
+
+def qk_norm_from_tensors(gain: np.ndarray, bias: np.ndarray | None, num_heads: int, *, eps: float,
+                         over: str, centred: bool = False) -> QKNorm:
+    """A ``QKNorm`` from a norm's stored (effective) gain and bias, each (d_head,) shared by every
+    head, (H, d_head) one per head, or (H * d_head,) over the whole projection (``over="projection"``)."""
+
+    def rows(t: np.ndarray | None) -> np.ndarray | None:  # -> (H, d_head)
+        if t is None:
+            return None
+        if over == "head" and t.ndim == 1:  # one vector shared by every head
+            return np.tile(t.reshape(1, -1), (num_heads, 1))
+        return t.reshape(num_heads, -1).copy()
+
+    return QKNorm(gain=rows(gain), bias=rows(bias), eps=float(eps), over=over, centred=centred)
 
 
 def heads_from_linear(weight: np.ndarray, num_heads: int) -> np.ndarray:

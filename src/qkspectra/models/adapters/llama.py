@@ -41,6 +41,10 @@ class LlamaAdapter(AttentionAdapter):
         return f"rotary on {self.rotary.rotary_dim} of {self.d_head} head dimensions"
 
     def layer(self, tensors: TensorSource, index: int) -> AttentionLayer:
+        return self.attention_layer(tensors, index, f"layers.{index}.input_layernorm")
+
+    def attention_layer(self, tensors: TensorSource, index: int, norm: str | None) -> AttentionLayer:
+        """Layer ``index``'s q_proj / k_proj, fed by the RMSNorm ``norm`` (None: no norm feeds the block)."""
         attention = f"layers.{index}.self_attn"
         H, H_kv, dh, d = self.num_heads, self.num_kv_heads, self.d_head, self.d_model
         return AttentionLayer(
@@ -49,7 +53,7 @@ class LlamaAdapter(AttentionAdapter):
             b_Q=heads_from_bias(self.read_optional(tensors, f"{attention}.q_proj.bias", (H * dh,)), H),
             b_K=heads_from_bias(self.read_optional(tensors, f"{attention}.k_proj.bias", (H_kv * dh,)), H_kv),
             scale=self.d_head**-0.5,
-            norm_gain=self.read(tensors, f"layers.{index}.input_layernorm.weight", (d,)),
+            norm_gain=None if norm is None else self.read(tensors, f"{norm}.weight", (d,)),
             norm_bias=None,
             rotary=self.rotary,
         )

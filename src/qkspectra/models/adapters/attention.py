@@ -1,0 +1,104 @@
+"""A layer's queries, keys and attention probabilities, formed exactly as the model forms its logits.
+
+From the block's input x (after its input norm; ``fold_norm`` layers take the normalised vector)
+``queries_and_keys`` applies, in the model's order, the projections and biases, the query/key
+norms, the rotary embedding at the given positions and the logit scale (folded into the
+queries), so that ``q @ k.T`` is the pre-softmax logit; ``visible_keys`` is the causal and
+sliding-window mask. Everything runs in torch, in the dtype of x (float64 for exact checks), and
+works on any slice of positions, so a chunked pass can form one block of queries at a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from qkspectra.models.adapters.base import AttentionLayer, QKNorm, RotaryEmbedding
+
+
+def inverse_frequencies(rotary: RotaryEmbedding) -> np.ndarray:
+    """(rotary_dim // 2,) angle per position of each rotated pair."""
+    if rotary.inv_freq is not None:
+        return np.asarray(rotary.inv_freq, dtype=np.float64)
+    return rotary.base ** (-np.arange(0, rotary.rotary_dim, 2, dtype=np.float64) / rotary.rotary_dim)
+
+
+def rotate(z: torch.Tensor, rotary: RotaryEmbedding | None, positions: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (rotate_half layout) of z (B, H, T, d_head) at positions (B, T)."""
+    if rotary is None:
+        return z
+    half = rotary.rotary_dim // 2
+    inv_freq = torch.from_numpy(inverse_frequencies(rotary)).to(z)  # (half,)
+    angles = positions.to(z.dtype)[:, None, :, None] * inv_freq  # (B, 1, T, half)
+    cos, sin = angles.cos(), angles.sin()
+    rotated, rest = z[..., :2 * half], z[..., 2 * half:]
+    if rotary.interleaved:
+        first, second = rotated[..., 0::2], rotated[..., 1::2]  # (B, H, T, half) each
+        turned = torch.stack([first * cos - second * sin, second * cos + first * sin], dim=-1).flatten(-2)
+        return torch.cat([turned, rest], dim=-1)
+    first, second = rotated[..., :half], rotated[..., half:]
+    return torch.cat([first * cos - second * sin, second * cos + first * sin, rest], dim=-1)
+
+
+def apply_qk_norm(z: torch.Tensor, norm: QKNorm | None) -> torch.Tensor:
+    """The query/key norm applied to z (B, H, T, d_head); z itself without one."""
+    if norm is None:
+        return z
+    dims = (-1,) if norm.over == "head" else (1, -1)  # one head's coordinates, or every head's
+    if norm.centred:
+        z = z - z.mean(dim=dims, keepdim=True)
+    z = z * torch.rsqrt(z.pow(2).mean(dim=dims, keepdim=True) + norm.eps)
+    z = z * torch.from_numpy(norm.gain).to(z)[None, :, None, :]
+    if norm.bias is not None:
+        z = z + torch.from_numpy(norm.bias).to(z)[None, :, None, :]
+    return z
+
+
+def _project(x: torch.Tensor, W: np.ndarray, b: np.ndarray | None) -> torch.Tensor:
+    """x (B, T, d_model) -> (B, H, T, d_head) through per-head factors W (H, d_model, d_head)."""
+    z = torch.einsum("btd,hde->bhte", x, torch.from_numpy(W).to(x))
+    return z if b is None else z + torch.from_numpy(b).to(x)[None, :, None, :]
+
+
+def queries_and_keys(layer: AttentionLayer, x: torch.Tensor,
+                     positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries with the scale folded in and keys, one key head per query head: each (B, H, T, d_head).
+
+    x: (B, T, d_model) the block's input; positions: (B, T) token positions (rotary models).
+    q[b, h, i] . k[b, h, j] is the model's pre-softmax logit of query i and key j.
+    """
+    layer = layer.per_query_head()
+    q = apply_qk_norm(_project(x, layer.W_Q, layer.b_Q), layer.q_norm)
+    k = apply_qk_norm(_project(x, layer.W_K, layer.b_K), layer.k_norm)
+    return rotate(q, layer.rotary, positions) * layer.scale, rotate(k, layer.rotary, positions)
+
+
+def visible_keys(layer: AttentionLayer, query_positions: torch.Tensor, key_positions: torch.Tensor, *,
+                 causal: bool) -> torch.Tensor | None:
+    """(..., query_pos, key_pos) bool, True where the query sees the key; None: every key.
+
+    query_positions (..., query_pos), key_positions (..., key_pos): positions in the sequence.
+    """
+    if not causal and layer.sliding_window is None:
+        return None
+    offset = query_positions[..., :, None] - key_positions[..., None, :]  # (..., query_pos, key_pos)
+    seen = offset >= 0 if causal else torch.ones_like(offset, dtype=torch.bool)
+    if layer.sliding_window is not None:
+        seen = seen & (offset < layer.sliding_window) if causal else seen & (offset.abs() < layer.sliding_window)
+    return seen
+
+
+def attention_probabilities(layer: AttentionLayer, x: torch.Tensor, *, causal: bool,
+                            positions: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax of the logits over the visible keys: x (B, T, d_model) -> (B, H, T, T).
+
+    positions: (B, T), default 0..T-1 in every row.
+    """
+    if positions is None:
+        positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+    q, k = queries_and_keys(layer, x, positions)
+    logits = q @ k.transpose(-1, -2)  # (B, H, T, T)
+    seen = visible_keys(layer, positions, positions, causal=causal)
+    if seen is not None:
+        logits = logits.masked_fill(~seen[:, None], float("-inf"))
+    return torch.softmax(logits, dim=-1)

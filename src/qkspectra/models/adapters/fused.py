@@ -1,0 +1,231 @@
+"""Layouts the generic reader cannot see: BERT's under other names, and fused query/key/value projections.
+
+RoBERTa, XLM-RoBERTa, ELECTRA: BERT's layout and post-norm (ELECTRA's layer 0 reads a projection of
+    its embeddings when ``embedding_size`` differs from ``hidden_size``, so that layer is not folded).
+DistilBERT: ``transformer.layer.{i}.attention.q_lin`` / ``k_lin``; layer i reads the previous
+    layer's ``output_layer_norm`` (the embeddings' LayerNorm for layer 0).
+GPT-BigCode: ``c_attn`` (an nn.Linear) holds, with ``multi_query``, all query heads then one key
+    head and one value head; without it, head by head [q, k, v] (as GPT-NeoX). Pre-norm ``ln_1``.
+Falcon: ``query_key_value`` holds, in the new decoder architecture (grouped-query), per key/value
+    group its query heads, then its key and value heads; with ``multi_query`` all query heads then
+    one key and one value head; otherwise head by head [q, k, v]. ALiBi is refused (base config check).
+Phi-3: ``qkv_proj`` holds all query heads, then the key heads, then the value heads.
+Persimmon: ``query_key_value`` head by head [q, k, v] (as GPT-NeoX), per-head q/k LayerNorms
+    (with bias) when ``qk_layernorm``, partial rotary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from qkspectra.models.adapters.base import (
+    AttentionAdapter,
+    AttentionLayer,
+    heads_from_bias,
+    heads_from_linear,
+    qk_norm_from_tensors,
+    rotary_from_config,
+)
+from qkspectra.models.adapters.bert import BertAdapter
+from qkspectra.models.tensors import TensorSource
+
+
+class RobertaAdapter(BertAdapter):
+    model_type = "roberta"
+
+
+class XLMRobertaAdapter(BertAdapter):
+    model_type = "xlm-roberta"
+
+
+class ElectraAdapter(BertAdapter):
+    model_type = "electra"
+
+    def layer(self, tensors: TensorSource, index: int) -> AttentionLayer:
+        if index == 0 and self.config.embedding_size != self.config.hidden_size:  # read through embeddings_project
+            return self.self_attention(tensors, "encoder.layer.0.attention.self", None)
+        return super().layer(tensors, index)
+
+
+class DistilBertAdapter(BertAdapter):
+    model_type = "distilbert"
+
+    def __init__(self, config: Any):
+        AttentionAdapter.__init__(self, config)
+        self.num_layers = config.n_layers
+        self.num_heads = self.num_kv_heads = config.n_heads
+        self.d_model = config.dim
+        self.d_head = config.dim // config.n_heads
+
+    def anchor_tensor(self) -> str:
+        return "transformer.layer.0.attention.q_lin.weight"
+
+    def layer(self, tensors: TensorSource, index: int) -> AttentionLayer:
+        H, d = self.num_heads, self.d_model
+        attention = f"transformer.layer.{index}.attention"
+        norm = "embeddings.LayerNorm" if index == 0 else f"transformer.layer.{index - 1}.output_layer_norm"
+        return AttentionLayer(
+            W_Q=heads_from_linear(self.read(tensors, f"{attention}.q_lin.weight", (d, d)), H),
+            W_K=heads_from_linear(self.read(tensors, f"{attention}.k_lin.weight", (d, d)), H),
+            b_Q=heads_from_bias(self.read_optional(tensors, f"{attention}.q_lin.bias", (d,)), H),
+            b_K=heads_from_bias(self.read_optional(tensors, f"{attention}.k_lin.bias", (d,)), H),
+            scale=self.d_head**-0.5,
+            norm_gain=self.read(tensors, f"{norm}.weight", (d,)),
+            norm_bias=self.read_optional(tensors, f"{norm}.bias", (d,)),
+            rotary=None,
+        )
+
+
+class FusedAdapter(AttentionAdapter):
+    """Query and key heads cut out of one fused projection: subclasses give ``split`` and the tensor names."""
+
+    fused: str  # fused projection's name, with {} for the layer index
+    norm: str  # name of the norm feeding attention, with {}
+
+    def anchor_tensor(self) -> str:
+        return f"{self.fused.format(0)}.weight"
+
+    def split(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Fused rows (out_features, ...) -> query rows (H, d_head, ...), key rows (H_kv, d_head, ...)."""
+        raise NotImplementedError
+
+    def fused_rows(self) -> int:
+        return (self.num_heads + 2 * self.num_kv_heads) * self.d_head
+
+    def scale(self) -> float:
+        return self.d_head**-0.5
+
+    def layer(self, tensors: TensorSource, index: int) -> AttentionLayer:
+        d = self.d_model
+        q, k = self.split(self.read(tensors, f"{self.fused.format(index)}.weight", (self.fused_rows(), d)))
+        bias = self.read_optional(tensors, f"{self.fused.format(index)}.bias", (self.fused_rows(),))
+        b_Q, b_K = (None, None) if bias is None else self.split(bias)
+        return AttentionLayer(
+            W_Q=q.transpose(0, 2, 1), W_K=k.transpose(0, 2, 1), b_Q=b_Q, b_K=b_K, scale=self.scale(),
+            norm_gain=self.read(tensors, f"{self.norm.format(index)}.weight", (d,)),
+            norm_bias=self.read_optional(tensors, f"{self.norm.format(index)}.bias", (d,)),
+            rotary=self.rotary,
+        )
+
+
+def per_head_qkv(rows: np.ndarray, num_heads: int, d_head: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows laid out head by head [q, k, v]: (3 H d_head, ...) -> q, k each (H, d_head, ...)."""
+    per_head = rows.reshape(num_heads, 3, d_head, *rows.shape[1:])
+    return per_head[:, 0], per_head[:, 1]
+
+
+class GPTBigCodeAdapter(FusedAdapter):
+    model_type = "gpt_bigcode"
+    fused, norm = "h.{}.attn.c_attn", "h.{}.ln_1"
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self.num_layers, self.num_heads, self.d_model = config.n_layer, config.n_head, config.n_embd
+        self.num_kv_heads = 1 if config.multi_query else config.n_head
+        self.d_head = config.n_embd // config.n_head
+
+    def scale(self) -> float:
+        return self.d_head**-0.5 if self.config.scale_attn_weights else 1.0
+
+    def split(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        H, dh = self.num_heads, self.d_head
+        if not self.config.multi_query:
+            return per_head_qkv(rows, H, dh)
+        return rows[:H * dh].reshape(H, dh, *rows.shape[1:]), rows[H * dh:(H + 1) * dh].reshape(1, dh, *rows.shape[1:])
+
+
+class FalconAdapter(FusedAdapter):
+    model_type = "falcon"
+    fused = "h.{}.self_attention.query_key_value"
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self.num_layers, self.num_heads, self.d_model = config.num_hidden_layers, config.num_attention_heads, config.hidden_size
+        self.d_head = config.hidden_size // config.num_attention_heads
+        if config.new_decoder_architecture:
+            self.num_kv_heads = config.num_kv_heads
+        else:
+            self.num_kv_heads = 1 if config.multi_query else config.num_attention_heads
+        self.rotary = rotary_from_config(config, self.d_head)
+        two_norms = config.new_decoder_architecture and config.parallel_attn and config.num_ln_in_parallel_attn in (None, 2)
+        self.norm = "h.{}.ln_attn" if two_norms else "h.{}.input_layernorm"
+
+    def describe_positions(self) -> str:
+        return f"rotary on {self.rotary.rotary_dim} of {self.d_head} head dimensions"
+
+    def fused_rows(self) -> int:
+        if not self.config.new_decoder_architecture and not self.config.multi_query:
+            return 3 * self.d_model
+        return super().fused_rows()
+
+    def split(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        H, H_kv, dh, rest = self.num_heads, self.num_kv_heads, self.d_head, rows.shape[1:]
+        if self.config.new_decoder_architecture:
+            groups = rows.reshape(H_kv, H // H_kv + 2, dh, *rest)  # per kv group: its query heads, key, value
+            return groups[:, :-2].reshape(H, dh, *rest), groups[:, -2]
+        if self.config.multi_query:
+            heads = rows.reshape(H + 2, dh, *rest)
+            return heads[:H], heads[H:H + 1]
+        return per_head_qkv(rows, H, dh)
+
+
+class Phi3Adapter(FusedAdapter):
+    model_type = "phi3"
+    fused, norm = "layers.{}.self_attn.qkv_proj", "layers.{}.input_layernorm"
+    heads_tile_d_model = False
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self.num_layers, self.num_heads, self.d_model = config.num_hidden_layers, config.num_attention_heads, config.hidden_size
+        self.num_kv_heads = config.num_key_value_heads or config.num_attention_heads
+        self.d_head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.rotary = rotary_from_config(config, self.d_head)
+
+    def describe_positions(self) -> str:
+        return f"rotary on {self.rotary.rotary_dim} of {self.d_head} head dimensions"
+
+    def split(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        H, H_kv, dh, rest = self.num_heads, self.num_kv_heads, self.d_head, rows.shape[1:]
+        return rows[:H * dh].reshape(H, dh, *rest), rows[H * dh:(H + H_kv) * dh].reshape(H_kv, dh, *rest)
+
+    def layer(self, tensors: TensorSource, index: int) -> AttentionLayer:
+        from dataclasses import replace
+
+        return replace(super().layer(tensors, index), sliding_window=getattr(self.config, "sliding_window", None))
+
+
+class PersimmonAdapter(FusedAdapter):
+    model_type = "persimmon"
+    handled_fields = ("qk_layernorm",)
+    fused, norm = "layers.{}.self_attn.query_key_value", "layers.{}.input_layernorm"
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self.num_layers, self.num_heads, self.d_model = config.num_hidden_layers, config.num_attention_heads, config.hidden_size
+        self.num_kv_heads = self.num_heads
+        self.d_head = config.hidden_size // config.num_attention_heads
+        self.rotary = rotary_from_config(config, self.d_head)
+
+    def describe_positions(self) -> str:
+        return f"rotary on {self.rotary.rotary_dim} of {self.d_head} head dimensions"
+
+    def split(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return per_head_qkv(rows, self.num_heads, self.d_head)
+
+    def layer(self, tensors: TensorSource, index: int) -> AttentionLayer:
+        from dataclasses import replace
+
+        layer = super().layer(tensors, index)
+        if not self.config.qk_layernorm:
+            return layer
+        norms = {}
+        for side in ("q", "k"):
+            name = f"layers.{index}.self_attn.{side}_layernorm"
+            gain = self.read(tensors, f"{name}.weight", (self.d_head,))
+            bias = self.read_optional(tensors, f"{name}.bias", (self.d_head,))
+            norms[side] = qk_norm_from_tensors(gain, bias, self.num_heads, eps=self.config.layer_norm_eps, over="head",
+                                               centred=True)
+        return replace(layer, q_norm=norms["q"], k_norm=norms["k"])
+

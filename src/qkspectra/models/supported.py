@@ -1,0 +1,62 @@
+"""Which model types qkspectra reads: the hand-written adapters and the generic reader's verified types.
+
+``VERIFIED_GENERIC_TYPES`` lists the model types on which the test suite checks the generic reader
+(``tests/test_generic.py`` builds a tiny random checkpoint of each and compares with its own eager
+attention); any other type is still tried, and read only if the reader proves itself on it.
+``supported_models_markdown()`` renders the README's list; ``scripts/update_readme_models.py``
+writes it between the README's markers, and a test checks that the README is current.
+"""
+
+from __future__ import annotations
+
+# model type -> what its test covers
+VERIFIED_GENERIC_TYPES: dict[str, str] = {
+    "apertus": "per-head q/k norm, llama3 rope frequencies, its input norm named attention_layernorm",
+    "arcee": "Llama layout with another MLP",
+    "cohere": "interleaved rotary, LayerNorm without bias, parallel block",
+    "exaone4": "per-head q/k norm, post-norm block (nothing to fold)",
+    "gemma": "(1 + w) norm gains",
+    "glm": "partial interleaved rotary, q/k biases",
+    "granite": "no logit scale at all (attention_multiplier 1)",
+    "granitemoe": "mixture of experts, logit scale 0.3",
+    "helium": "interleaved rotary",
+    "mixtral": "mixture of experts, sliding window",
+    "olmoe": "q/k norm over the whole projection, mixture of experts",
+    "phi": "partial rotary, LayerNorm with bias, q/k biases",
+    "qwen2_moe": "mixture of experts with a shared expert, q/k biases",
+    "qwen3_moe": "per-head q/k norm, mixture of experts",
+    "seed_oss": "q/k biases",
+    "smollm3": "Llama layout",
+    "stablelm": "partial rotary, q/k biases",
+    "starcoder2": "sliding window, LayerNorm, q/k biases",
+}
+
+# What the generic reader refuses, judged from the config and the attention class (tested).
+REFUSED = ("soft-capped logits (gemma2's attn_logit_softcapping)", "ALiBi (bloom, mpt, falcon with alibi)",
+           "relative-position terms (t5, deberta)", "learned attention sinks (gpt_oss)",
+           "fused query/key projections without a hand-written adapter (codegen, ...)")
+
+README_START = "<!-- supported-model-types:start (scripts/update_readme_models.py) -->"
+README_END = "<!-- supported-model-types:end -->"
+
+
+def supported_models_markdown() -> str:
+    """The README's list of supported model types, from the adapter registry and the verified generic types."""
+    from qkspectra.models.adapters import ADAPTERS
+
+    hand_written = ", ".join(f"`{name}`" for name in sorted(ADAPTERS))
+    generic = "\n".join(f"  - `{name}`: {what}" for name, what in sorted(VERIFIED_GENERIC_TYPES.items()))
+    return "\n".join([
+        f"- Hand-written adapters ({len(ADAPTERS)}): {hand_written}.",
+        f"- Read by the generic reader, verified in the test suite ({len(VERIFIED_GENERIC_TYPES)}):",
+        generic,
+        "- Any other type whose attention modules have separate query and key linear maps and a `scaling`"
+        " is read if the generic reader reproduces a tiny random model of its class; refused in one line"
+        f" otherwise, and always for: {'; '.join(REFUSED)}.",
+    ])
+
+
+def replace_readme_section(readme: str) -> str:
+    """``readme`` with the text between its markers replaced by ``supported_models_markdown()``."""
+    start, end = readme.index(README_START) + len(README_START), readme.index(README_END)
+    return readme[:start] + "\n" + supported_models_markdown() + "\n" + readme[end:]

@@ -1,0 +1,146 @@
+"""The generic reader: model types without a hand-written adapter, read only once proved on a tiny model.
+
+Each case is a small random checkpoint of a current family that transformers ships. The reader must
+verify itself on its own tiny model of the same config class, and then its layers (weights, biases,
+scale, norms, positions, windows) must reproduce this checkpoint's own eager attention to 1e-5.
+Refusals are one line naming the model type and what is not modelled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import CONFIG_MAPPING, AutoModel
+
+from qkspectra.errors import QkspectraError
+from qkspectra.extract.spectra import static_spectra
+from qkspectra.models.adapters import ADAPTERS, adapter_for
+from qkspectra.models.adapters.attention import attention_probabilities
+from qkspectra.models.adapters.generic import generic_adapter
+from qkspectra.models.supported import VERIFIED_GENERIC_TYPES, replace_readme_section
+from qkspectra.models.tensors import StateDictSource
+
+TINY = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=32,
+            vocab_size=96, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64)
+SEQ_LEN = 10
+
+# model type -> extra config options; what each covers is in VERIFIED_GENERIC_TYPES (the README's list)
+GENERIC_CASES = {
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "head_dim": 12},
+    "exaone4": {"head_dim": 12},
+    "gemma": {"head_dim": 12},
+    "granite": {"attention_multiplier": 1.0},
+    "phi": {"partial_rotary_factor": 0.5},
+    "stablelm": {"partial_rotary_factor": 0.5, "use_qkv_bias": True},
+    "glm": {"head_dim": 12, "partial_rotary_factor": 0.5},
+    "cohere": {},
+    "helium": {"head_dim": 12},
+    "starcoder2": {"sliding_window": 4},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 4},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+                  "shared_expert_intermediate_size": 16},
+    "smollm3": {},
+    "seed_oss": {"head_dim": 12, "attention_bias": True},
+    "arcee": {},
+    "apertus": {"head_dim": 12},
+    "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "attention_multiplier": 0.3},
+}
+
+
+def tiny_checkpoint(model_type: str, **extra):
+    config = CONFIG_MAPPING[model_type](**{**TINY, **extra})
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.normal_(0.0, 0.2)
+            if "norm" in name.lower() and name.endswith("weight"):
+                parameter.add_(1.0)
+    return model
+
+
+def assert_reproduces_own_attention(model, adapter):
+    """The adapter's layers, read from the checkpoint's tensors, give the model's own eager attention."""
+    modules = dict(model.named_modules())
+    inputs = []
+    handles = [modules[adapter.layout.attention.format(i)].register_forward_pre_hook(
+        lambda m, args, kwargs: inputs.append(kwargs.get("hidden_states", args[0] if args else None)), with_kwargs=True)
+        for i in range(adapter.num_layers)]
+    input_ids = torch.randint(3, 96, (2, SEQ_LEN), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        attentions = model(input_ids=input_ids, output_attentions=True).attentions
+    for handle in handles:
+        handle.remove()
+    tensors = StateDictSource(model.state_dict())
+    for index, x in enumerate(inputs):
+        ours = attention_probabilities(adapter.layer(tensors, index), x.double(), causal=adapter.layout.causal)
+        np.testing.assert_allclose(ours.numpy(), attentions[index].double().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", list(GENERIC_CASES))
+def test_generic_reader_proves_itself_and_reads_the_checkpoint(model_type):
+    assert model_type not in ADAPTERS
+    model = tiny_checkpoint(model_type, **GENERIC_CASES[model_type])
+    adapter = adapter_for(model.config)
+    assert adapter.describe() == f"generic, verified on a tiny {model_type}"
+    assert_reproduces_own_attention(model, adapter)
+    static = static_spectra(adapter, StateDictSource(model.state_dict()))
+    assert np.isfinite(np.array([row["metric_singvals_per_head"] for row in static.rows])).all()
+
+
+def test_the_cases_cover_the_attention_options_the_issue_names():
+    layers = {}
+    for model_type in ("olmoe", "qwen3_moe", "granitemoe", "granite", "phi"):
+        model = tiny_checkpoint(model_type, **GENERIC_CASES[model_type])
+        adapter = adapter_for(model.config)
+        layers[model_type] = adapter.layer(StateDictSource(model.state_dict()), 0)
+    assert layers["olmoe"].q_norm.over == "projection" and layers["qwen3_moe"].q_norm.over == "head"
+    assert layers["granitemoe"].scale == 0.3  # attention_multiplier, not 1/sqrt(d_head)
+    assert layers["granite"].scale == 1.0
+    assert layers["phi"].rotary.rotary_dim == 6  # half of d_head 12
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "olmo2", "gemma3_text", "llama", "mistral", "qwen2"])
+def test_generic_reader_agrees_with_the_hand_written_adapters(model_type):
+    extra = {"head_dim": 12} if model_type in ("qwen3", "gemma3_text", "llama", "mistral") else {}
+    if model_type == "gemma3_text":
+        extra.update(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+    model = tiny_checkpoint(model_type, **extra)
+    tensors = StateDictSource(model.state_dict())
+    generic, hand_written = generic_adapter(model.config), adapter_for(model.config)
+    assert_reproduces_own_attention(model, generic)
+    for ours, theirs in zip(static_spectra(generic, tensors).rows, static_spectra(hand_written, tensors).rows):
+        np.testing.assert_allclose(ours["metric_singvals_per_head"], theirs["metric_singvals_per_head"], rtol=1e-12)
+
+
+@pytest.mark.parametrize(("model_type", "extra", "message"), [
+    ("gemma2", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0 (soft-capping of the attention logits)"),
+    ("bloom", {}, "adds ALiBi position biases"),
+    ("mpt", {"attn_config": {"alibi": True}}, "attn_config.alibi=True (ALiBi position biases)"),
+    ("falcon", {"alibi": True}, "falcon config sets alibi=True"),
+    ("t5", {}, "relative-position terms"),
+    ("deberta", {"relative_attention": True}, "relative_attention=True (relative-position terms)"),
+    ("gpt_oss", {}, "learned attention sinks"),
+], ids=["gemma2-softcap", "bloom-alibi", "mpt-alibi", "falcon-alibi", "t5-relative", "deberta-relative", "gpt_oss-sinks"])
+def test_what_changes_the_logit_beyond_a_scaled_dot_product_is_refused(model_type, extra, message):
+    config = CONFIG_MAPPING[model_type](**extra)
+    prefix = f"{model_type} config" if model_type in ADAPTERS else f"model type '{model_type}' cannot be read: "
+    with pytest.raises(QkspectraError, match=f"^{prefix}") as error:
+        adapter_for(config)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_layout_it_cannot_see_is_refused_naming_what_failed():
+    config = CONFIG_MAPPING["codegen"](n_embd=32, n_layer=2, n_head=4, vocab_size=96)
+    with pytest.raises(QkspectraError, match="^model type 'codegen' cannot be read: "):
+        adapter_for(config)
+
+
+def test_the_readme_lists_the_registry_and_these_verified_types():
+    from pathlib import Path
+
+    assert set(GENERIC_CASES) == set(VERIFIED_GENERIC_TYPES)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert readme == replace_readme_section(readme), "run scripts/update_readme_models.py"
