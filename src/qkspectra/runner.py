@@ -132,26 +132,38 @@ def analysis_document(
     groups: int | None = None,
     functional_model: str | None = None,
     options: ExtractOptions = ExtractOptions(),
+    progress: Callable[[str, int, int], None] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The analysis document with the rank-k section and, when the factors file exists, the operator-level one.
 
     functional_model: also run the functional test on this model (the geometry's), on the corpus
     of ``options`` with at most the functional test's default token budget. Slow: the model runs
     once per reconstruction and anchor strategy.
+    progress(stage, done, total): after each layer and layer pair of the operator-level fits.
+    timings: receives ``operator_s`` (the operator-level fits) and ``operator_layer_pairs``.
     """
     from qkspectra.analysis import analyze_all
     from qkspectra.operator import OperatorFitter, load_factors
     from qkspectra.pipeline import build_analysis_document
     from qkspectra.rank_k import rank_k_evidence
 
-    factors = load_factors(factors_file, geometry) if factors_file.is_file() else None
+    anchors = {name: a.anchor for name, a in analyze_all(geometry, groups=groups).items()}
+    fitter = None
+    if factors_file.is_file():  # the layers are read one at a time: the factors are never all in memory
+        clock = time.perf_counter()
+        fitter = OperatorFitter(load_factors(factors_file, geometry), on_step=progress)
+        pairs = {(layer, int(a)) for anchor in anchors.values() for layer, a in enumerate(anchor.layers)}
+        fitter.fit_pairs(pairs)
+        if timings is not None:
+            timings["operator_s"] = round(time.perf_counter() - clock, 3)
+            timings["operator_layer_pairs"] = len(pairs)
+    factors = None if fitter is None else fitter.factors
     if functional_model is None:
-        return build_analysis_document(geometry, groups=groups, factors=factors)
+        return build_analysis_document(geometry, groups=groups, factors=factors, fitter=fitter)
 
     from qkspectra.functional import DEFAULT_MAX_TOKENS, functional_evidence
 
-    anchors = {name: a.anchor for name, a in analyze_all(geometry, groups=groups).items()}
-    fitter = None if factors is None else OperatorFitter(factors)
     rank_k = rank_k_evidence(geometry, anchors, fitter=fitter)
     functional = functional_evidence(
         functional_model, geometry, anchors, rank_k, max_tokens=min(options.max_tokens, DEFAULT_MAX_TOKENS),
@@ -178,11 +190,13 @@ def run(
     groups: int | None = None,
     functional: bool = True,
     say: Callable[[str], None] = lambda _: None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> RunResult:
     """Extract (or reuse), analyze with every anchor strategy, and write the report folder.
 
     functional: also run the functional test (slow; see ``analysis_document``).
     say: receives one line per step, for the user.
+    progress: progress(stage, done, total) within the long steps (the operator-level fits).
     """
     from qkspectra.extract import check_options, factors_path, refuse_overwriting_inputs_of
     from qkspectra.geometry import load_geometry
@@ -237,10 +251,11 @@ def run(
     clock = time.perf_counter()
     if geometry is None:
         geometry = load_geometry(geometry_path)
-    if functional:
-        say(f"running the functional test on {model}")
+    say("analysing: operator-level fits, every anchor strategy, null baselines, bootstrap intervals, rank-k"
+        + (f", then the functional test on {model}" if functional else ""))
     document = analysis_document(
-        geometry, factors_path(geometry_path), groups=groups, functional_model=model if functional else None, options=options
+        geometry, factors_path(geometry_path), groups=groups, functional_model=model if functional else None,
+        options=options, progress=progress, timings=timings,
     )
     atomic_write_json(out_dir / ANALYSIS_FILE, document)
     timings["analyze_s"] = round(time.perf_counter() - clock, 3)

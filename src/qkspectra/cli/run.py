@@ -22,6 +22,35 @@ from qkspectra.cli.extract import (
 from qkspectra.extract.corpus import DEFAULT_MAX_TOKENS
 
 
+class StageBars:
+    """progress(stage, done, total) as a bar per stage on stderr, with elapsed and remaining time; nothing if disabled."""
+
+    def __init__(self, disable: bool):
+        self.disable = disable
+        self._bars = None
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self) -> StageBars | None:
+        if self.disable:
+            return None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                              TextColumn("left"), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+        self._bars.start()
+        return self
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self._tasks:
+            self._tasks[stage] = self._bars.add_task(stage, total=total)
+        self._bars.update(self._tasks[stage], completed=done)
+
+    def __exit__(self, *exc) -> None:
+        if self._bars is not None:
+            self._bars.stop()
+
+
 @app.command()
 def run(
     model: Model = "minilm",
@@ -57,7 +86,9 @@ def run(
                               batch_size=batch_size, quiet=quiet)
     out_dir = default_out_dir(model) if out is None else out
     say = (lambda _: None) if quiet else (lambda line: typer.echo(f"qkspectra: {line}", err=True))
-    result = run_all(model, out_dir, options=options, groups=groups, functional=not no_functional, say=say)
+    with StageBars(disable=quiet) as progress:
+        result = run_all(model, out_dir, options=options, groups=groups, functional=not no_functional, say=say,
+                         progress=progress)
     typer.echo(render_summary(result.document), nl=False)
     for note in result.report.notes:
         say(note)
