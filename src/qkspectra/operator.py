@@ -32,7 +32,7 @@ Guards as in the spectral fit: an anchor operator with ||M_a||^2 < 1e-20 gives T
 residual 1; an all-zero M_L has residual 0.
 
 Memory: the factors are read one layer at a time (from the file, lazily); all that is kept for every
-layer are per-head summaries (Gram matrices, norms) and the top-k singular bases (in a scratch file
+layer are per-head summaries (Gram matrices, norms) and the top-k singular bases (in scratch files
 when the factors come from a file). A layer-pair fit holds its two layers. Layer pairs are fitted on
 every core (threads, one BLAS thread each: OpenBLAS threads even its calls on 384 x 32 matrices,
 and on a busy two-core machine that made them 10 to 100 times slower).
@@ -559,14 +559,11 @@ class OperatorFitter:
         self.on_step = on_step
         self.kv_head = factors.kv_head  # (H,)
         self._layers = _LayerCache(factors, 2 * worker_count() + 1)
-        L, H = factors.num_layers, factors.num_heads
-        shape = (L, 2, H, factors.d_model, self.subspace_dim)  # left and right bases of every head
-        if isinstance(factors, FactorsFile):  # on disk: all layers' bases would be a sizeable part of the factors
-            self._scratch = tempfile.TemporaryDirectory(prefix="qkspectra-")
-            self._bases = np.lib.format.open_memmap(Path(self._scratch.name) / "bases.npy", mode="w+",
-                                                    dtype=np.float64, shape=shape)
-        else:
-            self._bases = np.empty(shape)
+        L = factors.num_layers
+        # Every layer's left and right bases (2, H, d_model, k): in memory for factors in memory, else one
+        # file per layer in a scratch folder (all layers' bases would be a sizeable part of the factors).
+        self._scratch = tempfile.TemporaryDirectory(prefix="qkspectra-") if isinstance(factors, FactorsFile) else None
+        self._bases: list[np.ndarray | None] = [None] * L
         self.summaries: list[LayerSummary] = list(self._each("summarising layers", self._summarise, range(L)))
         self.norm_sq = np.stack([summary.norm_sq for summary in self.summaries])  # (L, H)
         self._fits: dict[tuple[int, int], LayerFit] = {}
@@ -584,8 +581,19 @@ class OperatorFitter:
         gram_Q = np.swapaxes(layer.W_Q, -1, -2) @ layer.W_Q  # (H, d_head, d_head)
         gram_K = np.swapaxes(layer.W_K, -1, -2) @ layer.W_K  # (H_kv, d_head, d_head)
         norm_sq = np.einsum("hij,hij->h", gram_Q, gram_K[self.kv_head])  # (H,)
-        self._bases[index, 0], self._bases[index, 1] = layer_bases(layer, self.kv_head, self.subspace_dim)
+        bases = np.stack(layer_bases(layer, self.kv_head, self.subspace_dim))  # (2, H, d_model, k)
+        if self._scratch is None:
+            self._bases[index] = bases
+        else:
+            np.save(self._bases_file(index), bases)
         return LayerSummary(gram_Q, gram_K, norm_sq)
+
+    def _bases_file(self, index: int) -> Path:
+        return Path(self._scratch.name) / f"bases-{index}.npy"
+
+    def bases(self, index: int) -> np.ndarray:
+        """(2, H, d_model, k): the left and right top-k singular bases of every head of layer ``index``."""
+        return self._bases[index] if self._scratch is None else np.load(self._bases_file(index))
 
     def fit(self, layer: int, anchor: int) -> LayerFit:
         self.fit_pairs([(layer, anchor)])
@@ -621,11 +629,9 @@ class OperatorFitter:
         else:
             matched_T, matched_residual, _ = self._scalar_fit(layer, anchor, X, Y, key_gram, matched,
                                                               inner[heads, matched])
-        bases = self._bases
-        angles = np.concatenate(
-            [principal_angles_deg(bases[layer, 0], bases[anchor, 0]), principal_angles_deg(bases[layer, 1], bases[anchor, 1])],
-            axis=-1,
-        )  # (H, 2k)
+        ours, theirs = self.bases(layer), self.bases(anchor)  # (2, H, d_model, k) each
+        angles = np.concatenate([principal_angles_deg(ours[0], theirs[0]), principal_angles_deg(ours[1], theirs[1])],
+                                axis=-1)  # (H, 2k)
         return LayerFit(T, residual, matched, matched_T, matched_residual, angles.mean(axis=-1), singvals)
 
     def _scalar_fit(self, layer: int, anchor: int, X: LayerFactors, Y: LayerFactors, key_gram: np.ndarray,
