@@ -40,6 +40,7 @@ and on a busy two-core machine that made them 10 to 100 times slower).
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import threading
@@ -669,11 +670,15 @@ def fit_layer_pairs(fitter: OperatorFitter, pairs: list[tuple[int, int]], *, map
     per core, BLAS on one thread each). Results in the order of ``pairs``; on_step("fitting layer pairs", done, total)."""
     results = []
     with _mapping(map) as mapper:
-        for done, fit in enumerate(mapper(lambda pair: fitter.fit_pair(*pair), pairs), 1):
+        for done, fit in enumerate(mapper(functools.partial(_fit_one_pair, fitter), pairs), 1):
             results.append(fit)
             if on_step is not None:
                 on_step("fitting layer pairs", done, len(pairs))
     return results
+
+
+def _fit_one_pair(fitter: OperatorFitter, pair: tuple[int, int]) -> LayerFit:
+    return fitter.fit_pair(*pair)
 
 
 def as_factors(factors: AnyFactors | str | os.PathLike | dict[str, np.ndarray], geometry: Geometry | None = None) -> AnyFactors:

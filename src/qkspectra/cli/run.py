@@ -23,7 +23,11 @@ from qkspectra.extract.corpus import DEFAULT_MAX_TOKENS
 
 
 class StageBars:
-    """progress(stage, done, total) as a bar per stage on stderr, with elapsed and remaining time; nothing if disabled."""
+    """progress(stage, done, total) as a bar per stage on stderr, with elapsed and remaining time; nothing if disabled.
+
+    The display is shown only while a stage is under way, so other output (the extraction's own bars,
+    the messages) never interleaves with it.
+    """
 
     def __init__(self, disable: bool):
         self.disable = disable
@@ -31,24 +35,33 @@ class StageBars:
         self._tasks: dict[str, int] = {}
 
     def __enter__(self) -> StageBars | None:
-        if self.disable:
-            return None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self._bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                              TextColumn("left"), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-        self._bars.start()
-        return self
+        return None if self.disable else self
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        if self._bars is None:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self._bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+                                  console=Console(stderr=True), transient=True)
+            self._bars.start()
         if stage not in self._tasks:
             self._tasks[stage] = self._bars.add_task(stage, total=total)
         self._bars.update(self._tasks[stage], completed=done)
+        if done >= total:
+            self._bars.remove_task(self._tasks.pop(stage))
+            if not self._tasks:
+                self._stop()
 
-    def __exit__(self, *exc) -> None:
+    def _stop(self) -> None:
         if self._bars is not None:
             self._bars.stop()
+            self._bars = None
+
+    def __exit__(self, *exc) -> None:
+        self._stop()
 
 
 @app.command()
