@@ -162,7 +162,7 @@ def test_load_factors_round_trip_and_errors(tmp_path, random_factors):
               path, metadata={"fold_ln": "false"})
     geometry = geometry_of(random_factors)
     loaded = load_factors(path, geometry)
-    assert loaded.fold_ln is False and loaded.W_Q.dtype == np.float64 and loaded.num_heads == 3
+    assert loaded.fold_ln is False and loaded.layer(0).W_Q.dtype == np.float64 and loaded.num_heads == 3
     assert operator_evidence(path, last_anchor(3))["last"]["subspace_dim"] == 4
 
     with pytest.raises(QkspectraError, match="no such factors file"):

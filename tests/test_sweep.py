@@ -128,9 +128,9 @@ def test_the_operator_fits_go_through_the_given_map():
 
     remote, local = OperatorFitter(factors, map=elsewhere), OperatorFitter(factors)
     fits, expected = remote.fit_all(np.array([2, 2, 2])), local.fit_all(np.array([2, 2, 2]))
-    assert calls == [[(0, 2), (1, 2), (2, 2)]]
+    assert calls == [[0, 1, 2], [(0, 2), (1, 2), (2, 2)]]  # the layers' summaries, then the layer pairs
     remote.fit_all(np.array([2, 2, 2]))
-    assert len(calls) == 1  # fitted pairs are kept
+    assert len(calls) == 2  # fitted pairs are kept
     for fit, want in zip(fits, expected):
         assert all(np.array_equal(getattr(fit, k), getattr(want, k)) for k in ("T", "residual", "matched_head", "difference_singvals"))
 

@@ -101,10 +101,10 @@ def cluster_map(client: Any) -> Callable[[Callable[[Any], Any], Iterable[Any]], 
 
 
 @contextlib.contextmanager
-def fit_map(scheduler: str | None) -> Iterator[Callable]:
-    """The builtin ``map`` without a scheduler; with one, ``cluster_map`` on it (connected for the block)."""
+def fit_map(scheduler: str | None) -> Iterator[Callable | None]:
+    """None without a scheduler (the fitter's own thread per core); with one, ``cluster_map`` on it (connected for the block)."""
     if scheduler is None:
-        yield map
+        yield None
         return
     with connect(scheduler) as client:
         yield cluster_map(client)

@@ -33,7 +33,7 @@ def operator_missing_reason(geometry: Geometry) -> str:
     return NO_FACTORS
 
 
-def operator_sections(geometry: Geometry, analyses: dict[str, Analysis], *, map: Any = map) -> tuple[dict | None, dict | None, str]:
+def operator_sections(geometry: Geometry, analyses: dict[str, Analysis], *, map: Any = None) -> tuple[dict | None, dict | None, str]:
     """The ``operator`` and ``rank_k`` sections from the factors file beside the geometry.
 
     Returns (operator, rank_k, reason): both None, with the reason, when there is no factors

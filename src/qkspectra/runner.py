@@ -147,7 +147,9 @@ def analysis_document(
     groups: int | None = None,
     functional_model: str | InMemoryModel | None = None,
     options: ExtractOptions = ExtractOptions(),
-    map: Callable = map,
+    map: Callable | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The analysis document with the rank-k section and, when the factors file exists, the operator-level one.
 
@@ -155,21 +157,31 @@ def analysis_document(
     functional_model: also run the functional test on this model (the geometry's), on the corpus
     of ``options`` with at most the functional test's default token budget. Slow: the model runs
     once per reconstruction and anchor strategy.
-    map: how the operator analysis' layer-pair fits run (see ``operator.OperatorFitter``).
+    map: how the operator analysis' layer-pair fits run (see ``operator.OperatorFitter``; None: a thread per core).
+    progress(stage, done, total): after each layer and layer pair of the operator-level fits.
+    timings: receives ``operator_s`` (the operator-level fits) and ``operator_layer_pairs``.
     """
     from qkspectra.analysis import analyze_all
     from qkspectra.operator import OperatorFitter, as_factors
     from qkspectra.pipeline import build_analysis_document
     from qkspectra.rank_k import rank_k_evidence
 
-    factors = as_factors(factors_file, geometry) if isinstance(factors_file, dict) or factors_file.is_file() else None
-    fitter = None if factors is None else OperatorFitter(factors, map=map)
+    anchors = {name: a.anchor for name, a in analyze_all(geometry, groups=groups).items()}
+    fitter = None
+    if isinstance(factors_file, dict) or factors_file.is_file():  # a file is read one layer at a time
+        clock = time.perf_counter()
+        fitter = OperatorFitter(as_factors(factors_file, geometry), map=map, on_step=progress)
+        pairs = {(layer, int(a)) for anchor in anchors.values() for layer, a in enumerate(anchor.layers)}
+        fitter.fit_pairs(pairs)
+        if timings is not None:
+            timings["operator_s"] = round(time.perf_counter() - clock, 3)
+            timings["operator_layer_pairs"] = len(pairs)
+    factors = None if fitter is None else fitter.factors
     if functional_model is None:
         return build_analysis_document(geometry, groups=groups, factors=factors, fitter=fitter)
 
     from qkspectra.functional import DEFAULT_MAX_TOKENS, functional_evidence
 
-    anchors = {name: a.anchor for name, a in analyze_all(geometry, groups=groups).items()}
     rank_k = rank_k_evidence(geometry, anchors, fitter=fitter)
     functional = functional_evidence(
         functional_model, geometry, anchors, rank_k, max_tokens=min(options.max_tokens, DEFAULT_MAX_TOKENS),
@@ -196,14 +208,16 @@ def run(
     options: ExtractOptions = ExtractOptions(),
     groups: int | None = None,
     functional: bool = True,
-    map: Callable = map,
+    map: Callable | None = None,
     say: Callable[[str], None] = lambda _: None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> RunResult:
     """Extract (or reuse), analyze with every anchor strategy, and write the report folder.
 
     functional: also run the functional test (slow; see ``analysis_document``).
     map: how the operator analysis' layer-pair fits run (``cluster.cluster_map(client)``: on a Dask cluster).
     say: receives one line per step, for the user.
+    progress: progress(stage, done, total) within the long steps (the operator-level fits).
     """
     from qkspectra.extract import check_options, factors_path, refuse_overwriting_inputs_of
     from qkspectra.geometry import load_geometry
@@ -258,11 +272,11 @@ def run(
     clock = time.perf_counter()
     if geometry is None:
         geometry = load_geometry(geometry_path)
-    if functional:
-        say(f"running the functional test on {model_name(model)}")
+    say("analysing: operator-level fits, every anchor strategy, null baselines, bootstrap intervals, rank-k"
+        + (f", then the functional test on {model_name(model)}" if functional else ""))
     document = analysis_document(
         geometry, factors_path(geometry_path), groups=groups, functional_model=model if functional else None,
-        options=options, map=map,
+        options=options, map=map, progress=progress, timings=timings,
     )
     atomic_write_json(out_dir / ANALYSIS_FILE, document)
     timings["analyze_s"] = round(time.perf_counter() - clock, 3)

@@ -51,6 +51,48 @@ def run_settings(*, groups: int | None, no_functional: bool, quiet: bool, **extr
     return RunSettings(extract_options(quiet=quiet, **extract), groups, not no_functional)
 
 
+class StageBars:
+    """progress(stage, done, total) as a bar per stage on stderr, with elapsed and remaining time; nothing if disabled.
+
+    The display is shown only while a stage is under way, so other output (the extraction's own bars,
+    the messages) never interleaves with it.
+    """
+
+    def __init__(self, disable: bool):
+        self.disable = disable
+        self._bars = None
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self) -> StageBars | None:
+        return None if self.disable else self
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self._bars is None:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self._bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+                                  console=Console(stderr=True), transient=True)
+            self._bars.start()
+        if stage not in self._tasks:
+            self._tasks[stage] = self._bars.add_task(stage, total=total)
+        self._bars.update(self._tasks[stage], completed=done)
+        if done >= total:
+            self._bars.remove_task(self._tasks.pop(stage))
+            if not self._tasks:
+                self._stop()
+
+    def _stop(self) -> None:
+        if self._bars is not None:
+            self._bars.stop()
+            self._bars = None
+
+    def __exit__(self, *exc) -> None:
+        self._stop()
+
+
 @app.command()
 def run(
     model: Model = "minilm",
@@ -81,9 +123,9 @@ def run(
                             no_functional=no_functional)
     out_dir = default_out_dir(model) if out is None else out
     say = (lambda _: None) if quiet else (lambda line: typer.echo(f"qkspectra: {line}", err=True))
-    with fit_map(scheduler) as layer_pairs_map:
+    with fit_map(scheduler) as layer_pairs_map, StageBars(disable=quiet) as progress:
         result = run_all(model, out_dir, options=settings.options, groups=settings.groups, functional=settings.functional,
-                         map=layer_pairs_map, say=say)
+                         map=layer_pairs_map, say=say, progress=progress)
     typer.echo(render_summary(result.document), nl=False)
     for note in result.report.notes:
         say(note)

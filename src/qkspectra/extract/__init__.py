@@ -10,9 +10,11 @@
      "metadata": {...}}
 
 ``extract_to_files(model, out)`` writes that dict to ``out`` and the per-head factors beside it
-as ``<stem>.factors.safetensors``, streamed layer by layer (see ``factors_file``): ``W_Q``, ``W_K`` (L, H, d_model, d_head) float32, norm
-folded as the spectra were, grouped-query keys expanded, and each multiplied by sqrt(s) so that
-W_Q[l, h] @ W_K[l, h].T is the metric itself; ``b_Q``, ``b_K`` (L, H, d_head), also times sqrt(s),
+as ``<stem>.factors.safetensors``, streamed layer by layer (see ``factors_file``): ``W_Q`` (L, H, d_model, d_head)
+and ``W_K`` (L, H_kv, d_model, d_head) float32 (each key/value head stored once: the file is no larger than the
+checkpoint's query/key weights in float32), norm folded as the spectra were, and each multiplied by sqrt(s) so
+that W_Q[l, h] @ W_K[l, h // (H / H_kv)].T is the metric itself; ``b_Q`` (L, H, d_head), ``b_K`` (L, H_kv, d_head),
+also times sqrt(s),
 when the model has query/key biases (with folding they include the norm bias pushed through).
 The static part reads only the query/key tensors and norm gains, layer by layer, from the
 safetensors files; the dynamic part runs the model on a corpus.
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
 
 FACTORS_SUFFIX = ".factors.safetensors"
 FACTOR_CONVENTION = (
-    "W_Q[l,h] @ W_K[l,h].T is the metric s * W_Q^h W_K^h^T (norm gain folded if fold_ln); "
+    "W_Q[l,h] @ W_K[l,h // (H / H_kv)].T is the metric s * W_Q^h W_K^h^T (norm gain folded if fold_ln); "
     "sqrt(s) is multiplied into each of W_Q, W_K, b_Q, b_K, so logit = (x W_Q + b_Q) . (y W_K + b_K) before positions"
 )
 POSITION_LIMIT_FIELDS = ("max_position_embeddings", "n_positions")
@@ -63,7 +65,7 @@ class ExtractOptions:
 @dataclass(frozen=True, eq=False)
 class Extraction:
     geometry: dict  # the geometry document (see the module docstring)
-    factors: dict[str, np.ndarray] | None  # W_Q, W_K (L, H, d_model, d_head), b_Q, b_K (L, H, d_head); None if streamed
+    factors: dict[str, np.ndarray] | None  # W_Q (L, H, d_model, d_head), W_K (L, H_kv, ...), b_Q, b_K; None if streamed
 
 
 def extract_geometry(model: str | InMemoryModel, *, options: ExtractOptions = ExtractOptions()) -> dict:

@@ -1,7 +1,7 @@
 """Stream the per-head factors into a safetensors file, one layer at a time.
 
-The factors of a large model do not fit in memory (Llama-70B: about 43 GB as float32 with
-grouped-query keys expanded), so they are never gathered: the file's header is written as soon
+The factors of a large model do not fit in memory (Llama-70B: about 24 GB as float32, each
+key/value head once), so they are never gathered: the file's header is written as soon
 as the first layer's shapes are known, every layer's slice is written at its offset, and the
 staging file (beside the target, hidden) is renamed into place only by ``commit()``. Leaving
 the ``with`` block without committing deletes it, so no half-written factors file is ever seen.

@@ -36,7 +36,6 @@ from qkspectra.errors import QkspectraError
 from qkspectra.extract.factors_file import FactorSink
 from qkspectra.extract.qk_norm import NormRMS, isotropic_layer_rms, linearise
 from qkspectra.models.adapters import AttentionAdapter, AttentionLayer
-from qkspectra.models.adapters.base import expand_kv_heads
 from qkspectra.models.tensors import TensorSource
 
 
@@ -174,8 +173,9 @@ class StaticSpectra:
     rows:             per layer, the geometry's static row (lists, JSON-ready)
     scales:           (L,) the logit scale s of each layer
     norm_folded:      (L,) whether a norm gain was folded into that layer
-    factors:          W_Q, W_K (L, H, d_model, d_head) float32 with sqrt(s) in each, so that
-                      W_Q[l, h] @ W_K[l, h].T is the metric; b_Q, b_K (L, H, d_head) likewise
+    factors:          W_Q (L, H, d_model, d_head), W_K (L, H_kv, d_model, d_head) float32 with sqrt(s)
+                      in each, so that W_Q[l, h] @ W_K[l, h // (H / H_kv)].T is the metric; b_Q (L, H, d_head),
+                      b_K (L, H_kv, d_head) likewise
                       times sqrt(s), when the model has them. None when they went to a factor sink.
     checkpoint_dtype: stored dtype of the query weights
     qk_biases:        whether the checkpoint has query and key biases: {"query": bool, "key": bool}
@@ -193,7 +193,11 @@ class StaticSpectra:
 
 
 def layer_factors(layer: AttentionLayer) -> dict[str, np.ndarray]:
-    """The layer's factors with sqrt(s) in each, float32, one per query head: W_Q, W_K (H, d_model, d_head), b_Q, b_K (H, d_head)."""
+    """The layer's factors with sqrt(s) in each, float32, each key/value head once.
+
+    W_Q (H, d_model, d_head), W_K (H_kv, d_model, d_head), b_Q (H, d_head), b_K (H_kv, d_head);
+    query head h reads key head h // (H / H_kv).
+    """
     root_scale = np.sqrt(layer.scale)
     factors = {"W_Q": layer.W_Q, "W_K": layer.W_K, "b_Q": layer.b_Q, "b_K": layer.b_K}
     with np.errstate(over="ignore"):  # written straight into C order: the checkpoint's layout is transposed
@@ -201,9 +205,7 @@ def layer_factors(layer: AttentionLayer) -> dict[str, np.ndarray]:
                   for name, factor in factors.items() if factor is not None}
     if not all(np.isfinite(factor).all() for factor in scaled.values()):
         raise NonFiniteFactor("beyond float32's range")
-    num_heads = layer.W_Q.shape[0]  # keys are repeated (in float32) for the query heads that share them
-    return {name: expand_kv_heads(factor, num_heads) if name in ("W_K", "b_K") else factor
-            for name, factor in scaled.items()}
+    return scaled
 
 
 class FactorCollector:
