@@ -6,7 +6,8 @@
      "static":  [{"metric_singvals_per_head": (H, k) lists, "operator_norm_per_head", "frobenius_norm_per_head",
                   "stable_rank_per_head", "effective_rank_per_head"}, ... L rows],
      "dynamic": [{"mean_attention_entropy_per_head", "mean_normalized_entropy_per_head",
-                  "mean_sink_mass_per_head"}, ... L rows]          (absent with static_only)
+                  "mean_sink_mass_per_head", "entropy_by_position_per_head": (H, buckets) lists},
+                 ... L rows]                                       (absent with static_only)
      "metadata": {...}}
 
 ``extract_to_files(model, out)`` writes that dict to ``out`` and the per-head factors beside it
@@ -38,6 +39,8 @@ FACTOR_CONVENTION = (
     "sqrt(s) is multiplied into each of W_Q, W_K, b_Q, b_K, so logit = (x W_Q + b_Q) . (y W_K + b_K) before positions"
 )
 POSITION_LIMIT_FIELDS = ("max_position_embeddings", "n_positions")
+POSITION_BUCKETS = ("entropy_by_position_per_head[h][b]: mean entropy of the queries at 1-based positions "
+                    "2^b .. 2^(b+1) - 1 of their window (1, 2-3, 4-7, ...)")
 
 
 MAX_TOKENS_LIMIT = 10**12  # far beyond any corpus pass; keeps every count a 64-bit integer
@@ -112,7 +115,7 @@ def run_extraction(
         from qkspectra.extract.corpus import default_seq_len, load_windows, model_max_length
 
         check_position_limit(source.config, options.seq_len)
-        torch_model, tokenizer = load_model(source, progress=progress)
+        torch_model, tokenizer = load_model(source, attn_implementation="sdpa", progress=progress)
         if not options.window_per_line:
             seq_len = options.seq_len if options.seq_len is not None else default_seq_len(torch_model)
         corpus = load_windows(tokenizer, corpus=options.corpus, seq_len=seq_len, max_tokens=options.max_tokens,
@@ -172,6 +175,7 @@ def run_extraction(
                     "mean_attention_entropy_per_head": stats.mean_entropy[layer].tolist(),
                     "mean_normalized_entropy_per_head": stats.mean_normalized_entropy[layer].tolist(),
                     "mean_sink_mass_per_head": stats.mean_sink_mass[layer].tolist(),
+                    "entropy_by_position_per_head": stats.entropy_by_position[layer].tolist(),
                 }
                 for layer in range(adapter.num_layers)
             ]
@@ -183,6 +187,8 @@ def run_extraction(
                 max_tokens=options.max_tokens,
                 num_windows=stats.num_windows,
                 num_tokens=stats.num_tokens,
+                position_buckets=POSITION_BUCKETS,
+                queries_by_position=stats.queries_by_position.tolist(),
             )
         if writer is not None:
             metadata["factors_file"] = writer.commit().name

@@ -1,7 +1,7 @@
 """Mean attention entropy per layer and head over a corpus: the dynamic half of ``extract``.
 
 For each real (non-padding) query position i of every window, and each layer and head, the
-model's own eager attention probabilities p_ij give
+attention probabilities p_ij = softmax_j(s_ij) give
 
     H_i = -sum_j p_ij log p_ij   (nats, 0 log 0 = 0)
 
@@ -14,20 +14,28 @@ Reported per (layer, head), each a token-weighted mean over all real query posit
 - ``mean_entropy``: H_i;
 - ``mean_normalized_entropy``: H_i / log(n_i), n_i the number of keys query i sees (1 for
   uniform attention, 0 for one-hot); queries that see a single key are left out of this mean;
-- ``mean_sink_mass``: p_i0, the probability on the window's first token (BOS / [CLS]).
+- ``mean_sink_mass``: p_i0, the probability on the window's first token (BOS / [CLS]);
+- ``entropy_by_position``: the mean of H_i over the queries at positions n = i + 1 (counted from
+  the window's first real token) in the log2-spaced bucket b = floor(log2 n): 1, 2-3, 4-7, ...
 
-The probabilities are captured with forward hooks on the modules whose output transformers
-itself records for ``output_attentions`` (the model's ``_can_record_outputs["attentions"]``),
-reduced to these per-query numbers inside the hook and dropped at once: only one layer's
-attention map exists at any time. ``output_attentions`` is never set (in transformers 5 it makes
-the model keep every layer's map). Sums are accumulated in float64.
+No attention map is ever formed. The model runs with its own (fast, SDPA) attention; a forward
+hook on each attention module takes the block's input and rebuilds the layer's queries and keys
+from the adapter's pieces (``AttentionAdapter.queries_and_keys``: projections, biases, rotary
+positions, scale), exactly as the model forms its logits s_ij = q_i . k_j. ``logit_entropy`` then
+goes through blocks of queries and, for each, blocks of keys with an online log-sum-exp in
+float32 (FlashAttention's running max m and sum l = sum_j exp(s_ij - m), plus
+u = sum_j exp(s_ij - m)(s_ij - m); when m grows by d, u <- exp(-d)(u - d l) and l <- exp(-d) l),
+so that H_i = log l - u / l and p_i0 = exp(s_i0 - m) / l; only one block of logits (and its
+exponentials) exists at a time, whatever the sequence length. Key blocks a causal mask hides
+entirely are skipped. Whatever the model's dtype, queries and keys are formed and reduced in
+float32; sums over queries are accumulated in float64.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 import numpy as np
@@ -38,26 +46,31 @@ from tqdm.auto import tqdm
 from qkspectra.errors import QkspectraError
 from qkspectra.extract.corpus import Corpus
 
-# Transient memory the attention maps of one batch may take, and a cap on tokens per batch
-# (which bounds the other activations).
-ATTENTION_MEMORY_BUDGET = 512 * 2**20
+# Tokens per forward pass (bounds the activations, which grow linearly with it), and the bytes of
+# boolean attention masks a batch may need (a padded batch's 4-D mask has B x seq^2 entries).
 MAX_TOKENS_PER_BATCH = 16384
-# float32 bytes per attention-map entry alive at the peak of one eager attention call: two maps
-# while the mask is added or the softmax is taken, plus a third for margin.
-_BYTES_PER_MAP_ENTRY = 12
-# Attention-map entries reduced per step by entropy_from_probs (16 MiB of float32): no copy of a
-# whole map is made, and the steps are few (each torch operation has a fixed cost, which grows
-# when other processes compete for the cores).
+MASK_MEMORY_BUDGET = 256 * 2**20
+# Logits per block of logit_entropy (16 MiB of float32): large enough that the per-block costs of
+# the torch calls vanish, small enough to stay in a few caches' worth of memory.
+LOGITS_PER_BLOCK = 2**22
+KEYS_PER_BLOCK = 1024
+# Attention-map entries reduced per step by entropy_from_probs (16 MiB of float32).
 _ENTRIES_PER_STEP = 2**22
+# Hidden logits are filled with _HIDDEN, below the running maximum's start _START: exp(_HIDDEN - m)
+# is exactly 0 for every m >= _START, and every term stays finite (no inf - inf, no 0 * inf).
+_START = -1e30
+_HIDDEN = -2e30
 
 
 @dataclass(frozen=True)
 class EntropyStats:
-    """Attention statistics per layer and head, each a float64 array of shape (L, H)."""
+    """Attention statistics per layer and head, each a float64 array of shape (L, H) unless said."""
 
     mean_entropy: np.ndarray  # (L, H) nats
     mean_normalized_entropy: np.ndarray  # (L, H) entropy / log(visible keys), queries seeing >= 2 keys
     mean_sink_mass: np.ndarray  # (L, H) probability on the window's first token
+    entropy_by_position: np.ndarray  # (L, H, buckets) mean entropy of the queries at positions [2^b, 2^(b+1))
+    queries_by_position: np.ndarray  # (buckets,) int: real queries counted in each bucket
     num_windows: int
     num_tokens: int  # real query positions counted
 
@@ -87,22 +100,75 @@ def entropy_from_probs(probs: torch.Tensor, key_mask: torch.Tensor | None) -> to
     return entropy.neg_()
 
 
+def logit_entropy(queries: torch.Tensor, keys: torch.Tensor, visible: VisibleKeys,
+                  sink_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy and sink mass of softmax(queries . keys) over the visible keys, one block of logits at a time.
+
+    queries:  (B, H, query_pos, d_head) float32, the logit scale included
+    keys:     (B, H_kv, key_pos, d_head) float32, H_kv divides H (query head h reads key head h // (H / H_kv))
+    visible:  which keys each query sees
+    sink_key: (B,) int64, the key whose probability is the sink mass (each window's first real token)
+    returns   entropy (B, H, query_pos) in nats and sink mass (B, H, query_pos), float32; 0 for a
+              query that sees no key
+    """
+    B, H, num_queries, d_head = queries.shape
+    H_kv, num_keys = keys.shape[1], keys.shape[2]
+    group = H // H_kv
+    grouped = queries.view(B, H_kv, group, num_queries, d_head)  # (B, H_kv, G, query_pos, d_head)
+    keys_t = keys.transpose(-1, -2)  # (B, H_kv, d_head, key_pos)
+    key_block = min(num_keys, KEYS_PER_BLOCK)
+    query_block = max(1, min(num_queries, LOGITS_PER_BLOCK // max(1, B * H * key_block)))
+    state = queries.new_empty((3, B, H_kv, group, num_queries))  # m, l, u per query
+    m, l, u = state[0].fill_(_START), state[1].zero_(), state[2].zero_()
+    for q_start in range(0, num_queries, query_block):
+        q_stop = min(q_start + query_block, num_queries)
+        rows = slice(q_start, q_stop)
+        q = grouped[..., rows, :].reshape(B, H_kv, group * (q_stop - q_start), d_head)  # (B, H_kv, G bq, d_head)
+        for k_start in range(0, num_keys, key_block):
+            k_stop = min(k_start + key_block, num_keys)
+            mask = visible.block(q_start, q_stop, k_start, k_stop)  # (B|1, 1, 1, bq, bk) bool, True: all, False: none
+            if mask is False:
+                continue
+            logits = (q @ keys_t[..., k_start:k_stop]).view(B, H_kv, group, q_stop - q_start, k_stop - k_start)
+            if mask is not True:
+                logits.masked_fill_(~mask, _HIDDEN)
+            m_new = torch.maximum(m[..., rows], logits.amax(dim=-1))  # (B, H_kv, G, bq)
+            grown = m_new - m[..., rows]  # d >= 0
+            decay = torch.exp(-grown)
+            logits.sub_(m_new.unsqueeze(-1))  # s - m
+            weights = torch.exp(logits)  # exp(s - m), 0 where hidden
+            u[..., rows] = decay * (u[..., rows] - grown * l[..., rows]) + logits.mul_(weights).sum(dim=-1)
+            l[..., rows] = decay * l[..., rows] + weights.sum(dim=-1)
+            m[..., rows] = m_new
+    seen = l > 0
+    safe_l = torch.where(seen, l, 1.0)
+    entropy = torch.where(seen, torch.log(safe_l) - u / safe_l, 0.0)  # (B, H_kv, G, query_pos)
+    sink_keys = keys[torch.arange(B, device=keys.device), :, sink_key]  # (B, H_kv, d_head)
+    sink_logit = torch.einsum("bkgqd,bkd->bkgq", grouped, sink_keys)
+    sink_seen = seen & visible.sees(sink_key)[:, None, None, :]
+    sink = torch.where(sink_seen, torch.exp((sink_logit - m).clamp(max=0)) / safe_l, 0.0)
+    return entropy.reshape(B, H, num_queries), sink.reshape(B, H, num_queries)
+
+
 def attention_entropy(model: nn.Module, corpus: Corpus, *, batch_size: int | None = None, progress: bool = True,
                       padding_side: Literal["left", "right"] = "right") -> EntropyStats:
     """Mean attention entropy, normalised entropy and sink mass per (layer, head) over the corpus windows.
 
-    model:        a transformers model loaded with attn_implementation="eager"
-    batch_size:   windows per forward pass; None: as many as fit ATTENTION_MEMORY_BUDGET
+    model:        a transformers model (any attention implementation; SDPA is the fast one) in any
+                  dtype and on any device; its queries and keys are rebuilt by its adapter
+    batch_size:   windows per forward pass; None: as many as MAX_TOKENS_PER_BATCH and MASK_MEMORY_BUDGET allow
     padding_side: where padding goes in a batch; the results do not depend on it (padding is
                   masked out and positions are counted from the attention mask)
     """
-    if getattr(model.config, "_attn_implementation", None) != "eager":
-        raise QkspectraError("attention entropy needs the model loaded with attn_implementation='eager'")
+    from qkspectra.models.adapters import adapter_for
+
     if batch_size is not None and batch_size < 1:
         raise QkspectraError(f"--batch-size must be at least 1, got {batch_size}")
     if not corpus.windows:
         raise QkspectraError(f"corpus {corpus.description} has no windows")
-    accumulator = _EntropyAccumulator(num_layers=model.config.num_hidden_layers)
+    adapter = adapter_for(model.config)
+    longest = max(map(len, corpus.windows))
+    accumulator = _EntropyAccumulator(adapter, model, num_buckets=position_bucket(longest) + 1)
     handles = [module.register_forward_hook(accumulator.hook(module), with_kwargs=True)
                for module in attention_modules(model)]
     body = model.base_model  # the layers without a language-model head: no (B, seq, vocab) logits
@@ -125,6 +191,19 @@ def attention_entropy(model: nn.Module, corpus: Corpus, *, batch_size: int | Non
             handle.remove()
         model.train(was_training)
     return accumulator.stats(num_windows=len(corpus.windows))
+
+
+def position_bucket(position: int) -> int:
+    """The bucket of the query at 1-based position n: floor(log2 n) (1 -> 0, 2-3 -> 1, 4-7 -> 2, ...)."""
+    return int(position).bit_length() - 1
+
+
+def layer_as_torch(layer, dtype: torch.dtype, device: torch.device):
+    """An adapter's ``AttentionLayer`` with every array field as a torch tensor of ``dtype`` on ``device``."""
+    return replace(layer, **{
+        field.name: torch.as_tensor(getattr(layer, field.name), dtype=dtype, device=device)
+        for field in fields(layer) if isinstance(getattr(layer, field.name), np.ndarray)
+    })
 
 
 def forward_inputs(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
@@ -177,8 +256,8 @@ def _matches(spec: object, name: str, module: nn.Module) -> bool:
 def window_batches(windows: list[list[int]], num_heads: int, batch_size: int | None) -> list[list[int]]:
     """Window indices grouped into batches, longest windows first (so little padding).
 
-    With batch_size None, a batch grows while its attention maps fit ATTENTION_MEMORY_BUDGET and its
-    tokens MAX_TOKENS_PER_BATCH; a window alone always makes a batch.
+    With batch_size None, a batch grows while its tokens fit MAX_TOKENS_PER_BATCH and its 4-D boolean
+    mask MASK_MEMORY_BUDGET; a window alone always makes a batch.
     """
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i]))
     batches: list[list[int]] = []
@@ -193,8 +272,7 @@ def window_batches(windows: list[list[int]], num_heads: int, batch_size: int | N
 def _fits(count: int, seq_len: int, num_heads: int, batch_size: int | None) -> bool:
     if batch_size is not None:
         return count <= batch_size
-    map_bytes = count * num_heads * seq_len * seq_len * _BYTES_PER_MAP_ENTRY
-    return map_bytes <= ATTENTION_MEMORY_BUDGET and count * seq_len <= MAX_TOKENS_PER_BATCH
+    return count * seq_len <= MAX_TOKENS_PER_BATCH and count * seq_len * seq_len <= MASK_MEMORY_BUDGET
 
 
 def pad_windows(windows: list[list[int]], pad_id: int,
@@ -210,34 +288,103 @@ def pad_windows(windows: list[list[int]], pad_id: int,
     return input_ids, attention_mask
 
 
-@dataclass
-class _VisibleKeys:
-    """What a query sees under one 4-D attention mask, for the current batch."""
+class VisibleKeys:
+    """Which keys each query sees under the mask the model hands one attention call.
 
-    key_mask: torch.Tensor | None  # (B|1, 1, query_pos, key_pos) bool, None: every key
-    normalized_weight: torch.Tensor  # (B, query_pos) float64: 1 / log(n_i) for real queries seeing n_i >= 2 keys
-    num_normalized: float  # number of such queries
+    mask: the model's 4-D mask (B|1, 1, query_pos, key_pos), boolean (True: visible) or additive
+    float (visible where above half the dtype's minimum), or None: every key, or with ``causal``
+    keys j <= i + (key_pos - query_pos).
+    """
+
+    def __init__(self, mask: torch.Tensor | None, causal: bool, num_queries: int, num_keys: int,
+                 device: torch.device):
+        self.device = device
+        self.causal = mask is None and causal
+        self.offset = num_keys - num_queries
+        self.num_keys = num_keys
+        if mask is not None:
+            mask = mask[..., -num_queries:, :num_keys]
+            mask = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+            if mask.shape[1] != 1:
+                raise QkspectraError(f"attention mask of shape {tuple(mask.shape)}: expected one mask for all heads")
+        self.mask = mask  # (B|1, 1, query_pos, key_pos) bool or None
+
+    def block(self, q_start: int, q_stop: int, k_start: int, k_stop: int) -> torch.Tensor | bool:
+        """True if every query of the block sees every key of it, False if none sees any, else the
+        (B|1, 1, 1, bq, bk) boolean mask (broadcast over kv heads and their query groups)."""
+        if self.mask is None:
+            if not self.causal or k_stop - 1 <= q_start + self.offset:
+                return True
+            if k_start > q_stop - 1 + self.offset:
+                return False
+            query = torch.arange(q_start, q_stop, device=self.device).unsqueeze(-1) + self.offset  # (bq, 1)
+            return (torch.arange(k_start, k_stop, device=self.device) <= query)[None, None, None]
+        block = self.mask[..., q_start:q_stop, k_start:k_stop]  # (B|1, 1, bq, bk)
+        if bool(block.all()):
+            return True
+        if not bool(block.any()):
+            return False
+        return block.unsqueeze(2)
+
+    def count(self) -> torch.Tensor:
+        """(B|1, query_pos) float64: the number of keys each query sees."""
+        if self.mask is not None:
+            return self.mask.sum(dim=-1, dtype=torch.float64)[:, 0]
+        num_queries = self.num_keys - self.offset
+        if not self.causal:
+            return torch.full((1, num_queries), float(self.num_keys), dtype=torch.float64, device=self.device)
+        count = torch.arange(num_queries, dtype=torch.float64, device=self.device) + self.offset + 1
+        return count.clamp(max=self.num_keys)[None]
+
+    def sees(self, key: torch.Tensor) -> torch.Tensor:
+        """(B, query_pos) bool: whether each query of window b sees its key ``key[b]`` (key: (B,) int64)."""
+        num_queries = self.num_keys - self.offset
+        if self.mask is not None:
+            rows = self.mask[:, 0].expand(key.shape[0], -1, -1)  # (B, query_pos, key_pos)
+            return rows[torch.arange(key.shape[0], device=key.device), :, key]
+        query = torch.arange(num_queries, device=key.device) + self.offset
+        if not self.causal:
+            return torch.ones(key.shape[0], num_queries, dtype=torch.bool, device=key.device)
+        return key[:, None] <= query[None, :]
 
 
 class _EntropyAccumulator:
     """Float64 sums per (layer, head), fed by the attention hooks one batch at a time.
 
     The layer of a hook call is its rank among the attention calls of the current forward pass.
+    Each layer's pieces are read once from the model's weights by its adapter.
     """
 
-    def __init__(self, num_layers: int):
-        self.num_layers = num_layers
-        self.entropy_sum: torch.Tensor | None = None  # (L, H) float64
-        self.normalized_sum: torch.Tensor | None = None  # (L, H)
-        self.sink_sum: torch.Tensor | None = None  # (L, H)
-        self.normalized_count = torch.zeros(num_layers, dtype=torch.float64)  # (L,)
+    def __init__(self, adapter, model: nn.Module, num_buckets: int):
+        from qkspectra.models.tensors import StateDictSource
+
+        self.adapter = adapter
+        self.num_layers = adapter.num_layers
+        self.tensors = StateDictSource(model.state_dict())
+        self.layers: dict[int, object] = {}
+        L, H = adapter.num_layers, adapter.num_heads
+        self.entropy_sum = torch.zeros(L, H, dtype=torch.float64)  # (L, H)
+        self.normalized_sum = torch.zeros(L, H, dtype=torch.float64)  # (L, H)
+        self.sink_sum = torch.zeros(L, H, dtype=torch.float64)  # (L, H)
+        self.bucket_sum = torch.zeros(L, H, num_buckets, dtype=torch.float64)  # (L, H, buckets)
+        self.bucket_count = torch.zeros(num_buckets, dtype=torch.float64)  # (buckets,)
+        self.normalized_count = torch.zeros(L, dtype=torch.float64)  # (L,)
         self.num_tokens = 0
+
+    def layer(self, index: int, device: torch.device):
+        if index not in self.layers:
+            self.layers[index] = layer_as_torch(self.adapter.layer(self.tensors, index), torch.float32, device)
+        return self.layers[index]
 
     def begin_batch(self, attention_mask: torch.Tensor) -> None:
         """attention_mask: (B, seq) 1 for real tokens."""
         self.query_weight = attention_mask.to(torch.float64)  # (B, query_pos)
         self.first_key = attention_mask.argmax(dim=-1)  # (B,) index of each window's first real token
-        self.visible_by_mask: dict[int, tuple[torch.Tensor | None, _VisibleKeys]] = {}
+        positions = attention_mask.cumsum(-1).clamp(min=1)  # (B, query_pos) 1-based position of real tokens
+        bucket = torch.floor(torch.log2(positions.to(torch.float64))).long()  # (B, query_pos)
+        self.bucket_weight = (torch.nn.functional.one_hot(bucket, self.bucket_count.shape[0]).to(torch.float64)
+                              * self.query_weight[..., None])  # (B, query_pos, buckets)
+        self.counts_by_mask: dict[int, tuple[torch.Tensor | None, torch.Tensor, float]] = {}
         self.calls = 0
 
     def end_batch(self, model_name: str) -> None:
@@ -245,69 +392,53 @@ class _EntropyAccumulator:
             raise QkspectraError(f"{model_name}: attention ran {self.calls} times in one forward pass, "
                                  f"expected once per layer ({self.num_layers})")
         self.num_tokens += int(self.query_weight.sum())
-        self.visible_by_mask = {}
+        self.bucket_count += self.bucket_weight.sum(dim=(0, 1)).cpu()
+        self.counts_by_mask = {}
 
     def hook(self, module: nn.Module) -> Callable:
         signature = inspect.signature(module.forward)
 
-        def record(module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
-            probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if probs is None:
-                raise QkspectraError(f"{type(module).__name__} returned no attention probabilities; "
-                                     "load the model with attn_implementation='eager'")
-            mask = signature.bind(*args, **kwargs).arguments.get("attention_mask")
-            self.add(probs, self._visible_keys(mask, probs, getattr(module, "is_causal", False)))
+        def record(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+            arguments = signature.bind(*args, **kwargs).arguments
+            arguments = {**arguments.pop("kwargs", {}), **arguments}
+            layer_index = self.calls
+            self.calls += 1
+            if layer_index >= self.num_layers:
+                raise QkspectraError(f"attention ran more than once per layer ({self.num_layers} layers)")
+            hidden = arguments["hidden_states"]
+            layer = self.layer(layer_index, hidden.device)
+            queries, keys = self.adapter.queries_and_keys(layer, hidden.to(torch.float32),
+                                                          arguments.get("position_embeddings"))
+            mask = arguments.get("attention_mask")
+            visible = VisibleKeys(mask, getattr(module, "is_causal", False), queries.shape[-2], keys.shape[-2],
+                                  hidden.device)
+            self.add(layer_index, queries, keys, visible, mask)
 
         return record
 
-    def _visible_keys(self, mask: torch.Tensor | None, probs: torch.Tensor, is_causal: bool) -> _VisibleKeys:
-        """mask: the model's 4-D mask (B|1, 1, query_pos, key_pos), additive float or bool, or None."""
+    def _normalized_weight(self, visible: VisibleKeys, mask: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+        """(B, query_pos) float64: 1 / log(n_i) for real queries seeing n_i >= 2 keys; and their number."""
         cache_key = id(mask)
-        if cache_key in self.visible_by_mask:
-            return self.visible_by_mask[cache_key][1]
-        num_queries, num_keys = probs.shape[-2:]
-        if mask is None and is_causal:
-            key_mask = torch.ones(num_queries, num_keys, dtype=torch.bool, device=probs.device).tril(num_keys - num_queries)
-            key_mask = key_mask[None, None]
-        elif mask is None:
-            key_mask = None
-        elif mask.dtype == torch.bool:
-            key_mask = mask[..., :num_keys]
-        else:
-            key_mask = mask[..., :num_keys] > torch.finfo(mask.dtype).min / 2
-        if key_mask is None:
-            num_visible = self.query_weight.new_full(self.query_weight.shape, float(num_keys))
-        else:
-            num_visible = key_mask.sum(dim=-1, dtype=torch.float64).amax(dim=1)  # (B|1, query_pos)
-        real_and_several = self.query_weight * (num_visible > 1)  # (B, query_pos)
-        normalized_weight = real_and_several / num_visible.clamp(min=2).log()
-        visible = _VisibleKeys(key_mask, normalized_weight, float(real_and_several.sum()))
-        self.visible_by_mask[cache_key] = (mask, visible)  # the mask is held so its id stays unique
-        return visible
+        if cache_key not in self.counts_by_mask:
+            num_visible = visible.count().to(self.query_weight.device)  # (B|1, query_pos)
+            real_and_several = self.query_weight * (num_visible > 1)  # (B, query_pos)
+            weight = real_and_several / num_visible.clamp(min=2).log()
+            self.counts_by_mask[cache_key] = (mask, weight, float(real_and_several.sum()))  # mask held: id stays unique
+        return self.counts_by_mask[cache_key][1:]
 
-    def add(self, probs: torch.Tensor, visible: _VisibleKeys) -> None:
-        """probs: (B, H, query_pos, key_pos) the next layer's attention probabilities."""
-        layer = self.calls
-        self.calls += 1
-        if layer >= self.num_layers:
-            raise QkspectraError(f"attention ran more than once per layer ({self.num_layers} layers)")
-        if probs.dtype not in (torch.float32, torch.float64):
-            probs = probs.float()
-        # Keys the model hides already have probability exactly 0 (its softmax adds the dtype's
-        # minimum or -inf to their scores), so they add nothing and need no mask here.
-        entropy = entropy_from_probs(probs, None).to(torch.float64)  # (B, H, query_pos)
-        batch = torch.arange(probs.shape[0], device=probs.device)
-        sink = probs[batch, :, :, self.first_key].to(torch.float64)  # (B, H, query_pos)
-        if self.entropy_sum is None:
-            shape = (self.num_layers, probs.shape[1])
-            self.entropy_sum, self.normalized_sum, self.sink_sum = (torch.zeros(shape, dtype=torch.float64)
-                                                                    for _ in range(3))
-        if probs.shape[1] != self.entropy_sum.shape[1]:
-            raise QkspectraError(f"layer {layer} has {probs.shape[1]} heads, layer 0 {self.entropy_sum.shape[1]}")
+    def add(self, layer: int, queries: torch.Tensor, keys: torch.Tensor, visible: VisibleKeys,
+            mask: torch.Tensor | None) -> None:
+        """queries (B, H, query_pos, d_head), keys (B, H_kv, key_pos, d_head) of the next layer."""
+        if queries.shape[1] != self.entropy_sum.shape[1]:
+            raise QkspectraError(f"layer {layer} has {queries.shape[1]} heads, expected {self.entropy_sum.shape[1]}")
+        entropy, sink = logit_entropy(queries, keys, visible, self.first_key)  # (B, H, query_pos) each
+        entropy, sink = entropy.to(torch.float64), sink.to(torch.float64)
+        normalized_weight, num_normalized = self._normalized_weight(visible, mask)
         self.entropy_sum[layer] += torch.einsum("bhq,bq->h", entropy, self.query_weight).cpu()
-        self.normalized_sum[layer] += torch.einsum("bhq,bq->h", entropy, visible.normalized_weight).cpu()
+        self.normalized_sum[layer] += torch.einsum("bhq,bq->h", entropy, normalized_weight).cpu()
         self.sink_sum[layer] += torch.einsum("bhq,bq->h", sink, self.query_weight).cpu()
-        self.normalized_count[layer] += visible.num_normalized
+        self.bucket_sum[layer] += torch.einsum("bhq,bqn->hn", entropy, self.bucket_weight).cpu()
+        self.normalized_count[layer] += num_normalized
 
     def stats(self, num_windows: int) -> EntropyStats:
         return EntropyStats(
@@ -315,6 +446,8 @@ class _EntropyAccumulator:
             # NaN for a layer where no query sees two keys
             mean_normalized_entropy=(self.normalized_sum / self.normalized_count[:, None]).numpy(),
             mean_sink_mass=(self.sink_sum / self.num_tokens).numpy(),
+            entropy_by_position=(self.bucket_sum / self.bucket_count).numpy(),
+            queries_by_position=self.bucket_count.numpy().astype(np.int64),
             num_windows=num_windows,
             num_tokens=self.num_tokens,
         )

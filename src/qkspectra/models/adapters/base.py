@@ -125,6 +125,28 @@ class AttentionAdapter(abc.ABC):
     def layer(self, tensors: TensorSource, index: int) -> AttentionLayer:
         """Layer ``index`` (0-based, in execution order) read from ``tensors``."""
 
+    def queries_and_keys(self, layer: AttentionLayer, hidden_states: Any,
+                         position_embeddings: tuple[Any, Any] | None = None) -> tuple[Any, Any]:
+        """The layer's queries and keys as the model forms its logits, from the attention block's input.
+
+        layer:               this layer with torch tensors in place of the arrays (``layer_as_torch``), as
+                             stored (the norm feeding the block is already in ``hidden_states``)
+        hidden_states:       (B, T, d_model) torch tensor, what enters the attention block
+        position_embeddings: the (cos, sin) the model hands its attention modules, each (B, T, rotary_dim);
+                             needed for rotary layers
+        returns              queries (B, H, T, d_head) with the scale s multiplied in, keys (B, H_kv, T, d_head),
+                             so that the logit of query i and key j is queries[..., i, :] . keys[..., j, :]
+
+        An architecture whose logits need more (per-head q/k norms, ...) overrides this.
+        """
+        queries = project_heads(hidden_states, layer.W_Q, layer.b_Q)  # (B, H, T, d_head)
+        keys = project_heads(hidden_states, layer.W_K, layer.b_K)  # (B, H_kv, T, d_head)
+        if layer.rotary is not None:
+            if position_embeddings is None:
+                raise QkspectraError(f"{self.model_type}: the attention block was given no rotary position embeddings")
+            queries, keys = apply_rotary(queries, position_embeddings), apply_rotary(keys, position_embeddings)
+        return queries * layer.scale, keys
+
     def check_sequence_length(self, seq_len: int) -> None:
         """Raise QkspectraError if attention over ``seq_len`` tokens differs from full (causal) attention."""
 
@@ -197,3 +219,27 @@ def expand_kv_heads(per_kv_head: np.ndarray | None, num_heads: int) -> np.ndarra
     if per_kv_head is None:
         return None
     return np.repeat(per_kv_head, num_heads // per_kv_head.shape[0], axis=0)
+
+
+def project_heads(hidden_states: Any, W: Any, b: Any | None) -> Any:
+    """(B, T, d_model) @ per-head factors W (H, d_model, d_head) [+ b (H, d_head)] -> (B, H, T, d_head), torch."""
+    heads, d_model, d_head = W.shape
+    projected = hidden_states @ W.permute(1, 0, 2).reshape(d_model, heads * d_head)  # (B, T, H d_head)
+    if b is not None:
+        projected = projected + b.reshape(-1)
+    return projected.unflatten(-1, (heads, d_head)).transpose(1, 2)
+
+
+def apply_rotary(x: Any, position_embeddings: tuple[Any, Any]) -> Any:
+    """Rotate the first rotary_dim coordinates of x (B, heads, T, d_head) by (cos, sin) (B, T, rotary_dim).
+
+    Hugging Face's ``rotate_half`` layout: coordinate i < rotary_dim/2 pairs with i + rotary_dim/2.
+    """
+    import torch
+
+    cos, sin = (t.to(x.dtype).unsqueeze(1) for t in position_embeddings)  # (B, 1, T, rotary_dim)
+    rotary_dim = cos.shape[-1]
+    rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]  # (B, heads, T, rotary_dim), (..., rest)
+    first, second = rotated.chunk(2, dim=-1)
+    turned = rotated * cos + torch.cat([second.neg(), first], dim=-1) * sin
+    return torch.cat([turned, passed], dim=-1)
