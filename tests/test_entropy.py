@@ -91,7 +91,7 @@ def reference_stats(model, windows: list[list[int]], causal: bool, sliding_windo
     entropy_sum = normalized_sum = sink_sum = 0.0
     num_tokens = num_normalized = 0
     buckets = position_bucket(max(map(len, windows))) + 1
-    bucket_sum, bucket_count = 0.0, np.zeros(buckets)
+    bucket_sum, bucket_count, log_keys_sum = 0.0, np.zeros(buckets), 0.0
     with torch.inference_mode():
         for window in windows:
             out = model(input_ids=torch.tensor([window]), output_attentions=True)
@@ -113,10 +113,12 @@ def reference_stats(model, windows: list[list[int]], causal: bool, sliding_windo
             one_hot = np.eye(buckets)[bucket]  # (query_pos, buckets)
             bucket_sum = bucket_sum + entropy @ one_hot  # (L, H, buckets)
             bucket_count += one_hot.sum(0)
+            log_keys_sum = log_keys_sum + np.log(num_visible) @ one_hot  # (buckets,)
             num_tokens += n
             num_normalized += int(several.sum())
     return {"mean_entropy": entropy_sum / num_tokens, "mean_normalized_entropy": normalized_sum / num_normalized,
-            "mean_sink_mass": sink_sum / num_tokens, "entropy_by_position": bucket_sum / bucket_count}
+            "mean_sink_mass": sink_sum / num_tokens, "entropy_by_position": bucket_sum / bucket_count,
+            "log_keys_by_position": np.broadcast_to(log_keys_sum / bucket_count, (probs.shape[0], buckets))}
 
 
 def assert_matches_reference(stats, reference, num_tokens):

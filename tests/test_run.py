@@ -16,7 +16,8 @@ from qkspectra.runner import cache_key, default_out_dir, model_identity, reusabl
 
 OPTIONS = ExtractOptions(max_tokens=256, seq_len=64, quiet=True)
 CLI_OPTIONS = ["--max-tokens", "256", "--seq-len", "64", "--quiet"]
-PLOTS = {"schedule", "temperature_heatmap", "residual_heatmap", "spectral_shapes", "entropy_scatter", "cross_head", "rank_k"}
+PLOTS = {"schedule", "temperature_heatmap", "residual_heatmap", "spectral_shapes", "entropy_scatter", "entropy_by_position",
+         "cross_head", "rank_k"}
 
 
 @pytest.fixture(scope="module")

@@ -132,12 +132,13 @@ def analysis_document(
     groups: int | None = None,
     functional_model: str | None = None,
     options: ExtractOptions = ExtractOptions(),
+    functional_tokens: int | None = None,
 ) -> dict[str, Any]:
     """The analysis document with the rank-k section and, when the factors file exists, the operator-level one.
 
-    functional_model: also run the functional test on this model (the geometry's), on the corpus
-    of ``options`` with at most the functional test's default token budget. Slow: the model runs
-    once per reconstruction and anchor strategy.
+    functional_model: also run the functional test on this model (the geometry's), on the corpus,
+    device and dtype of ``options``, with ``functional_tokens`` corpus tokens (None: the functional
+    test's default budget). The model runs once per reconstruction and anchor strategy.
     """
     from qkspectra.analysis import analyze_all
     from qkspectra.operator import OperatorFitter, load_factors
@@ -154,8 +155,10 @@ def analysis_document(
     fitter = None if factors is None else OperatorFitter(factors)
     rank_k = rank_k_evidence(geometry, anchors, fitter=fitter)
     functional = functional_evidence(
-        functional_model, geometry, anchors, rank_k, max_tokens=min(options.max_tokens, DEFAULT_MAX_TOKENS),
+        functional_model, geometry, anchors, rank_k,
+        max_tokens=DEFAULT_MAX_TOKENS if functional_tokens is None else functional_tokens,
         fold_ln=options.fold_ln, corpus=options.corpus, seq_len=options.seq_len, progress=not options.quiet,
+        device=options.device, dtype=options.dtype,
     )
     return build_analysis_document(
         geometry, groups=groups, factors=factors, fitter=fitter, rank_k=rank_k, functional=functional
@@ -177,17 +180,21 @@ def run(
     options: ExtractOptions = ExtractOptions(),
     groups: int | None = None,
     functional: bool = True,
+    functional_tokens: int | None = None,
     say: Callable[[str], None] = lambda _: None,
 ) -> RunResult:
     """Extract (or reuse), analyze with every anchor strategy, and write the report folder.
 
-    functional: also run the functional test (slow; see ``analysis_document``).
+    functional: also run the functional test (see ``analysis_document``), on ``functional_tokens``
+    corpus tokens (None: its default budget).
     say: receives one line per step, for the user.
     """
     from qkspectra.extract import check_options, factors_path, refuse_overwriting_inputs_of
     from qkspectra.geometry import load_geometry
 
     check_options(options)
+    if functional_tokens is not None and not 2 <= functional_tokens <= 10**12:
+        raise QkspectraError(f"--functional-tokens must be between 2 and 10^12, got {functional_tokens}")
     if groups is not None and groups < 1:  # and at most the number of layers, checked below
         raise QkspectraError(f"--groups {groups}: must be between 1 and the number of layers")
     out_dir = Path(out_dir)
@@ -209,6 +216,7 @@ def run(
         "extraction": None,
         "groups": groups,
         "functional": functional,
+        "functional_tokens": functional_tokens,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "finished": None,  # stays null if the run stops after the extraction
         "timings": timings,
@@ -240,7 +248,8 @@ def run(
     if functional:
         say(f"running the functional test on {model}")
     document = analysis_document(
-        geometry, factors_path(geometry_path), groups=groups, functional_model=model if functional else None, options=options
+        geometry, factors_path(geometry_path), groups=groups, functional_model=model if functional else None, options=options,
+        functional_tokens=functional_tokens,
     )
     atomic_write_json(out_dir / ANALYSIS_FILE, document)
     timings["analyze_s"] = round(time.perf_counter() - clock, 3)

@@ -11,6 +11,8 @@ from qkspectra.cli import app
 from qkspectra.cli.extract import (
     BatchSize,
     Corpus,
+    Device,
+    Dtype,
     MaxTokens,
     Model,
     NoFoldLn,
@@ -19,7 +21,7 @@ from qkspectra.cli.extract import (
     WindowPerLine,
     extract_options,
 )
-from qkspectra.extract.corpus import DEFAULT_MAX_TOKENS
+from qkspectra.extract.corpus import DEFAULT_FUNCTIONAL_TOKENS, DEFAULT_MAX_TOKENS
 
 
 @app.command()
@@ -35,15 +37,19 @@ def run(
     window_per_line: WindowPerLine = False,
     static_only: StaticOnly = False,
     batch_size: BatchSize = None,
+    device: Device = "auto",
+    dtype: Dtype = None,
     groups: Annotated[Optional[int], typer.Option(help="Number of contiguous layer groups for the group anchor (default: round(sqrt(layers))).")] = None,
     no_functional: Annotated[
         bool,
         typer.Option(
             "--no-functional",
             help="Skip the functional test (the model run with reconstructed operators: loss and attention change), "
-            "the slowest part: one pass per reconstruction and anchor strategy, on at most 2048 corpus tokens.",
+            "the slowest part: one forward pass per reconstruction and anchor strategy.",
         ),
     ] = False,
+    functional_tokens: Annotated[int, typer.Option(help="Corpus tokens the functional test runs on (each "
+                                                   "reconstruction is one pass over them).")] = DEFAULT_FUNCTIONAL_TOKENS,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages; print only the strategy table and the verdict.")] = False,
 ) -> None:
     """Extract (reusing a cached extraction of the same model and options), analyze with every anchor
@@ -54,10 +60,11 @@ def run(
 
     options = extract_options(no_fold_ln=no_fold_ln, static_only=static_only, corpus=corpus,
                               window_per_line=window_per_line, seq_len=seq_len, max_tokens=max_tokens,
-                              batch_size=batch_size, quiet=quiet)
+                              batch_size=batch_size, quiet=quiet, device=device, dtype=dtype)
     out_dir = default_out_dir(model) if out is None else out
     say = (lambda _: None) if quiet else (lambda line: typer.echo(f"qkspectra: {line}", err=True))
-    result = run_all(model, out_dir, options=options, groups=groups, functional=not no_functional, say=say)
+    result = run_all(model, out_dir, options=options, groups=groups, functional=not no_functional,
+                     functional_tokens=functional_tokens, say=say)
     typer.echo(render_summary(result.document), nl=False)
     for note in result.report.notes:
         say(note)

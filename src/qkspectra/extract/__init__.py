@@ -6,7 +6,8 @@
      "static":  [{"metric_singvals_per_head": (H, k) lists, "operator_norm_per_head", "frobenius_norm_per_head",
                   "stable_rank_per_head", "effective_rank_per_head"}, ... L rows],
      "dynamic": [{"mean_attention_entropy_per_head", "mean_normalized_entropy_per_head",
-                  "mean_sink_mass_per_head", "entropy_by_position_per_head": (H, buckets) lists},
+                  "mean_sink_mass_per_head", "entropy_by_position_per_head": (H, buckets) lists,
+                  "log_visible_keys_by_position": (buckets,)},
                  ... L rows]                                       (absent with static_only)
      "metadata": {...}}
 
@@ -40,7 +41,8 @@ FACTOR_CONVENTION = (
 )
 POSITION_LIMIT_FIELDS = ("max_position_embeddings", "n_positions")
 POSITION_BUCKETS = ("entropy_by_position_per_head[h][b]: mean entropy of the queries at 1-based positions "
-                    "2^b .. 2^(b+1) - 1 of their window (1, 2-3, 4-7, ...)")
+                    "2^b .. 2^(b+1) - 1 of their window (1, 2-3, 4-7, ...); log_visible_keys_by_position[b]: "
+                    "the mean log of the number of keys those queries see (the entropy of uniform attention)")
 
 
 MAX_TOKENS_LIMIT = 10**12  # far beyond any corpus pass; keeps every count a 64-bit integer
@@ -55,6 +57,8 @@ class ExtractOptions:
     max_tokens: int = DEFAULT_MAX_TOKENS  # corpus budget in tokens
     window_per_line: bool = False  # one window per non-blank line instead of fixed windows
     batch_size: int | None = None  # windows per forward pass; None: as many as fit in memory
+    device: str = "auto"  # where the model runs: auto, cpu, cuda, cuda:N, mps
+    dtype: str | None = None  # the model's dtype: float32, bfloat16, float16; None: float32 on the CPU, bfloat16 on a GPU
     quiet: bool = False  # no progress bars
 
 
@@ -114,8 +118,11 @@ def run_extraction(
     if not options.static_only:
         from qkspectra.extract.corpus import default_seq_len, load_windows, model_max_length
 
+        from qkspectra.models.device import resolve_placement
+
         check_position_limit(source.config, options.seq_len)
-        torch_model, tokenizer = load_model(source, attn_implementation="sdpa", progress=progress)
+        placement = resolve_placement(options.device, options.dtype)
+        torch_model, tokenizer = load_model(source, attn_implementation="sdpa", progress=progress, placement=placement)
         if not options.window_per_line:
             seq_len = options.seq_len if options.seq_len is not None else default_seq_len(torch_model)
         corpus = load_windows(tokenizer, corpus=options.corpus, seq_len=seq_len, max_tokens=options.max_tokens,
@@ -176,6 +183,7 @@ def run_extraction(
                     "mean_normalized_entropy_per_head": stats.mean_normalized_entropy[layer].tolist(),
                     "mean_sink_mass_per_head": stats.mean_sink_mass[layer].tolist(),
                     "entropy_by_position_per_head": stats.entropy_by_position[layer].tolist(),
+                    "log_visible_keys_by_position": stats.log_keys_by_position[layer].tolist(),
                 }
                 for layer in range(adapter.num_layers)
             ]
@@ -187,6 +195,9 @@ def run_extraction(
                 max_tokens=options.max_tokens,
                 num_windows=stats.num_windows,
                 num_tokens=stats.num_tokens,
+                corpus_device=placement.device,
+                corpus_dtype=placement.dtype,
+                entropy_dtype="float32",
                 position_buckets=POSITION_BUCKETS,
                 queries_by_position=stats.queries_by_position.tolist(),
             )
@@ -198,6 +209,9 @@ def run_extraction(
 
 def check_options(options: ExtractOptions) -> None:
     """Reject impossible option values before any model is read."""
+    from qkspectra.models.device import check_placement_names
+
+    check_placement_names(options.device, options.dtype)
     if options.seq_len is not None and options.seq_len < 2:
         raise QkspectraError(f"--seq-len must be at least 2, got {options.seq_len}")
     if not 1 <= options.max_tokens <= MAX_TOKENS_LIMIT:

@@ -70,6 +70,7 @@ class EntropyStats:
     mean_normalized_entropy: np.ndarray  # (L, H) entropy / log(visible keys), queries seeing >= 2 keys
     mean_sink_mass: np.ndarray  # (L, H) probability on the window's first token
     entropy_by_position: np.ndarray  # (L, H, buckets) mean entropy of the queries at positions [2^b, 2^(b+1))
+    log_keys_by_position: np.ndarray  # (L, buckets) mean log(number of visible keys) of those queries
     queries_by_position: np.ndarray  # (buckets,) int: real queries counted in each bucket
     num_windows: int
     num_tokens: int  # real query positions counted
@@ -368,6 +369,7 @@ class _EntropyAccumulator:
         self.sink_sum = torch.zeros(L, H, dtype=torch.float64)  # (L, H)
         self.bucket_sum = torch.zeros(L, H, num_buckets, dtype=torch.float64)  # (L, H, buckets)
         self.bucket_count = torch.zeros(num_buckets, dtype=torch.float64)  # (buckets,)
+        self.log_keys_sum = torch.zeros(L, num_buckets, dtype=torch.float64)  # (L, buckets)
         self.normalized_count = torch.zeros(L, dtype=torch.float64)  # (L,)
         self.num_tokens = 0
 
@@ -417,13 +419,17 @@ class _EntropyAccumulator:
         return record
 
     def _normalized_weight(self, visible: VisibleKeys, mask: torch.Tensor | None) -> tuple[torch.Tensor, float]:
-        """(B, query_pos) float64: 1 / log(n_i) for real queries seeing n_i >= 2 keys; and their number."""
+        """(B, query_pos) float64: 1 / log(n_i) for real queries seeing n_i >= 2 keys; their number; and
+        (buckets,) the sum of log(n_i) over the real queries of each position bucket."""
         cache_key = id(mask)
         if cache_key not in self.counts_by_mask:
             num_visible = visible.count().to(self.query_weight.device)  # (B|1, query_pos)
             real_and_several = self.query_weight * (num_visible > 1)  # (B, query_pos)
             weight = real_and_several / num_visible.clamp(min=2).log()
-            self.counts_by_mask[cache_key] = (mask, weight, float(real_and_several.sum()))  # mask held: id stays unique
+            log_keys = torch.einsum("bq,bqn->n", num_visible.clamp(min=1).log().expand_as(self.query_weight),
+                                    self.bucket_weight)  # (buckets,)
+            # the mask is held so that its id stays unique while it is cached
+            self.counts_by_mask[cache_key] = (mask, weight, float(real_and_several.sum()), log_keys.cpu())
         return self.counts_by_mask[cache_key][1:]
 
     def add(self, layer: int, queries: torch.Tensor, keys: torch.Tensor, visible: VisibleKeys,
@@ -433,7 +439,8 @@ class _EntropyAccumulator:
             raise QkspectraError(f"layer {layer} has {queries.shape[1]} heads, expected {self.entropy_sum.shape[1]}")
         entropy, sink = logit_entropy(queries, keys, visible, self.first_key)  # (B, H, query_pos) each
         entropy, sink = entropy.to(torch.float64), sink.to(torch.float64)
-        normalized_weight, num_normalized = self._normalized_weight(visible, mask)
+        normalized_weight, num_normalized, log_keys = self._normalized_weight(visible, mask)
+        self.log_keys_sum[layer] += log_keys
         self.entropy_sum[layer] += torch.einsum("bhq,bq->h", entropy, self.query_weight).cpu()
         self.normalized_sum[layer] += torch.einsum("bhq,bq->h", entropy, normalized_weight).cpu()
         self.sink_sum[layer] += torch.einsum("bhq,bq->h", sink, self.query_weight).cpu()
@@ -447,6 +454,7 @@ class _EntropyAccumulator:
             mean_normalized_entropy=(self.normalized_sum / self.normalized_count[:, None]).numpy(),
             mean_sink_mass=(self.sink_sum / self.num_tokens).numpy(),
             entropy_by_position=(self.bucket_sum / self.bucket_count).numpy(),
+            log_keys_by_position=(self.log_keys_sum / self.bucket_count).numpy(),
             queries_by_position=self.bucket_count.numpy().astype(np.int64),
             num_windows=num_windows,
             num_tokens=self.num_tokens,

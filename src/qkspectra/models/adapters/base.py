@@ -242,4 +242,4 @@ def apply_rotary(x: Any, position_embeddings: tuple[Any, Any]) -> Any:
     rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]  # (B, heads, T, rotary_dim), (..., rest)
     first, second = rotated.chunk(2, dim=-1)
     turned = rotated * cos + torch.cat([second.neg(), first], dim=-1) * sin
-    return torch.cat([turned, passed], dim=-1)
+    return turned if passed.shape[-1] == 0 else torch.cat([turned, passed], dim=-1)
