@@ -291,3 +291,16 @@ def test_smollm2_matches_its_eager_maps(smollm2_source):
     reference = reference_stats(model, corpus.windows, causal=True)
     stats = attention_entropy(sdpa(model), corpus, batch_size=2, progress=False, padding_side="left")
     assert_matches_reference(stats, reference, corpus.num_tokens)
+
+
+def test_bfloat16_model_reduces_in_float32_close_to_float32(lines_corpus):
+    """The model in bfloat16 (its hidden states rounded) moves the entropies little; the reduction stays float32."""
+    from qkspectra.models.device import resolve_placement
+
+    model = sdpa(tiny_model("llama"))
+    single = attention_entropy(model, lines_corpus, batch_size=4, progress=False)
+    half = attention_entropy(model.to(torch.bfloat16), lines_corpus, batch_size=4, progress=False)
+    assert half.mean_entropy.dtype == np.float64
+    np.testing.assert_allclose(half.mean_entropy, single.mean_entropy, atol=0.05)
+    assert resolve_placement("cpu") == resolve_placement("auto", "float32") or torch.cuda.is_available()
+    assert resolve_placement("cpu").dtype == "float32" and resolve_placement("cpu", "bfloat16").dtype == "bfloat16"
