@@ -192,7 +192,8 @@ def test_functional_test_on_request_gets_the_run_options(first_run, monkeypatch)
     document = analysis_document(load_geometry(geometry_path), factors_path(geometry_path), functional_model="minilm", options=options)
     ((model, anchors, rank_k, kwargs),) = calls
     assert model == "minilm" and anchors == rank_k == {"last", "middle", "best", "group"}
-    assert kwargs == {"max_tokens": 2048, "fold_ln": True, "corpus": None, "seq_len": 64, "progress": False}
+    assert kwargs == {"max_tokens": 2048, "fold_ln": True, "corpus": None, "seq_len": 64, "progress": False,
+                      "device": "auto", "dtype": None}
     assert document["functional"]["last"]["operator"]["delta_loss"] == 0.5
     assert document["verdict"]["layers"]["functional"]["code"] == "rejected"
 
