@@ -134,7 +134,7 @@ def test_factors_file_stores_each_key_head_once(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["minilm", "smollm2"])
 def test_streamed_fits_equal_in_memory_fits_on_the_bundled_models(tmp_path, model, request):
-    """Every layer against the last layer, from the extracted factors file."""
+    """The first, second, middle and last layers against the last layer, from the extracted factors file."""
     from qkspectra.extract import ExtractOptions, extract_to_files
 
     request.getfixturevalue(f"{model}_source")  # smollm2: the session's GGUF conversion, once
@@ -143,5 +143,5 @@ def test_streamed_fits_equal_in_memory_fits_on_the_bundled_models(tmp_path, mode
     layers = [factors.layer(i) for i in range(factors.num_layers)]
     arrays = [np.stack([layer.W_Q for layer in layers]), np.stack([layer.W_K for layer in layers])]
     L = factors.num_layers
-    pairs = [(layer, L - 1) for layer in range(L)]
+    pairs = [(layer, L - 1) for layer in sorted({0, 1, L // 2, L - 2, L - 1})]
     assert_fits_equal_reference(OperatorFitter(factors), *arrays, pairs)

@@ -184,7 +184,9 @@ def test_functional_test_on_request_gets_the_run_options(first_run, monkeypatch)
 
     def fake_functional_evidence(model, geometry, anchors, rank_k, **kwargs):
         calls.append((model, set(anchors), set(rank_k), kwargs))
-        return {"control": dict(effect, delta_loss=0.0), **{name: {"operator": effect} for name in anchors}}
+        return {"control": dict(effect, delta_loss=0.0),
+                **{name: {"operator": effect, "num_anchor_layers": anchors[name].num_anchor_layers,
+                          "replaced_layers": anchors[name].num_fitted_layers} for name in anchors}}
 
     monkeypatch.setattr(qkspectra.functional, "functional_evidence", fake_functional_evidence)
     geometry_path = first_run[0].out_dir / "geometry.json"
