@@ -20,6 +20,7 @@ from qkspectra.models.adapters.attention import attention_probabilities
 from qkspectra.models.adapters.generic import generic_adapter
 from qkspectra.models.supported import VERIFIED_GENERIC_TYPES, replace_readme_section
 from qkspectra.models.tensors import StateDictSource
+from test_adapters import tiny_model
 
 TINY = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=32,
             vocab_size=96, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64)
@@ -50,15 +51,7 @@ GENERIC_CASES = {
 
 
 def tiny_checkpoint(model_type: str, **extra):
-    config = CONFIG_MAPPING[model_type](**{**TINY, **extra})
-    torch.manual_seed(0)
-    model = AutoModel.from_config(config, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            parameter.normal_(0.0, 0.2)
-            if "norm" in name.lower() and name.endswith("weight"):
-                parameter.add_(1.0)
-    return model
+    return tiny_model(CONFIG_MAPPING[model_type](**{**TINY, **extra}))
 
 
 def assert_reproduces_own_attention(model, adapter):

@@ -612,13 +612,19 @@ def render_html(document: Mapping[str, Any], images: Mapping[str, bytes], notes:
         f'<section id="{_e(s.anchor)}"><h2>{_e(s.title)}</h2>\n' + "\n".join(_html_block(b, images) for b in s.blocks) + "</section>"
         for s in sections
     )
+    return html_page(title, describe_run(document), nav, body)
+
+
+def html_page(title: str, subtitle: str, nav: str, body: str, css: str = "") -> str:
+    """A self-contained page: inline CSS (the report's, then ``css``), the image check, no network request.
+    nav and body are HTML already escaped; title and subtitle are text."""
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f'<meta http-equiv="Content-Security-Policy" content="{CONTENT_SECURITY_POLICY}">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{_e(title)}</title>\n<style>{CSS}</style>\n<script>{IMAGE_CHECK}</script>\n</head>\n"
-        f'<body>\n<main>\n<h1>{_e(title)}</h1>\n<p class="subtitle">{_e(describe_run(document))}</p>\n'
+        f"<title>{_e(title)}</title>\n<style>{CSS}{css}</style>\n<script>{IMAGE_CHECK}</script>\n</head>\n"
+        f'<body>\n<main>\n<h1>{_e(title)}</h1>\n<p class="subtitle">{_e(subtitle)}</p>\n'
         f"<nav>{nav}</nav>\n{body}\n</main>\n</body>\n</html>\n"
     )
 

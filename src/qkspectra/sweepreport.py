@@ -15,9 +15,6 @@ from typing import Any
 
 from qkspectra._io import atomic_write_bytes, atomic_write_text
 from qkspectra.report import (
-    CONTENT_SECURITY_POLICY,
-    CSS,
-    IMAGE_CHECK,
     PLOTS_FOLDER,
     Paragraph,
     Plot,
@@ -27,6 +24,7 @@ from qkspectra.report import (
     _md_block,
     check_writable,
     fmt,
+    html_page,
 )
 from qkspectra.verdict import LAYERS
 
@@ -178,15 +176,7 @@ def render_sweep_html(document: Mapping[str, Any], images: Mapping[str, bytes]) 
         f'<section id="{_e(s.anchor)}"><h2>{_e(s.title)}</h2>\n' + "\n".join(_html_block(b, images) for b in s.blocks) + "</section>"
         for s in sections
     )
-    return (
-        "<!DOCTYPE html>\n"
-        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f'<meta http-equiv="Content-Security-Policy" content="{CONTENT_SECURITY_POLICY}">\n'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{_e(title)}</title>\n<style>{CSS}{SWEEP_CSS}</style>\n<script>{IMAGE_CHECK}</script>\n</head>\n"
-        f'<body>\n<main>\n<h1>{_e(title)}</h1>\n<p class="subtitle">{_e(describe_sweep(document))}</p>\n'
-        f"<nav>{nav}</nav>\n{models}\n{body}\n</main>\n</body>\n</html>\n"
-    )
+    return html_page(title, describe_sweep(document), nav, f"{models}\n{body}", SWEEP_CSS)
 
 
 def render_sweep_markdown(document: Mapping[str, Any], figures: Sequence[str]) -> str:
