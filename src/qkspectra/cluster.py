@@ -56,8 +56,8 @@ def connect(scheduler: str | None = None, workers: int | None = None) -> Iterato
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise QkspectraError(f"--workers {workers}: must be at least 1")
-    with distributed.LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+    with distributed.LocalCluster(host="127.0.0.1",  # loopback only, dashboard included
+        n_workers=workers, threads_per_worker=1, processes=True,
         dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL,  # failures are recorded, not logged
     ) as cluster, distributed.Client(cluster, set_as_default=False) as client:
         yield client
