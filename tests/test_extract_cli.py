@@ -74,6 +74,18 @@ def test_dynamic_pass_on_a_small_corpus(tmp_path, cli):
     metadata = geometry["metadata"]
     assert (metadata["seq_len"], metadata["num_windows"], metadata["num_tokens"]) == (32, 4, 128)
     assert len(metadata["corpus_sha256"]) == 64 and "corpus.txt" in metadata["corpus"]
+    assert (metadata["corpus_device"], metadata["corpus_dtype"], metadata["entropy_dtype"]) == ("cpu", "float32", "float32")
+    assert metadata["queries_by_position"] == [4, 8, 16, 32, 64, 4]  # positions 1, 2-3, ..., 32-63 (only 32)
+    assert np.shape(geometry["dynamic"][0]["entropy_by_position_per_head"]) == (12, 6)
+
+    half = tmp_path / "bfloat16.json"
+    status, _, stderr = cli(["extract", "-o", str(half), "--corpus", str(text), "--seq-len", "32",
+                             "--max-tokens", "128", "--device", "cpu", "--dtype", "bfloat16", "-q"])
+    assert (status, stderr) == (0, "")
+    geometry = json.loads(half.read_text())
+    assert geometry["metadata"]["corpus_dtype"] == "bfloat16"
+    half_entropies = np.array([row["mean_attention_entropy_per_head"] for row in geometry["dynamic"]])
+    np.testing.assert_allclose(half_entropies, entropies, atol=0.03)  # MiniLM: bfloat16 within 0.012 nats (README)
 
 
 def test_tiny_sharded_folder_static_only(tmp_path, cli):
@@ -148,6 +160,9 @@ ERRORS = {
     "max-tokens-below-seq-len": (lambda p: ["--seq-len", "64", "--max-tokens", "32"], "must be at least --seq-len"),
     "seq-len-with-window-per-line": (lambda p: ["--seq-len", "64", "--window-per-line"], "exclude each other"),
     "seq-len-beyond-positions": (lambda p: ["--seq-len", "1024"], "exceeds the model's max_position_embeddings=512"),
+    "missing-device": (lambda p: ["--device", "cuda:63"], "--device cuda:63: this machine has"),
+    "unknown-device": (lambda p: ["--device", "gpu"], "--device 'gpu' is not one of"),
+    "unknown-dtype": (lambda p: ["--dtype", "float8"], "--dtype 'float8' is not one of"),
 }
 
 

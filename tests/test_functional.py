@@ -46,6 +46,7 @@ def sharpen(model):
 
 
 def tiny_llama():
+    """Built with eager attention (for its maps); the functional test runs any implementation."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(1)
@@ -172,3 +173,44 @@ def test_minilm_functional_evidence(minilm_source):
     last = section["last"]
     assert last["operator"]["mean_kl"] > last["operator_rank_k"]["mean_kl"]
     assert last["operator"]["delta_loss"] > 0.01  # 1 - cosine of the final hidden states
+
+
+def test_fast_path_equals_float64_attention_maps():
+    """The SDPA path's figures (float32, blocked KL and entropy) against the float64 eager maps of the
+    original and the operator-reconstructed model, computed densely here."""
+    import copy
+
+    from qkspectra.functional import (expand_kv_heads_in_place, factors_of_layers, model_layers, operator_target,
+                                      write_reconstruction)
+    from qkspectra.models.adapters import adapter_for
+    from qkspectra.operator import OperatorFitter
+
+    model = tiny_llama()
+    fast_model = copy.deepcopy(model)
+    fast_model.set_attn_implementation("sdpa")
+    section = effects(fast_model, fold_ln=True)
+    _, layers = model_layers(model)
+    factors = factors_of_layers(layers, fold_ln=True)
+    a = np.full(factors.num_layers, factors.num_layers - 1)
+    T = np.stack([fit.T for fit in OperatorFitter(factors).fit_all(a)])
+    original = model.to(torch.float64)
+    rebuilt = copy.deepcopy(original)
+    expand_kv_heads_in_place(rebuilt)
+    write_reconstruction(rebuilt, adapter_for(rebuilt.config), layers, *operator_target(factors, a, T), fold_ln=True)
+    kl = shift = 0.0
+    loss = {id(original): 0.0, id(rebuilt): 0.0}
+    with torch.no_grad():
+        for window in WINDOWS:
+            ids = torch.tensor([window])
+            outputs = {id(m): m(input_ids=ids, labels=ids, output_attentions=True) for m in (original, rebuilt)}
+            p0 = torch.stack(outputs[id(original)].attentions)[:, 0]  # (L, H, query_pos, key_pos) float64
+            p = torch.stack(outputs[id(rebuilt)].attentions)[:, 0]
+            kl = kl + (torch.xlogy(p0, p0) - torch.xlogy(p0, p)).sum(-1).sum(-1)  # (L, H)
+            shift = shift + (torch.xlogy(p0, p0) - torch.xlogy(p, p)).sum(-1).sum(-1)
+            for m in (original, rebuilt):
+                loss[id(m)] += float(outputs[id(m)].loss) * (len(window) - 1)
+    tokens, predicted = sum(map(len, WINDOWS)), sum(len(w) - 1 for w in WINDOWS)
+    fast = section["last"]["operator"]
+    np.testing.assert_allclose(fast["per_head_kl"], (kl / tokens).numpy(), atol=2e-5)
+    np.testing.assert_allclose(fast["mean_entropy_shift"], float((shift / tokens).mean()), atol=2e-5)
+    np.testing.assert_allclose(fast["delta_loss"], (loss[id(rebuilt)] - loss[id(original)]) / predicted, atol=2e-5)

@@ -187,3 +187,32 @@ def test_bad_options_exit_2(args, message, tmp_path, capsys):
     code, _, err = run_cli(["analyze", str(path), "--json", str(out), *args], capsys)
     assert code == 2 and message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def position_doc() -> dict:
+    """good_doc with entropy by position bucket (3 buckets) in every dynamic row."""
+    doc = good_doc()
+    for row in doc["dynamic"]:
+        row["entropy_by_position_per_head"] = [[0.0, 0.5, 1.0], [0.0, 0.2, 0.4]]
+        row["log_visible_keys_by_position"] = [0.0, 0.9, 1.7]
+    return doc
+
+
+def test_entropy_by_position_is_read_and_checked():
+    g = parse_geometry(position_doc())
+    assert g.entropy_by_position.shape == (3, 2, 3) and g.log_keys_by_position.shape == (3, 3)
+    assert parse_geometry(good_doc()).entropy_by_position is None
+    bad = [
+        ((["dynamic", 1, "entropy_by_position_per_head", 0, 2], -1.0),
+         "dynamic[1].entropy_by_position_per_head[0][2]: not a finite entropy >= 0: -1"),
+        ((["dynamic", 2, "entropy_by_position_per_head", 1], [0.1, 0.2]),
+         "dynamic[2].entropy_by_position_per_head[1]: expected a list of 3 position buckets, found a list"),
+        ((["dynamic", 1, "entropy_by_position_per_head"], _DELETE), "dynamic[1].entropy_by_position_per_head: missing"),
+        ((["dynamic", 0, "log_visible_keys_by_position"], [0.0]),
+         "dynamic[0].log_visible_keys_by_position: expected a list of 3 numbers, found a list"),
+        ((["dynamic", 0, "entropy_by_position_per_head", 0, 0], "x"),
+         'dynamic[0].entropy_by_position_per_head[0][0]: expected a number, found a string "x"'),
+    ]
+    for change, message in bad:
+        with pytest.raises(QkspectraError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            parse_geometry(_set(position_doc(), *change))

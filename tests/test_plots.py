@@ -135,3 +135,14 @@ def test_head_spread_is_mean_and_interquartile_range():
     np.testing.assert_allclose(band.mean, [2.5, 8.5])
     np.testing.assert_allclose(band.low, [1.25, 7.25])
     np.testing.assert_allclose(band.high, [3.75, 9.75])
+
+
+def test_entropy_by_position_figure_has_a_panel_per_layer():
+    from qkspectra.plots import entropy_by_position_figure
+
+    rng = np.random.default_rng(3)
+    log_keys = np.log(np.array([1.0, 2.4, 5.4, 11.4]))[None].repeat(7, 0)  # (L, buckets)
+    fig = entropy_by_position_figure(rng.uniform(0, 1, (7, 3, 4)) * log_keys[:, None], log_keys, TITLE)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(visible) == 7 and visible[6].get_title() == "layer 6"
+    assert len(visible[0].lines) == 3 + 2  # heads, their mean, log(visible keys)

@@ -83,6 +83,7 @@ def test_linearised_metric_is_the_logit_where_the_rms_is_the_typical_one():
                            "rotary": None})
     x = torch.randn(1, 2, adapter.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     q, k = queries_and_keys(layer, x, torch.zeros(1, 2, dtype=torch.long))
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # one key head per query head
     logits = (q @ k.transpose(-1, -2))[0, :, 0, 1]  # (H,) query token 0, key token 1
     raw_q = np.einsum("d,hde->he", x[0, 0].numpy(), layer.W_Q)  # (H, d_head)
     raw_k = np.einsum("d,hde->he", x[0, 1].numpy(), layer.W_K)  # (H_kv, d_head)

@@ -16,7 +16,8 @@ from qkspectra.runner import cache_key, default_out_dir, model_identity, reusabl
 
 OPTIONS = ExtractOptions(max_tokens=256, seq_len=64, quiet=True)
 CLI_OPTIONS = ["--max-tokens", "256", "--seq-len", "64", "--quiet"]
-PLOTS = {"schedule", "temperature_heatmap", "residual_heatmap", "spectral_shapes", "entropy_scatter", "cross_head", "rank_k"}
+PLOTS = {"schedule", "temperature_heatmap", "residual_heatmap", "spectral_shapes", "entropy_scatter", "entropy_by_position",
+         "cross_head", "rank_k"}
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +194,8 @@ def test_functional_test_on_request_gets_the_run_options(first_run, monkeypatch)
     document = analysis_document(load_geometry(geometry_path), factors_path(geometry_path), functional_model="minilm", options=options)
     ((model, anchors, rank_k, kwargs),) = calls
     assert model == "minilm" and anchors == rank_k == {"last", "middle", "best", "group"}
-    assert kwargs == {"max_tokens": 2048, "fold_ln": True, "corpus": None, "seq_len": 64, "progress": False}
+    assert kwargs == {"max_tokens": 2048, "fold_ln": True, "corpus": None, "seq_len": 64, "progress": False,
+                      "device": "auto", "dtype": None}
     assert document["functional"]["last"]["operator"]["delta_loss"] == 0.5
     assert document["verdict"]["layers"]["functional"]["code"] == "rejected"
 

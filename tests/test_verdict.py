@@ -112,6 +112,12 @@ def test_functional_layer_uses_the_change_of_the_operator_reconstruction():
     assert missing.code == "n/a" and "functional test not run" in missing.evidence
 
 
+def test_changes_within_a_few_times_the_control_are_no_change():
+    assert functional_layer(functional_results(0.02, control=1e-5)).code == "partial"
+    layer = functional_layer(functional_results(4e-5, control=1e-5))
+    assert layer.code == "supported" and "0.00%" in layer.evidence
+
+
 def test_a_control_that_moves_the_model_makes_the_functional_test_unreliable():
     layer = functional_layer(functional_results(0.001, control=1e-3))
     assert layer.code == "n/a" and "control" in layer.evidence

@@ -47,7 +47,14 @@ once reconstructed, so the key/value projections are expanded to one per query h
 (the model computes the same function). ALBERT is refused: its layers share one set of weights,
 which cannot hold per-layer reconstructions.
 
-The model runs in float64, so that the control's change is rounding (about 1e-12), not float32 noise.
+Speed. The model runs with its fast (SDPA) attention in the chosen dtype and device (float32 on the
+CPU by default). ``AttentionCapture`` hands over each layer's own queries and keys; the
+original's are kept (linear in the tokens). KL divergence and entropy never form an attention
+map: on the CPU they come from torch's fused attention kernel (``attention_change``: the
+reconstruction's log-sum-exp and keys-weighted mean, and the original attention with the new
+keys as values), elsewhere from blocks of logits with an online log-sum-exp (``logit_kl``).
+The control (each head's own operator written back) measures the rounding of this path, so
+changes within a few times the control's are no change (``verdict``).
 """
 
 from __future__ import annotations
@@ -62,11 +69,18 @@ from torch import nn
 
 from qkspectra.analysis import TINY, Anchor, scalar_rescale
 from qkspectra.errors import QkspectraError
+from qkspectra.extract.corpus import DEFAULT_FUNCTIONAL_TOKENS
+from qkspectra.extract.capture import AttentionCall, AttentionCapture, VisibleKeys, attention_modules
 from qkspectra.extract.entropy import (
-    attention_modules,
-    entropy_from_probs,
+    _HIDDEN,
+    _START,
+    FUSED_KERNEL_DEVICES,
+    KEYS_PER_BLOCK,
+    LOGITS_PER_BLOCK,
+    call_entropy,
     forward_inputs,
     pad_windows,
+    softmax_moments,
     split_for_sliding_window,
     window_batches,
 )
@@ -74,6 +88,7 @@ from qkspectra.extract.qk_norm import NormRMS, delinearise, isotropic_layer_rms,
 from qkspectra.extract.spectra import fold_norm
 from qkspectra.geometry import Geometry
 from qkspectra.models.adapters import AttentionAdapter, AttentionLayer, adapter_for
+from qkspectra.models.device import Placement
 from qkspectra.models.tensors import StateDictSource
 from qkspectra._threads import single_blas_thread
 from qkspectra.operator import Factors, OperatorFitter, check_against_geometry
@@ -81,12 +96,10 @@ from qkspectra.operator import Factors, OperatorFitter, check_against_geometry
 if TYPE_CHECKING:
     from qkspectra.models.in_memory import InMemoryModel
 
-DEFAULT_MAX_TOKENS = 2048
+DEFAULT_MAX_TOKENS = DEFAULT_FUNCTIONAL_TOKENS
 KINDS = ("spectral", "operator", "operator_rank_k")
 ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert")
 REFUSED_MODEL_TYPES = {"albert": "its layers share one set of weights, which cannot hold per-layer reconstructions"}
-# The original model's attention maps are kept (float32) to compare every reconstruction with.
-REFERENCE_MAP_BUDGET = 4 * 2**30
 LOSS_KINDS = {True: "next_token_cross_entropy", False: "final_hidden_cosine_distance"}
 
 
@@ -334,7 +347,8 @@ def expand_kv_heads_in_place(model: nn.Module) -> None:
         for name in ("k_proj", "v_proj"):
             old = getattr(module, name)
             d_head = old.out_features // (H // groups)
-            new = nn.Linear(old.in_features, H * d_head, bias=old.bias is not None, dtype=old.weight.dtype)
+            new = nn.Linear(old.in_features, H * d_head, bias=old.bias is not None, dtype=old.weight.dtype,
+                            device=old.weight.device)
             with torch.no_grad():
                 new.weight.copy_(old.weight.view(-1, d_head, old.in_features).repeat_interleave(groups, 0).reshape(-1, old.in_features))
                 if old.bias is not None:
@@ -398,7 +412,9 @@ def write_reconstruction(model: nn.Module, adapter: AttentionAdapter, layers: li
 class _Batch:
     inputs: dict  # forward keyword arguments, (B, seq) tensors
     query_weight: torch.Tensor  # (B, query_pos) float64, 1 for real tokens
-    maps: list[torch.Tensor]  # per layer (B, H, query_pos, key_pos) float32, the original's attention
+    first_key: torch.Tensor  # (B,) index of each window's first real token
+    calls: list[AttentionCall]  # per layer, the original's queries and keys (the model's dtype)
+    query_entropy: list[torch.Tensor]  # per layer (B, H, query_pos) float32, the original's entropy per query
     entropy: torch.Tensor  # (L, H) float64, sum over real queries of the original's entropy
     loss_sum: float  # original: summed next-token cross-entropy (causal) or 0
     hidden: torch.Tensor | None  # (B, seq, d_model) original final hidden states (encoders)
@@ -425,95 +441,169 @@ class Effects:
         }
 
 
-class _Runner:
-    """Runs the model on fixed batches, capturing every layer's attention probabilities by hooks."""
+def logit_kl(reference: tuple[torch.Tensor, torch.Tensor], changed: tuple[torch.Tensor, torch.Tensor],
+             visible: VisibleKeys) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(p0 || p) and the entropy of p, p0 = softmax(q0 . k0) and p = softmax(q . k), one block of logits at a time.
 
-    def __init__(self, model: nn.Module, windows: list[list[int]]):
+    reference, changed: (queries (B, H, query_pos, d_head), keys (B, H, key_pos, d_head)) float32, scale included
+    returns kl (B, H, query_pos), entropy (B, H, query_pos), float32; 0 for queries that see no key
+
+    Online over key blocks (see ``extract.entropy``): for p0 the running max m0 and sum l0, and
+    a = sum_j exp(s0_j - m0)(s0_j - s_j) (rescaled by exp(-d) when m0 grows by d); for p the
+    running m, l, u of the entropy. Then KL = a / l0 - (m0 + log l0) + (m + log l).
+    """
+    (q0, k0), (q, k) = reference, changed
+    B, H, num_queries, _ = q.shape
+    num_keys = k.shape[2]
+    key_block = min(num_keys, KEYS_PER_BLOCK)
+    query_block = max(1, min(num_queries, LOGITS_PER_BLOCK // max(1, 2 * B * H * key_block)))
+    state = q.new_zeros((6, B, H, num_queries))
+    m0, l0, a, m, l, u = state
+    m0.fill_(_START)
+    m.fill_(_START)
+    for q_start in range(0, num_queries, query_block):
+        rows = slice(q_start, min(q_start + query_block, num_queries))
+        for k_start in range(0, num_keys, key_block):
+            cols = slice(k_start, min(k_start + key_block, num_keys))
+            mask = visible.block(rows.start, rows.stop, cols.start, cols.stop)
+            if mask is False:
+                continue
+            s0 = q0[..., rows, :] @ k0[..., cols, :].transpose(-1, -2)  # (B, H, bq, bk)
+            s = q[..., rows, :] @ k[..., cols, :].transpose(-1, -2)
+            if mask is not True:
+                mask = mask[:, :, 0]  # (B|1, 1, bq, bk)
+                s0.masked_fill_(~mask, _HIDDEN)
+                s.masked_fill_(~mask, _HIDDEN)
+            m0_new = torch.maximum(m0[..., rows], s0.amax(-1))
+            m_new = torch.maximum(m[..., rows], s.amax(-1))
+            grown0, grown = m0_new - m0[..., rows], m_new - m[..., rows]
+            w0 = torch.exp(s0 - m0_new.unsqueeze(-1))  # exp(s0 - m0)
+            a[..., rows] = torch.exp(-grown0) * a[..., rows] + (w0 * (s0 - s)).sum(-1)
+            l0[..., rows] = torch.exp(-grown0) * l0[..., rows] + w0.sum(-1)
+            s.sub_(m_new.unsqueeze(-1))
+            w = torch.exp(s)
+            decay = torch.exp(-grown)
+            u[..., rows] = decay * (u[..., rows] - grown * l[..., rows]) + s.mul_(w).sum(-1)
+            l[..., rows] = decay * l[..., rows] + w.sum(-1)
+            m0[..., rows], m[..., rows] = m0_new, m_new
+    seen = (l0 > 0) & (l > 0)
+    safe_l0, safe_l = torch.where(seen, l0, 1.0), torch.where(seen, l, 1.0)
+    kl = torch.where(seen, a / safe_l0 - (m0 + torch.log(safe_l0)) + (m + torch.log(safe_l)), 0.0)
+    entropy = torch.where(seen, torch.log(safe_l) - u / safe_l, 0.0)
+    return kl, entropy
+
+
+class _Runner:
+    """Runs the model (its fast attention) on fixed batches; hooks rebuild every layer's queries and keys."""
+
+    def __init__(self, model: nn.Module, adapter: AttentionAdapter, windows: list[list[int]]):
         self.model = model
+        self.adapter = adapter
         self.causal = model.get_output_embeddings() is not None and model.config.model_type not in ENCODER_MODEL_TYPES
         self.modules = attention_modules(model)
+        self.device = next(model.parameters()).device
         pad_id = model.config.pad_token_id if isinstance(getattr(model.config, "pad_token_id", None), int) else 0
         H = model.config.num_attention_heads
-        map_bytes = 4 * H * len(self.modules) * sum(len(w) * len(w) for w in windows)
-        if map_bytes > REFERENCE_MAP_BUDGET:
-            raise QkspectraError(
-                f"the functional test would keep {map_bytes / 2**30:.1f} GiB of attention maps; "
-                "use fewer tokens or shorter windows"
-            )
         self.batches = []
         batches = split_for_sliding_window(windows, window_batches(windows, H, None),
                                            getattr(model.config, "sliding_window", None))
         for batch in batches:
             input_ids, attention_mask = pad_windows([windows[i] for i in batch], pad_id, "right")
-            self.batches.append(forward_inputs(model, input_ids, attention_mask))
+            self.batches.append(forward_inputs(model, input_ids.to(self.device), attention_mask.to(self.device)))
         self.num_queries = sum(len(w) for w in windows)
         self.num_predicted = sum(len(w) - 1 for w in windows)
 
-    def _forward(self, inputs: dict) -> tuple[list[torch.Tensor], Any]:
-        maps: list[torch.Tensor | None] = [None] * len(self.modules)
-
-        def hook(layer: int):
-            def record(module, args, output):
-                maps[layer] = output[1]
-            return record
-
-        handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(self.modules)]
-        try:
-            with torch.inference_mode():
-                output = self.model(**inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if any(m is None for m in maps):
-            raise QkspectraError(f"{type(self.model).__name__} returned no attention probabilities (eager attention needed)")
-        return maps, output
+    def _forward(self, inputs: dict, on_call: Callable[[AttentionCall], None]) -> Any:
+        """One forward pass; on_call(call) for each layer's attention call, in order."""
+        with torch.inference_mode(), AttentionCapture(self.model, on_call) as capture:
+            capture.begin(inputs["attention_mask"])
+            output = self.model(**inputs)
+            capture.end()
+        return output
 
     def _loss_sum(self, inputs: dict, output: Any) -> float:
-        """Summed next-token cross-entropy over pairs of real tokens."""
-        logits = output.logits[:, :-1]  # (B, seq - 1, vocab)
+        """Summed next-token cross-entropy over pairs of real tokens, in float32."""
+        logits = output.logits[:, :-1].float()  # (B, seq - 1, vocab)
         targets = inputs["input_ids"][:, 1:]  # (B, seq - 1)
         real = (inputs["attention_mask"][:, 1:] * inputs["attention_mask"][:, :-1]).bool()
         losses = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, seq - 1)
-        return float(losses[real].sum())
+        return float(losses[real].double().sum())
 
-    def reference(self) -> list[_Batch]:
+    def reference(self, progress: Callable[[int], None]) -> list[_Batch]:
         batches = []
         for inputs in self.batches:
-            maps, output = self._forward(inputs)
             weight = inputs["attention_mask"].to(torch.float64)  # (B, query_pos)
-            entropy = torch.stack([torch.einsum("bhq,bq->h", entropy_from_probs(p, None), weight) for p in maps])
+            first_key = inputs["attention_mask"].argmax(dim=-1)  # (B,)
+            calls: list[AttentionCall] = []
+            query_entropy: list[torch.Tensor] = []
+            entropy = torch.zeros(self.adapter.num_layers, self.model.config.num_attention_heads, dtype=torch.float64)
+
+            def keep(call: AttentionCall) -> None:
+                calls.append(call)
+                h, _ = call_entropy(call, first_key)  # (B, H, query_pos)
+                query_entropy.append(h)
+                entropy[call.layer] = torch.einsum("bhq,bq->h", h.double(), weight).cpu()
+
+            output = self._forward(inputs, keep)
             batches.append(_Batch(
-                inputs, weight, [p.float() for p in maps], entropy,
+                inputs, weight, first_key, calls, query_entropy, entropy,
                 self._loss_sum(inputs, output) if self.causal else 0.0,
-                None if self.causal else output.last_hidden_state,
+                None if self.causal else output.last_hidden_state.float(),
             ))
+            progress(int(inputs["attention_mask"].sum()))
         return batches
 
-    def compare(self, reference: list[_Batch], original_loss: float) -> Effects:
-        kl_sum = entropy_sum = 0.0
+    def compare(self, reference: list[_Batch], original_loss: float, progress: Callable[[int], None]) -> Effects:
+        L, H = self.adapter.num_layers, self.model.config.num_attention_heads
+        kl_sum = torch.zeros(L, H, dtype=torch.float64)
+        entropy_shift = torch.zeros(L, H, dtype=torch.float64)
         loss_sum = 0.0
         for batch in reference:
-            maps, output = self._forward(batch.inputs)
-            kl = torch.stack([
-                torch.einsum("bhq,bq->h", (torch.xlogy(p0, p0) - torch.xlogy(p0, p)).sum(-1), batch.query_weight)
-                for p0, p in zip((m.double() for m in batch.maps), maps)
-            ])  # (L, H)
-            entropy = torch.stack([torch.einsum("bhq,bq->h", entropy_from_probs(p, None), batch.query_weight)
-                                   for p in maps])  # (L, H)
-            kl_sum = kl_sum + kl
-            entropy_sum = entropy_sum + (entropy - batch.entropy)
+
+            def compare_layer(call: AttentionCall) -> None:
+                original = batch.calls[call.layer]
+                kl, entropy = attention_change(original, batch.query_entropy[call.layer], call)  # (B, H, query_pos)
+                kl_sum[call.layer] += torch.einsum("bhq,bq->h", kl.double(), batch.query_weight).cpu()
+                entropy_shift[call.layer] += torch.einsum("bhq,bq->h", entropy.double(), batch.query_weight).cpu()
+
+            output = self._forward(batch.inputs, compare_layer)
+            entropy_shift -= batch.entropy
             if self.causal:
                 loss_sum += self._loss_sum(batch.inputs, output)
             else:
-                cosine = nn.functional.cosine_similarity(output.last_hidden_state, batch.hidden, dim=-1)  # (B, seq)
-                loss_sum += float(((1 - cosine) * batch.query_weight).sum())
+                cosine = nn.functional.cosine_similarity(output.last_hidden_state.float(), batch.hidden, dim=-1)
+                loss_sum += float(((1 - cosine.double()) * batch.query_weight).sum())  # (B, seq) summed
+            progress(int(batch.inputs["attention_mask"].sum()))
         if self.causal:
             delta = loss_sum / self.num_predicted - original_loss
             relative = delta / original_loss if original_loss > TINY else None
         else:
             delta, relative = loss_sum / self.num_queries, None
         return Effects(delta, relative, LOSS_KINDS[self.causal], (kl_sum / self.num_queries).numpy(),
-                       (entropy_sum / self.num_queries).numpy())
+                       (entropy_shift / self.num_queries).numpy())
+
+
+def attention_change(original: AttentionCall, original_entropy: torch.Tensor,
+                     changed: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(p0 || p) and the entropy of p (B, H, query_pos) float32, p0 the original call's attention, p the changed one's.
+
+    original_entropy: (B, H, query_pos) the entropy of p0. On the CPU from torch's fused attention
+    kernel: with s0, s the two calls' logits, KL = sum_j p0_j (s0_j - s_j) - lse0 + lse
+    = -H(p0) - E_p0[s] + lse, E_p0[s] = scale q . (sum_j p0_j k_j) (the original attention with
+    the changed keys as values), and lse, H(p) as in ``extract.entropy.flash_entropy``; elsewhere
+    from blocks of logits (``logit_kl``). 0 for queries that see no key.
+    """
+    if changed.queries.device.type not in FUSED_KERNEL_DEVICES:
+        return logit_kl((original.scaled_queries(), original.keys_per_query_head()),
+                        (changed.scaled_queries(), changed.keys_per_query_head()), changed.visible)
+    queries, keys = changed.queries.to(torch.float32), changed.keys_per_query_head()
+    _, original_mean_key = softmax_moments(original.queries.to(torch.float32), original.keys_per_query_head(), keys,
+                                           original.scale, original.visible)  # (B, H, query_pos, d_head)
+    lse, mean_key = softmax_moments(queries, keys, keys, changed.scale, changed.visible)
+    entropy = torch.linalg.vecdot(queries, mean_key).mul_(-changed.scale).add_(lse).clamp_(min=0.0)
+    kl = (lse - original_entropy).sub_(torch.linalg.vecdot(queries, original_mean_key).mul_(changed.scale))
+    seen = (changed.visible.count() > 0).to(kl.device)[:, None, :]  # (B|1, 1, query_pos)
+    return torch.where(seen, kl, 0.0), torch.where(seen, entropy, 0.0)
 
 
 # ----------------------------------------------------------------------------
@@ -523,17 +613,21 @@ class _Runner:
 
 def reconstruction_effects(model: nn.Module, windows: list[list[int]], singular_values: np.ndarray,
                            anchors: dict[str, Anchor], rank_k_section: dict[str, Any] | None, *,
-                           fold_ln: bool = True, norm_rms: NormRMS | None = None) -> dict[str, Any]:
+                           fold_ln: bool = True, norm_rms: NormRMS | None = None,
+                           progress: bool = False) -> dict[str, Any]:
     """The ``functional`` section for a loaded model and token windows.
 
-    The model is modified in place: converted to float64 and eager attention, key/value heads
-    expanded, query/key weights overwritten (the original's outputs are recorded first).
+    The model runs in its own dtype, on its own device, with its own attention implementation (SDPA
+    is the fast one). It is modified in place: key/value heads expanded, query/key weights overwritten
+    (the original's outputs are recorded first).
     singular_values: (L, H, K) the geometry's spectra (spectral reconstruction and spectral T).
     rank_k_section: the ``rank_k`` section, for each strategy's operator-level k; None skips
     ``operator_rank_k`` (then None in the output). norm_rms: the q/k norm RMS the geometry's
     linearised metric used (its metadata), for models with q/k norms; None: isotropic input.
     Returns {strategy: {"spectral": R, "operator": R, "operator_rank_k": R}, "control": R}.
     """
+    from tqdm.auto import tqdm
+
     adapter, layers = model_layers(model)
     if any(layer.rotary is not None and layer.b_Q is not None for layer in layers):
         raise QkspectraError("the functional test does not support rotary models with query/key biases")
@@ -541,45 +635,48 @@ def reconstruction_effects(model: nn.Module, windows: list[list[int]], singular_
     L, H = factors.num_layers, factors.num_heads
     if singular_values.shape[:2] != (L, H):
         raise QkspectraError(f"the geometry has {singular_values.shape[:2]} layers x heads, the model {(L, H)}")
-    model.to(torch.float64).eval()
-    if model.config._attn_implementation != "eager":
-        model.set_attn_implementation("eager")
+    model.eval()
     expand_kv_heads_in_place(model)
     adapter = adapter_for(model.config)
 
-    runner = _Runner(model, windows)
-    reference = runner.reference()
-    original_loss = sum(batch.loss_sum for batch in reference) / max(runner.num_predicted, 1)
-    fitter = OperatorFitter(factors)
+    runner = _Runner(model, adapter, windows)
+    passes = 2 + len(anchors) * (2 + (rank_k_section is not None))  # at most: duplicates are run once
+    with tqdm(total=passes * runner.num_queries, unit="tok", desc="functional test", disable=not progress,
+              leave=False) as bar:
+        reference = runner.reference(bar.update)
+        original_loss = sum(batch.loss_sum for batch in reference) / max(runner.num_predicted, 1)
+        fitter = OperatorFitter(factors)
 
-    cache: dict[tuple, dict] = {}
+        cache: dict[tuple, dict] = {}
 
-    def effects_of(key: tuple, make_target: Callable[[], tuple[np.ndarray, np.ndarray]]) -> dict:
-        if key not in cache:
-            with single_blas_thread():
-                X, Y = make_target()
-                write_reconstruction(model, adapter, layers, X, Y, fold_ln=fold_ln, norm_rms=norm_rms)
-            cache[key] = runner.compare(reference, original_loss).as_dict()
-        return cache[key]
+        def effects_of(key: tuple, make_target: Callable[[], tuple[np.ndarray, np.ndarray]]) -> dict:
+            if key not in cache:
+                with single_blas_thread():
+                    X, Y = make_target()
+                    write_reconstruction(model, adapter, layers, X, Y, fold_ln=fold_ln, norm_rms=norm_rms)
+                cache[key] = runner.compare(reference, original_loss, bar.update).as_dict()
+            else:
+                bar.update(runner.num_queries)
+            return cache[key]
 
-    section: dict[str, Any] = {"control": effects_of(("control",), lambda: (factors.W_Q, factors.W_K))}
-    for name, anchor in anchors.items():
-        a = anchor.layers  # (L,)
-        spectral_T, _ = scalar_rescale(singular_values, singular_values[a])  # (L, H)
-        operator_T = np.stack([fit.T for fit in fitter.fit_all(a)])  # (L, H)
-        entry = {
-            "spectral": effects_of(("spectral", a.tobytes()),
-                                   lambda: spectral_target(factors, spectral_T[..., None] * singular_values[a])),
-            "operator": effects_of(("operator", a.tobytes()), lambda: operator_target(factors, a, operator_T)),
-            "operator_rank_k": None,
-            "num_anchor_layers": anchor.num_anchor_layers,
-            "replaced_layers": anchor.num_fitted_layers,
-        }
-        if rank_k_section is not None:
-            k = _operator_k(rank_k_section, name, (L, H))
-            entry["operator_rank_k"] = effects_of(("operator_rank_k", a.tobytes(), k.tobytes()),
-                                                  lambda: rank_k_target(factors, a, operator_T, k))
-        section[name] = entry
+        section: dict[str, Any] = {"control": effects_of(("control",), lambda: (factors.W_Q, factors.W_K))}
+        for name, anchor in anchors.items():
+            a = anchor.layers  # (L,)
+            spectral_T, _ = scalar_rescale(singular_values, singular_values[a])  # (L, H)
+            operator_T = np.stack([fit.T for fit in fitter.fit_all(a)])  # (L, H)
+            entry = {
+                "spectral": effects_of(("spectral", a.tobytes()),
+                                       lambda: spectral_target(factors, spectral_T[..., None] * singular_values[a])),
+                "operator": effects_of(("operator", a.tobytes()), lambda: operator_target(factors, a, operator_T)),
+                "operator_rank_k": None,
+                "num_anchor_layers": anchor.num_anchor_layers,
+                "replaced_layers": anchor.num_fitted_layers,
+            }
+            if rank_k_section is not None:
+                k = _operator_k(rank_k_section, name, (L, H))
+                entry["operator_rank_k"] = effects_of(("operator_rank_k", a.tobytes(), k.tobytes()),
+                                                      lambda: rank_k_target(factors, a, operator_T, k))
+            section[name] = entry
     return section
 
 
@@ -594,8 +691,9 @@ def _operator_k(rank_k_section: dict[str, Any], strategy: str, shape: tuple[int,
     return k
 
 
-def load_functional_model(model_name_or_path: str | InMemoryModel, *, progress: bool = False):
-    """(model, tokenizer): a causal LM with its head, or the bare encoder, float32, eager attention.
+def load_functional_model(model_name_or_path: str | InMemoryModel, *, progress: bool = False,
+                          placement: Placement = Placement("cpu", "float32")):
+    """(model, tokenizer): a causal LM with its head, or the bare encoder, SDPA attention, in ``placement``.
 
     A model in memory gives a copy (the test rewrites its weights), in its own dtype and attention.
     """
@@ -604,40 +702,37 @@ def load_functional_model(model_name_or_path: str | InMemoryModel, *, progress: 
 
         return functional_copy(model_name_or_path)
     from qkspectra.models import load_model, resolve_model
-    from qkspectra.models.loading import first_line, transformers_quiet
 
     source = resolve_model(model_name_or_path, progress=progress)
-    if source.config.model_type in ENCODER_MODEL_TYPES or source.config.model_type in REFUSED_MODEL_TYPES:
-        return load_model(source, progress=progress)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    with transformers_quiet(progress=progress):
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                source.folder, dtype=torch.float32, attn_implementation="eager", local_files_only=True
-            )
-            tokenizer = AutoTokenizer.from_pretrained(source.folder, local_files_only=True)
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise QkspectraError(f"cannot load {source.folder} as a causal language model: {first_line(e)}") from e
-    return model.eval(), tokenizer
+    causal = source.config.model_type not in ENCODER_MODEL_TYPES + tuple(REFUSED_MODEL_TYPES)
+    return load_model(source, attn_implementation="sdpa", progress=progress, placement=placement,
+                      model_class="AutoModelForCausalLM" if causal else "AutoModel")
 
 
 def functional_evidence(model_name_or_path: str | InMemoryModel, geometry: Geometry, anchors: dict[str, Anchor],
                         rank_k_section: dict[str, Any] | None, *, max_tokens: int = DEFAULT_MAX_TOKENS,
                         fold_ln: bool = True, corpus: str | None = None, seq_len: int | None = None,
-                        progress: bool = False) -> dict[str, Any]:
+                        progress: bool = False, device: str = "auto", dtype: str | None = None) -> dict[str, Any]:
     """The ``functional`` section: load the model, cut the corpus into windows, compare reconstructions.
 
     geometry must come from this model with the same ``fold_ln`` (its spectra are checked against the
-    model's); anchors as for ``operator_evidence``; rank_k_section from ``rank_k_evidence`` with factors.
+    checkpoint's); anchors as for ``operator_evidence``; rank_k_section from ``rank_k_evidence`` with
+    factors. device, dtype: where and in what precision the model runs (``models.device``).
     """
+    from qkspectra.extract import open_source, source_tensors
     from qkspectra.extract.corpus import default_seq_len, load_windows
+    from qkspectra.models.device import resolve_placement
 
-    model, tokenizer = load_functional_model(model_name_or_path, progress=progress)
-    _, layers = model_layers(model)
+    placement = resolve_placement(device, dtype)
+    source = open_source(model_name_or_path, progress=progress)
+    adapter = adapter_for(source.config)
+    tensors = source_tensors(source)
+    stored = [adapter.layer(tensors, i).per_query_head() for i in range(adapter.num_layers)]
     norm_rms = geometry_norm_rms(geometry)
-    check_against_geometry(factors_of_layers(linearised_layers(layers, norm_rms), fold_ln=fold_ln), geometry)
+    # the checkpoint, not its cast
+    check_against_geometry(factors_of_layers(linearised_layers(stored, norm_rms), fold_ln=fold_ln), geometry)
+    model, tokenizer = load_functional_model(model_name_or_path, progress=progress, placement=placement)
     windows = load_windows(tokenizer, corpus=corpus, seq_len=seq_len or default_seq_len(model),
                            max_tokens=max_tokens, window_per_line=False).windows
     return reconstruction_effects(model, windows, geometry.singular_values, anchors, rank_k_section, fold_ln=fold_ln,
-                                  norm_rms=norm_rms)
+                                  norm_rms=norm_rms, progress=progress)

@@ -43,6 +43,10 @@ class Geometry:
         metadata: the file's ``metadata`` object (empty when absent).
         source: where the geometry came from, for messages.
         document: the whole parsed file, kept so that extra per-row keys survive.
+        entropy_by_position: ndarray of shape (L, H, buckets), float64, each head's mean entropy
+            over the queries at 1-based positions 2^b .. 2^(b+1) - 1; None when the rows lack it.
+        log_keys_by_position: ndarray of shape (L, buckets), the mean log of the number of keys
+            those queries see; None likewise.
     """
 
     singular_values: np.ndarray
@@ -50,6 +54,8 @@ class Geometry:
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str = "<memory>"
     document: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    entropy_by_position: np.ndarray | None = None
+    log_keys_by_position: np.ndarray | None = None
 
     @property
     def num_layers(self) -> int:
@@ -110,6 +116,10 @@ def _parse_json(raw: bytes, src: str) -> Any:
         raise QkspectraError(f"{src}: not a geometry file: {e}") from None
 
 
+POSITION_KEY = "entropy_by_position_per_head"  # optional dynamic-row keys written by extract
+LOG_KEYS_KEY = "log_visible_keys_by_position"
+
+
 def parse_geometry(data: Any, *, source: str = "<memory>") -> Geometry:
     """Validate a parsed geometry document and build a :class:`Geometry`."""
     v = _Validator(source)
@@ -130,17 +140,20 @@ def parse_geometry(data: Any, *, source: str = "<memory>") -> Geometry:
                          "zero (the seed's guard), so a geometry this small changes the result; multiply every "
                          "value by a power of ten")
 
-    entropy = None
+    entropy = by_position = log_keys = None
     if "dynamic" in data:
         dynamic = v.rows(data, "dynamic", num_layers, "num_layers")
         entropy = np.stack(
             [v.entropy_row(row, f"dynamic[{L}]", num_heads) for L, row in enumerate(dynamic)]
         )  # (L, H)
+        if isinstance(dynamic[0], dict) and POSITION_KEY in dynamic[0]:
+            by_position, log_keys = v.position_rows(dynamic, num_heads)
 
     metadata = data.get("metadata", {})
     if not isinstance(metadata, dict):
         v.fail("metadata", f"expected an object, found {_kind(metadata)}")
-    return Geometry(singular_values=sigma, entropy=entropy, metadata=metadata, source=source, document=data)
+    return Geometry(singular_values=sigma, entropy=entropy, metadata=metadata, source=source, document=data,
+                    entropy_by_position=by_position, log_keys_by_position=log_keys)
 
 
 def _kind(x: Any) -> str:
@@ -278,6 +291,37 @@ class _Validator:
         self._first(~np.isfinite(ent), path, lambda x: f"not a finite number: {x}", ent)
         self._first(ent < 0, path, lambda x: f"negative entropy {_fmt(x)}", ent)
         return ent
+
+    def position_rows(self, dynamic: list, num_heads: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every layer's entropy by position bucket (L, H, buckets) and log visible keys (L, buckets).
+
+        Present in the first row, so required in every row, with the same number of buckets.
+        """
+        by_position, log_keys = [], []
+        for L, row in enumerate(dynamic):
+            path = f"dynamic[{L}]"
+            heads = self._row_list(row, path, POSITION_KEY, num_heads)
+            buckets = len(heads[0]) if isinstance(heads[0], list) else -1
+            for h, values in enumerate(heads):
+                where = f"{path}.{POSITION_KEY}[{h}]"
+                if not isinstance(values, list) or len(values) != buckets or buckets < 1:
+                    self.fail(where, f"expected a list of {max(buckets, 1)} position buckets, found {_describe(values)}")
+                self._check_numbers(values, where)
+            if L and buckets != by_position[0].shape[1]:
+                self.fail(f"{path}.{POSITION_KEY}", f"{buckets} position buckets, dynamic[0] has {by_position[0].shape[1]}")
+            values = np.array(heads, dtype=np.float64)  # (H, buckets)
+            self._first(~np.isfinite(values) | (values < 0), f"{path}.{POSITION_KEY}",
+                        lambda x: f"not a finite entropy >= 0: {x}", values)
+            by_position.append(values)
+            where = f"{path}.{LOG_KEYS_KEY}"
+            keys = row.get(LOG_KEYS_KEY)
+            if not isinstance(keys, list) or len(keys) != buckets:
+                self.fail(where, f"expected a list of {buckets} numbers, found {_describe(keys)}")
+            self._check_numbers(keys, where)
+            keys = np.array(keys, dtype=np.float64)  # (buckets,)
+            self._first(~np.isfinite(keys) | (keys < 0), where, lambda x: f"not a finite number >= 0: {x}", keys)
+            log_keys.append(keys)
+        return np.stack(by_position), np.stack(log_keys)
 
     def _first(self, bad: np.ndarray, path: str, what, values: np.ndarray) -> None:
         if bad.any():

@@ -222,6 +222,35 @@ def entropy_scatter_figure(
     return fig
 
 
+def entropy_by_position_figure(entropy: np.ndarray, log_keys: np.ndarray, title: str) -> Figure:
+    """Per layer, each head's mean attention entropy against query position, beside log(visible keys).
+
+    entropy: (L, H, buckets) nats, bucket b holding the queries at 1-based positions 2^b .. 2^(b+1) - 1.
+    log_keys: (L, buckets) the mean log of the number of keys those queries see (uniform attention's entropy).
+    """
+    L, H, buckets = entropy.shape
+    cols = min(L, 6)
+    rows = -(-L // cols)
+    fig = Figure(figsize=(2.4 * cols + 0.6, 2.0 * rows + 1.0), layout="constrained")
+    axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).ravel()
+    position = 2.0 ** np.arange(buckets)  # (buckets,) each bucket's first position
+    for layer, ax in enumerate(axes[:L]):
+        ax.plot(position, entropy[layer].T, color="tab:blue", lw=0.6, alpha=0.45)
+        ax.plot(position, entropy[layer].mean(axis=0), color="tab:blue", lw=1.8, label="mean over heads")
+        ax.plot(position, log_keys[layer], color="black", ls="--", lw=1.0, label="log(visible keys)")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"layer {layer}", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes[L:]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.supxlabel("query position (log2 buckets: 1, 2-3, 4-7, ...)", fontsize=9)
+    fig.supylabel("mean attention entropy (nats)", fontsize=9)
+    fig.suptitle(f"Attention entropy against position, per layer (thin: heads)\n{title}", fontsize=11)
+    return fig
+
+
 def cross_head_figure(per_layer_cos: np.ndarray | None, single_residual: Mapping[str, np.ndarray], title: str) -> Figure:
     """Cross-head shape similarity per layer, and the residual of one spectrum for all heads.
 
@@ -345,6 +374,10 @@ def report_figures(document: Mapping[str, Any], geometry: Geometry | None, *, ti
         xs["op-norm σ_1"] = geometry.singular_values[..., 0]
         corr["op-norm σ_1"] = (first["corr_opnorm_entropy"], first["spearman_opnorm_entropy"])
         figures["entropy_scatter"] = entropy_scatter_figure(geometry.entropy, xs, corr, title)
+
+    if geometry is not None and geometry.entropy_by_position is not None:
+        figures["entropy_by_position"] = entropy_by_position_figure(
+            geometry.entropy_by_position, geometry.log_keys_by_position, title)
 
     per_layer_cos = next(iter(per.values()))["cross_head"]["per_layer_mean_cos"]
     figures["cross_head"] = cross_head_figure(

@@ -38,6 +38,8 @@ FIGURE_CAPTIONS = {
     "shape is invariant across depth, as the hypothesis requires.",
     "entropy_scatter": "T (each anchor strategy) and operator norm σ_1 against the head's mean attention entropy; "
     "colour = layer.",
+    "entropy_by_position": "Each layer's attention entropy against query position (log2 buckets; thin lines: heads, "
+    "thick: their mean), beside the log of the number of keys the queries see (uniform attention).",
     "cross_head": "Mean pairwise shape cosine between the heads of each layer, and the residual when every head is "
     "fit to one spectrum.",
     "rank_k": "Mean residual over the fitted layers of scalar rescale plus a rank-k correction, against k.",
@@ -344,6 +346,8 @@ def _entropy_section(document: Mapping[str, Any], figures: Sequence[str]) -> Sec
     ]
     if "entropy_scatter" in figures:
         blocks.append(Plot("entropy_scatter", FIGURE_CAPTIONS["entropy_scatter"]))
+    if "entropy_by_position" in figures:
+        blocks.append(Plot("entropy_by_position", FIGURE_CAPTIONS["entropy_by_position"]))
     return Section("(2b) Temperature against attention entropy", tuple(blocks), "entropy")
 
 

@@ -150,13 +150,14 @@ def analysis_document(
     map: Callable | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     timings: dict[str, float] | None = None,
+    functional_tokens: int | None = None,
 ) -> dict[str, Any]:
     """The analysis document with the rank-k section and, when the factors file exists, the operator-level one.
 
     factors_file: the factors file, or the factors themselves (as ``Extraction.factors`` keeps them).
-    functional_model: also run the functional test on this model (the geometry's), on the corpus
-    of ``options`` with at most the functional test's default token budget. Slow: the model runs
-    once per reconstruction and anchor strategy.
+    functional_model: also run the functional test on this model (the geometry's), on the corpus,
+    device and dtype of ``options``, with ``functional_tokens`` corpus tokens (None: the functional
+    test's default budget). The model runs once per reconstruction and anchor strategy.
     map: how the operator analysis' layer-pair fits run (see ``operator.OperatorFitter``; None: a thread per core).
     progress(stage, done, total): after each layer and layer pair of the operator-level fits.
     timings: receives ``operator_s`` (the operator-level fits) and ``operator_layer_pairs``.
@@ -184,8 +185,10 @@ def analysis_document(
 
     rank_k = rank_k_evidence(geometry, anchors, fitter=fitter)
     functional = functional_evidence(
-        functional_model, geometry, anchors, rank_k, max_tokens=min(options.max_tokens, DEFAULT_MAX_TOKENS),
+        functional_model, geometry, anchors, rank_k,
+        max_tokens=DEFAULT_MAX_TOKENS if functional_tokens is None else functional_tokens,
         fold_ln=options.fold_ln, corpus=options.corpus, seq_len=options.seq_len, progress=not options.quiet,
+        device=options.device, dtype=options.dtype,
     )
     return build_analysis_document(
         geometry, groups=groups, factors=factors, fitter=fitter, rank_k=rank_k, functional=functional
@@ -209,12 +212,14 @@ def run(
     groups: int | None = None,
     functional: bool = True,
     map: Callable | None = None,
+    functional_tokens: int | None = None,
     say: Callable[[str], None] = lambda _: None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> RunResult:
     """Extract (or reuse), analyze with every anchor strategy, and write the report folder.
 
-    functional: also run the functional test (slow; see ``analysis_document``).
+    functional: also run the functional test (see ``analysis_document``), on ``functional_tokens``
+    corpus tokens (None: its default budget).
     map: how the operator analysis' layer-pair fits run (``cluster.cluster_map(client)``: on a Dask cluster).
     say: receives one line per step, for the user.
     progress: progress(stage, done, total) within the long steps (the operator-level fits).
@@ -223,6 +228,8 @@ def run(
     from qkspectra.geometry import load_geometry
 
     check_options(options)
+    if functional_tokens is not None and not 2 <= functional_tokens <= 10**12:
+        raise QkspectraError(f"{option('functional_tokens')} must be between 2 and 10^12, got {functional_tokens}")
     if groups is not None and groups < 1:  # and at most the number of layers, checked below
         raise QkspectraError(f"{option('groups')} {groups}: must be between 1 and the number of layers")
     out_dir = Path(out_dir)
@@ -244,6 +251,7 @@ def run(
         "extraction": None,
         "groups": groups,
         "functional": functional,
+        "functional_tokens": functional_tokens,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "finished": None,  # stays null if the run stops after the extraction
         "timings": timings,
@@ -276,7 +284,7 @@ def run(
         + (f", then the functional test on {model_name(model)}" if functional else ""))
     document = analysis_document(
         geometry, factors_path(geometry_path), groups=groups, functional_model=model if functional else None,
-        options=options, map=map, progress=progress, timings=timings,
+        options=options, map=map, progress=progress, timings=timings, functional_tokens=functional_tokens,
     )
     atomic_write_json(out_dir / ANALYSIS_FILE, document)
     timings["analyze_s"] = round(time.perf_counter() - clock, 3)

@@ -58,6 +58,7 @@ class RunSettings:
     options: ExtractOptions = ExtractOptions()
     groups: int | None = None
     functional: bool = True
+    functional_tokens: int | None = None  # None: the functional test's default budget
 
 
 # ----------------------------------------------------------------------------
@@ -242,6 +243,7 @@ def _finished_run(run_dir: Path, model: str, settings: RunSettings) -> dict[str,
     if not (
         isinstance(record, dict) and record.get("finished") is not None and record.get("cache_key") == key
         and record.get("groups") == settings.groups and record.get("functional") == settings.functional
+        and record.get("functional_tokens") == settings.functional_tokens
         and reusable_geometry(run_dir, key) and (run_dir / "report.html").is_file()
     ):
         return None
@@ -269,7 +271,7 @@ def run_model(model: SweepModel, out_dir: str, settings: RunSettings) -> dict[st
         make_folder(staging.parent)
         os.replace(final, staging)
     result = run(model.model, staging, options=replace(settings.options, quiet=True), groups=settings.groups,
-                 functional=settings.functional)
+                 functional=settings.functional, functional_tokens=settings.functional_tokens)
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)

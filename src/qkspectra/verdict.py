@@ -65,7 +65,8 @@ class Thresholds:
     operator_partial: float = 0.30
     functional_supported: float = 0.01  # change of the operator reconstruction (relative loss or cosine distance)
     functional_partial: float = 0.10
-    control_tolerance: float = 1e-6  # the control's change above which the functional test is unreliable
+    control_tolerance: float = 1e-4  # the control's change above which the functional test is unreliable
+    control_multiple: float = 5.0  # changes within this many times the control's are rounding: no change
 
 
 THRESHOLDS = Thresholds()
@@ -243,6 +244,8 @@ def functional_layer(functional: dict[str, Any] | None, t: Thresholds = THRESHOL
         reason = functional.get("reason") or (NO_FITTED_LAYER if entries else "no operator reconstruction in the results")
         return Layer("n/a", f"No functional evidence: {reason}.")
     change, name, entry = best
+    if control is not None and change <= t.control_multiple * control:
+        change = 0.0  # within the rounding of the path itself
     return Layer(
         _graded(change, t.functional_supported, t.functional_partial),
         f"Replacing every head's operator by the anchor's, rescaled, in {_count(entry['replaced_layers'], 'layer')}, "

@@ -32,11 +32,15 @@ WindowPerLine = Annotated[bool, typer.Option("--window-per-line", help="One wind
 SeqLen = Annotated[Optional[int], typer.Option(help="Tokens per window (default: min(512, the model's maximum)).")]
 MaxTokens = Annotated[int, typer.Option(help="Corpus budget in tokens.")]
 BatchSize = Annotated[Optional[int], typer.Option(help="Windows per forward pass (default: as many as fit in memory).")]
+Device = Annotated[str, typer.Option(help="Where the model runs (corpus pass, functional test): auto (a GPU if there "
+                                     "is one), cpu, cuda, cuda:N or mps.")]
+Dtype = Annotated[Optional[str], typer.Option(help="The model's dtype: float32, bfloat16 or float16 (default: float32 "
+                                              "on the CPU, bfloat16 on a GPU). Entropies are reduced in float32.")]
 
 
 def extract_options(
     *, no_fold_ln: bool, static_only: bool, corpus: Path | None, window_per_line: bool, seq_len: int | None,
-    max_tokens: int, batch_size: int | None, quiet: bool,
+    max_tokens: int, batch_size: int | None, quiet: bool, device: str = "auto", dtype: str | None = None,
 ) -> ExtractOptions:
     """The library's options from the command line's."""
     from qkspectra.extract import ExtractOptions
@@ -49,6 +53,8 @@ def extract_options(
         max_tokens=max_tokens,
         window_per_line=window_per_line,
         batch_size=batch_size,
+        device=device,
+        dtype=dtype,
         quiet=quiet,
     )
 
@@ -65,6 +71,8 @@ def extract(
     seq_len: SeqLen = None,
     max_tokens: MaxTokens = DEFAULT_MAX_TOKENS,
     batch_size: BatchSize = None,
+    device: Device = "auto",
+    dtype: Dtype = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, no summary line.")] = False,
 ) -> None:
     """Per-head singular values of s * W_Q W_K^T (static) and mean attention entropy over a corpus (dynamic)."""
@@ -72,7 +80,7 @@ def extract(
 
     options = extract_options(no_fold_ln=no_fold_ln, static_only=static_only, corpus=corpus,
                               window_per_line=window_per_line, seq_len=seq_len, max_tokens=max_tokens,
-                              batch_size=batch_size, quiet=quiet)
+                              batch_size=batch_size, quiet=quiet, device=device, dtype=dtype)
     json_file, factors_file = extract_to_files(model, output_file(output, "-o", "geometry.json"), options=options)
     if not quiet:
         passes = "static spectra" if static_only else "static spectra and attention entropy"

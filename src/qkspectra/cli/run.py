@@ -14,6 +14,8 @@ from qkspectra.cli import app
 from qkspectra.cli.extract import (
     BatchSize,
     Corpus,
+    Device,
+    Dtype,
     MaxTokens,
     Model,
     NoFoldLn,
@@ -22,7 +24,7 @@ from qkspectra.cli.extract import (
     WindowPerLine,
     extract_options,
 )
-from qkspectra.extract.corpus import DEFAULT_MAX_TOKENS
+from qkspectra.extract.corpus import DEFAULT_FUNCTIONAL_TOKENS, DEFAULT_MAX_TOKENS
 
 if TYPE_CHECKING:
     from qkspectra.sweep import RunSettings
@@ -33,9 +35,11 @@ NoFunctional = Annotated[
     typer.Option(
         "--no-functional",
         help="Skip the functional test (the model run with reconstructed operators: loss and attention change), "
-        "the slowest part: one pass per reconstruction and anchor strategy, on at most 2048 corpus tokens.",
+        "the slowest part: one forward pass per reconstruction and anchor strategy.",
     ),
 ]
+FunctionalTokens = Annotated[int, typer.Option(help="Corpus tokens the functional test runs on (each reconstruction "
+                                               "is one pass over them).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages; print only the strategy table and the verdict.")]
 Scheduler = Annotated[
     Optional[str],
@@ -44,11 +48,12 @@ Scheduler = Annotated[
 ]
 
 
-def run_settings(*, groups: int | None, no_functional: bool, quiet: bool, **extract) -> RunSettings:
+def run_settings(*, groups: int | None, no_functional: bool, functional_tokens: int | None, quiet: bool,
+                 **extract) -> RunSettings:
     """The library's settings of a run from the command line's options (the extraction's in ``extract``)."""
     from qkspectra.sweep import RunSettings
 
-    return RunSettings(extract_options(quiet=quiet, **extract), groups, not no_functional)
+    return RunSettings(extract_options(quiet=quiet, **extract), groups, not no_functional, functional_tokens)
 
 
 class StageBars:
@@ -106,8 +111,11 @@ def run(
     window_per_line: WindowPerLine = False,
     static_only: StaticOnly = False,
     batch_size: BatchSize = None,
+    device: Device = "auto",
+    dtype: Dtype = None,
     groups: Groups = None,
     no_functional: NoFunctional = False,
+    functional_tokens: FunctionalTokens = DEFAULT_FUNCTIONAL_TOKENS,
     scheduler: Scheduler = None,
     quiet: Quiet = False,
 ) -> None:
@@ -119,13 +127,13 @@ def run(
     from qkspectra.runner import run as run_all
 
     settings = run_settings(no_fold_ln=no_fold_ln, static_only=static_only, corpus=corpus, window_per_line=window_per_line,
-                            seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, quiet=quiet, groups=groups,
-                            no_functional=no_functional)
+                            seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, device=device, dtype=dtype,
+                            quiet=quiet, groups=groups, no_functional=no_functional, functional_tokens=functional_tokens)
     out_dir = default_out_dir(model) if out is None else out
     say = (lambda _: None) if quiet else (lambda line: typer.echo(f"qkspectra: {line}", err=True))
     with fit_map(scheduler) as layer_pairs_map, StageBars(disable=quiet) as progress:
         result = run_all(model, out_dir, options=settings.options, groups=settings.groups, functional=settings.functional,
-                         map=layer_pairs_map, say=say, progress=progress)
+                         functional_tokens=settings.functional_tokens, map=layer_pairs_map, say=say, progress=progress)
     typer.echo(render_summary(result.document), nl=False)
     for note in result.report.notes:
         say(note)

@@ -6,7 +6,9 @@
      "static":  [{"metric_singvals_per_head": (H, k) lists, "operator_norm_per_head", "frobenius_norm_per_head",
                   "stable_rank_per_head", "effective_rank_per_head"}, ... L rows],
      "dynamic": [{"mean_attention_entropy_per_head", "mean_normalized_entropy_per_head",
-                  "mean_sink_mass_per_head"}, ... L rows]          (absent with static_only)
+                  "mean_sink_mass_per_head", "entropy_by_position_per_head": (H, buckets) lists,
+                  "log_visible_keys_by_position": (buckets,)},
+                 ... L rows]                                       (absent with static_only)
      "metadata": {...}}
 
 ``extract_to_files(model, out)`` writes that dict to ``out`` and the per-head factors beside it
@@ -45,6 +47,9 @@ FACTOR_CONVENTION = (
     "sqrt(s) is multiplied into each of W_Q, W_K, b_Q, b_K, so logit = (x W_Q + b_Q) . (y W_K + b_K) before positions"
 )
 POSITION_LIMIT_FIELDS = ("max_position_embeddings", "n_positions")
+POSITION_BUCKETS = ("entropy_by_position_per_head[h][b]: mean entropy of the queries at 1-based positions "
+                    "2^b .. 2^(b+1) - 1 of their window (1, 2-3, 4-7, ...); log_visible_keys_by_position[b]: "
+                    "the mean log of the number of keys those queries see (the entropy of uniform attention)")
 
 
 MAX_TOKENS_LIMIT = 10**12  # far beyond any corpus pass; keeps every count a 64-bit integer
@@ -59,6 +64,8 @@ class ExtractOptions:
     max_tokens: int = DEFAULT_MAX_TOKENS  # corpus budget in tokens
     window_per_line: bool = False  # one window per non-blank line instead of fixed windows
     batch_size: int | None = None  # windows per forward pass; None: as many as fit in memory
+    device: str = "auto"  # where the model runs: auto, cpu, cuda, cuda:N, mps
+    dtype: str | None = None  # the model's dtype: float32, bfloat16, float16; None: float32 on the CPU, bfloat16 on a GPU
     quiet: bool = False  # no progress bars
 
 
@@ -120,7 +127,7 @@ def run_extraction(
             from qkspectra.extract.corpus import default_seq_len, load_windows, model_max_length
 
             check_position_limit(source.config, options.seq_len)
-            torch_model, tokenizer = stack.enter_context(corpus_model(source, progress=progress))
+            torch_model, tokenizer = stack.enter_context(corpus_model(source, options, progress=progress))
             if not options.window_per_line:
                 seq_len = options.seq_len if options.seq_len is not None else default_seq_len(torch_model)
             corpus = load_windows(tokenizer, corpus=options.corpus, seq_len=seq_len, max_tokens=options.max_tokens,
@@ -188,6 +195,8 @@ def run_extraction(
                     "mean_attention_entropy_per_head": stats.mean_entropy[layer].tolist(),
                     "mean_normalized_entropy_per_head": stats.mean_normalized_entropy[layer].tolist(),
                     "mean_sink_mass_per_head": stats.mean_sink_mass[layer].tolist(),
+                    "entropy_by_position_per_head": stats.entropy_by_position[layer].tolist(),
+                    "log_visible_keys_by_position": stats.log_keys_by_position[layer].tolist(),
                 }
                 for layer in range(adapter.num_layers)
             ]
@@ -199,6 +208,11 @@ def run_extraction(
                 max_tokens=options.max_tokens,
                 num_windows=stats.num_windows,
                 num_tokens=stats.num_tokens,
+                corpus_device=str(next(torch_model.parameters()).device),
+                corpus_dtype=str(next(torch_model.parameters()).dtype).removeprefix("torch."),
+                entropy_dtype="float32",
+                position_buckets=POSITION_BUCKETS,
+                queries_by_position=stats.queries_by_position.tolist(),
             )
         if static.norm_rms is not None:
             metadata["qk_norm"].update(rms_query=static.norm_rms.query.tolist(), rms_key=static.norm_rms.key.tolist())
@@ -249,9 +263,10 @@ def qk_norm_metadata(layer, *, static_only: bool) -> dict | None:
 
 
 @contextlib.contextmanager
-def corpus_model(source, *, progress: bool) -> Iterator[tuple[Any, Any]]:
-    """(torch model with eager attention, tokenizer) for the corpus pass: loaded from the source's
-    folder, or the model in memory, put back as it was afterwards."""
+def corpus_model(source, options: ExtractOptions, *, progress: bool) -> Iterator[tuple[Any, Any]]:
+    """(torch model with SDPA attention, tokenizer) for the corpus pass: loaded from the source's folder
+    on the device and in the dtype of ``options``, or the model in memory where it lives, in its own
+    dtype, put back as it was afterwards."""
     from qkspectra.models.in_memory import InMemoryModel, untouched
 
     if isinstance(source, InMemoryModel):
@@ -260,12 +275,17 @@ def corpus_model(source, *, progress: bool) -> Iterator[tuple[Any, Any]]:
             yield model, source.tokenizer
     else:
         from qkspectra.models import load_model
+        from qkspectra.models.device import resolve_placement
 
-        yield load_model(source, progress=progress)
+        placement = resolve_placement(options.device, options.dtype)
+        yield load_model(source, attn_implementation="sdpa", progress=progress, placement=placement)
 
 
 def check_options(options: ExtractOptions) -> None:
     """Reject impossible option values before any model is read."""
+    from qkspectra.models.device import check_placement_names
+
+    check_placement_names(options.device, options.dtype)
     if options.seq_len is not None and options.seq_len < 2:
         raise QkspectraError(f"{option('seq_len')} must be at least 2, got {options.seq_len}")
     if not 1 <= options.max_tokens <= MAX_TOKENS_LIMIT:

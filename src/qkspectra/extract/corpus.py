@@ -41,6 +41,7 @@ import orjson
 from qkspectra.errors import QkspectraError, option
 
 DEFAULT_MAX_TOKENS = 32768
+DEFAULT_FUNCTIONAL_TOKENS = 2048  # the functional test's corpus budget (each reconstruction is one pass over it)
 DEFAULT_SEQ_LEN_CAP = 512
 # Tokenizers without a known maximum report a huge ``model_max_length`` (about 1e30).
 _UNKNOWN_MAX_LENGTH = 1_000_000_000

@@ -1,7 +1,7 @@
 """Mean attention entropy per layer and head over a corpus: the dynamic half of ``extract``.
 
 For each real (non-padding) query position i of every window, and each layer and head, the
-model's own eager attention probabilities p_ij give
+attention probabilities p_ij = softmax_j(s_ij) give
 
     H_i = -sum_j p_ij log p_ij   (nats, 0 log 0 = 0)
 
@@ -14,19 +14,34 @@ Reported per (layer, head), each a token-weighted mean over all real query posit
 - ``mean_entropy``: H_i;
 - ``mean_normalized_entropy``: H_i / log(n_i), n_i the number of keys query i sees (1 for
   uniform attention, 0 for one-hot); queries that see a single key are left out of this mean;
-- ``mean_sink_mass``: p_i0, the probability on the window's first token (BOS / [CLS]).
+- ``mean_sink_mass``: p_i0, the probability on the window's first token (BOS / [CLS]);
+- ``entropy_by_position``: the mean of H_i over the queries at positions n = i + 1 (counted from
+  the window's first real token) in the log2-spaced bucket b = floor(log2 n): 1, 2-3, 4-7, ...
 
-The probabilities are captured with forward hooks on the modules whose output transformers
-itself records for ``output_attentions`` (the model's ``_can_record_outputs["attentions"]``),
-reduced to these per-query numbers inside the hook and dropped at once: only one layer's
-attention map exists at any time. ``output_attentions`` is never set (in transformers 5 it makes
-the model keep every layer's map). Sums are accumulated in float64.
+No attention map is ever formed. The model runs with transformers' SDPA attention, and
+``AttentionCapture`` hands each layer's attention call (the model's own queries and keys, after
+its projections, norms and rotary positions, with its logit scale s and mask) to the
+accumulator. With s_ij = s q_i . k_j, p_ij = softmax_j(s_ij) and lse_i = log sum_j exp(s_ij):
+
+    H_i = lse_i - sum_j p_ij s_ij = lse_i - s q_i . kbar_i,   kbar_i = sum_j p_ij k_j,
+    p_i0 = exp(s_i0 - lse_i).
+
+On the CPU both lse_i and kbar_i come from one call of torch's fused attention kernel (the one
+SDPA uses; it works through blocks of logits with an online softmax and returns the
+log-sum-exp) with the keys as values: one more attention call per layer, nothing else of
+size T^2 (``flash_entropy``). On other devices ``logit_entropy`` goes through blocks of queries
+and, for each, blocks of keys with an online log-sum-exp: each key block b gives its own
+log-sum-exp lse_b and the entropy H_b of its own softmax; the running (lse, H) merges with them
+as a two-part mixture, lse' = logaddexp(lse, lse_b), w = exp(lse - lse'), w_b = exp(lse_b - lse'),
+H' = w (H - log w) + w_b (H_b - log w_b). Either way at most one block of logits exists at a
+time, whatever the sequence length, and key blocks a causal mask hides entirely are skipped.
+Whatever the model's dtype, queries and keys are reduced in float32; sums over queries are
+accumulated in float64.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,27 +52,34 @@ from tqdm.auto import tqdm
 
 from qkspectra.errors import QkspectraError, option
 from qkspectra.extract.corpus import Corpus
+from qkspectra.extract.capture import AttentionCall, AttentionCapture, VisibleKeys, mask_positions
 
-# Transient memory the attention maps of one batch may take, and a cap on tokens per batch
-# (which bounds the other activations).
-ATTENTION_MEMORY_BUDGET = 512 * 2**20
+# Tokens per forward pass (bounds the activations, which grow linearly with it), and the bytes of
+# boolean attention masks a batch may need (a padded batch's 4-D mask has B x seq^2 entries).
 MAX_TOKENS_PER_BATCH = 16384
-# float32 bytes per attention-map entry alive at the peak of one eager attention call: two maps
-# while the mask is added or the softmax is taken, plus a third for margin.
-_BYTES_PER_MAP_ENTRY = 12
-# Attention-map entries reduced per step by entropy_from_probs (16 MiB of float32): no copy of a
-# whole map is made, and the steps are few (each torch operation has a fixed cost, which grows
-# when other processes compete for the cores).
+MASK_MEMORY_BUDGET = 256 * 2**20
+# Logits per block of logit_entropy (16 MiB of float32): large enough that the per-block costs of
+# the torch calls vanish, small enough to stay in a few caches' worth of memory.
+LOGITS_PER_BLOCK = 2**22
+KEYS_PER_BLOCK = 1024
+# Attention-map entries reduced per step by entropy_from_probs (16 MiB of float32).
 _ENTRIES_PER_STEP = 2**22
+# Hidden logits are filled with _HIDDEN, below the running log-sum-exp's start _START: exp(_HIDDEN - x)
+# is exactly 0 for every x >= _START, and every term stays finite (no inf - inf, no 0 * inf).
+_START = -1e30
+_HIDDEN = -2e30
 
 
 @dataclass(frozen=True)
 class EntropyStats:
-    """Attention statistics per layer and head, each a float64 array of shape (L, H)."""
+    """Attention statistics per layer and head, each a float64 array of shape (L, H) unless said."""
 
     mean_entropy: np.ndarray  # (L, H) nats
     mean_normalized_entropy: np.ndarray  # (L, H) entropy / log(visible keys), queries seeing >= 2 keys
     mean_sink_mass: np.ndarray  # (L, H) probability on the window's first token
+    entropy_by_position: np.ndarray  # (L, H, buckets) mean entropy of the queries at positions [2^b, 2^(b+1))
+    log_keys_by_position: np.ndarray  # (L, buckets) mean log(number of visible keys) of those queries
+    queries_by_position: np.ndarray  # (buckets,) int: real queries counted in each bucket
     num_windows: int
     num_tokens: int  # real query positions counted
 
@@ -87,32 +109,165 @@ def entropy_from_probs(probs: torch.Tensor, key_mask: torch.Tensor | None) -> to
     return entropy.neg_()
 
 
+def logit_entropy(queries: torch.Tensor, keys: torch.Tensor, visible: VisibleKeys,
+                  sink_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy and sink mass of softmax(queries . keys) over the visible keys, one block of logits at a time.
+
+    queries:  (B, H, query_pos, d_head) float32, the logit scale included
+    keys:     (B, H_kv, key_pos, d_head) float32, H_kv divides H (query head h reads key head h // (H / H_kv))
+    visible:  which keys each query sees
+    sink_key: (B,) int64, the key whose probability is the sink mass (each window's first real token)
+    returns   entropy (B, H, query_pos) in nats and sink mass (B, H, query_pos), float32; 0 for a
+              query that sees no key
+    """
+    B, H, num_queries, d_head = queries.shape
+    H_kv, num_keys = keys.shape[1], keys.shape[2]
+    group = H // H_kv
+    # contiguous once (the projections leave heads strided): each block's product reads them directly
+    grouped = queries.contiguous().view(B, H_kv, group, num_queries, d_head)  # (B, H_kv, G, query_pos, d_head)
+    keys = keys.contiguous()
+    keys_t = keys.transpose(-1, -2)  # (B, H_kv, d_head, key_pos)
+    key_block = min(num_keys, KEYS_PER_BLOCK)
+    query_block = max(1, min(num_queries, LOGITS_PER_BLOCK // max(1, B * H * key_block)))
+    lse = queries.new_full((B, H_kv, group, num_queries), _START)  # log sum_j exp(s_ij) over the keys so far
+    entropy = queries.new_zeros((B, H_kv, group, num_queries))  # entropy of the softmax over those keys
+    one_block = key_block == num_keys  # then each block's own softmax is the whole one: no merging
+    if one_block:
+        sink = queries.new_zeros((B, H_kv, group, num_queries))
+        sink_index = sink_key.view(B, 1, 1, 1, 1).expand(B, H_kv, group, query_block, 1)
+    for q_start in range(0, num_queries, query_block):
+        q_stop = min(q_start + query_block, num_queries)
+        rows = slice(q_start, q_stop)
+        q = grouped[..., rows, :].reshape(B, H_kv, group * (q_stop - q_start), d_head)  # (B, H_kv, G bq, d_head)
+        for k_start in range(0, num_keys, key_block):
+            k_stop = min(k_start + key_block, num_keys)
+            mask = visible.block(q_start, q_stop, k_start, k_stop)  # (B|1, 1, 1, bq, bk) bool, True: all, False: none
+            if mask is False:
+                continue
+            logits = (q @ keys_t[..., k_start:k_stop]).view(B, H_kv, group, q_stop - q_start, k_stop - k_start)
+            if mask is not True:
+                logits.masked_fill_(~mask, _HIDDEN)
+            top = None if one_block else logits.amax(dim=-1)  # (B, H_kv, G, bq)
+            log_p = torch.log_softmax(logits, dim=-1)  # log of the block's own softmax
+            block_entropy = -torch.einsum("bkgqn,bkgqn->bkgq", torch.exp(log_p), log_p)  # (B, H_kv, G, bq)
+            if one_block:
+                entropy[..., rows] = block_entropy
+                sink[..., rows] = torch.exp(log_p.gather(-1, sink_index[..., :q_stop - q_start, :]).squeeze(-1))
+                continue
+            block_lse = top - log_p.amax(dim=-1)  # (B, H_kv, G, bq)
+            merged = torch.logaddexp(lse[..., rows], block_lse)
+            log_before, log_block = lse[..., rows] - merged, block_lse - merged  # log of each part's share
+            entropy[..., rows] = (torch.exp(log_before) * (entropy[..., rows] - log_before)
+                                  + torch.exp(log_block) * (block_entropy - log_block))
+            lse[..., rows] = merged
+    if one_block:
+        seen = (visible.count() > 0).to(entropy.device)[:, None, None, :]  # (B|1, 1, 1, query_pos)
+    else:
+        seen = lse > _START / 2  # (B, H_kv, G, query_pos)
+        sink_keys = keys[torch.arange(B, device=keys.device), :, sink_key]  # (B, H_kv, d_head)
+        sink_logit = torch.einsum("bkgqd,bkd->bkgq", grouped, sink_keys)
+        sink = torch.exp((sink_logit - lse).clamp(max=0))
+    entropy = torch.where(seen, entropy, 0.0)  # (B, H_kv, G, query_pos)
+    sink = torch.where(seen & visible.sees(sink_key)[:, None, None, :], sink, 0.0)
+    return entropy.reshape(B, H, num_queries), sink.reshape(B, H, num_queries)
+
+
+_flash_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+# Devices whose attention statistics come from the fused kernel (the rest take the blocked path).
+FUSED_KERNEL_DEVICES = ("cpu",)
+
+
+def softmax_moments(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+                    visible: VisibleKeys) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's log-sum-exp of its logits and the softmax-weighted mean of the values, on the CPU.
+
+    queries: (B, H, query_pos, d) float32; keys, values: (B, H, key_pos, d) float32; logits scale * q . k
+    returns  lse (B, H, query_pos) = log sum_j exp(scale q_i . k_j) over the visible keys, and
+             (B, H, query_pos, d) sum_j softmax_j(scale q_i . k_j) v_j; garbage for a query that sees no key
+
+    torch's fused CPU attention kernel (the one SDPA uses: blocks of logits with an online
+    softmax, never a whole map), which also returns the log-sum-exp. A mask is handed to it as
+    an additive float mask a block of query rows at a time, so at most LOGITS_PER_BLOCK entries.
+    """
+    if visible.mask is None:
+        if visible.causal and visible.offset != 0:
+            raise QkspectraError("a causal attention call with more keys than queries needs an explicit mask")
+        weighted, lse = _flash_attention(queries, keys, values, 0.0, is_causal=visible.causal, scale=scale)
+        return lse, weighted
+    num_queries, num_keys = queries.shape[-2], keys.shape[-2]
+    rows = max(1, LOGITS_PER_BLOCK // (visible.mask.shape[0] * num_keys))
+    lse = queries.new_empty(queries.shape[:-1])
+    weighted = queries.new_empty(queries.shape[:-1] + values.shape[-1:])
+    for start in range(0, num_queries, rows):
+        block = slice(start, min(start + rows, num_queries))
+        allowed = visible.mask[..., block, :]  # (B|1, 1, rows, key_pos)
+        additive = torch.zeros(allowed.shape, dtype=queries.dtype).masked_fill_(~allowed, float("-inf"))
+        weighted[..., block, :], lse[..., block] = _flash_attention(queries[..., block, :], keys, values, 0.0,
+                                                                    attn_mask=additive, scale=scale)
+    return lse, weighted
+
+
+def flash_entropy(queries: torch.Tensor, keys: torch.Tensor, scale: float, visible: VisibleKeys,
+                  sink_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy and sink mass of softmax(scale queries . keys) over the visible keys, from the fused CPU kernel.
+
+    queries: (B, H, query_pos, d_head) float32; keys: (B, H, key_pos, d_head) float32
+    sink_key: (B,) int64, the key whose probability is the sink mass
+    returns   entropy (B, H, query_pos) in nats and sink mass (B, H, query_pos), float32; 0 for a
+              query that sees no key
+
+    With s_ij = scale q_i . k_j and p = softmax(s): H_i = lse_i - sum_j p_ij s_ij = lse_i - scale q_i . kbar_i,
+    kbar_i = sum_j p_ij k_j, the attention output with the keys as values; p_i0 = exp(s_i0 - lse_i).
+    """
+    lse, mean_key = softmax_moments(queries, keys, keys, scale, visible)  # (B, H, query_pos), (..., d_head)
+    entropy = torch.linalg.vecdot(queries, mean_key).mul_(-scale).add_(lse).clamp_(min=0.0)
+    batch = torch.arange(queries.shape[0], device=queries.device)
+    sink_logit = torch.linalg.vecdot(queries, keys[batch, :, sink_key].unsqueeze(-2))  # (B, H, query_pos)
+    sink = torch.exp(sink_logit.mul_(scale).sub_(lse).clamp_(max=0.0))
+    seen = (visible.count() > 0).to(entropy.device)[:, None, :]  # (B|1, 1, query_pos)
+    entropy = torch.where(seen, entropy, 0.0)
+    sink = torch.where(seen & visible.sees(sink_key)[:, None, :], sink, 0.0)
+    return entropy, sink
+
+
+def call_entropy(call: AttentionCall, sink_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy and sink mass (B, H, query_pos) float32 of one attention call, reduced in float32.
+
+    On the CPU from torch's fused attention kernel (``flash_entropy``); elsewhere from blocks of
+    logits with an online log-sum-exp (``logit_entropy``).
+    """
+    if call.queries.device.type in FUSED_KERNEL_DEVICES:
+        return flash_entropy(call.queries.to(torch.float32), call.keys_per_query_head(), call.scale, call.visible,
+                             sink_key)
+    return logit_entropy(call.scaled_queries(), call.keys.to(torch.float32), call.visible, sink_key)
+
+
 def attention_entropy(model: nn.Module, corpus: Corpus, *, batch_size: int | None = None, progress: bool = True,
                       padding_side: Literal["left", "right"] = "right") -> EntropyStats:
     """Mean attention entropy, normalised entropy and sink mass per (layer, head) over the corpus windows.
 
-    model:        a transformers model loaded with attn_implementation="eager"
-    batch_size:   windows per forward pass; None: as many as fit ATTENTION_MEMORY_BUDGET
+    model:        a transformers model (any attention implementation; SDPA is the fast one) in any
+                  dtype and on any device; its queries and keys are rebuilt by its adapter
+    batch_size:   windows per forward pass; None: as many as MAX_TOKENS_PER_BATCH and MASK_MEMORY_BUDGET allow
     padding_side: where padding goes in a batch; the results do not depend on it (padding is
                   masked out and positions are counted from the attention mask)
     """
-    if getattr(model.config, "_attn_implementation", None) != "eager":
-        raise QkspectraError("attention entropy needs the model loaded with attn_implementation='eager'")
     if batch_size is not None and batch_size < 1:
         raise QkspectraError(f"{option('batch_size')} must be at least 1, got {batch_size}")
     if not corpus.windows:
         raise QkspectraError(f"corpus {corpus.description} has no windows")
-    accumulator = _EntropyAccumulator(num_layers=model.config.num_hidden_layers)
-    handles = [module.register_forward_hook(accumulator.hook(module), with_kwargs=True)
-               for module in attention_modules(model)]
+    longest = max(map(len, corpus.windows))
+    accumulator = _EntropyAccumulator(model.config.num_hidden_layers, model.config.num_attention_heads,
+                                      num_buckets=position_bucket(longest) + 1)
     body = model.base_model  # the layers without a language-model head: no (B, seq, vocab) logits
     pad_id = model.config.pad_token_id if isinstance(getattr(model.config, "pad_token_id", None), int) else 0
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), tqdm(total=corpus.num_tokens, unit="tok", desc="attention entropy",
-                                          disable=not progress, leave=False) as bar:
+        with torch.inference_mode(), AttentionCapture(model, accumulator.add) as capture, \
+                tqdm(total=corpus.num_tokens, unit="tok", desc="attention entropy", disable=not progress,
+                     leave=False) as bar:
             batches = split_for_sliding_window(
                 corpus.windows, window_batches(corpus.windows, model.config.num_attention_heads, batch_size),
                 getattr(model.config, "sliding_window", None))
@@ -120,68 +275,41 @@ def attention_entropy(model: nn.Module, corpus: Corpus, *, batch_size: int | Non
                 input_ids, attention_mask = pad_windows([corpus.windows[i] for i in batch], pad_id, padding_side)
                 inputs = forward_inputs(body, input_ids.to(device), attention_mask.to(device))
                 accumulator.begin_batch(inputs["attention_mask"])
+                capture.begin(inputs["attention_mask"])
                 body(**inputs)
-                accumulator.end_batch(type(model).__name__)
+                capture.end()
+                accumulator.end_batch()
                 bar.update(int(attention_mask.sum()))
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
     return accumulator.stats(num_windows=len(corpus.windows))
+
+
+def position_bucket(position: int) -> int:
+    """The bucket of the query at 1-based position n: floor(log2 n) (1 -> 0, 2-3 -> 1, 4-7 -> 2, ...)."""
+    return int(position).bit_length() - 1
 
 
 def forward_inputs(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
     """Keyword arguments for one forward pass over a padded batch (B, seq).
 
-    Positions are counted from the attention mask, so left padding does not shift them; no
-    key/value cache is built.
+    Positions are counted from the attention mask (``mask_positions``), so left padding does not
+    shift them; no key/value cache is built.
     """
     parameters = inspect.signature(body.forward).parameters
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if "position_ids" in parameters:
-        inputs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        inputs["position_ids"] = mask_positions(attention_mask)
     if "use_cache" in parameters:
         inputs["use_cache"] = False
     return inputs
 
 
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The self-attention modules whose output transformers records as ``attentions``.
-
-    Usually one per layer; a model that shares its layers (ALBERT) has one module run once per layer.
-    """
-    specs = getattr(model, "_can_record_outputs", None) or {}
-    specs = specs.get("attentions")
-    if specs is None:
-        raise QkspectraError(f"{type(model).__name__} does not say which modules compute its attention maps")
-    specs = specs if isinstance(specs, list) else [specs]
-    modules = [module for name, module in model.named_modules()
-               if any(_matches(spec, name, module) for spec in specs)]
-    if not modules:
-        raise QkspectraError(f"{type(model).__name__}: found no attention modules")
-    return modules
-
-
-def _matches(spec: object, name: str, module: nn.Module) -> bool:
-    """Whether a transformers output-recording spec (a class, a class-name suffix or an OutputRecorder) selects module."""
-    if isinstance(spec, type):
-        return isinstance(module, spec)
-    if isinstance(spec, str):
-        return name.endswith(spec)
-    if getattr(spec, "index", 1) != 1:
-        return False
-    target, class_name, layer_name = (getattr(spec, key, None) for key in ("target_class", "class_name", "layer_name"))
-    selected = (target is not None and isinstance(module, target)) or (class_name is not None and name.endswith(class_name))
-    if selected and layer_name is not None:
-        return f".{layer_name.strip('.')}." in f".{name}."
-    return selected
-
-
 def window_batches(windows: list[list[int]], num_heads: int, batch_size: int | None) -> list[list[int]]:
     """Window indices grouped into batches, longest windows first (so little padding).
 
-    With batch_size None, a batch grows while its attention maps fit ATTENTION_MEMORY_BUDGET and its
-    tokens MAX_TOKENS_PER_BATCH; a window alone always makes a batch.
+    With batch_size None, a batch grows while its tokens fit MAX_TOKENS_PER_BATCH and its 4-D boolean
+    mask MASK_MEMORY_BUDGET; a window alone always makes a batch.
     """
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i]))
     batches: list[list[int]] = []
@@ -219,8 +347,7 @@ def split_for_sliding_window(windows: list[list[int]], batches: list[list[int]],
 def _fits(count: int, seq_len: int, num_heads: int, batch_size: int | None) -> bool:
     if batch_size is not None:
         return count <= batch_size
-    map_bytes = count * num_heads * seq_len * seq_len * _BYTES_PER_MAP_ENTRY
-    return map_bytes <= ATTENTION_MEMORY_BUDGET and count * seq_len <= MAX_TOKENS_PER_BATCH
+    return count * seq_len <= MAX_TOKENS_PER_BATCH and count * seq_len * seq_len <= MASK_MEMORY_BUDGET
 
 
 def pad_windows(windows: list[list[int]], pad_id: int,
@@ -236,104 +363,63 @@ def pad_windows(windows: list[list[int]], pad_id: int,
     return input_ids, attention_mask
 
 
-@dataclass
-class _VisibleKeys:
-    """What a query sees under one 4-D attention mask, for the current batch."""
-
-    key_mask: torch.Tensor | None  # (B|1, 1, query_pos, key_pos) bool, None: every key
-    normalized_weight: torch.Tensor  # (B, query_pos) float64: 1 / log(n_i) for real queries seeing n_i >= 2 keys
-    num_normalized: float  # number of such queries
-
-
 class _EntropyAccumulator:
-    """Float64 sums per (layer, head), fed by the attention hooks one batch at a time.
+    """Float64 sums per (layer, head), fed by the attention calls of one batch at a time."""
 
-    The layer of a hook call is its rank among the attention calls of the current forward pass.
-    """
-
-    def __init__(self, num_layers: int):
-        self.num_layers = num_layers
-        self.entropy_sum: torch.Tensor | None = None  # (L, H) float64
-        self.normalized_sum: torch.Tensor | None = None  # (L, H)
-        self.sink_sum: torch.Tensor | None = None  # (L, H)
-        self.normalized_count = torch.zeros(num_layers, dtype=torch.float64)  # (L,)
+    def __init__(self, num_layers: int, num_heads: int, num_buckets: int):
+        L, H = num_layers, num_heads
+        self.entropy_sum = torch.zeros(L, H, dtype=torch.float64)  # (L, H)
+        self.normalized_sum = torch.zeros(L, H, dtype=torch.float64)  # (L, H)
+        self.sink_sum = torch.zeros(L, H, dtype=torch.float64)  # (L, H)
+        self.bucket_sum = torch.zeros(L, H, num_buckets, dtype=torch.float64)  # (L, H, buckets)
+        self.bucket_count = torch.zeros(num_buckets, dtype=torch.float64)  # (buckets,)
+        self.log_keys_sum = torch.zeros(L, num_buckets, dtype=torch.float64)  # (L, buckets)
+        self.normalized_count = torch.zeros(L, dtype=torch.float64)  # (L,)
         self.num_tokens = 0
 
     def begin_batch(self, attention_mask: torch.Tensor) -> None:
         """attention_mask: (B, seq) 1 for real tokens."""
         self.query_weight = attention_mask.to(torch.float64)  # (B, query_pos)
         self.first_key = attention_mask.argmax(dim=-1)  # (B,) index of each window's first real token
-        self.visible_by_mask: dict[int, tuple[torch.Tensor | None, _VisibleKeys]] = {}
-        self.calls = 0
+        positions = attention_mask.cumsum(-1).clamp(min=1)  # (B, query_pos) 1-based position of real tokens
+        bucket = torch.floor(torch.log2(positions.to(torch.float64))).long()  # (B, query_pos)
+        self.bucket_weight = (torch.nn.functional.one_hot(bucket, self.bucket_count.shape[0]).to(torch.float64)
+                              * self.query_weight[..., None])  # (B, query_pos, buckets)
+        self.counts_by_mask: dict[tuple, tuple] = {}
 
-    def end_batch(self, model_name: str) -> None:
-        if self.calls != self.num_layers:
-            raise QkspectraError(f"{model_name}: attention ran {self.calls} times in one forward pass, "
-                                 f"expected once per layer ({self.num_layers})")
+    def end_batch(self) -> None:
         self.num_tokens += int(self.query_weight.sum())
-        self.visible_by_mask = {}
+        self.bucket_count += self.bucket_weight.sum(dim=(0, 1)).cpu()
+        self.counts_by_mask = {}
 
-    def hook(self, module: nn.Module) -> Callable:
-        signature = inspect.signature(module.forward)
+    def _normalized_weight(self, visible: VisibleKeys) -> tuple[torch.Tensor, float, torch.Tensor]:
+        """(B, query_pos) float64: 1 / log(n_i) for real queries seeing n_i >= 2 keys; their number; and
+        (buckets,) the sum of log(n_i) over the real queries of each position bucket."""
+        cache_key = (id(visible.source), visible.causal)
+        if cache_key not in self.counts_by_mask:
+            num_visible = visible.count().to(self.query_weight.device)  # (B|1, query_pos)
+            real_and_several = self.query_weight * (num_visible > 1)  # (B, query_pos)
+            weight = real_and_several / num_visible.clamp(min=2).log()
+            log_keys = torch.einsum("bq,bqn->n", num_visible.clamp(min=1).log().expand_as(self.query_weight),
+                                    self.bucket_weight)  # (buckets,)
+            # the mask is held so that its id stays unique while it is cached
+            self.counts_by_mask[cache_key] = (visible.source, weight, float(real_and_several.sum()), log_keys.cpu())
+        return self.counts_by_mask[cache_key][1:]
 
-        def record(module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
-            probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if probs is None:
-                raise QkspectraError(f"{type(module).__name__} returned no attention probabilities; "
-                                     "load the model with attn_implementation='eager'")
-            mask = signature.bind(*args, **kwargs).arguments.get("attention_mask")
-            self.add(probs, self._visible_keys(mask, probs, getattr(module, "is_causal", False)))
-
-        return record
-
-    def _visible_keys(self, mask: torch.Tensor | None, probs: torch.Tensor, is_causal: bool) -> _VisibleKeys:
-        """mask: the model's 4-D mask (B|1, 1, query_pos, key_pos), additive float or bool, or None."""
-        cache_key = id(mask)
-        if cache_key in self.visible_by_mask:
-            return self.visible_by_mask[cache_key][1]
-        num_queries, num_keys = probs.shape[-2:]
-        if mask is None and is_causal:
-            key_mask = torch.ones(num_queries, num_keys, dtype=torch.bool, device=probs.device).tril(num_keys - num_queries)
-            key_mask = key_mask[None, None]
-        elif mask is None:
-            key_mask = None
-        elif mask.dtype == torch.bool:
-            key_mask = mask[..., :num_keys]
-        else:
-            key_mask = mask[..., :num_keys] > torch.finfo(mask.dtype).min / 2
-        if key_mask is None:
-            num_visible = self.query_weight.new_full(self.query_weight.shape, float(num_keys))
-        else:
-            num_visible = key_mask.sum(dim=-1, dtype=torch.float64).amax(dim=1)  # (B|1, query_pos)
-        real_and_several = self.query_weight * (num_visible > 1)  # (B, query_pos)
-        normalized_weight = real_and_several / num_visible.clamp(min=2).log()
-        visible = _VisibleKeys(key_mask, normalized_weight, float(real_and_several.sum()))
-        self.visible_by_mask[cache_key] = (mask, visible)  # the mask is held so its id stays unique
-        return visible
-
-    def add(self, probs: torch.Tensor, visible: _VisibleKeys) -> None:
-        """probs: (B, H, query_pos, key_pos) the next layer's attention probabilities."""
-        layer = self.calls
-        self.calls += 1
-        if layer >= self.num_layers:
-            raise QkspectraError(f"attention ran more than once per layer ({self.num_layers} layers)")
-        if probs.dtype not in (torch.float32, torch.float64):
-            probs = probs.float()
-        # Keys the model hides already have probability exactly 0 (its softmax adds the dtype's
-        # minimum or -inf to their scores), so they add nothing and need no mask here.
-        entropy = entropy_from_probs(probs, None).to(torch.float64)  # (B, H, query_pos)
-        batch = torch.arange(probs.shape[0], device=probs.device)
-        sink = probs[batch, :, :, self.first_key].to(torch.float64)  # (B, H, query_pos)
-        if self.entropy_sum is None:
-            shape = (self.num_layers, probs.shape[1])
-            self.entropy_sum, self.normalized_sum, self.sink_sum = (torch.zeros(shape, dtype=torch.float64)
-                                                                    for _ in range(3))
-        if probs.shape[1] != self.entropy_sum.shape[1]:
-            raise QkspectraError(f"layer {layer} has {probs.shape[1]} heads, layer 0 {self.entropy_sum.shape[1]}")
+    def add(self, call: AttentionCall) -> None:
+        """One layer's attention call of the current batch."""
+        layer = call.layer
+        if call.queries.shape[1] != self.entropy_sum.shape[1]:
+            raise QkspectraError(f"layer {layer} has {call.queries.shape[1]} heads, expected {self.entropy_sum.shape[1]}")
+        entropy, sink = call_entropy(call, self.first_key)  # (B, H, query_pos) each
+        entropy, sink = entropy.to(torch.float64), sink.to(torch.float64)
+        normalized_weight, num_normalized, log_keys = self._normalized_weight(call.visible)
+        self.log_keys_sum[layer] += log_keys
         self.entropy_sum[layer] += torch.einsum("bhq,bq->h", entropy, self.query_weight).cpu()
-        self.normalized_sum[layer] += torch.einsum("bhq,bq->h", entropy, visible.normalized_weight).cpu()
+        self.normalized_sum[layer] += torch.einsum("bhq,bq->h", entropy, normalized_weight).cpu()
         self.sink_sum[layer] += torch.einsum("bhq,bq->h", sink, self.query_weight).cpu()
-        self.normalized_count[layer] += visible.num_normalized
+        self.bucket_sum[layer] += torch.einsum("bhq,bqn->hn", entropy, self.bucket_weight).cpu()
+        self.normalized_count[layer] += num_normalized
 
     def stats(self, num_windows: int) -> EntropyStats:
         return EntropyStats(
@@ -341,6 +427,9 @@ class _EntropyAccumulator:
             # NaN for a layer where no query sees two keys
             mean_normalized_entropy=(self.normalized_sum / self.normalized_count[:, None]).numpy(),
             mean_sink_mass=(self.sink_sum / self.num_tokens).numpy(),
+            entropy_by_position=(self.bucket_sum / self.bucket_count).numpy(),
+            log_keys_by_position=(self.log_keys_sum / self.bucket_count).numpy(),
+            queries_by_position=self.bucket_count.numpy().astype(np.int64),
             num_windows=num_windows,
             num_tokens=self.num_tokens,
         )

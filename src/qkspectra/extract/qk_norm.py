@@ -115,7 +115,8 @@ def measure_norm_rms(model, windows: list[list[int]], adapter, tensors, *, progr
     from tqdm.auto import tqdm
 
     from qkspectra.errors import QkspectraError
-    from qkspectra.extract.entropy import attention_modules, forward_inputs, pad_windows
+    from qkspectra.extract.capture import attention_modules
+    from qkspectra.extract.entropy import forward_inputs, pad_windows
 
     layers = [adapter.layer(tensors, index) for index in range(adapter.num_layers)]
     query_sq = np.zeros((adapter.num_layers, adapter.num_heads))  # sum over tokens of ||q_h||^2

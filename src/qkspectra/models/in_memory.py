@@ -4,7 +4,7 @@
 functional test): the static pass reads its ``state_dict()`` (no copy of the model; one layer's
 tensors at a time are copied to the CPU and turned into float64), the corpus pass runs the
 model where it lives, in its own dtype. Nothing is written to disk and nothing is changed:
-``untouched`` switches the attention to eager (the maps are read from it) and every module to
+``untouched`` switches the attention to SDPA (as a loaded model runs) and every module to
 evaluation mode, runs without gradients, and puts back the attention implementation, each
 module's mode and each parameter's ``requires_grad``. The functional test rewrites query and key
 weights, so it works on a copy (``functional_copy``), never on the caller's model.
@@ -58,20 +58,21 @@ def in_memory_model(model: Any, tokenizer: Any | None) -> InMemoryModel:
 
 @contextlib.contextmanager
 def untouched(model: Any) -> Iterator[Any]:
-    """The model with eager attention, every module in evaluation mode and no gradients; all put back after."""
+    """The model with SDPA attention (as a loaded model runs), every module in evaluation mode and no
+    gradients; all put back after."""
     import torch
 
     implementation = getattr(model.config, "_attn_implementation", None)
     modes = [(module, module.training) for module in model.modules()]
     requires_grad = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
     try:
-        if implementation != "eager":
-            model.set_attn_implementation("eager")
+        if implementation != "sdpa":
+            model.set_attn_implementation("sdpa")
         model.eval()
         with torch.no_grad():
             yield model
     finally:
-        if implementation is not None and implementation != "eager":
+        if implementation is not None and implementation != "sdpa":
             model.set_attn_implementation(implementation)
         for module, training in modes:
             module.training = training

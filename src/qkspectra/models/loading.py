@@ -1,4 +1,4 @@
-"""Load a resolved model into torch (eval mode, float32) with its tokenizer, offline."""
+"""Load a resolved model into torch (eval mode, on a chosen device and dtype) with its tokenizer, offline."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 from qkspectra.errors import QkspectraError, option
+from qkspectra.models.device import Placement
 from qkspectra.models.source import ModelSource, resolve_model
 
 
@@ -36,21 +37,27 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_confi
                    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 
 
-def load_model(source: ModelSource | str, *, attn_implementation: str = "eager", progress: bool = True):
-    """Return ``(model, tokenizer)``: the base transformer (no task head) in eval mode, float32.
+def load_model(source: ModelSource | str, *, attn_implementation: str = "eager", progress: bool = True,
+               placement: Placement = Placement("cpu", "float32"), model_class: str = "AutoModel"):
+    """Return ``(model, tokenizer)``: the base transformer (no task head) in eval mode.
 
     ``source`` is a ``ModelSource`` or anything ``resolve_model`` accepts. With the default
     ``attn_implementation="eager"``, ``output_attentions=True`` returns attention maps.
+    The weights are read straight into ``placement``'s dtype and device (safetensors memory-mapped,
+    no float32 copy on the way): one copy of the model in memory.
+    ``model_class``: the transformers auto class (``AutoModelForCausalLM`` for a language-model head).
     """
-    import torch
-    from transformers import AutoModel, AutoTokenizer
+    import transformers
+
+    from qkspectra.models.device import torch_dtype
 
     if isinstance(source, str):
         source = resolve_model(source, progress=progress)
     with transformers_quiet(progress=progress):
         try:
-            model = AutoModel.from_pretrained(
-                source.folder, dtype=torch.float32, attn_implementation=attn_implementation, local_files_only=True
+            model = getattr(transformers, model_class).from_pretrained(
+                source.folder, dtype=torch_dtype(placement.dtype), attn_implementation=attn_implementation,
+                device_map={"": placement.device}, local_files_only=True,
             )
         except Exception as e:  # damaged files fail in the loaders' own ways (SafetensorError, ...)
             raise QkspectraError(f"cannot load the weights of {source.folder}: {first_line(e)}") from e
@@ -59,7 +66,7 @@ def load_model(source: ModelSource | str, *, attn_implementation: str = "eager",
             raise QkspectraError(f"{source.folder} has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...); "
                                  f"the corpus pass needs one ({option('static_only')} does not)")
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source.folder, local_files_only=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(source.folder, local_files_only=True)
         except Exception as e:
             raise QkspectraError(f"cannot load the tokenizer of {source.folder}: {first_line(e)}") from e
     model.eval()

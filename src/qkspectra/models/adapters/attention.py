@@ -4,8 +4,11 @@ From the block's input x (after its input norm; ``fold_norm`` layers take the no
 ``queries_and_keys`` applies, in the model's order, the projections and biases, the query/key
 norms, the rotary embedding at the given positions and the logit scale (folded into the
 queries), so that ``q @ k.T`` is the pre-softmax logit; ``visible_keys`` is the causal and
-sliding-window mask. Everything runs in torch, in the dtype of x (float64 for exact checks), and
-works on any slice of positions, so a chunked pass can form one block of queries at a time.
+sliding-window mask. Everything runs in torch, in the dtype of x (float64 for exact checks; the
+layer's arrays may be numpy arrays or torch tensors already on x's device, as ``layer_as_torch``
+makes them for a pass that calls this once per batch), and works on any slice of positions.
+This is the one place queries and keys are formed: the adapters' reproduction tests, the corpus
+pass's chunked entropy and the functional test all use it.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ def rotate(z: torch.Tensor, rotary: RotaryEmbedding | None, positions: torch.Ten
     if rotary is None:
         return z
     half = rotary.rotary_dim // 2
-    inv_freq = torch.from_numpy(inverse_frequencies(rotary)).to(z)  # (half,)
-    angles = positions.to(z.dtype)[:, None, :, None] * inv_freq  # (B, 1, T, half)
-    cos, sin = angles.cos(), angles.sin()
+    inv_freq = torch.from_numpy(inverse_frequencies(rotary)).to(z.device)  # (half,) float64
+    angles = positions.to(z.device, torch.float64)[:, None, :, None] * inv_freq  # (B, 1, T, half), exact to float64
+    cos, sin = angles.cos().to(z.dtype), angles.sin().to(z.dtype)
     rotated, rest = z[..., :2 * half], z[..., 2 * half:]
     if rotary.interleaved:
         first, second = rotated[..., 0::2], rotated[..., 1::2]  # (B, H, T, half) each
@@ -48,26 +51,34 @@ def apply_qk_norm(z: torch.Tensor, norm: QKNorm | None) -> torch.Tensor:
     if norm.centred:
         z = z - z.mean(dim=dims, keepdim=True)
     z = z * torch.rsqrt(z.pow(2).mean(dim=dims, keepdim=True) + norm.eps)
-    z = z * torch.from_numpy(norm.gain).to(z)[None, :, None, :]
+    z = z * _like(norm.gain, z)[None, :, None, :]
     if norm.bias is not None:
-        z = z + torch.from_numpy(norm.bias).to(z)[None, :, None, :]
+        z = z + _like(norm.bias, z)[None, :, None, :]
     return z
 
 
-def _project(x: torch.Tensor, W: np.ndarray, b: np.ndarray | None) -> torch.Tensor:
-    """x (B, T, d_model) -> (B, H, T, d_head) through per-head factors W (H, d_model, d_head)."""
-    z = torch.einsum("btd,hde->bhte", x, torch.from_numpy(W).to(x))
-    return z if b is None else z + torch.from_numpy(b).to(x)[None, :, None, :]
+def _like(array: np.ndarray | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``array`` as a tensor of x's dtype on x's device (no copy if it already is one)."""
+    return torch.as_tensor(array).to(x)
+
+
+def _project(x: torch.Tensor, W: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor | None) -> torch.Tensor:
+    """x (B, T, d_model) -> (B, H, T, d_head) through per-head factors W (H, d_model, d_head), one matrix product."""
+    heads, d_model, d_head = W.shape
+    z = x @ _like(W, x).permute(1, 0, 2).reshape(d_model, heads * d_head)  # (B, T, H d_head)
+    if b is not None:
+        z = z + _like(b, x).reshape(-1)
+    return z.unflatten(-1, (heads, d_head)).transpose(1, 2)
 
 
 def queries_and_keys(layer: AttentionLayer, x: torch.Tensor,
                      positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Queries with the scale folded in and keys, one key head per query head: each (B, H, T, d_head).
+    """Queries (B, H, T, d_head) with the scale folded in, and keys (B, H_kv, T, d_head).
 
     x: (B, T, d_model) the block's input; positions: (B, T) token positions (rotary models).
-    q[b, h, i] . k[b, h, j] is the model's pre-softmax logit of query i and key j.
+    Query head h reads key head h // (H / H_kv): q[b, h, i] . k[b, h // (H / H_kv), j] is the
+    model's pre-softmax logit of query i and key j.
     """
-    layer = layer.per_query_head()
     q = apply_qk_norm(_project(x, layer.W_Q, layer.b_Q), layer.q_norm)
     k = apply_qk_norm(_project(x, layer.W_K, layer.b_K), layer.k_norm)
     return rotate(q, layer.rotary, positions) * layer.scale, rotate(k, layer.rotary, positions)
@@ -97,6 +108,7 @@ def attention_probabilities(layer: AttentionLayer, x: torch.Tensor, *, causal: b
     if positions is None:
         positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
     q, k = queries_and_keys(layer, x, positions)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, T, d_head)
     logits = q @ k.transpose(-1, -2)  # (B, H, T, T)
     seen = visible_keys(layer, positions, positions, causal=causal)
     if seen is not None:

@@ -284,7 +284,7 @@ def _layout(model: Any) -> Layout | str:
     """The model's attention layout, or a line saying what is not recognised."""
     from torch import nn
 
-    from qkspectra.extract.entropy import attention_modules
+    from qkspectra.extract.capture import attention_modules
 
     config = model.config
     try:
