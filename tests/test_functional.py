@@ -175,10 +175,20 @@ def test_minilm_functional_evidence(minilm_source):
     assert last["operator"]["delta_loss"] > 0.01  # 1 - cosine of the final hidden states
 
 
-def test_fast_path_equals_float64_attention_maps():
-    """The SDPA path's figures (float32, blocked KL and entropy) against the float64 eager maps of the
-    original and the operator-reconstructed model, computed densely here."""
+@pytest.mark.parametrize("kernel", ["fused", "blocked"])
+def test_fast_path_equals_float64_attention_maps(kernel, monkeypatch):
+    """The SDPA path's figures (float32; KL and entropy from the fused CPU kernel, or from blocks of
+    logits as on other devices) against the float64 eager maps of the original and the
+    operator-reconstructed model, computed densely here."""
     import copy
+
+    import qkspectra.extract.entropy
+    import qkspectra.functional
+
+    if kernel == "blocked":
+        for module in (qkspectra.extract.entropy, qkspectra.functional):
+            monkeypatch.setattr(module, "FUSED_KERNEL_DEVICES", ())
+        monkeypatch.setattr(qkspectra.functional, "KEYS_PER_BLOCK", 4)
 
     from qkspectra.functional import (expand_kv_heads_in_place, factors_of_layers, model_layers, operator_target,
                                       write_reconstruction)
