@@ -44,8 +44,9 @@ Rotary models with q/k biases are refused (there b_K does not drop out of the so
 
 Grouped-query attention: one key head serves several query heads, which need different keys
 once reconstructed, so the key/value projections are expanded to one per query head first
-(the model computes the same function). ALBERT is refused: its layers share one set of weights,
-which cannot hold per-layer reconstructions.
+(the model computes the same function); fused projections (Falcon, GPT-BigCode, Phi-3) are rebuilt
+with one key and value head per query head, and written through the rows their adapter reads.
+ALBERT is refused: its layers share one set of weights, which cannot hold per-layer reconstructions.
 
 Speed. The model runs with its fast (SDPA) attention in the chosen dtype and device (float32 on the
 CPU by default). ``AttentionCapture`` hands over each layer's own queries and keys; the
@@ -301,6 +302,30 @@ def _write_gpt_neox(params: _Parameters, index: int, W_Q, W_K, b_Q, b_K) -> None
         params.set(f"{name}.bias", bias.reshape(-1))
 
 
+def _write_fused(params: _Parameters, index: int, W_Q, W_K, b_Q, b_K) -> None:
+    """A fused projection read by a ``FusedAdapter`` (Falcon, GPT-BigCode, Phi-3): the query and key rows
+    are those the adapter's ``split`` cuts out, found by splitting the row numbers themselves.
+
+    Needs one key head per query head (``expand_kv_heads_in_place`` first).
+    """
+    adapter = params.adapter
+    name = adapter.fused.format(index)
+    query_rows, key_rows = adapter.split(np.arange(adapter.fused_rows()))  # (H, d_head), (H_kv, d_head) row numbers
+    if key_rows.shape[0] != W_K.shape[0]:
+        raise QkspectraError(f"cannot write {name}: {key_rows.shape[0]} key heads for {W_K.shape[0]} query heads "
+                             "(expand the key/value heads first)")
+    weight = params.get(f"{name}.weight")  # (fused_rows, d_model)
+    weight[query_rows], weight[key_rows] = W_Q.transpose(0, 2, 1), W_K.transpose(0, 2, 1)  # (H, d_head, d_model)
+    params.set(f"{name}.weight", weight)
+    if b_Q is not None or b_K is not None:
+        bias = params.get(f"{name}.bias")  # (fused_rows,)
+        if b_Q is not None:
+            bias[query_rows] = b_Q  # (H, d_head)
+        if b_K is not None:
+            bias[key_rows] = b_K
+        params.set(f"{name}.bias", bias)
+
+
 WRITERS: dict[str, Callable] = {
     "bert": _write_bert,
     "roberta": _write_bert,
@@ -315,6 +340,9 @@ WRITERS: dict[str, Callable] = {
     "qwen3": _write_llama,
     "olmo2": _write_llama,
     "gemma3_text": _write_llama,
+    "falcon": _write_fused,
+    "gpt_bigcode": _write_fused,
+    "phi3": _write_fused,
 }
 
 
@@ -338,12 +366,26 @@ class _Parameters:
 
 
 def expand_kv_heads_in_place(model: nn.Module) -> None:
-    """Give every query head its own key/value head (repeat_kv done in the weights); same function."""
+    """Give every query head its own key/value head (repeat_kv done in the weights); same function.
+
+    Separate ``k_proj``/``v_proj`` are repeated head by head. Fused projections with shared key/value
+    heads are rebuilt with one key and value head per query head: Falcon's grouped (new decoder
+    architecture) and multi-query layouts and GPT-BigCode's multi-query one become head by head
+    [q, k, v]; Phi-3 keeps [all q, all k, all v] with H key heads. The modules' head counts and the
+    config follow, so the adapter reads the new layout.
+    """
+    expand_fused = _FUSED_EXPANSIONS.get(model.config.model_type)
+    if expand_fused is not None:
+        expand_fused(model)
+        return
     H = model.config.num_attention_heads
     for module in attention_modules(model):
         groups = getattr(module, "num_key_value_groups", 1)
         if groups == 1:
             continue
+        if not (hasattr(module, "k_proj") and hasattr(module, "v_proj")):
+            raise QkspectraError(f"cannot give each query head its own key head in {type(module).__name__}: "
+                                 "no separate k_proj/v_proj")
         for name in ("k_proj", "v_proj"):
             old = getattr(module, name)
             d_head = old.out_features // (H // groups)
@@ -357,6 +399,91 @@ def expand_kv_heads_in_place(model: nn.Module) -> None:
         module.num_key_value_groups = 1
     if getattr(model.config, "num_key_value_heads", None) is not None:
         model.config.num_key_value_heads = H
+
+
+def _regroup_rows(linear: nn.Linear, regroup: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace a linear map's weight (out, d_model) and bias (out,) by regroup(rows), rows on the first axis.
+
+    The module keeps its class (Falcon's own ``FalconLinear``) and its hooks; only the rows change.
+    """
+    with torch.no_grad():
+        linear.weight = nn.Parameter(regroup(linear.weight), requires_grad=linear.weight.requires_grad)
+        if linear.bias is not None:
+            linear.bias = nn.Parameter(regroup(linear.bias), requires_grad=linear.bias.requires_grad)
+    linear.out_features = linear.weight.shape[0]
+
+
+def _shared_kv_heads(rows: torch.Tensor, H: int, H_kv: int,
+                     grouped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused rows ((H + 2 H_kv) d_head, ...) -> q, k, v each (H, d_head, ...), key/value head g repeated
+    for the H / H_kv query heads that read it.
+
+    grouped: per kv group its query heads, then its key and value head (Falcon's new decoder architecture);
+    otherwise all query heads, then the H_kv key heads, then the H_kv value heads.
+    """
+    rest, group, d_head = rows.shape[1:], H // H_kv, rows.shape[0] // (H + 2 * H_kv)
+    if grouped:
+        heads = rows.reshape(H_kv, group + 2, d_head, *rest)  # (H_kv, group + 2, d_head, ...)
+        q, k, v = heads[:, :group].reshape(H, d_head, *rest), heads[:, group], heads[:, group + 1]
+    else:
+        q, k, v = (part.reshape(-1, d_head, *rest) for part in rows.split([H * d_head, H_kv * d_head, H_kv * d_head]))
+    return q, k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)  # (H, d_head, ...) each
+
+
+def _head_by_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q, k, v (H, d_head, ...) -> rows head by head [q, k, v] (3 H d_head, ...)."""
+    return torch.stack([q, k, v], dim=1).flatten(0, 2)
+
+
+def _expand_falcon(model: nn.Module) -> None:
+    """Falcon: grouped -> groups of one query head (rows head by head [q, k, v]); multi-query -> multi-head."""
+    config = model.config
+    H, grouped = config.num_attention_heads, bool(config.new_decoder_architecture)
+    H_kv = config.num_kv_heads if grouped else (1 if config.multi_query else H)
+    if H_kv == H:
+        return
+    for module in attention_modules(model):
+        _regroup_rows(module.query_key_value,
+                      lambda rows: _head_by_head(*_shared_kv_heads(rows, H, H_kv, grouped)))
+        module.num_kv_heads = H
+        if not grouped:
+            module.multi_query = False
+    config.num_kv_heads = H
+    if not grouped:
+        config.multi_query = False
+
+
+def _expand_gpt_bigcode(model: nn.Module) -> None:
+    """GPT-BigCode: multi-query [all q, k, v] -> multi-head, rows head by head [q, k, v]."""
+    config = model.config
+    if not config.multi_query:
+        return
+    H = config.n_head
+    for module in attention_modules(model):
+        _regroup_rows(module.c_attn, lambda rows: _head_by_head(*_shared_kv_heads(rows, H, 1, False)))
+        module.multi_query, module.kv_heads, module.kv_dim, module.num_key_value_groups = False, H, module.embed_dim, 1
+    if hasattr(model.base_model, "multi_query"):
+        model.base_model.multi_query = False
+    config.multi_query, config.num_key_value_heads = False, H
+
+
+def _expand_phi3(model: nn.Module) -> None:
+    """Phi-3: [all q, H_kv k, H_kv v] -> [all q, H k, H v]."""
+    config = model.config
+    H, H_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    if H_kv == H:
+        return
+    for module in attention_modules(model):
+        _regroup_rows(module.qkv_proj, lambda rows: torch.cat(_shared_kv_heads(rows, H, H_kv, False)).flatten(0, 1))
+        module.num_key_value_heads, module.num_key_value_groups = H, 1
+    config.num_key_value_heads = H
+
+
+_FUSED_EXPANSIONS: dict[str, Callable[[nn.Module], None]] = {
+    "falcon": _expand_falcon,
+    "gpt_bigcode": _expand_gpt_bigcode,
+    "phi3": _expand_phi3,
+}
 
 
 def _kept_bias(bias: np.ndarray | None, old: np.ndarray, new: np.ndarray) -> np.ndarray | None:
