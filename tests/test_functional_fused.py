@@ -60,8 +60,14 @@ CONFIGS = {
     "falcon-mha-bias": lambda: falcon_config("mha", bias=True),
     "gpt_bigcode-mqa": CASES["gpt_bigcode-mqa"][0],
     "phi3-gqa": CASES["phi3"][0],
+    "persimmon-plain": lambda: _without_qk_layernorm(CASES["persimmon"][0]()),  # its fused layout, no q/k norms
 }
 WITHOUT_QK_BIAS = ["falcon-gqa", "falcon-mqa", "falcon-mha", "gpt_bigcode-mqa", "phi3-gqa"]
+
+
+def _without_qk_layernorm(config):
+    config.qk_layernorm = False
+    return config
 
 
 def tiny_causal_lm(case: str, attn_implementation: str = "sdpa"):

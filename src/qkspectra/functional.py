@@ -343,6 +343,7 @@ WRITERS: dict[str, Callable] = {
     "falcon": _write_fused,
     "gpt_bigcode": _write_fused,
     "phi3": _write_fused,
+    "persimmon": _write_fused,  # without q/k LayerNorms (which centre, and are refused)
 }
 
 
