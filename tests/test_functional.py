@@ -224,3 +224,43 @@ def test_fast_path_equals_float64_attention_maps(kernel, monkeypatch):
     np.testing.assert_allclose(fast["per_head_kl"], (kl / tokens).numpy(), atol=2e-5)
     np.testing.assert_allclose(fast["mean_entropy_shift"], float((shift / tokens).mean()), atol=2e-5)
     np.testing.assert_allclose(fast["delta_loss"], (loss[id(rebuilt)] - loss[id(original)]) / predicted, atol=2e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["minilm", "smollm2"])
+def test_bundled_models_figures_equal_the_float64_eager_path(name, minilm_source, smollm2_source):
+    """The fast path's figures against those of the float64 eager-map path it replaced, recorded in
+    tests/data/functional_float64_<name>.json (the last-layer anchor, 512 tokens in 128-token windows),
+    to within a few times the fast path's own control (its rounding) plus a small relative margin."""
+    import json
+    from pathlib import Path
+
+    from qkspectra.analysis import analyze_all
+    from qkspectra.extract.spectra import static_spectra
+    from qkspectra.functional import functional_evidence
+    from qkspectra.geometry import parse_geometry
+    from qkspectra.models.adapters import adapter_for
+    from qkspectra.models.tensors import open_tensors
+
+    source = {"minilm": minilm_source, "smollm2": smollm2_source}[name]
+    adapter = adapter_for(source.config)
+    static = static_spectra(adapter, open_tensors(source.folder), fold_ln=True)
+    geometry = parse_geometry({"num_layers": adapter.num_layers, "num_heads": adapter.num_heads, "static": static.rows})
+    anchors = {"last": analyze_all(geometry)["last"].anchor}
+    rank_k = rank_k_evidence(geometry, anchors, static.factors)
+    section = functional_evidence(name, geometry, anchors, rank_k, max_tokens=512, seq_len=128)
+    expected = json.loads((Path(__file__).parent / "data" / f"functional_float64_{name}.json").read_text())
+    control = section["control"]
+    for kind in ("spectral", "operator", "operator_rank_k"):
+        # where the eager maps' probabilities underflowed to 0 their KL was inf (SmolLM2's rank-k
+        # reconstruction, 30 heads); the log-sum-exp path gives the finite, large value
+        kl, old_kl = np.array(section["last"][kind]["per_head_kl"]), np.array(expected[kind]["per_head_kl"])
+        finite = np.isfinite(old_kl)
+        assert np.isfinite(kl).all() and (kl[~finite] > 10).all()
+        np.testing.assert_allclose(kl[finite], old_kl[finite], atol=5 * np.abs(control["per_head_kl"]).max() + 1e-5,
+                                   rtol=1e-3)
+        for figure in ("delta_loss", "mean_kl", "mean_entropy_shift"):
+            if not np.isfinite(expected[kind][figure]):
+                continue
+            tolerance = 5 * abs(control[figure]) + 1e-3 * abs(expected[kind][figure]) + 1e-5
+            assert abs(section["last"][kind][figure] - expected[kind][figure]) <= tolerance, (kind, figure)

@@ -60,6 +60,8 @@ changes within a few times the control's are no change (``verdict``).
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -92,7 +94,7 @@ from qkspectra.models.adapters import AttentionAdapter, AttentionLayer, adapter_
 from qkspectra.models.device import Placement
 from qkspectra.models.tensors import StateDictSource
 from qkspectra._threads import single_blas_thread
-from qkspectra.operator import Factors, OperatorFitter, check_against_geometry
+from qkspectra.operator import Factors, LayerFactors, OperatorFitter, _FactorsShape, check_against_geometry
 
 if TYPE_CHECKING:
     from qkspectra.models.in_memory import InMemoryModel
@@ -111,20 +113,31 @@ LOSS_KINDS = {True: "next_token_cross_entropy", False: "final_hidden_cosine_dist
 
 def model_layers(model: nn.Module) -> tuple[AttentionAdapter, list[AttentionLayer]]:
     """The adapter for ``model`` and its layers as stored (no folding), float64, one key factor per query head."""
+    adapter, layers = original_layers(model, rewritten=False)
+    return adapter, [layers[index] for index in range(len(layers))]
+
+
+def original_layers(model: nn.Module, *, rewritten: bool = True) -> tuple[AttentionAdapter, ModelLayers]:
+    """The adapter for ``model`` and a snapshot of its layers (``ModelLayers.snapshot``), each checked
+    for what the functional test can write (QkspectraError, one line, otherwise); ``rewritten``: also
+    refuse what a rewritten model would compute wrongly (rotary positions with query/key biases)."""
     model_type = model.config.model_type
     if model_type in REFUSED_MODEL_TYPES:
         raise QkspectraError(f"the functional test does not support {model_type}: {REFUSED_MODEL_TYPES[model_type]}")
-    adapter = adapter_for(model.config)
-    tensors = StateDictSource(model.state_dict())
-    layers = [adapter.layer(tensors, index) for index in range(adapter.num_layers)]
-    for norm, grouped in ((norm, layer.kv_group_size > 1) for layer in layers for norm in (layer.q_norm, layer.k_norm)):
-        if norm is not None and (norm.centred or norm.bias is not None):
-            raise QkspectraError(f"the functional test does not support {model_type}: its query/key norms centre "
-                                 "their input, which a reconstruction cannot be written through")
-        if norm is not None and norm.over == "projection" and grouped:
-            raise QkspectraError(f"the functional test does not support {model_type}: a key norm over the whole "
-                                 "projection of grouped key heads cannot hold one key per query head")
-    return adapter, [layer.per_query_head() for layer in layers]
+
+    def check(index: int, layer: AttentionLayer) -> None:
+        for norm in (layer.q_norm, layer.k_norm):
+            if norm is not None and (norm.centred or norm.bias is not None):
+                raise QkspectraError(f"the functional test does not support {model_type}: its query/key norms "
+                                     "centre their input, which a reconstruction cannot be written through")
+            if norm is not None and norm.over == "projection" and layer.kv_group_size > 1:
+                raise QkspectraError(f"the functional test does not support {model_type}: a key norm over the "
+                                     "whole projection of grouped key heads cannot hold one key per query head")
+        if rewritten and layer.rotary is not None and layer.b_Q is not None:
+            raise QkspectraError("the functional test does not support rotary models with query/key biases")
+
+    adapter = adapter_for(copy.deepcopy(model.config))  # its own config: expanding kv heads edits the model's
+    return adapter, ModelLayers.snapshot(model, adapter, check)
 
 
 def linearised_layers(layers: list[AttentionLayer], norm_rms: NormRMS | None) -> list[AttentionLayer]:
@@ -150,17 +163,98 @@ def geometry_norm_rms(geometry: Geometry) -> NormRMS | None:
     return NormRMS(query=np.asarray(qk_norm["rms_query"], dtype=float), key=np.asarray(qk_norm["rms_key"], dtype=float))
 
 
+def layer_factors(layer: AttentionLayer, *, fold_ln: bool) -> LayerFactors:
+    """One layer's float64 factors with sqrt(s) in each, norms folded if ``fold_ln`` (the factors-file convention)."""
+    if fold_ln:
+        layer = fold_norm(layer)
+    root = np.sqrt(layer.scale)
+    return LayerFactors(*(None if getattr(layer, name) is None else root * getattr(layer, name)
+                          for name in ("W_Q", "W_K", "b_Q", "b_K")))
+
+
 def factors_of_layers(layers: list[AttentionLayer], *, fold_ln: bool) -> Factors:
     """Stacked float64 factors with sqrt(s) in each, norms folded if ``fold_ln`` (the factors-file convention)."""
-    if fold_ln:
-        layers = [fold_norm(layer) for layer in layers]
-    root = [np.sqrt(layer.scale) for layer in layers]
-    arrays = {
-        name: np.stack([r * getattr(layer, name) for r, layer in zip(root, layers)])  # (L, H, ...)
-        for name in ("W_Q", "W_K", "b_Q", "b_K")
-        if getattr(layers[0], name) is not None
-    }
+    per_layer = [layer_factors(layer, fold_ln=fold_ln) for layer in layers]
+    arrays = {name: np.stack([getattr(f, name) for f in per_layer])  # (L, H, ...)
+              for name in ("W_Q", "W_K", "b_Q", "b_K") if getattr(per_layer[0], name) is not None}
     return Factors(arrays["W_Q"], arrays["W_K"], arrays.get("b_Q"), arrays.get("b_K"), fold_ln, "<model>")
+
+
+class ModelLayers:
+    """A model's attention layers, each formed (float64, one key factor per query head, unfolded) when
+    asked for from a tensor source, the last few kept. ``len`` and indexing as for a list."""
+
+    def __init__(self, adapter: AttentionAdapter, tensors, cache_size: int = 4):
+        self.adapter = adapter
+        self.tensors = tensors
+        self.read = functools.lru_cache(maxsize=cache_size)(self._read)
+
+    @classmethod
+    def snapshot(cls, model: nn.Module, adapter: AttentionAdapter,
+                 check: Callable[[int, AttentionLayer], None] | None = None) -> ModelLayers:
+        """The model's layers as they are now, whatever is later written into it: the parameters the
+        adapter reads (query/key projections, biases, norms) are copied once, in the model's dtype (a
+        small part of the weights). ``check(index, layer)`` sees each layer as stored on the way."""
+        state = model.state_dict()
+        recorder = _RecordingSource(StateDictSource(state))
+        for index in range(adapter.num_layers):
+            layer = adapter.layer(recorder, index)  # one layer's float64 arrays at a time, dropped at once
+            if check is not None:
+                check(index, layer)
+        return cls(adapter, StateDictSource({name: state[name].detach().clone() for name in recorder.read}))
+
+    def _read(self, index: int) -> AttentionLayer:
+        return self.adapter.layer(self.tensors, index).per_query_head()
+
+    def __len__(self) -> int:
+        return self.adapter.num_layers
+
+    def __getitem__(self, index: int) -> AttentionLayer:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.read(index)
+
+
+class _RecordingSource:
+    """A tensor source that remembers the names read through it."""
+
+    def __init__(self, source: StateDictSource):
+        self.source = source
+        self.read: set[str] = set()
+
+    def names(self) -> frozenset[str]:
+        return self.source.names()
+
+    def get(self, name: str) -> np.ndarray:
+        self.read.add(name)
+        return self.source.get(name)
+
+    def dtype(self, name: str) -> str:
+        return self.source.dtype(name)
+
+
+class LayerwiseFactors(_FactorsShape):
+    """The factors of a sequence of layers (``ModelLayers`` or a list), formed one layer at a time.
+
+    Linearised with ``norm_rms`` (None: isotropic input) and folded as ``fold_ln`` says, as the
+    geometry has them; one key factor per query head. Usable wherever the operator fits take factors.
+    """
+
+    def __init__(self, layers, *, fold_ln: bool, norm_rms: NormRMS | None = None, source: str = "<model>",
+                 cache_size: int = 4):
+        self.layers = layers
+        self.fold_ln = fold_ln
+        self.norm_rms = norm_rms
+        self.source = source
+        self.layer = functools.lru_cache(maxsize=cache_size)(self._layer)
+        first = self.layer(0)
+        self._shape = (len(layers),) + first.W_Q.shape
+        self._kv_heads = first.W_K.shape[0]
+
+    def _layer(self, index: int) -> LayerFactors:
+        raw = self.layers[index]
+        rms = None if self.norm_rms is None else _layer_rms(self.norm_rms, index, raw)
+        return layer_factors(linearise(raw, rms), fold_ln=self.fold_ln)
 
 
 def model_factors(model: nn.Module, *, fold_ln: bool = True) -> Factors:
@@ -217,15 +311,24 @@ def rank_k_target(factors: Factors, anchor_layers: np.ndarray, T: np.ndarray, k:
     D = [W_Q, -T W_Q[a]] [W_K, W_K[a]]^T = Q_x (U S V^T) Q_y^T; its rank-k part is Q_x U_k S_k V_k^T Q_y^T.
     Heads with k = 0 keep the operator target (anchor frame) untouched.
     """
-    A, B = factors.W_Q, factors.W_K  # (L, H, d_model, d_head)
-    C, D = operator_target(factors, anchor_layers, T)  # T W_Q[a], W_K[a]
+    return rank_k_correction(factors.W_Q, factors.W_K, *operator_target(factors, anchor_layers, T), k)
+
+
+def rank_k_correction(A: np.ndarray, B: np.ndarray, C: np.ndarray, D: np.ndarray, k: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Factors of C D^T plus the best rank-k part of A B^T - C D^T, truncated to rank d_head, in A's frame.
+
+    A, B: (..., d_model, d_head) a head's own factors; C, D: its operator target's (T W_Q[a], W_K[a]);
+    k: (...,) int. Heads with k = 0 keep (C, D) untouched.
+    """
+    d_head = A.shape[-1]
     Qx, Rx = np.linalg.qr(np.concatenate([A, -C], axis=-1))  # (L, H, d_model, r), (L, H, r, 2 d_head)
     Qy, Ry = np.linalg.qr(np.concatenate([B, D], axis=-1))
     U, S, Vt = np.linalg.svd(Rx @ np.swapaxes(Ry, -1, -2))  # (L, H, r, r), (L, H, r), (L, H, r, r)
     kept = np.where(np.arange(S.shape[-1]) < k[..., None], S, 0.0)  # (L, H, r): the k largest
     X = np.concatenate([C, Qx @ (U * kept[..., None, :])], axis=-1)  # (L, H, d_model, d_head + r)
     Y = np.concatenate([D, Qy @ np.swapaxes(Vt, -1, -2)], axis=-1)
-    X_t, Y_t = align_frame(*best_rank(X, Y, factors.d_head), A)  # (L, H, d_model, d_head)
+    X_t, Y_t = align_frame(*best_rank(X, Y, d_head), A)  # (..., d_model, d_head)
     corrected = (k > 0)[..., None, None]
     return np.where(corrected, X_t, C), np.where(corrected, Y_t, D)
 
@@ -495,25 +598,39 @@ def _kept_bias(bias: np.ndarray | None, old: np.ndarray, new: np.ndarray) -> np.
     return np.einsum("hdm,hm->hd", np.linalg.pinv(new), wanted)  # (H, d_head)
 
 
-def write_reconstruction(model: nn.Module, adapter: AttentionAdapter, layers: list[AttentionLayer], X: np.ndarray,
-                         Y: np.ndarray, *, fold_ln: bool, norm_rms: NormRMS | None = None) -> None:
+def write_reconstruction(model: nn.Module, adapter: AttentionAdapter, layers, X, Y, *, fold_ln: bool,
+                         norm_rms: NormRMS | None = None) -> None:
     """Write the targets X Y^T (L, H, d_model, d_head factors, s included, in the folded space if ``fold_ln``).
 
-    ``layers``: the model's original layers as stored (unfolded), for the scales, norms and biases.
-    Models with q/k norms: the targets are linearised metrics (with the RMS ``norm_rms``, None:
-    isotropic input); the weights written are those the norms turn back into them.
+    ``layers``: the model's original layers as stored (unfolded, a list or ``ModelLayers``), for
+    the scales, norms and biases. Models with q/k norms: the targets are linearised metrics (with the
+    RMS ``norm_rms``, None: isotropic input); the weights written are those the norms turn back into them.
     """
-    writer = _writer_for(adapter)
-    if writer is None:
-        raise QkspectraError(f"the functional test cannot write weights of {adapter.model_type} models")
-    params = _Parameters(model, adapter)
-    flat = linearised_layers(layers, norm_rms)
-    for index, raw in enumerate(layers):
-        space = fold_norm(flat[index]) if fold_ln else flat[index]
+    writer = LayerWriter(model, adapter, fold_ln=fold_ln, norm_rms=norm_rms)
+    for index in range(len(layers)):
+        writer.write(index, layers[index], X[index], Y[index])
+
+
+class LayerWriter:
+    """Writes one layer's target factors into the model (see ``write_reconstruction``)."""
+
+    def __init__(self, model: nn.Module, adapter: AttentionAdapter, *, fold_ln: bool, norm_rms: NormRMS | None):
+        self.writer = _writer_for(adapter)
+        if self.writer is None:
+            raise QkspectraError(f"the functional test cannot write weights of {adapter.model_type} models")
+        self.params = _Parameters(model, adapter)
+        self.fold_ln = fold_ln
+        self.norm_rms = norm_rms
+
+    def write(self, index: int, raw: AttentionLayer, X: np.ndarray, Y: np.ndarray) -> None:
+        """raw: the layer as stored; X, Y: (H, d_model, d_head) its target factors."""
+        norm_rms = self.norm_rms
+        flat = linearise(raw, None if norm_rms is None else _layer_rms(norm_rms, index, raw))
+        space = fold_norm(flat) if self.fold_ln else flat
         root = np.sqrt(raw.scale)
-        W_Q, W_K = X[index] / root, Y[index] / root  # (H, d_model, d_head) in the chosen space
+        W_Q, W_K = X / root, Y / root  # (H, d_model, d_head) in the chosen space
         b_Q, b_K = _kept_bias(space.b_Q, space.W_K, W_K), _kept_bias(space.b_K, space.W_Q, W_Q)
-        if fold_ln and raw.norm_gain is not None:
+        if self.fold_ln and raw.norm_gain is not None:
             if np.any(raw.norm_gain == 0):
                 raise QkspectraError(f"layer {index}: the norm gain has zero entries, so folded factors cannot be unfolded")
             W_Q, W_K = W_Q / raw.norm_gain[None, :, None], W_K / raw.norm_gain[None, :, None]
@@ -528,7 +645,7 @@ def write_reconstruction(model: nn.Module, adapter: AttentionAdapter, layers: li
             b_Q = None
         if raw.b_K is None:
             b_K = None
-        writer(params, index, W_Q, W_K, b_Q, b_K)
+        self.writer(self.params, index, W_Q, W_K, b_Q, b_K)
 
 
 # ----------------------------------------------------------------------------
@@ -756,16 +873,15 @@ def reconstruction_effects(model: nn.Module, windows: list[list[int]], singular_
     """
     from tqdm.auto import tqdm
 
-    adapter, layers = model_layers(model)
-    if any(layer.rotary is not None and layer.b_Q is not None for layer in layers):
-        raise QkspectraError("the functional test does not support rotary models with query/key biases")
-    factors = factors_of_layers(linearised_layers(layers, norm_rms), fold_ln=fold_ln)
+    adapter, layers = original_layers(model)
+    factors = LayerwiseFactors(layers, fold_ln=fold_ln, norm_rms=norm_rms)
     L, H = factors.num_layers, factors.num_heads
     if singular_values.shape[:2] != (L, H):
         raise QkspectraError(f"the geometry has {singular_values.shape[:2]} layers x heads, the model {(L, H)}")
     model.eval()
     expand_kv_heads_in_place(model)
     adapter = adapter_for(model.config)
+    writer = LayerWriter(model, adapter, fold_ln=fold_ln, norm_rms=norm_rms)
 
     runner = _Runner(model, adapter, windows)
     passes = 2 + len(anchors) * (2 + (rank_k_section is not None))  # at most: duplicates are run once
@@ -777,33 +893,48 @@ def reconstruction_effects(model: nn.Module, windows: list[list[int]], singular_
 
         cache: dict[tuple, dict] = {}
 
-        def effects_of(key: tuple, make_target: Callable[[], tuple[np.ndarray, np.ndarray]]) -> dict:
+        def effects_of(key: tuple, target: Callable[[int], tuple[np.ndarray, np.ndarray]]) -> dict:
+            """target(layer) -> that layer's (X, Y) (H, d_model, d_head); written one layer at a time."""
             if key not in cache:
                 with single_blas_thread():
-                    X, Y = make_target()
-                    write_reconstruction(model, adapter, layers, X, Y, fold_ln=fold_ln, norm_rms=norm_rms)
+                    for index in range(L):
+                        writer.write(index, layers[index], *target(index))
                 cache[key] = runner.compare(reference, original_loss, bar.update).as_dict()
             else:
                 bar.update(runner.num_queries)
             return cache[key]
 
-        section: dict[str, Any] = {"control": effects_of(("control",), lambda: (factors.W_Q, factors.W_K))}
+        def own(index: int) -> tuple[np.ndarray, np.ndarray]:
+            return factors.layer(index).W_Q, factors.layer(index).W_K
+
+        section: dict[str, Any] = {"control": effects_of(("control",), own)}
         for name, anchor in anchors.items():
             a = anchor.layers  # (L,)
             spectral_T, _ = scalar_rescale(singular_values, singular_values[a])  # (L, H)
             operator_T = np.stack([fit.T for fit in fitter.fit_all(a)])  # (L, H)
+
+            def spectral(index: int) -> tuple[np.ndarray, np.ndarray]:
+                return spectral_target(factors.layer(index), spectral_T[index, :, None] * singular_values[a[index]])
+
+            def operator(index: int) -> tuple[np.ndarray, np.ndarray]:
+                anchor_layer = factors.layer(a[index])
+                return operator_T[index, :, None, None] * anchor_layer.W_Q, anchor_layer.W_K
+
             entry = {
-                "spectral": effects_of(("spectral", a.tobytes()),
-                                       lambda: spectral_target(factors, spectral_T[..., None] * singular_values[a])),
-                "operator": effects_of(("operator", a.tobytes()), lambda: operator_target(factors, a, operator_T)),
+                "spectral": effects_of(("spectral", a.tobytes()), spectral),
+                "operator": effects_of(("operator", a.tobytes()), operator),
                 "operator_rank_k": None,
                 "num_anchor_layers": anchor.num_anchor_layers,
                 "replaced_layers": anchor.num_fitted_layers,
             }
             if rank_k_section is not None:
                 k = _operator_k(rank_k_section, name, (L, H))
-                entry["operator_rank_k"] = effects_of(("operator_rank_k", a.tobytes(), k.tobytes()),
-                                                      lambda: rank_k_target(factors, a, operator_T, k))
+
+                def rank_k(index: int) -> tuple[np.ndarray, np.ndarray]:
+                    own_layer = factors.layer(index)
+                    return rank_k_correction(own_layer.W_Q, own_layer.W_K, *operator(index), k[index])
+
+                entry["operator_rank_k"] = effects_of(("operator_rank_k", a.tobytes(), k.tobytes()), rank_k)
             section[name] = entry
     return section
 
@@ -855,10 +986,10 @@ def functional_evidence(model_name_or_path: str | InMemoryModel, geometry: Geome
     source = open_source(model_name_or_path, progress=progress)
     adapter = adapter_for(source.config)
     tensors = source_tensors(source)
-    stored = [adapter.layer(tensors, i).per_query_head() for i in range(adapter.num_layers)]
     norm_rms = geometry_norm_rms(geometry)
-    # the checkpoint, not its cast
-    check_against_geometry(factors_of_layers(linearised_layers(stored, norm_rms), fold_ln=fold_ln), geometry)
+    # the checkpoint, not its cast, one layer at a time
+    check_against_geometry(LayerwiseFactors(ModelLayers(adapter, tensors, cache_size=1), fold_ln=fold_ln,
+                                            norm_rms=norm_rms, cache_size=1), geometry)
     model, tokenizer = load_functional_model(model_name_or_path, progress=progress, placement=placement)
     windows = load_windows(tokenizer, corpus=corpus, seq_len=seq_len or default_seq_len(model),
                            max_tokens=max_tokens, window_per_line=False).windows
