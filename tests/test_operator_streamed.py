@@ -147,3 +147,37 @@ def test_streamed_fits_equal_in_memory_fits_on_the_bundled_models(tmp_path, mode
     L = factors.num_layers
     pairs = [(layer, L - 1) for layer in sorted({0, 1, L // 2, L - 2, L - 1})]
     assert_fits_equal_reference(OperatorFitter(factors), *arrays, pairs)
+
+
+def test_large_products_through_torch_give_the_same_fits(monkeypatch):
+    """The GPU route of the large products (torch, float64), taken here on the CPU for every product."""
+    import qkspectra.operator as operator_module
+
+    W_Q, W_K = random_gqa(7)
+    factors = make_factors({"W_Q": W_Q, "W_K": W_K})
+    pairs = [(layer, 3) for layer in range(4)] + [(0, 1)]
+    numpy_fits = [OperatorFitter(factors).fit(*pair) for pair in pairs]
+    monkeypatch.setattr(operator_module, "product_device", lambda: "cpu")
+    monkeypatch.setattr(operator_module, "GPU_MIN_PRODUCT", 0)
+    for pair, expected in zip(pairs, numpy_fits):
+        ours = OperatorFitter(factors).fit(*pair)
+        for field in FIT_FIELDS:
+            np.testing.assert_allclose(getattr(ours, field), getattr(expected, field), rtol=0, atol=1e-12)
+
+
+def test_operator_device_named_but_missing_is_one_line(monkeypatch):
+    import torch
+
+    import qkspectra.operator as operator_module
+    from qkspectra.errors import QkspectraError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    operator_module.product_device.cache_clear()
+    monkeypatch.setenv("QKSPECTRA_OPERATOR_DEVICE", "cuda:0")
+    with pytest.raises(QkspectraError, match="no CUDA device"):
+        operator_module.product_device()
+    operator_module.product_device.cache_clear()
+    monkeypatch.setenv("QKSPECTRA_OPERATOR_DEVICE", "cpu")
+    assert operator_module.product_device() is None
+    operator_module.product_device.cache_clear()

@@ -31,6 +31,11 @@ those 2k angles in degrees (0: same subspaces, 90: orthogonal).
 Guards as in the spectral fit: an anchor operator with ||M_a||^2 < 1e-20 gives T = 0 and
 residual 1; an all-zero M_L has residual 0.
 
+GPU: the large products of a layer-pair fit (the cross Gram products over d_model, the grouped inner
+products) run on a CUDA GPU in float64 when torch is installed and sees one (``product_device``;
+``QKSPECTRA_OPERATOR_DEVICE=cpu`` keeps them in numpy, ``cuda:N`` picks a device); everything else,
+and every reduction that decides a figure (Cholesky, QR, SVD, the assignment), stays in numpy float64.
+
 Memory: the factors are read one layer at a time (from the file, lazily); all that is kept for every
 layer are per-head summaries (Gram matrices, norms) and the top-k singular bases (in scratch files
 when the factors come from a file). A layer-pair fit holds its two layers. Layer pairs are fitted on
@@ -66,6 +71,9 @@ BIAS_NAMES = ("b_Q", "b_K")
 # a difference's triangle is taken from its Gram matrix; as in the static pass (extract.spectra), where
 # the Gram route's error was measured to grow like eps * condition (6e-15 of the top singular value at 3e3).
 GRAM_CONDITION_LIMIT = 1e4
+
+# Products smaller than this many multiply-adds stay in numpy even with a GPU (the transfers would dominate).
+GPU_MIN_PRODUCT = 2**24
 
 # A ``map``-like callable: map(function, items) -> iterable of results, in order.
 Mapper = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]
@@ -315,6 +323,48 @@ def _mapping(map: Mapper | None) -> Iterator[Mapper]:
 # ----------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
+def product_device() -> str | None:
+    """The torch device of the operator fits' large products, or None: numpy on the CPU.
+
+    ``QKSPECTRA_OPERATOR_DEVICE``: ``cpu`` (numpy), ``cuda`` / ``cuda:N``, or unset: the first CUDA
+    device when torch is installed and sees one. torch is imported only on a machine with an NVIDIA
+    device node (or when a device is named), so the analysis needs numpy alone.
+    """
+    requested = os.environ.get("QKSPECTRA_OPERATOR_DEVICE", "").strip()
+    if requested == "cpu":
+        return None
+    if not requested and not os.path.exists("/dev/nvidiactl"):
+        return None
+    try:
+        import torch
+    except ImportError:
+        if requested:
+            raise QkspectraError(f"QKSPECTRA_OPERATOR_DEVICE={requested}: torch is not installed") from None
+        return None
+    if not torch.cuda.is_available():
+        if requested:
+            raise QkspectraError(f"QKSPECTRA_OPERATOR_DEVICE={requested}: this machine has no CUDA device")
+        return None
+    device = requested or "cuda:0"
+    if device.startswith("cuda") and int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
+        raise QkspectraError(f"QKSPECTRA_OPERATOR_DEVICE={requested}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def large_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b in float64 (numpy broadcasting rules): on ``product_device()`` when there is one and the product is large."""
+    device = product_device()
+    if device is None or a.shape[-2] * a.shape[-1] * b.shape[-1] * max(1, a.size // (a.shape[-2] * a.shape[-1])) \
+            < GPU_MIN_PRODUCT:
+        return a @ b
+    import torch
+
+    product = torch.from_numpy(np.ascontiguousarray(a)).to(device) @ torch.from_numpy(np.ascontiguousarray(b)).to(device)
+    return product.cpu().numpy()
+
+
 def frobenius_inner(A: np.ndarray, B: np.ndarray, C: np.ndarray, D: np.ndarray) -> np.ndarray:
     """<A B^T, C D^T>_F without forming the products.
 
@@ -405,15 +455,16 @@ def grouped_pairwise_inner(A: np.ndarray, C: np.ndarray, key_gram: np.ndarray) -
         rows = slice(k * group, (k + 1) * group)
         for k2 in range(G_kv):
             cols = slice(k2 * anchor_group, (k2 + 1) * anchor_group)
-            applied = A[rows] @ key_gram[k, k2]  # (group, d_model, d_head)
-            inner[rows, cols] = applied.reshape(group, -1) @ C[cols].reshape(anchor_group, -1).T
+            applied = large_product(A[rows], key_gram[k, k2])  # (group, d_model, d_head)
+            inner[rows, cols] = large_product(applied.reshape(group, -1), C[cols].reshape(anchor_group, -1).T)
     return inner
 
 
 def cross_gram(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
     """X_i^T Y_j for every pair: X (N, d_model, d), Y (M, d_model, d) -> (N, M, d, d), one matrix product."""
     N, d_model, d = X.shape
-    wide = X.transpose(1, 0, 2).reshape(d_model, -1).T @ Y.transpose(1, 0, 2).reshape(d_model, -1)  # (N d, M d)
+    wide = large_product(X.transpose(1, 0, 2).reshape(d_model, -1).T,
+                         Y.transpose(1, 0, 2).reshape(d_model, -1))  # (N d, M d)
     return wide.reshape(N, d, Y.shape[0], d).transpose(0, 2, 1, 3)
 
 
