@@ -15,7 +15,6 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from qkspectra.errors import QkspectraError  # noqa: E402
 from qkspectra.extract.corpus import Corpus, load_windows  # noqa: E402
 from qkspectra.extract import entropy as entropy_module  # noqa: E402
 from qkspectra.extract.entropy import (  # noqa: E402
@@ -196,12 +195,9 @@ def dense_stats(logits: torch.Tensor, visible: torch.Tensor, sink_key: torch.Ten
     return entropy, sink
 
 
-@pytest.mark.parametrize("keys_per_block, logits_per_block", [(1024, 2**22), (5, 64), (3, 1)])
-def test_blocked_logit_entropy_equals_dense_softmax(monkeypatch, keys_per_block, logits_per_block):
-    """Grouped kv heads, a causal mask with left padding (rows seeing nothing) and a sliding window;
-    blocks of every size, down to one query by three keys (the online log-sum-exp across many blocks)."""
-    monkeypatch.setattr(entropy_module, "KEYS_PER_BLOCK", keys_per_block)
-    monkeypatch.setattr(entropy_module, "LOGITS_PER_BLOCK", logits_per_block)
+def grouped_padded_windowed_case():
+    """Queries (B, H, T, d) and grouped keys (B, H_kv, T, d), and the visibility (B, 1, T, T) of a causal
+    mask with left padding in window 1 (its first 4 rows see nothing) and a 9-token sliding window."""
     generator = torch.Generator().manual_seed(0)
     B, H, H_kv, T, d = 2, 6, 2, 23, 8
     queries = 3 * torch.randn(B, H, T, d, generator=generator)
@@ -210,6 +206,17 @@ def test_blocked_logit_entropy_equals_dense_softmax(monkeypatch, keys_per_block,
     real[1, :4] = False  # left padding
     i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
     visible = ((j <= i) & (i - j < 9))[None, None] & real[:, None, None, :]  # (B, 1, T, T)
+    return queries, keys, visible
+
+
+@pytest.mark.parametrize("keys_per_block, logits_per_block", [(1024, 2**22), (5, 64), (3, 1)])
+def test_blocked_logit_entropy_equals_dense_softmax(monkeypatch, keys_per_block, logits_per_block):
+    """Grouped kv heads, a causal mask with left padding (rows seeing nothing) and a sliding window;
+    blocks of every size, down to one query by three keys (the online log-sum-exp across many blocks)."""
+    monkeypatch.setattr(entropy_module, "KEYS_PER_BLOCK", keys_per_block)
+    monkeypatch.setattr(entropy_module, "LOGITS_PER_BLOCK", logits_per_block)
+    queries, keys, visible = grouped_padded_windowed_case()
+    (_, H, T, _), H_kv = queries.shape, keys.shape[1]
     sink_key = torch.tensor([0, 4])
     logits = queries @ keys.repeat_interleave(H // H_kv, 1).transpose(-1, -2)  # (B, H, T, T)
     expected_entropy, expected_sink = dense_stats(logits, visible, sink_key)
@@ -257,16 +264,10 @@ def test_fused_kernel_entropy_equals_dense_softmax(causal_mask):
     """The fused CPU kernel's log-sum-exp and keys-as-values output give the dense softmax's entropy
     and sink mass: grouped kv heads, left padding (rows seeing nothing), a sliding window, and
     masks handed over a block of query rows at a time."""
-    generator = torch.Generator().manual_seed(0)
-    B, H, H_kv, T, d = 2, 6, 2, 23, 8
-    queries = 3 * torch.randn(B, H, T, d, generator=generator)
-    keys = torch.randn(B, H_kv, T, d, generator=generator)
-    real = torch.ones(B, T, dtype=torch.bool)
-    real[1, :4] = False  # left padding
-    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
-    visible = ((j <= i) & (i - j < 9))[None, None] & real[:, None, None, :]  # (B, 1, T, T)
+    queries, keys, visible = grouped_padded_windowed_case()
+    (B, H, T, _), H_kv = queries.shape, keys.shape[1]
     if causal_mask == "none":
-        visible = (j <= i)[None, None].expand(B, 1, T, T)
+        visible = torch.ones(T, T, dtype=torch.bool).tril()[None, None].expand(B, 1, T, T)
     sink_key = torch.tensor([0, 4 if causal_mask != "none" else 0])
     mask = {"bool": visible, "additive": torch.where(visible, 0.0, torch.finfo(torch.float32).min),
             "none": None}[causal_mask]
