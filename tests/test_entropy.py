@@ -387,3 +387,19 @@ def test_bfloat16_model_reduces_in_float32_close_to_float32(lines_corpus):
     np.testing.assert_allclose(half.mean_entropy, single.mean_entropy, atol=0.05)
     assert resolve_placement("cpu") == resolve_placement("auto", "float32") or torch.cuda.is_available()
     assert resolve_placement("cpu").dtype == "float32" and resolve_placement("cpu", "bfloat16").dtype == "bfloat16"
+
+
+def test_a_padding_mask_with_one_row_for_all_queries_in_several_kernel_blocks(monkeypatch):
+    """A (B, 1, 1, key_pos) key-padding mask (one row shared by every query) handed over in blocks of rows."""
+    generator = torch.Generator().manual_seed(3)
+    B, H, T, d = 2, 3, 11, 4
+    queries, keys = 2 * torch.randn(B, H, T, d, generator=generator), torch.randn(B, H, T, d, generator=generator)
+    real = torch.ones(B, 1, 1, T, dtype=torch.bool)
+    real[1, ..., 7:] = False  # right padding of window 1
+    expected_entropy, expected_sink = dense_stats(0.5 * queries @ keys.transpose(-1, -2), real.expand(B, 1, T, T),
+                                                  torch.tensor([0, 0]))
+    monkeypatch.setattr(entropy_module, "LOGITS_PER_BLOCK", 3 * T * B)  # three query rows per kernel call
+    call = entropy_module.AttentionCall(0, queries, keys, 0.5, VisibleKeys(real, False, T, T, torch.device("cpu")))
+    entropy, sink = entropy_module.call_entropy(call, torch.tensor([0, 0]))
+    torch.testing.assert_close(entropy.double(), expected_entropy, atol=2e-5, rtol=0)
+    torch.testing.assert_close(sink.double(), expected_sink, atol=2e-6, rtol=0)

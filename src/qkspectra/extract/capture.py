@@ -68,6 +68,7 @@ class VisibleKeys:
             mask = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
             if mask.shape[1] != 1:
                 raise QkspectraError(f"attention mask of shape {tuple(mask.shape)}: expected one mask for all heads")
+            mask = mask.expand(mask.shape[0], 1, num_queries, num_keys)  # a view: a padding-only mask has one row
         self.mask = mask  # (B|1, 1, query_pos, key_pos) bool or None
 
     def block(self, q_start: int, q_stop: int, k_start: int, k_stop: int) -> torch.Tensor | bool:
