@@ -87,9 +87,20 @@ def tiny_gemma3():
     return model
 
 
+def tiny_gemma3_with_zero_gains():
+    """As tiny_gemma3, with some q/k norm gains 1 + w exactly 0 (as in the real gemma-3-270m): those
+    coordinates add nothing to the logit, and the writer keeps their original weights."""
+    model = tiny_gemma3()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                parameter[::3] = -1.0
+    return model
+
+
 @pytest.mark.parametrize("fold_ln", [True, False])
-@pytest.mark.parametrize("make_model", [tiny_llama, tiny_bert, tiny_gemma3],
-                         ids=["llama-gqa-rope", "bert-encoder", "gemma3-qk-norm"])
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_bert, tiny_gemma3, tiny_gemma3_with_zero_gains],
+                         ids=["llama-gqa-rope", "bert-encoder", "gemma3-qk-norm", "gemma3-zero-gains"])
 def test_control_changes_nothing_and_reconstructions_do(make_model, fold_ln):
     section = effects(make_model(), fold_ln)
     control = section["control"]

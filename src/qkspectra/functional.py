@@ -639,8 +639,8 @@ class LayerWriter:
                 b_K = None if b_K is None else b_K - np.einsum("m,hmd->hd", raw.norm_bias, W_K)
         if raw.has_qk_norm:
             rms = _layer_rms(norm_rms, index, raw) if norm_rms is not None else isotropic_layer_rms(raw)
-            W_Q, b_Q = delinearise(W_Q, b_Q, raw.q_norm, rms[0])
-            W_K, b_K = delinearise(W_K, b_K, raw.k_norm, rms[1])
+            W_Q, b_Q = delinearise(W_Q, b_Q, raw.q_norm, rms[0], raw.W_Q, raw.b_Q)
+            W_K, b_K = delinearise(W_K, b_K, raw.k_norm, rms[1], raw.W_K, raw.b_K)
         if raw.b_Q is None:
             b_Q = None
         if raw.b_K is None:
@@ -738,8 +738,13 @@ def logit_kl(reference: tuple[torch.Tensor, torch.Tensor], changed: tuple[torch.
     return kl, entropy
 
 
+# Bytes of float32 logits over the vocabulary one batch of a causal LM may produce (the loss needs them
+# all, and the cross-entropy a copy): a 262k-token vocabulary (Gemma 3) makes 1 GB per 1024 tokens.
+LOGITS_MEMORY_BUDGET = 512 * 2**20
+
+
 class _Runner:
-    """Runs the model (its fast attention) on fixed batches; hooks rebuild every layer's queries and keys."""
+    """Runs the model (its fast attention) on fixed batches, handing over each layer's queries and keys."""
 
     def __init__(self, model: nn.Module, adapter: AttentionAdapter, windows: list[list[int]]):
         self.model = model
@@ -749,8 +754,12 @@ class _Runner:
         self.device = next(model.parameters()).device
         pad_id = model.config.pad_token_id if isinstance(getattr(model.config, "pad_token_id", None), int) else 0
         H = model.config.num_attention_heads
+        batch_size = None
+        if self.causal:  # windows per batch: at most LOGITS_MEMORY_BUDGET of logits
+            vocab = model.get_output_embeddings().weight.shape[0]
+            batch_size = max(1, LOGITS_MEMORY_BUDGET // (4 * vocab * max(map(len, windows))))
         self.batches = []
-        batches = split_for_sliding_window(windows, window_batches(windows, H, None),
+        batches = split_for_sliding_window(windows, window_batches(windows, H, batch_size),
                                            getattr(model.config, "sliding_window", None))
         for batch in batches:
             input_ids, attention_mask = pad_windows([windows[i] for i in batch], pad_id, "right")

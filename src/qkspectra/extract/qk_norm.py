@@ -96,13 +96,23 @@ def linearise(layer: AttentionLayer, rms: tuple[np.ndarray | None, np.ndarray | 
     return replace(layer, W_Q=W_Q, W_K=W_K, b_Q=b_Q, b_K=b_K, q_norm=None, k_norm=None)
 
 
-def delinearise(W: np.ndarray, b: np.ndarray | None, norm: QKNorm | None,
-                rms: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Weights W (heads, d_model, d_head) and bias that the norm turns into the linearised W, b (RMSNorm only)."""
+def delinearise(W: np.ndarray, b: np.ndarray | None, norm: QKNorm | None, rms: np.ndarray,
+                original: np.ndarray, original_bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Weights W (heads, d_model, d_head) and bias that the norm turns into the linearised W, b (RMSNorm only).
+
+    A coordinate whose norm gain is 0 adds nothing to the logit, whatever its weight: it keeps the
+    ``original`` weight and bias (heads, d_model, d_head), (heads, d_head), so the RMS the norm divides
+    by stays the original's there (a gain of exactly 0 occurs in real checkpoints: Gemma 3's 1 + w).
+    """
     if norm is None:
         return W, b
-    factor = rms[:, None] / norm.gain  # (heads, d_head)
-    return W * factor[:, None, :], None if b is None else b * factor
+    gain = np.broadcast_to(norm.gain, rms.shape + norm.gain.shape[-1:])  # (heads, d_head)
+    live = gain != 0
+    factor = rms[:, None] / np.where(live, gain, 1.0)  # (heads, d_head)
+    W = np.where(live[:, None, :], W * factor[:, None, :], original)
+    if b is not None:
+        b = np.where(live, b * factor, 0.0 if original_bias is None else original_bias)
+    return W, b
 
 
 def measure_norm_rms(model, windows: list[list[int]], adapter, tensors, *, progress: bool = False) -> NormRMS:
