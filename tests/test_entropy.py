@@ -376,6 +376,26 @@ def test_smollm2_matches_its_eager_maps(smollm2_source):
     assert_matches_reference(stats, reference, corpus.num_tokens)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name, largest, mean", [("smollm2", 0.1, 0.01), ("minilm", 0.05, 0.005)])
+def test_bundled_models_in_bfloat16_stay_within_the_documented_bound(name, largest, mean, minilm_source,
+                                                                     smollm2_source):
+    """The corpus pass with the model in bfloat16 against float32, default corpus, 512-token windows,
+    4096 tokens (``benchmarks/bench_precision.py``): per-head mean entropies within the README's bound."""
+    from qkspectra.models import load_model
+    from qkspectra.models.device import resolve_placement
+
+    source = {"minilm": minilm_source, "smollm2": smollm2_source}[name]
+    entropies = []
+    for dtype in ("float32", "bfloat16"):
+        model, tokenizer = load_model(source, attn_implementation="sdpa", progress=False,
+                                      placement=resolve_placement("cpu", dtype))
+        corpus = load_windows(tokenizer, corpus=None, seq_len=512, max_tokens=4096, window_per_line=False)
+        entropies.append(attention_entropy(model, corpus, progress=False).mean_entropy)
+    difference = np.abs(entropies[1] - entropies[0])  # (L, H)
+    assert difference.max() <= largest and difference.mean() <= mean
+
+
 def test_bfloat16_model_reduces_in_float32_close_to_float32(lines_corpus):
     """The model in bfloat16 (its hidden states rounded) moves the entropies little; the reduction stays float32."""
     from qkspectra.models.device import resolve_placement

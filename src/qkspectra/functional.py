@@ -182,9 +182,9 @@ def factors_of_layers(layers: list[AttentionLayer], *, fold_ln: bool) -> Factors
 
 class ModelLayers:
     """A model's attention layers, each formed (float64, one key factor per query head, unfolded) when
-    asked for from a tensor source, the last few kept. ``len`` and indexing as for a list."""
+    asked for from a tensor source, the last ``cache_size`` kept. ``len`` and indexing as for a list."""
 
-    def __init__(self, adapter: AttentionAdapter, tensors, cache_size: int = 4):
+    def __init__(self, adapter: AttentionAdapter, tensors, cache_size: int = 1):
         self.adapter = adapter
         self.tensors = tensors
         self.read = functools.lru_cache(maxsize=cache_size)(self._read)
@@ -237,11 +237,12 @@ class LayerwiseFactors(_FactorsShape):
     """The factors of a sequence of layers (``ModelLayers`` or a list), formed one layer at a time.
 
     Linearised with ``norm_rms`` (None: isotropic input) and folded as ``fold_ln`` says, as the
-    geometry has them; one key factor per query head. Usable wherever the operator fits take factors.
+    geometry has them; one key factor per query head; the last ``cache_size`` kept (a layer and its
+    anchor). Usable wherever the operator fits take factors.
     """
 
     def __init__(self, layers, *, fold_ln: bool, norm_rms: NormRMS | None = None, source: str = "<model>",
-                 cache_size: int = 4):
+                 cache_size: int = 2):
         self.layers = layers
         self.fold_ln = fold_ln
         self.norm_rms = norm_rms
