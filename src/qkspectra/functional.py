@@ -48,6 +48,14 @@ once reconstructed, so the key/value projections are expanded to one per query h
 with one key and value head per query head, and written through the rows their adapter reads.
 ALBERT is refused: its layers share one set of weights, which cannot hold per-layer reconstructions.
 
+Query/key norms with a gain of exactly 0 (the real gemma-3-270m has some): such a coordinate adds
+nothing to the logit, so the writer keeps its original weight there; a target in another layer's
+frame (operator, rank-k) that is non-zero there cannot be written, and that part of it is dropped.
+
+Precision. In float32 the control measures the path's rounding; in bfloat16 (the default on a GPU)
+writing a head's own weights back is exact, so the control reads 0 while the reconstructions also
+carry bfloat16's rounding of their new weights: pass --dtype float32 for a control that bounds it.
+
 Speed. The model runs with its fast (SDPA) attention in the chosen dtype and device (float32 on the
 CPU by default). ``AttentionCapture`` hands over each layer's own queries and keys; the
 original's are kept (linear in the tokens). KL divergence and entropy never form an attention
@@ -193,8 +201,8 @@ class ModelLayers:
     def snapshot(cls, model: nn.Module, adapter: AttentionAdapter,
                  check: Callable[[int, AttentionLayer], None] | None = None) -> ModelLayers:
         """The model's layers as they are now, whatever is later written into it: the parameters the
-        adapter reads (query/key projections, biases, norms) are copied once, in the model's dtype (a
-        small part of the weights). ``check(index, layer)`` sees each layer as stored on the way."""
+        adapter reads (query/key projections, biases, norms; a fused layout's whole fused projection)
+        are copied once, in the model's dtype (a small part of the weights). ``check(index, layer)`` sees each layer as stored on the way."""
         state = model.state_dict()
         recorder = _RecordingSource(StateDictSource(state))
         for index in range(adapter.num_layers):
@@ -268,10 +276,11 @@ def model_factors(model: nn.Module, *, fold_ln: bool = True) -> Factors:
 # ----------------------------------------------------------------------------
 
 
-def spectral_target(factors: Factors, singular_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def spectral_target(factors: Factors | LayerFactors, singular_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each head's own singular vectors with new singular values, in the head's own frame.
 
-    singular_values: (L, H, K), K <= d_head (missing ones are 0). With W_Q = Q_1 R_1, W_K = Q_2 R_2,
+    factors: all layers' (W_Q (L, H, d_model, d_head)) or one layer's (H, d_model, d_head);
+    singular_values: (L, H, K) or (H, K), K <= d_head (missing ones are 0). With W_Q = Q_1 R_1, W_K = Q_2 R_2,
     R_1 R_2^T = U S V^T and r = new / S (0 where S <= 1e-12 S_max): X = Q_1 U diag(sqrt r) U^T R_1,
     Y = Q_2 V diag(sqrt r) V^T R_2, so X Y^T = Q_1 U diag(r S) V^T Q_2^T, and r = 1 gives back W_Q, W_K.
     """
@@ -787,7 +796,7 @@ class _Runner:
     def reference(self, progress: Callable[[int], None]) -> list[_Batch]:
         batches = []
         for inputs in self.batches:
-            weight = inputs["attention_mask"].to(torch.float64)  # (B, query_pos)
+            weight = inputs["attention_mask"].cpu().to(torch.float64)  # (B, query_pos), sums on the CPU
             first_key = inputs["attention_mask"].argmax(dim=-1)  # (B,)
             calls: list[AttentionCall] = []
             query_entropy: list[torch.Tensor] = []
@@ -797,7 +806,7 @@ class _Runner:
                 calls.append(call)
                 h, _ = call_entropy(call, first_key)  # (B, H, query_pos)
                 query_entropy.append(h)
-                entropy[call.layer] = torch.einsum("bhq,bq->h", h.double(), weight).cpu()
+                entropy[call.layer] = torch.einsum("bhq,bq->h", h.cpu().double(), weight)
 
             output = self._forward(inputs, keep)
             batches.append(_Batch(
@@ -818,8 +827,8 @@ class _Runner:
             def compare_layer(call: AttentionCall) -> None:
                 original = batch.calls[call.layer]
                 kl, entropy = attention_change(original, batch.query_entropy[call.layer], call)  # (B, H, query_pos)
-                kl_sum[call.layer] += torch.einsum("bhq,bq->h", kl.double(), batch.query_weight).cpu()
-                entropy_shift[call.layer] += torch.einsum("bhq,bq->h", entropy.double(), batch.query_weight).cpu()
+                kl_sum[call.layer] += torch.einsum("bhq,bq->h", kl.cpu().double(), batch.query_weight)
+                entropy_shift[call.layer] += torch.einsum("bhq,bq->h", entropy.cpu().double(), batch.query_weight)
 
             output = self._forward(batch.inputs, compare_layer)
             entropy_shift -= batch.entropy
@@ -838,6 +847,12 @@ class _Runner:
                        (entropy_shift / self.num_queries).numpy())
 
 
+def centred(keys: torch.Tensor) -> torch.Tensor:
+    """(B, H, key_pos, d) keys minus their mean over positions: each query's logits shift alike, its softmax
+    is unchanged, and the log-sum-exp loses the common offset (see ``extract.entropy.flash_entropy``)."""
+    return keys - keys.mean(dim=-2, keepdim=True)
+
+
 def attention_change(original: AttentionCall, original_entropy: torch.Tensor,
                      changed: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
     """KL(p0 || p) and the entropy of p (B, H, query_pos) float32, p0 the original call's attention, p the changed one's.
@@ -846,14 +861,15 @@ def attention_change(original: AttentionCall, original_entropy: torch.Tensor,
     kernel: with s0, s the two calls' logits, KL = sum_j p0_j (s0_j - s_j) - lse0 + lse
     = -H(p0) - E_p0[s] + lse, E_p0[s] = scale q . (sum_j p0_j k_j) (the original attention with
     the changed keys as values), and lse, H(p) as in ``extract.entropy.flash_entropy``; elsewhere
-    from blocks of logits (``logit_kl``). 0 for queries that see no key.
+    from blocks of logits (``logit_kl``). Both calls' keys are centred (``centred``), the changed
+    ones alike as keys and as values, which leaves KL and entropy unchanged. 0 for queries that see no key.
     """
     if changed.queries.device.type not in FUSED_KERNEL_DEVICES:
         return logit_kl((original.scaled_queries(), original.keys_per_query_head()),
                         (changed.scaled_queries(), changed.keys_per_query_head()), changed.visible)
-    queries, keys = changed.queries.to(torch.float32), changed.keys_per_query_head()
-    _, original_mean_key = softmax_moments(original.queries.to(torch.float32), original.keys_per_query_head(), keys,
-                                           original.scale, original.visible)  # (B, H, query_pos, d_head)
+    queries, keys = changed.queries.to(torch.float32), centred(changed.keys_per_query_head())
+    _, original_mean_key = softmax_moments(original.queries.to(torch.float32), centred(original.keys_per_query_head()),
+                                           keys, original.scale, original.visible)  # (B, H, query_pos, d_head)
     lse, mean_key = softmax_moments(queries, keys, keys, changed.scale, changed.visible)
     entropy = torch.linalg.vecdot(queries, mean_key).mul_(-changed.scale).add_(lse).clamp_(min=0.0)
     kl = (lse - original_entropy).sub_(torch.linalg.vecdot(queries, original_mean_key).mul_(changed.scale))
@@ -872,8 +888,8 @@ def reconstruction_effects(model: nn.Module, windows: list[list[int]], singular_
                            progress: bool = False) -> dict[str, Any]:
     """The ``functional`` section for a loaded model and token windows.
 
-    The model runs in its own dtype, on its own device, with its own attention implementation (SDPA
-    is the fast one). It is modified in place: key/value heads expanded, query/key weights overwritten
+    The model runs in its own dtype, on its own device, with transformers' SDPA attention (switched
+    to for each pass by ``AttentionCapture``). It is modified in place: key/value heads expanded, query/key weights overwritten
     (the original's outputs are recorded first).
     singular_values: (L, H, K) the geometry's spectra (spectral reconstruction and spectral T).
     rank_k_section: the ``rank_k`` section, for each strategy's operator-level k; None skips
@@ -897,9 +913,12 @@ def reconstruction_effects(model: nn.Module, windows: list[list[int]], singular_
     passes = 2 + len(anchors) * (2 + (rank_k_section is not None))  # at most: duplicates are run once
     with tqdm(total=passes * runner.num_queries, unit="tok", desc="functional test", disable=not progress,
               leave=False) as bar:
+        # every strategy's operator T first: the fitter's layers are not held through the passes
+        fitter = OperatorFitter(factors)
+        operator_Ts = {name: np.stack([fit.T for fit in fitter.fit_all(anchor.layers)]) for name, anchor in anchors.items()}
+        del fitter
         reference = runner.reference(bar.update)
         original_loss = sum(batch.loss_sum for batch in reference) / max(runner.num_predicted, 1)
-        fitter = OperatorFitter(factors)
 
         cache: dict[tuple, dict] = {}
 
@@ -921,7 +940,7 @@ def reconstruction_effects(model: nn.Module, windows: list[list[int]], singular_
         for name, anchor in anchors.items():
             a = anchor.layers  # (L,)
             spectral_T, _ = scalar_rescale(singular_values, singular_values[a])  # (L, H)
-            operator_T = np.stack([fit.T for fit in fitter.fit_all(a)])  # (L, H)
+            operator_T = operator_Ts[name]  # (L, H)
 
             def spectral(index: int) -> tuple[np.ndarray, np.ndarray]:
                 return spectral_target(factors.layer(index), spectral_T[index, :, None] * singular_values[a[index]])

@@ -303,6 +303,12 @@ def factors_path_for(geometry: Geometry) -> Path | None:
     return Path(geometry.source).with_name(name)
 
 
+def layer_cache_size() -> int:
+    """Layers a fitter holds at once: two per worker thread and one more, at most 9 (on a many-core
+    machine the cache would otherwise hold a whole model's layers in float64)."""
+    return min(2 * worker_count() + 1, 9)
+
+
 def worker_count() -> int:
     """The cores this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -334,6 +340,8 @@ def product_device() -> str | None:
     requested = os.environ.get("QKSPECTRA_OPERATOR_DEVICE", "").strip()
     if requested == "cpu":
         return None
+    if requested and not (requested == "cuda" or (requested.startswith("cuda:") and requested[5:].isdigit())):
+        raise QkspectraError(f"QKSPECTRA_OPERATOR_DEVICE={requested}: expected cpu, cuda or cuda:N")
     if not requested and not os.path.exists("/dev/nvidiactl"):
         return None
     try:
@@ -610,7 +618,7 @@ class OperatorFitter:
         self.map = map
         self.on_step = on_step
         self.kv_head = factors.kv_head  # (H,)
-        self._layers = _LayerCache(factors, 2 * worker_count() + 1)
+        self._layers = _LayerCache(factors, layer_cache_size())
         L = factors.num_layers
         # Every layer's left and right bases (2, H, d_model, k): in memory for factors in memory, else one
         # file per layer in a scratch folder (all layers' bases would be a sizeable part of the factors).
@@ -664,7 +672,7 @@ class OperatorFitter:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, map=None, on_step=None, _scratch=None, _fits={})
-        self._layers = _LayerCache(self.factors, 2 * worker_count() + 1)
+        self._layers = _LayerCache(self.factors, layer_cache_size())
 
     def fit(self, layer: int, anchor: int) -> LayerFit:
         self.fit_pairs([(layer, anchor)])

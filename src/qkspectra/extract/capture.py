@@ -89,13 +89,13 @@ class VisibleKeys:
         return block.unsqueeze(2)
 
     def count(self) -> torch.Tensor:
-        """(B|1, query_pos) float64: the number of keys each query sees."""
+        """(B|1, query_pos) float64 on the CPU (devices such as MPS have no float64): the keys each query sees."""
         if self.mask is not None:
-            return self.mask.sum(dim=-1, dtype=torch.float64)[:, 0]
+            return self.mask.sum(dim=-1)[:, 0].cpu().to(torch.float64)
         num_queries = self.num_keys - self.offset
         if not self.causal:
-            return torch.full((1, num_queries), float(self.num_keys), dtype=torch.float64, device=self.device)
-        count = torch.arange(num_queries, dtype=torch.float64, device=self.device) + self.offset + 1
+            return torch.full((1, num_queries), float(self.num_keys), dtype=torch.float64)
+        count = torch.arange(num_queries, dtype=torch.float64) + self.offset + 1
         return count.clamp(max=self.num_keys)[None]
 
     def sees(self, key: torch.Tensor) -> torch.Tensor:
@@ -168,6 +168,9 @@ def _capturing_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
     output = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     record = getattr(module, _RECORD, None)
     if record is not None:
+        for term in ("position_bias", "s_aux", "sinks", "softcap"):
+            if kwargs.get(term) is not None:  # the adapters refuse such models; never a quiet wrong entropy
+                raise QkspectraError(f"{type(module).__name__} adds {term} to its logits, which is not modelled")
         is_causal = kwargs.get("is_causal")
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         scaling = kwargs.get("scaling")
@@ -212,9 +215,9 @@ class AttentionCapture:
         if self.through_interface:
             _register()
             self.previous = self.model.config._attn_implementation
+            self.model.set_attn_implementation(CAPTURE)
             for module in self.modules:
                 setattr(module, _RECORD, self._record_for(module))
-            self.model.set_attn_implementation(CAPTURE)
         else:
             from qkspectra.models.tensors import StateDictSource
 
@@ -228,9 +231,12 @@ class AttentionCapture:
 
     def __exit__(self, *exc) -> None:
         if self.through_interface:
-            self.model.set_attn_implementation(self.previous)
-            for module in self.modules:
-                delattr(module, _RECORD)
+            try:
+                self.model.set_attn_implementation(self.previous)
+            finally:
+                for module in self.modules:
+                    if hasattr(module, _RECORD):
+                        delattr(module, _RECORD)
         else:
             for handle in self.handles:
                 handle.remove()

@@ -218,7 +218,11 @@ def flash_entropy(queries: torch.Tensor, keys: torch.Tensor, scale: float, visib
 
     With s_ij = scale q_i . k_j and p = softmax(s): H_i = lse_i - sum_j p_ij s_ij = lse_i - scale q_i . kbar_i,
     kbar_i = sum_j p_ij k_j, the attention output with the keys as values; p_i0 = exp(s_i0 - lse_i).
+    The keys are first centred (their mean over positions subtracted): every logit of a query moves
+    by the same amount, so p is unchanged, and lse_i and s q_i . kbar_i lose their common offset
+    (a key bias adds one), which float32 would otherwise cancel at the expense of the entropy.
     """
+    keys = keys - keys.mean(dim=-2, keepdim=True)  # (B, H, key_pos, d_head)
     lse, mean_key = softmax_moments(queries, keys, keys, scale, visible)  # (B, H, query_pos), (..., d_head)
     entropy = torch.linalg.vecdot(queries, mean_key).mul_(-scale).add_(lse).clamp_(min=0.0)
     batch = torch.arange(queries.shape[0], device=queries.device)
@@ -246,8 +250,8 @@ def attention_entropy(model: nn.Module, corpus: Corpus, *, batch_size: int | Non
                       padding_side: Literal["left", "right"] = "right") -> EntropyStats:
     """Mean attention entropy, normalised entropy and sink mass per (layer, head) over the corpus windows.
 
-    model:        a transformers model (any attention implementation; SDPA is the fast one) in any
-                  dtype and on any device; its queries and keys are rebuilt by its adapter
+    model:        a transformers model in any dtype and on any device; it runs with transformers' SDPA
+                  attention during the pass (``AttentionCapture``), which hands over its own queries and keys
     batch_size:   windows per forward pass; None: as many as MAX_TOKENS_PER_BATCH and MASK_MEMORY_BUDGET allow
     padding_side: where padding goes in a batch; the results do not depend on it (padding is
                   masked out and positions are counted from the attention mask)
@@ -379,8 +383,9 @@ class _EntropyAccumulator:
 
     def begin_batch(self, attention_mask: torch.Tensor) -> None:
         """attention_mask: (B, seq) 1 for real tokens."""
-        self.query_weight = attention_mask.to(torch.float64)  # (B, query_pos)
         self.first_key = attention_mask.argmax(dim=-1)  # (B,) index of each window's first real token
+        attention_mask = attention_mask.cpu()  # the sums are float64, on the CPU (MPS has no float64)
+        self.query_weight = attention_mask.to(torch.float64)  # (B, query_pos)
         positions = attention_mask.cumsum(-1).clamp(min=1)  # (B, query_pos) 1-based position of real tokens
         bucket = torch.floor(torch.log2(positions.to(torch.float64))).long()  # (B, query_pos)
         self.bucket_weight = (torch.nn.functional.one_hot(bucket, self.bucket_count.shape[0]).to(torch.float64)
@@ -389,7 +394,7 @@ class _EntropyAccumulator:
 
     def end_batch(self) -> None:
         self.num_tokens += int(self.query_weight.sum())
-        self.bucket_count += self.bucket_weight.sum(dim=(0, 1)).cpu()
+        self.bucket_count += self.bucket_weight.sum(dim=(0, 1))
         self.counts_by_mask = {}
 
     def _normalized_weight(self, visible: VisibleKeys) -> tuple[torch.Tensor, float, torch.Tensor]:
@@ -397,7 +402,7 @@ class _EntropyAccumulator:
         (buckets,) the sum of log(n_i) over the real queries of each position bucket."""
         cache_key = (id(visible.source), visible.causal)
         if cache_key not in self.counts_by_mask:
-            num_visible = visible.count().to(self.query_weight.device)  # (B|1, query_pos)
+            num_visible = visible.count()  # (B|1, query_pos)
             real_and_several = self.query_weight * (num_visible > 1)  # (B, query_pos)
             weight = real_and_several / num_visible.clamp(min=2).log()
             log_keys = torch.einsum("bq,bqn->n", num_visible.clamp(min=1).log().expand_as(self.query_weight),
@@ -412,13 +417,13 @@ class _EntropyAccumulator:
         if call.queries.shape[1] != self.entropy_sum.shape[1]:
             raise QkspectraError(f"layer {layer} has {call.queries.shape[1]} heads, expected {self.entropy_sum.shape[1]}")
         entropy, sink = call_entropy(call, self.first_key)  # (B, H, query_pos) each
-        entropy, sink = entropy.to(torch.float64), sink.to(torch.float64)
+        entropy, sink = entropy.cpu().to(torch.float64), sink.cpu().to(torch.float64)
         normalized_weight, num_normalized, log_keys = self._normalized_weight(call.visible)
         self.log_keys_sum[layer] += log_keys
-        self.entropy_sum[layer] += torch.einsum("bhq,bq->h", entropy, self.query_weight).cpu()
-        self.normalized_sum[layer] += torch.einsum("bhq,bq->h", entropy, normalized_weight).cpu()
-        self.sink_sum[layer] += torch.einsum("bhq,bq->h", sink, self.query_weight).cpu()
-        self.bucket_sum[layer] += torch.einsum("bhq,bqn->hn", entropy, self.bucket_weight).cpu()
+        self.entropy_sum[layer] += torch.einsum("bhq,bq->h", entropy, self.query_weight)
+        self.normalized_sum[layer] += torch.einsum("bhq,bq->h", entropy, normalized_weight)
+        self.sink_sum[layer] += torch.einsum("bhq,bq->h", sink, self.query_weight)
+        self.bucket_sum[layer] += torch.einsum("bhq,bqn->hn", entropy, self.bucket_weight)
         self.normalized_count[layer] += num_normalized
 
     def stats(self, num_windows: int) -> EntropyStats:

@@ -31,9 +31,10 @@ def rotate(z: torch.Tensor, rotary: RotaryEmbedding | None, positions: torch.Ten
     if rotary is None:
         return z
     half = rotary.rotary_dim // 2
-    inv_freq = torch.from_numpy(inverse_frequencies(rotary)).to(z.device)  # (half,) float64
-    angles = positions.to(z.device, torch.float64)[:, None, :, None] * inv_freq  # (B, 1, T, half), exact to float64
-    cos, sin = angles.cos().to(z.dtype), angles.sin().to(z.dtype)
+    inv_freq = torch.from_numpy(inverse_frequencies(rotary))  # (half,) float64
+    # float64 on the CPU (MPS has no float64), then to z's device and dtype
+    angles = positions.cpu().to(torch.float64)[:, None, :, None] * inv_freq  # (B, 1, T, half)
+    cos, sin = angles.cos().to(z), angles.sin().to(z)
     rotated, rest = z[..., :2 * half], z[..., 2 * half:]
     if rotary.interleaved:
         first, second = rotated[..., 0::2], rotated[..., 1::2]  # (B, H, T, half) each
