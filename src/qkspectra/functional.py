@@ -89,6 +89,7 @@ from qkspectra.extract.entropy import (
     KEYS_PER_BLOCK,
     LOGITS_PER_BLOCK,
     call_entropy,
+    centred,
     forward_inputs,
     pad_windows,
     softmax_moments,
@@ -869,12 +870,6 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def centred(keys: torch.Tensor) -> torch.Tensor:
-    """(B, H, key_pos, d) keys minus their mean over positions: each query's logits shift alike, its softmax
-    is unchanged, and the log-sum-exp loses the common offset (see ``extract.entropy.flash_entropy``)."""
-    return keys - keys.mean(dim=-2, keepdim=True)
 
 
 def attention_change(original: AttentionCall, original_entropy: torch.Tensor,

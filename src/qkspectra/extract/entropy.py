@@ -207,6 +207,12 @@ def softmax_moments(queries: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     return lse, weighted
 
 
+def centred(keys: torch.Tensor) -> torch.Tensor:
+    """(B, H, key_pos, d) keys minus their mean over positions: each query's logits shift alike, its softmax
+    is unchanged, and the log-sum-exp loses the common offset (see ``flash_entropy``)."""
+    return keys - keys.mean(dim=-2, keepdim=True)
+
+
 def flash_entropy(queries: torch.Tensor, keys: torch.Tensor, scale: float, visible: VisibleKeys,
                   sink_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Entropy and sink mass of softmax(scale queries . keys) over the visible keys, from the fused CPU kernel.
@@ -222,7 +228,7 @@ def flash_entropy(queries: torch.Tensor, keys: torch.Tensor, scale: float, visib
     by the same amount, so p is unchanged, and lse_i and s q_i . kbar_i lose their common offset
     (a key bias adds one), which float32 would otherwise cancel at the expense of the entropy.
     """
-    keys = keys - keys.mean(dim=-2, keepdim=True)  # (B, H, key_pos, d_head)
+    keys = centred(keys)  # (B, H, key_pos, d_head)
     lse, mean_key = softmax_moments(queries, keys, keys, scale, visible)  # (B, H, query_pos), (..., d_head)
     entropy = torch.linalg.vecdot(queries, mean_key).mul_(-scale).add_(lse).clamp_(min=0.0)
     batch = torch.arange(queries.shape[0], device=queries.device)
