@@ -153,6 +153,20 @@ def test_rank_k_target_with_full_correction_is_the_layer_itself():
     np.testing.assert_array_equal(X[1], factors.W_Q[1])  # k = 0: the anchor's own factors
 
 
+def test_rank_k_correction_a_few_heads_at_a_time_equals_all_at_once(monkeypatch):
+    from qkspectra import functional
+
+    rng = np.random.default_rng(7)
+    A, B, C, D = (rng.standard_normal((3, 5, 12, 3)) for _ in range(4))  # (L, H, d_model, d_head)
+    k = rng.integers(0, 7, (3, 5))
+    chunked = functional.rank_k_correction(A, B, C, D, k)  # 15 heads, 4 at a time
+    monkeypatch.setattr(functional, "HEADS_PER_CORRECTION", 15)
+    whole = functional.rank_k_correction(A, B, C, D, k)
+    for x, y in zip(chunked, whole):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(chunked[0][k == 0], C[k == 0])
+
+
 def test_refused_models_and_bad_rank_k_section():
     from transformers import AlbertConfig, AlbertModel
 

@@ -57,6 +57,17 @@ def test_streamed_fits_equal_in_memory_fits_on_random_models(tmp_path, seed):
     assert_fits_equal_reference(OperatorFitter(make_factors({"W_Q": W_Q, "W_K": W_K}), subspace_dim=3), W_Q, W_K, pairs)
 
 
+def test_fits_after_the_layers_are_dropped_read_them_again(tmp_path):
+    W_Q, W_K = random_gqa(4)
+    save_factors(tmp_path / "f.safetensors", W_Q, W_K)
+    fitter = OperatorFitter(load_factors(tmp_path / "f.safetensors"))
+    first = fitter.fit(1, 3)
+    fitter.drop_layers()
+    assert fitter.fit(1, 3) is first  # a pair fitted before is kept
+    W_Q, W_K = W_Q.astype(np.float32).astype(np.float64), W_K.astype(np.float32).astype(np.float64)
+    assert_fits_equal_reference(fitter, W_Q, W_K, [(0, 3), (2, 1)])
+
+
 def test_old_layout_with_repeated_key_heads_reads_and_gives_the_same_section(tmp_path):
     W_Q, W_K = random_gqa(2)
     save_factors(tmp_path / "new.safetensors", W_Q, W_K)

@@ -126,11 +126,10 @@ def model_layers(model: nn.Module) -> tuple[AttentionAdapter, list[AttentionLaye
     return adapter, [layers[index] for index in range(len(layers))]
 
 
-def original_layers(model: nn.Module, *, rewritten: bool = True) -> tuple[AttentionAdapter, ModelLayers]:
-    """The adapter for ``model`` and a snapshot of its layers (``ModelLayers.snapshot``), each checked
-    for what the functional test can write (QkspectraError, one line, otherwise); ``rewritten``: also
-    refuse what a rewritten model would compute wrongly (rotary positions with query/key biases)."""
-    model_type = model.config.model_type
+def writable_check(model_type: str, *, rewritten: bool = True) -> Callable[[int, AttentionLayer], None]:
+    """check(index, layer): QkspectraError (one line) for what the functional test cannot write into a
+    ``model_type`` model (raised at once for a refused model type); ``rewritten``: also refuse what a
+    rewritten model would compute wrongly (rotary positions with query/key biases)."""
     if model_type in REFUSED_MODEL_TYPES:
         raise QkspectraError(f"the functional test does not support {model_type}: {REFUSED_MODEL_TYPES[model_type]}")
 
@@ -145,6 +144,13 @@ def original_layers(model: nn.Module, *, rewritten: bool = True) -> tuple[Attent
         if rewritten and layer.rotary is not None and layer.b_Q is not None:
             raise QkspectraError("the functional test does not support rotary models with query/key biases")
 
+    return check
+
+
+def original_layers(model: nn.Module, *, rewritten: bool = True) -> tuple[AttentionAdapter, ModelLayers]:
+    """The adapter for ``model`` and a snapshot of its layers (``ModelLayers.snapshot``), each checked
+    by ``writable_check``."""
+    check = writable_check(model.config.model_type, rewritten=rewritten)
     adapter = adapter_for(copy.deepcopy(model.config))  # its own config: expanding kv heads edits the model's
     return adapter, ModelLayers.snapshot(model, adapter, check)
 
@@ -191,11 +197,17 @@ def factors_of_layers(layers: list[AttentionLayer], *, fold_ln: bool) -> Factors
 
 class ModelLayers:
     """A model's attention layers, each formed (float64, one key factor per query head, unfolded) when
-    asked for from a tensor source, the last ``cache_size`` kept. ``len`` and indexing as for a list."""
+    asked for from a tensor source, the last ``cache_size`` kept. ``len`` and indexing as for a list.
 
-    def __init__(self, adapter: AttentionAdapter, tensors, cache_size: int = 1):
+    A checkpoint's files are unmapped after each layer (their pages are not left resident beside a
+    loaded model's). ``check(index, layer)``, if given, sees each layer as stored when it is read.
+    """
+
+    def __init__(self, adapter: AttentionAdapter, tensors, cache_size: int = 1,
+                 check: Callable[[int, AttentionLayer], None] | None = None):
         self.adapter = adapter
         self.tensors = tensors
+        self.check = check
         self.read = functools.lru_cache(maxsize=cache_size)(self._read)
 
     @classmethod
@@ -213,7 +225,12 @@ class ModelLayers:
         return cls(adapter, StateDictSource({name: state[name].detach().clone() for name in recorder.read}))
 
     def _read(self, index: int) -> AttentionLayer:
-        return self.adapter.layer(self.tensors, index).per_query_head()
+        layer = self.adapter.layer(self.tensors, index)
+        if hasattr(self.tensors, "close"):
+            self.tensors.close()
+        if self.check is not None:
+            self.check(index, layer)
+        return layer.per_query_head()
 
     def __len__(self) -> int:
         return self.adapter.num_layers
@@ -330,16 +347,33 @@ def rank_k_correction(A: np.ndarray, B: np.ndarray, C: np.ndarray, D: np.ndarray
     """Factors of C D^T plus the best rank-k part of A B^T - C D^T, truncated to rank d_head, in A's frame.
 
     A, B: (..., d_model, d_head) a head's own factors; C, D: its operator target's (T W_Q[a], W_K[a]);
-    k: (...,) int. Heads with k = 0 keep (C, D) untouched.
+    k: (...,) int. Heads with k = 0 keep (C, D) untouched. Formed ``HEADS_PER_CORRECTION`` heads at a
+    time: a head's QR and SVD temporaries are about 24 times its factors.
     """
+    lead, (d_model, d_head) = A.shape[:-2], A.shape[-2:]
+    flat = [x.reshape(-1, d_model, d_head) for x in (A, B, C, D)]  # (N, d_model, d_head) each
+    k_flat = np.broadcast_to(k, lead).reshape(-1)  # (N,)
+    parts = [_rank_k_correction(*(x[start:start + HEADS_PER_CORRECTION] for x in flat),
+                                k_flat[start:start + HEADS_PER_CORRECTION])
+             for start in range(0, k_flat.size, HEADS_PER_CORRECTION)]
+    return (np.concatenate([x for x, _ in parts]).reshape(A.shape),
+            np.concatenate([y for _, y in parts]).reshape(A.shape))
+
+
+HEADS_PER_CORRECTION = 4
+
+
+def _rank_k_correction(A: np.ndarray, B: np.ndarray, C: np.ndarray, D: np.ndarray, k: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """``rank_k_correction`` for (N, d_model, d_head) factors and k (N,)."""
     d_head = A.shape[-1]
-    Qx, Rx = np.linalg.qr(np.concatenate([A, -C], axis=-1))  # (L, H, d_model, r), (L, H, r, 2 d_head)
+    Qx, Rx = np.linalg.qr(np.concatenate([A, -C], axis=-1))  # (N, d_model, r), (N, r, 2 d_head)
     Qy, Ry = np.linalg.qr(np.concatenate([B, D], axis=-1))
-    U, S, Vt = np.linalg.svd(Rx @ np.swapaxes(Ry, -1, -2))  # (L, H, r, r), (L, H, r), (L, H, r, r)
-    kept = np.where(np.arange(S.shape[-1]) < k[..., None], S, 0.0)  # (L, H, r): the k largest
-    X = np.concatenate([C, Qx @ (U * kept[..., None, :])], axis=-1)  # (L, H, d_model, d_head + r)
+    U, S, Vt = np.linalg.svd(Rx @ np.swapaxes(Ry, -1, -2))  # (N, r, r), (N, r), (N, r, r)
+    kept = np.where(np.arange(S.shape[-1]) < k[..., None], S, 0.0)  # (N, r): the k largest
+    X = np.concatenate([C, Qx @ (U * kept[..., None, :])], axis=-1)  # (N, d_model, d_head + r)
     Y = np.concatenate([D, Qy @ np.swapaxes(Vt, -1, -2)], axis=-1)
-    X_t, Y_t = align_frame(*best_rank(X, Y, d_head), A)  # (..., d_model, d_head)
+    X_t, Y_t = align_frame(*best_rank(X, Y, d_head), A)  # (N, d_model, d_head)
     corrected = (k > 0)[..., None, None]
     return np.where(corrected, X_t, C), np.where(corrected, Y_t, D)
 
@@ -504,12 +538,14 @@ def expand_kv_heads_in_place(model: nn.Module) -> None:
         for name in ("k_proj", "v_proj"):
             old = getattr(module, name)
             d_head = old.out_features // (H // groups)
-            new = nn.Linear(old.in_features, H * d_head, bias=old.bias is not None, dtype=old.weight.dtype,
-                            device=old.weight.device)
+            with torch.device("meta"):  # no initial weights: the repeated ones are the only new memory
+                new = nn.Linear(old.in_features, H * d_head, bias=old.bias is not None, dtype=old.weight.dtype)
             with torch.no_grad():
-                new.weight.copy_(old.weight.view(-1, d_head, old.in_features).repeat_interleave(groups, 0).reshape(-1, old.in_features))
+                new.weight = nn.Parameter(old.weight.view(-1, d_head, old.in_features).repeat_interleave(groups, 0)
+                                          .reshape(-1, old.in_features), requires_grad=old.weight.requires_grad)
                 if old.bias is not None:
-                    new.bias.copy_(old.bias.view(-1, d_head).repeat_interleave(groups, 0).reshape(-1))
+                    new.bias = nn.Parameter(old.bias.view(-1, d_head).repeat_interleave(groups, 0).reshape(-1),
+                                            requires_grad=old.bias.requires_grad)
             setattr(module, name, new)
         module.num_key_value_groups = 1
     if getattr(model.config, "num_key_value_heads", None) is not None:
@@ -749,8 +785,9 @@ def logit_kl(reference: tuple[torch.Tensor, torch.Tensor], changed: tuple[torch.
     return kl, entropy
 
 
-# float32 logits converted at a time when the loss is summed (64 MiB)
-LOSS_LOGITS_PER_BLOCK = 2**24
+# float32 logits converted at a time when the loss is summed (16 MiB, and as much for the cross-entropy's
+# log-softmax): small beside the model's own logits
+LOSS_LOGITS_PER_BLOCK = 2**22
 # Bytes of float32 logits over the vocabulary one batch of a causal LM may produce (the loss needs them
 # all, and the cross-entropy a copy): a 262k-token vocabulary (Gemma 3) makes 1 GB per 1024 tokens.
 LOGITS_MEMORY_BUDGET = 512 * 2**20
@@ -819,13 +856,17 @@ class _Runner:
                 h, _ = call_entropy(call, first_key)  # (B, H, query_pos)
                 query_entropy.append(h)
                 entropy[call.layer] = torch.einsum("bhq,bq->h", h.cpu().double(), weight)
+                release_freed_memory()  # this layer's temporaries, freed across threads' arenas
 
             output = self._forward(inputs, keep)
+            release_freed_memory()  # the forward's activations, before the loss's blocks of logits
             batches.append(_Batch(
                 inputs, weight, first_key, calls, query_entropy, entropy,
                 self._loss_sum(inputs, output) if self.causal else 0.0,
                 None if self.causal else output.last_hidden_state.float(),
             ))
+            del output
+            release_freed_memory()
             progress(int(inputs["attention_mask"].sum()))
         return batches
 
@@ -841,14 +882,18 @@ class _Runner:
                 kl, entropy = attention_change(original, batch.query_entropy[call.layer], call)  # (B, H, query_pos)
                 kl_sum[call.layer] += torch.einsum("bhq,bq->h", kl.cpu().double(), batch.query_weight)
                 entropy_shift[call.layer] += torch.einsum("bhq,bq->h", entropy.cpu().double(), batch.query_weight)
+                release_freed_memory()
 
             output = self._forward(batch.inputs, compare_layer)
+            release_freed_memory()
             entropy_shift -= batch.entropy
             if self.causal:
                 loss_sum += self._loss_sum(batch.inputs, output)
             else:
                 cosine = nn.functional.cosine_similarity(output.last_hidden_state.float(), batch.hidden, dim=-1)
                 loss_sum += float(((1 - cosine.double()) * batch.query_weight).sum())  # (B, seq) summed
+            del output
+            release_freed_memory()
             progress(int(batch.inputs["attention_mask"].sum()))
         if self.causal:
             delta = loss_sum / self.num_predicted - original_loss
@@ -862,8 +907,9 @@ class _Runner:
 def release_freed_memory() -> None:
     """Hand memory freed by numpy and torch back to the system (glibc's malloc_trim; elsewhere nothing).
 
-    The fits and the layer-by-layer writes free many float64 arrays from several threads; glibc
-    keeps them in per-thread arenas, which measured 0.6 GB of resident memory on a 0.85 GB model."""
+    The fits and the layer-by-layer writes free many float64 arrays from several threads, and each
+    forward pass its activations and logits; glibc keeps them in its arenas (0.6 GB of resident
+    memory on a 0.85 GB model after the fits), which the next phase would find resident on top of its own."""
     try:
         import ctypes
 
@@ -904,7 +950,7 @@ def attention_change(original: AttentionCall, original_entropy: torch.Tensor,
 def reconstruction_effects(model: nn.Module, windows: list[list[int]], singular_values: np.ndarray,
                            anchors: dict[str, Anchor], rank_k_section: dict[str, Any] | None, *,
                            fold_ln: bool = True, norm_rms: NormRMS | None = None,
-                           progress: bool = False) -> dict[str, Any]:
+                           progress: bool = False, layers: ModelLayers | None = None) -> dict[str, Any]:
     """The ``functional`` section for a loaded model and token windows.
 
     The model runs in its own dtype, on its own device, with transformers' SDPA attention (switched
@@ -914,11 +960,14 @@ def reconstruction_effects(model: nn.Module, windows: list[list[int]], singular_
     rank_k_section: the ``rank_k`` section, for each strategy's operator-level k; None skips
     ``operator_rank_k`` (then None in the output). norm_rms: the q/k norm RMS the geometry's
     linearised metric used (its metadata), for models with q/k norms; None: isotropic input.
+    layers: the model's layers as stored, read from its checkpoint with ``writable_check``
+    (``functional_evidence``); None: a snapshot of the model's own (``original_layers``).
     Returns {strategy: {"spectral": R, "operator": R, "operator_rank_k": R}, "control": R}.
     """
     from tqdm.auto import tqdm
 
-    adapter, layers = original_layers(model)
+    if layers is None:
+        _, layers = original_layers(model)
     factors = LayerwiseFactors(layers, fold_ln=fold_ln, norm_rms=norm_rms)
     L, H = factors.num_layers, factors.num_heads
     if singular_values.shape[:2] != (L, H):
@@ -1033,15 +1082,16 @@ def functional_evidence(model_name_or_path: str | InMemoryModel, geometry: Geome
     from qkspectra.models.device import resolve_placement
 
     placement = resolve_placement(device, dtype)
+    release_freed_memory()  # what the analysis before freed, before the model comes in
     source = open_source(model_name_or_path, progress=progress)
     adapter = adapter_for(source.config)
-    tensors = source_tensors(source)
     norm_rms = geometry_norm_rms(geometry)
-    # the checkpoint, not its cast, one layer at a time
-    check_against_geometry(LayerwiseFactors(ModelLayers(adapter, tensors, cache_size=1), fold_ln=fold_ln,
-                                            norm_rms=norm_rms, cache_size=1), geometry)
+    # the checkpoint, not its cast, one layer at a time: checked against the geometry and for what can be
+    # written, then the original layers of the test (no copy of the model's beside it)
+    layers = ModelLayers(adapter, source_tensors(source), check=writable_check(source.config.model_type))
+    check_against_geometry(LayerwiseFactors(layers, fold_ln=fold_ln, norm_rms=norm_rms, cache_size=1), geometry)
     model, tokenizer = load_functional_model(model_name_or_path, progress=progress, placement=placement)
     windows = load_windows(tokenizer, corpus=corpus, seq_len=seq_len or default_seq_len(model),
                            max_tokens=max_tokens, window_per_line=False).windows
     return reconstruction_effects(model, windows, geometry.singular_values, anchors, rank_k_section, fold_ln=fold_ln,
-                                  norm_rms=norm_rms, progress=progress)
+                                  norm_rms=norm_rms, progress=progress, layers=layers)

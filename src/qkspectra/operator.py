@@ -674,6 +674,11 @@ class OperatorFitter:
         self.__dict__.update(state, map=None, on_step=None, _scratch=None, _fits={})
         self._layers = _LayerCache(self.factors, layer_cache_size())
 
+    def drop_layers(self) -> None:
+        """Forget the layers' factors held for the fits (their summaries, bases and the fits stay); a later fit
+        reads its layers again."""
+        self._layers = _LayerCache(self.factors, self._layers.capacity)
+
     def fit(self, layer: int, anchor: int) -> LayerFit:
         self.fit_pairs([(layer, anchor)])
         return self._fits[(layer, anchor)]

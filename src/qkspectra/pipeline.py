@@ -107,6 +107,7 @@ def build_analysis_document(
     rank_k: dict[str, Any] | None = None,
     functional: dict[str, Any] | None = None,
     functional_missing: str = NO_FUNCTIONAL,
+    analyses: dict[str, Analysis] | None = None,
 ) -> dict[str, Any]:
     """Every anchor strategy; the top level carries the seed's default (last) anchor.
 
@@ -120,8 +121,10 @@ def build_analysis_document(
     rank_k, functional: results computed elsewhere, merged into the document under those
         keys; functional also feeds the layered verdict (n/a with ``functional_missing``
         when absent).
+    analyses: ``analyze_all(geometry, groups=groups)`` when the caller has it already.
     """
-    analyses = analyze_all(geometry, groups=groups)
+    if analyses is None:
+        analyses = analyze_all(geometry, groups=groups)
     operator = None
     if factors is not None:
         from qkspectra.operator import OperatorFitter, as_factors, operator_evidence

@@ -167,7 +167,8 @@ def analysis_document(
     from qkspectra.pipeline import build_analysis_document
     from qkspectra.rank_k import rank_k_evidence
 
-    anchors = {name: a.anchor for name, a in analyze_all(geometry, groups=groups).items()}
+    analyses = analyze_all(geometry, groups=groups)
+    anchors = {name: a.anchor for name, a in analyses.items()}
     fitter = None
     if isinstance(factors_file, dict) or factors_file.is_file():  # a file is read one layer at a time
         clock = time.perf_counter()
@@ -179,11 +180,13 @@ def analysis_document(
             timings["operator_layer_pairs"] = len(pairs)
     factors = None if fitter is None else fitter.factors
     if functional_model is None:
-        return build_analysis_document(geometry, groups=groups, factors=factors, fitter=fitter)
+        return build_analysis_document(geometry, groups=groups, factors=factors, fitter=fitter, analyses=analyses)
 
     from qkspectra.functional import DEFAULT_MAX_TOKENS, functional_evidence
 
     rank_k = rank_k_evidence(geometry, anchors, fitter=fitter)
+    if fitter is not None:  # the model comes next: the fits' layers are not held beside it
+        fitter.drop_layers()
     functional = functional_evidence(
         functional_model, geometry, anchors, rank_k,
         max_tokens=DEFAULT_MAX_TOKENS if functional_tokens is None else functional_tokens,
@@ -191,7 +194,8 @@ def analysis_document(
         device=options.device, dtype=options.dtype,
     )
     return build_analysis_document(
-        geometry, groups=groups, factors=factors, fitter=fitter, rank_k=rank_k, functional=functional
+        geometry, groups=groups, factors=factors, fitter=fitter, rank_k=rank_k, functional=functional,
+        analyses=analyses,
     )
 
 

@@ -95,6 +95,11 @@ class SafetensorsSource:
         stored = str(handle.get_slice(name).get_dtype())
         return SAFETENSORS_DTYPES.get(stored, stored.lower())
 
+    def close(self) -> None:
+        """Unmap the files read so far (their pages would stay resident, counted again beside a loaded model's);
+        a later read opens them again."""
+        self._handles.clear()
+
 
 class StateDictSource:
     """A ``TensorSource`` over a mapping of names to torch tensors or numpy arrays."""
