@@ -10,7 +10,8 @@ and runs the whole job on each in a child process, reporting
 
   wall            the child's wall time, and its stages from run.json (extraction, operator-level
                   fits, the whole analysis, plots and report);
-  peak RSS        the child's peak resident memory (from wait4);
+  peak RSS        the child's own peak resident memory (its VmHWM, written as it exits; wait4's
+                  maxrss would also count this script's memory at the fork, inherited across the exec);
   per layer pair  the operator-level fits' time over the number of distinct (layer, anchor) pairs;
   floor           the matrix products no exact operator analysis avoids, timed alone in this run on
                   random float64 factors of the same shapes, on every core as the analysis runs them:
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -70,17 +70,36 @@ def write_checkpoint(folder: Path, layers: int, d_model: int, heads: int, kv_hea
     save_file(tensors, str(folder / "model.safetensors"))
 
 
+# Runs ``python -m qkspectra ARGS...`` and, as it exits, writes its peak resident memory (kB) to argv[1].
+CHILD = """
+import atexit, runpy, sys
+
+peak_file = sys.argv.pop(1)
+
+
+def record():
+    with open("/proc/self/status") as status:
+        kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    with open(peak_file, "w") as out:
+        out.write(str(kb))
+
+
+atexit.register(record)
+runpy.run_module("qkspectra", run_name="__main__", alter_sys=True)
+"""
+
+
 def run_child(model: Path, out: Path) -> tuple[float, float]:
-    """Run the job in a child process: (wall seconds, peak resident GB)."""
-    command = [sys.executable, "-m", "qkspectra", "run", str(model), "--static-only", "--no-functional", "--quiet",
-               "--out", str(out)]
+    """Run the job in a child process: (wall seconds, its peak resident GiB)."""
+    peak_file = out.parent / f"{out.name}.peak"
+    command = [sys.executable, "-c", CHILD, str(peak_file), "run", str(model), "--static-only", "--no-functional",
+               "--quiet", "--out", str(out)]
     clock = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(child.pid, 0)
+    status = subprocess.run(command, stdout=subprocess.DEVNULL).returncode
     wall = time.perf_counter() - clock
     if status != 0:
         raise SystemExit(f"qkspectra run failed on {model} (status {status})")
-    return wall, usage.ru_maxrss / 2**20  # KiB -> GiB
+    return wall, int(peak_file.read_text()) / 2**20  # KiB -> GiB
 
 
 def floor_seconds(layers: int, pairs: int, d_model: int, heads: int, kv_heads: int) -> float:
