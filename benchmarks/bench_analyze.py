@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_bench_geometry import bench_geometry  # noqa: E402
 
-from qkspectra.analysis import analyze  # noqa: E402
+from qkspectra.analysis.seed import analyze  # noqa: E402
 from qkspectra.geometry import load_geometry  # noqa: E402
 
 

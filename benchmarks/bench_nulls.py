@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from qkspectra.analysis import analyze_all
+from qkspectra.analysis.seed import analyze_all
 from qkspectra.geometry import Geometry, load_geometry
-from qkspectra.nulls import NullOptions, _draw_generators, gaussian_shapes, gaussian_spectra, null_baselines
+from qkspectra.analysis.nulls import NullOptions, _draw_generators, gaussian_shapes, gaussian_spectra, null_baselines
 
 
 def best_of(f, n: int) -> float:

@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from qkspectra.extract import ExtractOptions
-from qkspectra.runner import run
-from qkspectra.sweep import RunSettings, SweepModel, run_sweep
+from qkspectra.extract.extraction import ExtractOptions
+from qkspectra.workflow.runner import run
+from qkspectra.workflow.sweep import RunSettings, SweepModel, run_sweep
 
 SETTINGS = RunSettings(ExtractOptions(max_tokens=2048, seq_len=64, quiet=True), functional=False)
 

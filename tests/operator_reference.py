@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from qkspectra.analysis import TINY
-from qkspectra.operator import (
+from qkspectra.analysis.seed import TINY
+from qkspectra.analysis.operator_fit import (
     LayerFit,
     difference_singular_values,
     frobenius_inner,

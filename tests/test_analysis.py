@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from qkspectra.analysis import (
+from qkspectra.analysis.seed import (
     analyze,
     analyze_all,
     choose_anchor,
@@ -23,7 +23,7 @@ from qkspectra.analysis import (
 )
 from qkspectra.cli import main
 from qkspectra.geometry import Geometry
-from qkspectra.results import result_document
+from qkspectra.analysis.results import result_document
 
 
 def geometry(sigma: np.ndarray, entropy: np.ndarray | None = None) -> Geometry:

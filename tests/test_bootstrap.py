@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qkspectra.analysis import analyze_all
-from qkspectra.bootstrap import (
+from qkspectra.analysis.seed import analyze_all
+from qkspectra.analysis.bootstrap import (
     BootstrapOptions,
     bootstrap_correlations,
     percentile_interval,

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from qkspectra.geometry import load_geometry
-from qkspectra.pipeline import build_analysis_document
-from qkspectra.report import write_report
+from qkspectra.analysis.document import build_analysis_document
+from qkspectra.report.page import write_report
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "minilm_like.json"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -236,7 +236,7 @@ def test_subprocess_error_is_one_line_on_stderr(tmp_path):
 
 
 def test_streamed_factors_equal_in_memory_factors(tmp_path):
-    from qkspectra.extract import ExtractOptions, extract_geometry, extract_to_files, run_extraction, write_outputs
+    from qkspectra.extract.extraction import ExtractOptions, extract_geometry, extract_to_files, run_extraction, write_outputs
 
     options = ExtractOptions(static_only=True, quiet=True)
     streamed_json, streamed = extract_to_files("minilm", tmp_path / "streamed.json", options=options)

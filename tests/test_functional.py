@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from qkspectra.analysis import Anchor
+from qkspectra.analysis.seed import Anchor
 from qkspectra.errors import QkspectraError
-from qkspectra.functional import model_factors, rank_k_target, reconstruction_effects, spectral_target
-from qkspectra.operator import head_singular_values, make_factors
-from qkspectra.rank_k import rank_k_evidence
+from qkspectra.analysis.reconstruction import model_factors, rank_k_target, reconstruction_effects, spectral_target
+from qkspectra.analysis.operator_fit import head_singular_values, make_factors
+from qkspectra.analysis.rank_k import rank_k_evidence
 
 TOKENS = np.random.default_rng(0)
 WINDOWS = [TOKENS.integers(0, 60, 12).tolist() for _ in range(2)] + [TOKENS.integers(0, 60, 7).tolist()]
@@ -154,7 +154,7 @@ def test_rank_k_target_with_full_correction_is_the_layer_itself():
 
 
 def test_rank_k_correction_a_few_heads_at_a_time_equals_all_at_once(monkeypatch):
-    from qkspectra import functional
+    from qkspectra.analysis import reconstruction as functional
 
     rng = np.random.default_rng(7)
     A, B, C, D = (rng.standard_normal((3, 5, 12, 3)) for _ in range(4))  # (L, H, d_model, d_head)
@@ -182,9 +182,9 @@ def test_refused_models_and_bad_rank_k_section():
 
 @pytest.mark.slow
 def test_minilm_functional_evidence(minilm_source):
-    from qkspectra.analysis import analyze_all
+    from qkspectra.analysis.seed import analyze_all
     from qkspectra.extract.spectra import static_spectra
-    from qkspectra.functional import functional_evidence
+    from qkspectra.analysis.reconstruction import functional_evidence
     from qkspectra.geometry import parse_geometry
     from qkspectra.models.adapters import adapter_for
     from qkspectra.models.tensors import open_tensors
@@ -208,17 +208,17 @@ def test_fast_path_equals_float64_attention_maps(kernel, monkeypatch):
     import copy
 
     import qkspectra.extract.entropy
-    import qkspectra.functional
+    import qkspectra.analysis.reconstruction
 
     if kernel == "blocked":
-        for module in (qkspectra.extract.entropy, qkspectra.functional):
+        for module in (qkspectra.extract.entropy, qkspectra.analysis.reconstruction):
             monkeypatch.setattr(module, "FUSED_KERNEL_DEVICES", ())
-        monkeypatch.setattr(qkspectra.functional, "KEYS_PER_BLOCK", 4)
+        monkeypatch.setattr(qkspectra.analysis.reconstruction, "KEYS_PER_BLOCK", 4)
 
-    from qkspectra.functional import (expand_kv_heads_in_place, factors_of_layers, model_layers, operator_target,
+    from qkspectra.analysis.reconstruction import (expand_kv_heads_in_place, factors_of_layers, model_layers, operator_target,
                                       write_reconstruction)
     from qkspectra.models.adapters import adapter_for
-    from qkspectra.operator import OperatorFitter
+    from qkspectra.analysis.operator_fit import OperatorFitter
 
     model = tiny_llama()
     fast_model = copy.deepcopy(model)
@@ -260,9 +260,9 @@ def test_bundled_models_figures_equal_the_float64_eager_path(name, minilm_source
     import json
     from pathlib import Path
 
-    from qkspectra.analysis import analyze_all
+    from qkspectra.analysis.seed import analyze_all
     from qkspectra.extract.spectra import static_spectra
-    from qkspectra.functional import functional_evidence
+    from qkspectra.analysis.reconstruction import functional_evidence
     from qkspectra.geometry import parse_geometry
     from qkspectra.models.adapters import adapter_for
     from qkspectra.models.tensors import open_tensors

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, FalconConfig
 
 from qkspectra.errors import QkspectraError
-from qkspectra.functional import (
+from qkspectra.analysis.reconstruction import (
     expand_kv_heads_in_place,
     factors_of_layers,
     linearised_layers,
@@ -22,8 +22,8 @@ from qkspectra.functional import (
 )
 from qkspectra.models.adapters import adapter_for
 from qkspectra.models.tensors import StateDictSource
-from qkspectra.operator import OperatorFitter
-from qkspectra.rank_k import rank_k_evidence
+from qkspectra.analysis.operator_fit import OperatorFitter
+from qkspectra.analysis.rank_k import rank_k_evidence
 from test_adapters import VOCAB
 from test_functional import last_anchor, spectra_geometry
 from test_fused_adapters import CASES, FALCON

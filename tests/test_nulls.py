@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qkspectra import nulls as nulls_module
-from qkspectra.analysis import analyze, analyze_all
+from qkspectra.analysis import nulls as nulls_module
+from qkspectra.analysis.seed import analyze, analyze_all
 from qkspectra.errors import QkspectraError
 from qkspectra.geometry import Geometry
-from qkspectra.nulls import (
+from qkspectra.analysis.nulls import (
     NullOptions,
     anchor_rules,
     batched_figures,
@@ -22,7 +22,7 @@ from qkspectra.nulls import (
     shuffle_null,
     shuffled_spectra,
 )
-from qkspectra.verdict import null_layer
+from qkspectra.analysis.verdict import null_layer
 
 FIGURES = {
     "shape_invariance_mean",

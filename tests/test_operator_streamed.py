@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from operator_reference import ReferenceFitter
 
-from qkspectra.analysis import Anchor
-from qkspectra.operator import OperatorFitter, load_factors, make_factors, operator_evidence
+from qkspectra.analysis.seed import Anchor
+from qkspectra.analysis.operator_fit import OperatorFitter, load_factors, make_factors, operator_evidence
 
 FIT_FIELDS = ("T", "residual", "matched_T", "matched_residual", "angles_deg_mean")
 
@@ -128,10 +128,10 @@ def random_llama_checkpoint(folder, *, layers=2, d_model=64, heads=4, kv_heads=2
 
 
 def test_factors_file_stores_each_key_head_once(tmp_path):
-    from qkspectra.extract import ExtractOptions, extract_to_files
+    from qkspectra.extract.extraction import ExtractOptions, extract_to_files
     from qkspectra.geometry import load_geometry
-    from qkspectra.pipeline import operator_sections
-    from qkspectra.analysis import analyze_all
+    from qkspectra.analysis.document import operator_sections
+    from qkspectra.analysis.seed import analyze_all
 
     qk_bytes = random_llama_checkpoint(tmp_path / "llama")
     geometry_path, factors_path = extract_to_files(str(tmp_path / "llama"), tmp_path / "g.json",
@@ -148,7 +148,7 @@ def test_factors_file_stores_each_key_head_once(tmp_path):
 @pytest.mark.parametrize("model", ["minilm", "smollm2"])
 def test_streamed_fits_equal_in_memory_fits_on_the_bundled_models(tmp_path, model, request):
     """The first, second, middle and last layers against the last layer, from the extracted factors file."""
-    from qkspectra.extract import ExtractOptions, extract_to_files
+    from qkspectra.extract.extraction import ExtractOptions, extract_to_files
 
     request.getfixturevalue(f"{model}_source")  # smollm2: the session's GGUF conversion, once
     _, factors_path = extract_to_files(model, tmp_path / "g.json", options=ExtractOptions(static_only=True, quiet=True))
@@ -162,7 +162,7 @@ def test_streamed_fits_equal_in_memory_fits_on_the_bundled_models(tmp_path, mode
 
 def test_large_products_through_torch_give_the_same_fits(monkeypatch):
     """The GPU route of the large products (torch, float64), taken here on the CPU for every product."""
-    import qkspectra.operator as operator_module
+    import qkspectra.analysis.operator_fit as operator_module
 
     W_Q, W_K = random_gqa(7)
     factors = make_factors({"W_Q": W_Q, "W_K": W_K})
@@ -179,7 +179,7 @@ def test_large_products_through_torch_give_the_same_fits(monkeypatch):
 def test_operator_device_named_but_missing_is_one_line(monkeypatch):
     import torch
 
-    import qkspectra.operator as operator_module
+    import qkspectra.analysis.operator_fit as operator_module
     from qkspectra.errors import QkspectraError
 
     if torch.cuda.is_available():

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qkspectra.analysis import analyze
+from qkspectra.analysis.seed import analyze
 from qkspectra.geometry import load_geometry
-from qkspectra.textreport import render_report
+from qkspectra.report.text import render_report
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 CASES = sorted(p.name.removesuffix(".expected.json") for p in GOLDEN.glob("*.expected.json"))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from qkspectra.geometry import load_geometry, parse_geometry
-from qkspectra.pipeline import build_analysis_document
-from qkspectra.plots import head_spread, png_bytes, report_figures, schedule_figure
+from qkspectra.analysis.document import build_analysis_document
+from qkspectra.report.plots import head_spread, png_bytes, report_figures, schedule_figure
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 TITLE = "minilm_like · 6 layers × 12 heads"
@@ -138,7 +138,7 @@ def test_head_spread_is_mean_and_interquartile_range():
 
 
 def test_entropy_by_position_figure_has_a_panel_per_layer():
-    from qkspectra.plots import entropy_by_position_figure
+    from qkspectra.report.plots import entropy_by_position_figure
 
     rng = np.random.default_rng(3)
     log_keys = np.log(np.array([1.0, 2.4, 5.4, 11.4]))[None].repeat(7, 0)  # (L, buckets)

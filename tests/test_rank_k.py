@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qkspectra.analysis import Anchor
+from qkspectra.analysis.seed import Anchor
 from qkspectra.errors import QkspectraError
 from qkspectra.geometry import parse_geometry
-from qkspectra.operator import head_singular_values, make_factors
-from qkspectra.rank_k import operator_param_ratio, rank_k_evidence, smallest_rank, tail_residual_curve
+from qkspectra.analysis.operator_fit import head_singular_values, make_factors
+from qkspectra.analysis.rank_k import operator_param_ratio, rank_k_evidence, smallest_rank, tail_residual_curve
 
 L, H, D_MODEL, D_HEAD = 3, 2, 12, 3
 

@@ -11,8 +11,8 @@ import orjson
 import pytest
 
 from qkspectra.cli import main
-from qkspectra.extract import ExtractOptions
-from qkspectra.runner import cache_key, default_out_dir, model_identity, reusable_geometry, run
+from qkspectra.extract.extraction import ExtractOptions
+from qkspectra.workflow.runner import cache_key, default_out_dir, model_identity, reusable_geometry, run
 
 OPTIONS = ExtractOptions(max_tokens=256, seq_len=64, quiet=True)
 CLI_OPTIONS = ["--max-tokens", "256", "--seq-len", "64", "--quiet"]
@@ -174,10 +174,10 @@ def test_output_must_be_a_folder(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_functional_test_on_request_gets_the_run_options(first_run, monkeypatch):
-    import qkspectra.functional
-    from qkspectra.extract import factors_path
+    import qkspectra.analysis.reconstruction
+    from qkspectra.extract.extraction import factors_path
     from qkspectra.geometry import load_geometry
-    from qkspectra.runner import analysis_document
+    from qkspectra.workflow.runner import analysis_document
 
     effect = {"delta_loss": 0.5, "loss_kind": "final_hidden_cosine_distance", "mean_kl": 0.1, "mean_entropy_shift": 0.2}
     calls = []
@@ -188,7 +188,7 @@ def test_functional_test_on_request_gets_the_run_options(first_run, monkeypatch)
                 **{name: {"operator": effect, "num_anchor_layers": anchors[name].num_anchor_layers,
                           "replaced_layers": anchors[name].num_fitted_layers} for name in anchors}}
 
-    monkeypatch.setattr(qkspectra.functional, "functional_evidence", fake_functional_evidence)
+    monkeypatch.setattr(qkspectra.analysis.reconstruction, "functional_evidence", fake_functional_evidence)
     geometry_path = first_run[0].out_dir / "geometry.json"
     options = ExtractOptions(max_tokens=100_000, seq_len=64, fold_ln=True, quiet=True)
     document = analysis_document(load_geometry(geometry_path), factors_path(geometry_path), functional_model="minilm", options=options)
@@ -201,8 +201,8 @@ def test_functional_test_on_request_gets_the_run_options(first_run, monkeypatch)
 
 
 def test_an_extraction_survives_a_failure_after_it(tmp_path, monkeypatch):
-    import qkspectra.extract
-    import qkspectra.runner
+    import qkspectra.extract.extraction
+    import qkspectra.workflow.runner
     from qkspectra.errors import QkspectraError
 
     golden = Path(__file__).parent / "data" / "golden" / "minilm_like.json"
@@ -211,21 +211,21 @@ def test_an_extraction_survives_a_failure_after_it(tmp_path, monkeypatch):
     def fake_extract_to_files(model, out, *, options):
         extractions.append(model)
         shutil.copy(golden, out)
-        qkspectra.extract.factors_path(out).write_bytes(b"stand-in factors")  # never read (see below)
+        qkspectra.extract.extraction.factors_path(out).write_bytes(b"stand-in factors")  # never read (see below)
 
     def failing_analysis(*args, **kwargs):
         raise QkspectraError("--groups 99: must be between 1 and the number of layers (6)")
 
-    monkeypatch.setattr(qkspectra.extract, "extract_to_files", fake_extract_to_files)
+    monkeypatch.setattr(qkspectra.extract.extraction, "extract_to_files", fake_extract_to_files)
     with monkeypatch.context() as patch:
-        patch.setattr(qkspectra.runner, "analysis_document", failing_analysis)
+        patch.setattr(qkspectra.workflow.runner, "analysis_document", failing_analysis)
         with pytest.raises(QkspectraError):
             run("minilm", tmp_path, options=OPTIONS, functional=False)
     record = orjson.loads((tmp_path / "run.json").read_bytes())
     assert record["extraction"] == "performed" and record["finished"] is None
     assert not (tmp_path / "analysis.json").exists()
-    analysis_document = qkspectra.runner.analysis_document
-    monkeypatch.setattr(qkspectra.runner, "analysis_document",  # analyse without the stand-in factors
+    analysis_document = qkspectra.workflow.runner.analysis_document
+    monkeypatch.setattr(qkspectra.workflow.runner, "analysis_document",  # analyse without the stand-in factors
                         lambda geometry, factors_file, **kw: analysis_document(geometry, tmp_path / "absent", **kw))
     result = run("minilm", tmp_path, options=OPTIONS, functional=False)  # the stand-in geometry is not minilm's
     assert extractions == ["minilm"] and not result.extracted

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from test_operator_streamed import random_llama_checkpoint
 
-from qkspectra.extract import ExtractOptions
-from qkspectra.runner import run
+from qkspectra.extract.extraction import ExtractOptions
+from qkspectra.workflow.runner import run
 
 
 def test_run_reports_each_stage_and_the_operator_fits_progress(tmp_path):

@@ -22,9 +22,9 @@ import pytest
 pytest.importorskip("distributed")
 
 import qkspectra  # noqa: E402
-from qkspectra.extract import ExtractOptions  # noqa: E402
-from qkspectra.runner import run  # noqa: E402
-from qkspectra.sweep import PARTIAL_FOLDER, RunSettings, SweepModel, run_sweep, safe_name, sweep_models, unique_names  # noqa: E402
+from qkspectra.extract.extraction import ExtractOptions  # noqa: E402
+from qkspectra.workflow.runner import run  # noqa: E402
+from qkspectra.workflow.sweep import PARTIAL_FOLDER, RunSettings, SweepModel, run_sweep, safe_name, sweep_models, unique_names  # noqa: E402
 
 SETTINGS = RunSettings(ExtractOptions(static_only=True, quiet=True), functional=False)
 CLI_OPTIONS = ["--static-only", "--no-functional", "--quiet"]
@@ -115,7 +115,7 @@ def test_the_operator_fits_go_through_the_given_map():
 
     import numpy as np
 
-    from qkspectra.operator import OperatorFitter, make_factors
+    from qkspectra.analysis.operator_fit import OperatorFitter, make_factors
 
     rng = np.random.default_rng(0)
     factors = make_factors({"W_Q": rng.standard_normal((3, 2, 8, 4)), "W_K": rng.standard_normal((3, 2, 8, 4))})

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qkspectra.analysis import analyze, analyze_all
+from qkspectra.analysis.seed import analyze, analyze_all
 from qkspectra.cli import main
 from qkspectra.geometry import Geometry, load_geometry
-from qkspectra.nulls import FigureNull, NullBaseline, NullOptions, gaussian_spectra, null_baselines
-from qkspectra.pipeline import build_analysis_document
-from qkspectra.results import result_document
-from qkspectra.textreport import NO_NULL_LINE, render_report
-from qkspectra.verdict import (
+from qkspectra.analysis.nulls import FigureNull, NullBaseline, NullOptions, gaussian_spectra, null_baselines
+from qkspectra.analysis.document import build_analysis_document
+from qkspectra.analysis.results import result_document
+from qkspectra.report.text import NO_NULL_LINE, render_report
+from qkspectra.analysis.verdict import (
     THRESHOLDS,
     Layer,
     functional_layer,
@@ -319,8 +319,8 @@ def test_null_baselines_need_numpy_alone():
 
 def test_every_layer_its_own_anchor_is_never_judged_better_than_one_anchor():
     """--anchor group --groups L: every layer fits itself with residual 0; that must not win anything."""
-    from qkspectra.operator import head_singular_values
-    from qkspectra.report import best_strategy
+    from qkspectra.analysis.operator_fit import head_singular_values
+    from qkspectra.report.page import best_strategy
 
     rng = np.random.default_rng(3)
     L, H, d_model, d_head = 4, 3, 16, 4

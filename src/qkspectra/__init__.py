@@ -14,7 +14,7 @@ the ``models`` extra (torch, transformers).
 
 __version__ = "0.1.0"
 
-from qkspectra.analysis import Analysis, analyze, analyze_all  # noqa: E402
+from qkspectra.analysis.seed import Analysis, analyze, analyze_all  # noqa: E402
 from qkspectra.api import RunResult, extract_geometry, run  # noqa: E402
 from qkspectra.errors import QkspectraError  # noqa: E402
 from qkspectra.geometry import Geometry, load_geometry, parse_geometry  # noqa: E402

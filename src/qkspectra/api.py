@@ -32,7 +32,7 @@ from qkspectra.geometry import Geometry
 
 def keyword_options(options: Mapping[str, Any], function: str):
     """``ExtractOptions`` from keyword arguments; QkspectraError naming an unknown option or a value of the wrong type."""
-    from qkspectra.extract import ExtractOptions
+    from qkspectra.extract.extraction import ExtractOptions
 
     hints = typing.get_type_hints(ExtractOptions)
     names = [field.name for field in dataclasses.fields(ExtractOptions)]
@@ -79,9 +79,9 @@ def extract_geometry(model: Any, tokenizer: Any | None = None, **options: Any) -
 
     The same numbers as ``qkspectra extract`` on the same weights; ``metadata`` says where they came from.
     """
-    from qkspectra.extract import run_extraction
+    from qkspectra.extract.extraction import run_extraction
     from qkspectra.geometry import parse_geometry
-    from qkspectra.runner import model_name
+    from qkspectra.workflow.runner import model_name
 
     settings = keyword_options(options, "extract_geometry")
     subject = model_argument(model, tokenizer)
@@ -99,7 +99,7 @@ def run(model: Any, tokenizer: Any | None = None, out: str | os.PathLike | None 
     groups: layer groups of the group anchor (default round(sqrt(layers))).
     functional: run the functional test (the slowest part).
     """
-    from qkspectra import runner
+    from qkspectra.workflow import runner
 
     settings = keyword_options(options, "run")
     groups = _checked("groups", groups, int | None)
@@ -172,13 +172,13 @@ class RunResult:
 
     @property
     def strategies(self) -> dict[str, Record]:
-        from qkspectra.report import strategies
+        from qkspectra.report.page import strategies
 
         return {name: Record(entry) for name, entry in strategies(self.document).items()}
 
     @property
     def analyses(self) -> dict[str, Any]:
-        from qkspectra.analysis import analyze_all
+        from qkspectra.analysis.seed import analyze_all
 
         groups = self.document.get("strategies", {}).get("group", {}).get("anchor", {}).get("groups")
         return analyze_all(self.geometry, groups=None if groups is None else len(groups))
@@ -188,19 +188,19 @@ class RunResult:
 
         In IPython (Jupyter) a figure shows as the report's PNG image.
         """
-        from qkspectra.plots import report_figures
-        from qkspectra.report import describe_run
+        from qkspectra.report.plots import report_figures
+        from qkspectra.report.page import describe_run
 
         _display_figures_in_ipython()
         return report_figures(self.document, self.geometry, title=describe_run(self.document)).figures
 
     def _repr_html_(self) -> str:
-        from qkspectra.report import render_html_summary
+        from qkspectra.report.page import render_html_summary
 
         return render_html_summary(self.document)
 
     def __repr__(self) -> str:
-        from qkspectra.report import model_name
+        from qkspectra.report.page import model_name
 
         where = "" if self.out_dir is None else f", out_dir={str(self.out_dir)!r}"
         return f"<RunResult {model_name(self.document)}: overall {self.verdict.get('overall')}{where}>"
@@ -219,7 +219,7 @@ def _display_figures_in_ipython() -> None:
     from IPython import get_ipython
     from matplotlib.figure import Figure
 
-    from qkspectra.plots import png_bytes
+    from qkspectra.report.plots import png_bytes
 
     shell = get_ipython()
     if shell is None:

@@ -43,15 +43,15 @@ def analyze(
 ) -> None:
     """Spectral-shape invariance, scalar-rescale fit to an anchor layer, and cross-head similarity."""
     from qkspectra._io import atomic_write_json, refuse_overwriting_inputs
-    from qkspectra.analysis import analyze as run_analysis
-    from qkspectra.analysis import analyze_all
-    from qkspectra.bootstrap import BootstrapOptions
-    from qkspectra.cluster import fit_map
+    from qkspectra.analysis.seed import analyze as run_analysis
+    from qkspectra.analysis.seed import analyze_all
+    from qkspectra.analysis.bootstrap import BootstrapOptions
+    from qkspectra.workflow.cluster import fit_map
     from qkspectra.geometry import load_geometry
-    from qkspectra.nulls import NullOptions
-    from qkspectra.pipeline import beyond_seed, operator_sections
-    from qkspectra.results import result_document
-    from qkspectra.textreport import (
+    from qkspectra.analysis.nulls import NullOptions
+    from qkspectra.analysis.document import beyond_seed, operator_sections
+    from qkspectra.analysis.results import result_document
+    from qkspectra.report.text import (
         NO_NULL_LINE,
         render_comparison,
         render_layered_verdict,
@@ -73,7 +73,7 @@ def analyze(
     bootstrap_options = BootstrapOptions(seed=seed) if null else None
     geometry = load_geometry(path)
     if json_path is not None:
-        from qkspectra.operator import factors_path_for
+        from qkspectra.analysis.operator_fit import factors_path_for
 
         refuse_overwriting_inputs(json_path, [path, *filter(None, [factors_path_for(geometry)])])
     if choice == "all":

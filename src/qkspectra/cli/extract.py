@@ -14,7 +14,7 @@ from qkspectra.cli import app, output_file
 from qkspectra.extract.corpus import DEFAULT_MAX_TOKENS
 
 if TYPE_CHECKING:
-    from qkspectra.extract import ExtractOptions
+    from qkspectra.extract.extraction import ExtractOptions
 
 MODEL_HELP = (
     "Bundled model name (minilm, smollm2), a local Hugging Face model folder, or a .gguf file "
@@ -43,7 +43,7 @@ def extract_options(
     max_tokens: int, batch_size: int | None, quiet: bool, device: str = "auto", dtype: str | None = None,
 ) -> ExtractOptions:
     """The library's options from the command line's."""
-    from qkspectra.extract import ExtractOptions
+    from qkspectra.extract.extraction import ExtractOptions
 
     return ExtractOptions(
         fold_ln=not no_fold_ln,
@@ -76,7 +76,7 @@ def extract(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, no summary line.")] = False,
 ) -> None:
     """Per-head singular values of s * W_Q W_K^T (static) and mean attention entropy over a corpus (dynamic)."""
-    from qkspectra.extract import extract_to_files
+    from qkspectra.extract.extraction import extract_to_files
 
     options = extract_options(no_fold_ln=no_fold_ln, static_only=static_only, corpus=corpus,
                               window_per_line=window_per_line, seq_len=seq_len, max_tokens=max_tokens,

@@ -27,7 +27,7 @@ from qkspectra.cli.extract import (
 from qkspectra.extract.corpus import DEFAULT_FUNCTIONAL_TOKENS, DEFAULT_MAX_TOKENS
 
 if TYPE_CHECKING:
-    from qkspectra.sweep import RunSettings
+    from qkspectra.workflow.sweep import RunSettings
 
 Groups = Annotated[Optional[int], typer.Option(help="Number of contiguous layer groups for the group anchor (default: round(sqrt(layers))).")]
 NoFunctional = Annotated[
@@ -51,7 +51,7 @@ Scheduler = Annotated[
 def run_settings(*, groups: int | None, no_functional: bool, functional_tokens: int | None, quiet: bool,
                  **extract) -> RunSettings:
     """The library's settings of a run from the command line's options (the extraction's in ``extract``)."""
-    from qkspectra.sweep import RunSettings
+    from qkspectra.workflow.sweep import RunSettings
 
     return RunSettings(extract_options(quiet=quiet, **extract), groups, not no_functional, functional_tokens)
 
@@ -121,10 +121,10 @@ def run(
 ) -> None:
     """Extract (reusing a cached extraction of the same model and options), analyze with every anchor
     strategy, and write geometry.json, analysis.json, plots/*.png, report.html and report.md."""
-    from qkspectra.cluster import fit_map
-    from qkspectra.report import render_summary
-    from qkspectra.runner import default_out_dir
-    from qkspectra.runner import run as run_all
+    from qkspectra.workflow.cluster import fit_map
+    from qkspectra.report.page import render_summary
+    from qkspectra.workflow.runner import default_out_dir
+    from qkspectra.workflow.runner import run as run_all
 
     settings = run_settings(no_fold_ln=no_fold_ln, static_only=static_only, corpus=corpus, window_per_line=window_per_line,
                             seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, device=device, dtype=dtype,

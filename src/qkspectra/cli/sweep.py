@@ -42,8 +42,8 @@ def sweep(
 ) -> None:
     """Run every model (reusing finished runs of the same model and options) as tasks on a Dask cluster and
     compare them: sweep.json, sweep.html, sweep.md and plots. Exit status 1 if any model failed."""
-    from qkspectra.sweep import run_sweep, sweep_models
-    from qkspectra.sweepreport import render_sweep_summary
+    from qkspectra.workflow.sweep import run_sweep, sweep_models
+    from qkspectra.report.sweep_page import render_sweep_summary
 
     settings = run_settings(**run_options)
     entries = sweep_models(models or [], models_file)

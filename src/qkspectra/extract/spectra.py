@@ -34,7 +34,7 @@ from scipy.linalg.lapack import dtrcon
 from qkspectra._threads import single_blas_thread
 from qkspectra.errors import QkspectraError
 from qkspectra.extract.factors_file import FactorSink
-from qkspectra.extract.qk_norm import NormRMS, isotropic_layer_rms, linearise
+from qkspectra.extract.linearised_norm import NormRMS, isotropic_layer_rms, linearise
 from qkspectra.models.adapters import AttentionAdapter, AttentionLayer
 from qkspectra.models.tensors import TensorSource
 

@@ -73,7 +73,8 @@ def _convert(gguf_path: Path, out: Path, *, progress: bool) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qkspectra.models.loading import first_line, transformers_quiet
+    from qkspectra.errors import first_line
+    from qkspectra.models.offline import transformers_quiet
 
     with transformers_quiet(progress=progress):
         try:

@@ -90,7 +90,7 @@ def functional_copy(source: InMemoryModel) -> tuple[Any, Any]:
 
     import torch
 
-    from qkspectra.functional import ENCODER_MODEL_TYPES
+    from qkspectra.models.supported import ENCODER_MODEL_TYPES
 
     source.check_tokenizer()
     model = source.model.base_model if source.config.model_type in ENCODER_MODEL_TYPES else source.model

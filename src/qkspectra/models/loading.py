@@ -2,39 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
-from qkspectra.errors import QkspectraError, option
+from qkspectra.errors import QkspectraError, first_line, option
 from qkspectra.models.device import Placement
+from qkspectra.models.offline import TOKENIZER_FILES, transformers_quiet
 from qkspectra.models.source import ModelSource, resolve_model
-
-
-@contextlib.contextmanager
-def transformers_quiet(*, progress: bool) -> Iterator[None]:
-    """Silence transformers' log messages; show its progress bars only if ``progress``."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars_were_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    if progress:
-        hf_logging.enable_progress_bar()
-    else:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars_were_enabled:
-            hf_logging.enable_progress_bar()
-        else:
-            hf_logging.disable_progress_bar()
-
-
-# Files any Hugging Face tokenizer is saved as (fast, WordPiece, BPE, SentencePiece).
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json", "merges.txt",
-                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 
 
 def load_model(source: ModelSource | str, *, attn_implementation: str = "eager", progress: bool = True,
@@ -71,8 +42,3 @@ def load_model(source: ModelSource | str, *, attn_implementation: str = "eager",
             raise QkspectraError(f"cannot load the tokenizer of {source.folder}: {first_line(e)}") from e
     model.eval()
     return model, tokenizer
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

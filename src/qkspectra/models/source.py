@@ -67,7 +67,7 @@ def model_input_paths(name_or_path: str) -> list[Path]:
         return [path]
     if not path.is_dir():
         return []
-    from qkspectra.models.loading import TOKENIZER_FILES
+    from qkspectra.models.offline import TOKENIZER_FILES
     from qkspectra.models.tensors import SHARD_INDEX, SINGLE_FILE
 
     named = ["config.json", "generation_config.json", "special_tokens_map.json", SINGLE_FILE, SHARD_INDEX,
@@ -92,14 +92,14 @@ def load_config(folder: Path) -> Any:
         raise QkspectraError(f"{config_file} has no model_type")
     from transformers import AutoConfig
 
-    from qkspectra.models.loading import transformers_quiet
+    from qkspectra.models.offline import transformers_quiet
 
     try:
         with transformers_quiet(progress=False):
             return AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # transformers validates configs with its own error types
         from qkspectra.models.adapters import supported_model_types
-        from qkspectra.models.loading import first_line
+        from qkspectra.errors import first_line
 
         detail = first_line(e).rstrip(":") or type(e).__name__
         supported = "" if raw["model_type"] in supported_model_types() else (

@@ -9,6 +9,9 @@ writes it between the README's markers, and a test checks that the README is cur
 
 from __future__ import annotations
 
+# Encoders (no causal mask, no language-model head): their base model is what runs.
+ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert")
+
 # model type -> what its test covers
 VERIFIED_GENERIC_TYPES: dict[str, str] = {
     "apertus": "per-head q/k norm, llama3 rope frequencies, its input norm named attention_layernorm",

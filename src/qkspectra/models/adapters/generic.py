@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from qkspectra.errors import QkspectraError
+from qkspectra.errors import QkspectraError, first_line
 from qkspectra.models.adapters.base import (
     AttentionAdapter,
     AttentionLayer,
@@ -269,7 +269,7 @@ def _meta_model(config: Any):
     import torch
     from transformers import AutoModel
 
-    from qkspectra.models.loading import transformers_quiet
+    from qkspectra.models.offline import transformers_quiet
 
     with transformers_quiet(progress=False), torch.device("meta"):
         return AutoModel.from_config(config, attn_implementation="eager")
@@ -284,7 +284,7 @@ def _layout(model: Any) -> Layout | str:
     """The model's attention layout, or a line saying what is not recognised."""
     from torch import nn
 
-    from qkspectra.extract.capture import attention_modules
+    from qkspectra.models.modules import attention_modules
 
     config = model.config
     try:
@@ -460,14 +460,14 @@ def _learn_and_verify(config: Any) -> tuple | str:
     import torch
     from transformers import AutoModel
 
-    from qkspectra.models.loading import transformers_quiet
+    from qkspectra.models.offline import transformers_quiet
 
     try:
         tiny = tiny_config(config)
         with transformers_quiet(progress=False):
             model = AutoModel.from_config(tiny, attn_implementation="eager").eval()
     except Exception as e:  # each config class validates in its own way
-        return f"cannot build a tiny {config.model_type} model ({_first_line(e)})"
+        return f"cannot build a tiny {config.model_type} model ({first_line(e)})"
     _randomise(model)
     layout = _layout(model)
     if isinstance(layout, str):
@@ -493,7 +493,7 @@ def _learn_and_verify(config: Any) -> tuple | str:
         with torch.no_grad():
             attentions = model(input_ids=input_ids, output_attentions=True).attentions
     except Exception as e:
-        return f"the tiny {config.model_type} model does not run ({_first_line(e)})"
+        return f"the tiny {config.model_type} model does not run ({first_line(e)})"
     finally:
         for handle in handles:
             handle.remove()
@@ -543,11 +543,6 @@ def _reproduction_failure(adapter: GenericAdapter, tensors: TensorSource, layer_
     return None
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-
 _VERIFIED: dict[str, tuple] = {}
 
 
@@ -562,7 +557,7 @@ def generic_adapter(config: Any) -> GenericAdapter:
     try:
         meta = _meta_model(config)
     except Exception as e:
-        raise _refusal(model_type, f"transformers cannot build it ({_first_line(e)})") from None
+        raise _refusal(model_type, f"transformers cannot build it ({first_line(e)})") from None
     layout = _layout(meta)
     if isinstance(layout, str):
         raise _refusal(model_type, _module_refusal(meta, config) or layout)

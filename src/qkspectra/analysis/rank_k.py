@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from qkspectra.analysis import TINY, Anchor, scalar_rescale
+from qkspectra.analysis.seed import TINY, Anchor, scalar_rescale
 from qkspectra.errors import QkspectraError
 from qkspectra.geometry import Geometry
-from qkspectra.operator import Factors, OperatorFitter, as_factors
+from qkspectra.analysis.operator_fit import Factors, OperatorFitter, as_factors
 
 DEFAULT_THRESHOLD = 0.10
 

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 
 from qkspectra._io import atomic_write_bytes, atomic_write_text
-from qkspectra.analysis import VERDICT_TEXT, seed_rule
+from qkspectra.analysis.seed import VERDICT_TEXT, seed_rule
 from qkspectra.errors import QkspectraError
 from qkspectra.geometry import Geometry
-from qkspectra.verdict import CHOICE_RULE, eligible_strategies
+from qkspectra.analysis.verdict import CHOICE_RULE, eligible_strategies
 
 PLOTS_FOLDER = "plots"
 
@@ -708,7 +708,7 @@ class ReportFiles:
 
 def render_plots(document: Mapping[str, Any], geometry: Geometry | None) -> tuple[dict[str, bytes], tuple[str, ...]]:
     """Every plot the inputs allow, as PNG bytes in report order, and a note per plot left out."""
-    from qkspectra.plots import png_bytes, report_figures
+    from qkspectra.report.plots import png_bytes, report_figures
 
     figure_set = report_figures(document, geometry, title=describe_run(document))
     images = {name: png_bytes(fig) for name, fig in figure_set.figures.items()}

@@ -34,7 +34,7 @@ import orjson
 from qkspectra import __version__
 from qkspectra._io import atomic_write_json, make_folder
 from qkspectra.errors import QkspectraError
-from qkspectra.extract import ExtractOptions
+from qkspectra.extract.extraction import ExtractOptions
 
 SWEEP_FILE = "sweep.json"
 PARTIAL_FOLDER = ".partial"  # runs in progress, renamed into DIR/<name>/ when complete
@@ -181,7 +181,7 @@ def key_figures(document: Mapping[str, Any]) -> dict[str, Any]:
     among the strategies the verdict chooses from (``verdict.eligible_strategies``);
     schedule: the mean T over heads per layer, with the seed's (last) anchor. None where absent.
     """
-    from qkspectra.verdict import eligible_strategies, functional_change
+    from qkspectra.analysis.verdict import eligible_strategies, functional_change
 
     per = dict(document["strategies"]) if "strategies" in document else {document["anchor"]["strategy"]: document}
     verdict = document["verdict"]
@@ -233,7 +233,7 @@ def key_figures(document: Mapping[str, Any]) -> dict[str, Any]:
 
 def _finished_run(run_dir: Path, model: str, settings: RunSettings) -> dict[str, Any] | None:
     """The analysis document of a finished run in ``run_dir`` with this model's cache key and these settings, or None."""
-    from qkspectra.runner import ANALYSIS_FILE, RUN_FILE, cache_key, reusable_geometry
+    from qkspectra.workflow.runner import ANALYSIS_FILE, RUN_FILE, cache_key, reusable_geometry
 
     try:
         record = orjson.loads((run_dir / RUN_FILE).read_bytes())
@@ -256,7 +256,7 @@ def _finished_run(run_dir: Path, model: str, settings: RunSettings) -> dict[str,
 def run_model(model: SweepModel, out_dir: str, settings: RunSettings) -> dict[str, Any]:
     """One model's run into ``out_dir/<name>/`` (reused when finished with the same key); returns how it ran,
     its timings and its key figures. Raises on failure (the sweep records the one-line error)."""
-    from qkspectra.runner import RUN_FILE, run
+    from qkspectra.workflow.runner import RUN_FILE, run
 
     clock = time.perf_counter()
     final = Path(out_dir) / model.name
@@ -328,9 +328,9 @@ def run_sweep(
     models' folders stay for the next sweep to reuse; on a local cluster the unfinished runs'
     partial folders are removed.
     """
-    from qkspectra.cluster import connect, describe, require_distributed
-    from qkspectra.extract import check_options
-    from qkspectra.sweepreport import check_sweep_outputs, write_sweep_report
+    from qkspectra.workflow.cluster import connect, describe, require_distributed
+    from qkspectra.extract.extraction import check_options
+    from qkspectra.report.sweep_page import check_sweep_outputs, write_sweep_report
 
     check_options(settings.options)
     if settings.groups is not None and settings.groups < 1:

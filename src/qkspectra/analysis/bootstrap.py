@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qkspectra.analysis import Analysis
+from qkspectra.analysis.seed import Analysis
 from qkspectra.errors import QkspectraError
 
 METHOD = "percentile interval of the Pearson correlation over resamples of the (layer, head) pairs with replacement"

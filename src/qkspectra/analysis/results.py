@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 
 from qkspectra import __version__
-from qkspectra.analysis import NO_FITTED_LAYER, Analysis, Correlation
-from qkspectra.bootstrap import BootstrapResult, Interval
-from qkspectra.nulls import NullBaseline
-from qkspectra.verdict import LayeredVerdict
+from qkspectra.analysis.seed import NO_FITTED_LAYER, Analysis, Correlation
+from qkspectra.analysis.bootstrap import BootstrapResult, Interval
+from qkspectra.analysis.nulls import NullBaseline
+from qkspectra.analysis.verdict import LayeredVerdict
 
 SCHEMA_VERSION = 1
 

@@ -125,7 +125,7 @@ def measure_norm_rms(model, windows: list[list[int]], adapter, tensors, *, progr
     from tqdm.auto import tqdm
 
     from qkspectra.errors import QkspectraError
-    from qkspectra.extract.capture import attention_modules
+    from qkspectra.models.modules import attention_modules
     from qkspectra.extract.entropy import forward_inputs, pad_windows
 
     layers = [adapter.layer(tensors, index) for index in range(adapter.num_layers)]

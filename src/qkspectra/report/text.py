@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from qkspectra.analysis import Analysis, Correlation
-from qkspectra.bootstrap import BootstrapResult, Interval
-from qkspectra.analysis import NO_FITTED_LAYER
-from qkspectra.nulls import CROSS_HEAD, NULL_LABELS, RESIDUAL_FITTED_PREFIX, RESIDUAL_PREFIX, SHAPE_INVARIANCE, NullBaseline
-from qkspectra.verdict import LayeredVerdict
+from qkspectra.analysis.seed import Analysis, Correlation
+from qkspectra.analysis.bootstrap import BootstrapResult, Interval
+from qkspectra.analysis.seed import NO_FITTED_LAYER
+from qkspectra.analysis.nulls import CROSS_HEAD, NULL_LABELS, RESIDUAL_FITTED_PREFIX, RESIDUAL_PREFIX, SHAPE_INVARIANCE, NullBaseline
+from qkspectra.analysis.verdict import LayeredVerdict
 
 EXPECTED_SIGN = "(negative expected: larger T → sharper → lower entropy)"
 NO_NULL_LINE = (

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qkspectra._io import atomic_write_bytes, atomic_write_text
-from qkspectra.report import (
+from qkspectra.report.page import (
     PLOTS_FOLDER,
     Paragraph,
     Plot,
@@ -26,7 +26,7 @@ from qkspectra.report import (
     fmt,
     html_page,
 )
-from qkspectra.verdict import LAYERS
+from qkspectra.analysis.verdict import LAYERS
 
 VERDICT_COLUMNS = ("overall", *LAYERS)
 CAPTIONS = {
@@ -220,8 +220,8 @@ def check_sweep_outputs(out_dir: Path) -> None:
 
 def write_sweep_report(document: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """out_dir/plots/sweep_*.png, out_dir/sweep.html and out_dir/sweep.md, each written atomically; name -> path."""
-    from qkspectra.plots import png_bytes
-    from qkspectra.sweepplots import sweep_figures
+    from qkspectra.report.plots import png_bytes
+    from qkspectra.report.sweep_plots import sweep_figures
 
     out_dir = Path(out_dir)
     scalars = {m["name"]: headline_figures(m) for m in document["models"]}

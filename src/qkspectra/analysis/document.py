@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from qkspectra.analysis import Analysis, analyze_all
-from qkspectra.bootstrap import BootstrapOptions, BootstrapResult, bootstrap_correlations
+from qkspectra.analysis.seed import Analysis, analyze_all
+from qkspectra.analysis.bootstrap import BootstrapOptions, BootstrapResult, bootstrap_correlations
 from qkspectra.errors import QkspectraError
 from qkspectra.geometry import Geometry
-from qkspectra.nulls import NullBaseline, NullOptions, null_baselines
-from qkspectra.results import result_document
-from qkspectra.verdict import LayeredVerdict, layered_verdict
+from qkspectra.analysis.nulls import NullBaseline, NullOptions, null_baselines
+from qkspectra.analysis.results import result_document
+from qkspectra.analysis.verdict import LayeredVerdict, layered_verdict
 
 NO_FACTORS = "no factors file beside the geometry"
 NO_FUNCTIONAL = "functional test not run"
@@ -25,7 +25,7 @@ NO_FUNCTIONAL = "functional test not run"
 
 def operator_missing_reason(geometry: Geometry) -> str:
     """Why the operator layer is n/a when no factors were given."""
-    from qkspectra.operator import factors_path_for
+    from qkspectra.analysis.operator_fit import factors_path_for
 
     path = factors_path_for(geometry)
     if path is not None and path.is_file():
@@ -40,7 +40,7 @@ def operator_sections(geometry: Geometry, analyses: dict[str, Analysis], *, map:
     file or safetensors (the ``models`` extra) is not installed. map: how the layer-pair fits
     run (see ``operator.OperatorFitter``).
     """
-    from qkspectra.operator import factors_path_for
+    from qkspectra.analysis.operator_fit import factors_path_for
 
     path = factors_path_for(geometry)
     if path is not None and path.exists() and not path.is_file():
@@ -51,8 +51,8 @@ def operator_sections(geometry: Geometry, analyses: dict[str, Analysis], *, map:
         import safetensors  # noqa: F401
     except ImportError:
         return None, None, f"reading {path.name} needs safetensors (pip install 'qkspectra[models]')"
-    from qkspectra.operator import OperatorFitter, load_factors, operator_evidence
-    from qkspectra.rank_k import rank_k_evidence
+    from qkspectra.analysis.operator_fit import OperatorFitter, load_factors, operator_evidence
+    from qkspectra.analysis.rank_k import rank_k_evidence
 
     anchors = {name: a.anchor for name, a in analyses.items()}
     fitter = OperatorFitter(load_factors(path, geometry), map=map)
@@ -127,8 +127,8 @@ def build_analysis_document(
         analyses = analyze_all(geometry, groups=groups)
     operator = None
     if factors is not None:
-        from qkspectra.operator import OperatorFitter, as_factors, operator_evidence
-        from qkspectra.rank_k import rank_k_evidence
+        from qkspectra.analysis.operator_fit import OperatorFitter, as_factors, operator_evidence
+        from qkspectra.analysis.rank_k import rank_k_evidence
 
         anchors = {name: a.anchor for name, a in analyses.items()}
         if fitter is None:

@@ -30,9 +30,9 @@ import orjson
 from qkspectra import __version__
 from qkspectra._io import atomic_write_json
 from qkspectra.errors import QkspectraError, option
-from qkspectra.extract import ExtractOptions
+from qkspectra.extract.extraction import ExtractOptions
 from qkspectra.geometry import Geometry
-from qkspectra.report import ReportFiles, check_writable, report_paths, write_report
+from qkspectra.report.page import ReportFiles, check_writable, report_paths, write_report
 
 if TYPE_CHECKING:
     import numpy as np
@@ -121,7 +121,7 @@ def _previous_run(out_dir: Path) -> dict[str, Any]:
 
 
 def _factors_stamp(geometry_path: Path) -> dict[str, Any] | None:
-    from qkspectra.extract import factors_path
+    from qkspectra.extract.extraction import factors_path
 
     factors = factors_path(geometry_path)
     return _file_stamp(factors) if factors.is_file() else None
@@ -162,10 +162,10 @@ def analysis_document(
     progress(stage, done, total): after each layer and layer pair of the operator-level fits.
     timings: receives ``operator_s`` (the operator-level fits) and ``operator_layer_pairs``.
     """
-    from qkspectra.analysis import analyze_all
-    from qkspectra.operator import OperatorFitter, as_factors
-    from qkspectra.pipeline import build_analysis_document
-    from qkspectra.rank_k import rank_k_evidence
+    from qkspectra.analysis.seed import analyze_all
+    from qkspectra.analysis.operator_fit import OperatorFitter, as_factors
+    from qkspectra.analysis.document import build_analysis_document
+    from qkspectra.analysis.rank_k import rank_k_evidence
 
     analyses = analyze_all(geometry, groups=groups)
     anchors = {name: a.anchor for name, a in analyses.items()}
@@ -182,7 +182,7 @@ def analysis_document(
     if functional_model is None:
         return build_analysis_document(geometry, groups=groups, factors=factors, fitter=fitter, analyses=analyses)
 
-    from qkspectra.functional import DEFAULT_MAX_TOKENS, functional_evidence
+    from qkspectra.analysis.reconstruction import DEFAULT_MAX_TOKENS, functional_evidence
 
     rank_k = rank_k_evidence(geometry, anchors, fitter=fitter)
     if fitter is not None:  # the model comes next: the fits' layers are not held beside it
@@ -228,7 +228,7 @@ def run(
     say: receives one line per step, for the user.
     progress: progress(stage, done, total) within the long steps (the operator-level fits).
     """
-    from qkspectra.extract import check_options, factors_path, refuse_overwriting_inputs_of
+    from qkspectra.extract.extraction import check_options, factors_path, refuse_overwriting_inputs_of
     from qkspectra.geometry import load_geometry
 
     check_options(options)
@@ -270,7 +270,7 @@ def run(
         say(f"reusing {geometry_path} (same model and options)")
         record["extraction"] = "reused"
     else:
-        from qkspectra.extract import extract_to_files
+        from qkspectra.extract.extraction import extract_to_files
 
         say(f"extracting the geometry of {model_name(model)}")
         clock = time.perf_counter()
@@ -312,7 +312,7 @@ def run_in_memory(
     say: Callable[[str], None] = lambda _: None,
 ) -> tuple[Geometry, dict[str, Any]]:
     """The job of ``run`` without writing anything: (geometry, analysis document), the factors kept in memory."""
-    from qkspectra.extract import check_options, run_extraction
+    from qkspectra.extract.extraction import check_options, run_extraction
     from qkspectra.geometry import parse_geometry
 
     check_options(options)

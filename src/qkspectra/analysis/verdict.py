@@ -48,8 +48,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from qkspectra.analysis import NO_FITTED_LAYER, Analysis, seed_rule
-from qkspectra.nulls import NULL_LABELS, RESIDUAL_FITTED_PREFIX, SHAPE_INVARIANCE, NullBaseline
+from qkspectra.analysis.seed import NO_FITTED_LAYER, Analysis, seed_rule
+from qkspectra.analysis.nulls import NULL_LABELS, RESIDUAL_FITTED_PREFIX, SHAPE_INVARIANCE, NullBaseline
 
 CODES = ("rejected", "partial", "supported")  # weakest first
 CHOICE_RULE = "over the fitted layers, among the strategies with the fewest anchor layers"

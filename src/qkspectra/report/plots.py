@@ -23,9 +23,9 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, NullLocator
 
-from qkspectra.analysis import spectral_shape
+from qkspectra.analysis.seed import spectral_shape
 from qkspectra.geometry import Geometry
-from qkspectra.report import strategies
+from qkspectra.report.page import strategies
 
 # colour, marker, line style: strategies sharing an anchor draw on top of each other, so they differ in all three
 STRATEGY_STYLES = {

@@ -78,10 +78,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from qkspectra.analysis import TINY, Anchor, scalar_rescale
+from qkspectra.analysis.seed import TINY, Anchor, scalar_rescale
 from qkspectra.errors import QkspectraError
 from qkspectra.extract.corpus import DEFAULT_FUNCTIONAL_TOKENS
-from qkspectra.extract.capture import AttentionCall, AttentionCapture, VisibleKeys, attention_modules
+from qkspectra.extract.capture import AttentionCall, AttentionCapture, VisibleKeys
+from qkspectra.models.modules import attention_modules
 from qkspectra.extract.entropy import (
     _HIDDEN,
     _START,
@@ -96,21 +97,21 @@ from qkspectra.extract.entropy import (
     split_for_sliding_window,
     window_batches,
 )
-from qkspectra.extract.qk_norm import NormRMS, delinearise, isotropic_layer_rms, linearise
+from qkspectra.extract.linearised_norm import NormRMS, delinearise, isotropic_layer_rms, linearise
 from qkspectra.extract.spectra import fold_norm
 from qkspectra.geometry import Geometry
 from qkspectra.models.adapters import AttentionAdapter, AttentionLayer, adapter_for
 from qkspectra.models.device import Placement
+from qkspectra.models.supported import ENCODER_MODEL_TYPES
 from qkspectra.models.tensors import StateDictSource
 from qkspectra._threads import single_blas_thread
-from qkspectra.operator import Factors, LayerFactors, OperatorFitter, _FactorsShape, check_against_geometry
+from qkspectra.analysis.operator_fit import Factors, LayerFactors, OperatorFitter, _FactorsShape, check_against_geometry
 
 if TYPE_CHECKING:
     from qkspectra.models.in_memory import InMemoryModel
 
 DEFAULT_MAX_TOKENS = DEFAULT_FUNCTIONAL_TOKENS
 KINDS = ("spectral", "operator", "operator_rank_k")
-ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert")
 REFUSED_MODEL_TYPES = {"albert": "its layers share one set of weights, which cannot hold per-layer reconstructions"}
 LOSS_KINDS = {True: "next_token_cross_entropy", False: "final_hidden_cosine_distance"}
 
@@ -1077,7 +1078,7 @@ def functional_evidence(model_name_or_path: str | InMemoryModel, geometry: Geome
     checkpoint's); anchors as for ``operator_evidence``; rank_k_section from ``rank_k_evidence`` with
     factors. device, dtype: where and in what precision the model runs (``models.device``).
     """
-    from qkspectra.extract import open_source, source_tensors
+    from qkspectra.extract.extraction import open_source, source_tensors
     from qkspectra.extract.corpus import default_seq_len, load_windows
     from qkspectra.models.device import resolve_placement
 

@@ -16,8 +16,8 @@ from matplotlib import colormaps
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-from qkspectra.sweepreport import VERDICT_COLUMNS
-from qkspectra.verdict import LAYERS
+from qkspectra.report.sweep_page import VERDICT_COLUMNS
+from qkspectra.analysis.verdict import LAYERS
 
 CODE_VALUES = {"rejected": 0, "partial": 1, "supported": 2, "n/a": 3}
 CODE_COLOURS = ("#e8a09a", "#f5cf85", "#8fd19e", "#e6e9ee")  # in CODE_VALUES order, as report.html's verdict boxes

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qkspectra.analysis import (
+from qkspectra.analysis.seed import (
     Analysis,
     anchor_layers,
     mean_off_diagonal,
@@ -204,7 +204,7 @@ def _chunked_figures(
     from concurrent.futures import ThreadPoolExecutor
 
     from qkspectra._threads import single_blas_thread
-    from qkspectra.operator import worker_count
+    from qkspectra.analysis.operator_fit import worker_count
 
     step = max(1, CHUNK_BYTES // max(per_draw_bytes, 1))
     workers = worker_count()

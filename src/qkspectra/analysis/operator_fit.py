@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from qkspectra._threads import single_blas_thread
-from qkspectra.analysis import NO_FITTED_LAYER, TINY, Anchor
+from qkspectra.analysis.seed import NO_FITTED_LAYER, TINY, Anchor
 from qkspectra.errors import QkspectraError
 from qkspectra.geometry import Geometry
 
