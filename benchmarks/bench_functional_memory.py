@@ -66,7 +66,7 @@ def fixed_costs(folder: Path) -> None:
 
     from qkspectra.models import resolve_model
 
-    importlib.import_module("qkspectra.analysis.reconstruction")  # the same libraries as the test's process
+    importlib.import_module("qkspectra.analysis.reconstruction.evidence")  # the same libraries as the test's process
 
     source = resolve_model(str(folder), progress=False)
     with torch.device("meta"):
@@ -87,10 +87,10 @@ def child(folder: Path, dtype: str, tokens: int) -> None:
     import torch
 
     from qkspectra.analysis.seed import analyze_all
-    from qkspectra.analysis.reconstruction import functional_evidence
+    from qkspectra.analysis.reconstruction.evidence import functional_evidence
     from qkspectra.geometry import load_geometry
     from qkspectra.models import resolve_model
-    from qkspectra.analysis.operator_fit import load_factors
+    from qkspectra.analysis.factors import load_factors
     from qkspectra.analysis.rank_k import rank_k_evidence
 
     geometry = load_geometry(folder.parent / "geometry.json")

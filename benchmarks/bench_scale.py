@@ -104,8 +104,8 @@ def run_child(model: Path, out: Path) -> tuple[float, float]:
 
 def floor_seconds(layers: int, pairs: int, d_model: int, heads: int, kv_heads: int) -> float:
     """The unavoidable products (see the module doc), timed on random factors, spread over every core."""
-    from qkspectra._threads import single_blas_thread
-    from qkspectra.analysis.operator_fit import cross_gram, grouped_pairwise_inner, worker_count
+    from qkspectra._threads import single_blas_thread, worker_count
+    from qkspectra.factored import cross_gram, grouped_pairwise_inner
 
     rng = np.random.default_rng(0)
     A, C = rng.standard_normal((2, heads, d_model, D_HEAD))

@@ -38,9 +38,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from qkspectra._threads import single_blas_thread  # noqa: E402
-from qkspectra.extract import spectra  # noqa: E402
-from qkspectra.extract.spectra import fold_norm, single_threaded_torch, static_spectra  # noqa: E402
+from qkspectra import factored  # noqa: E402
+from qkspectra._threads import single_blas_thread, single_threaded_torch  # noqa: E402
+from qkspectra.extract.linearised_norm import fold_norm  # noqa: E402
+from qkspectra.extract.spectra import static_spectra  # noqa: E402
 from qkspectra.models import resolve_model  # noqa: E402
 from qkspectra.models.adapters import adapter_for  # noqa: E402
 from qkspectra.models.tensors import SINGLE_FILE, StateDictSource, open_tensors  # noqa: E402
@@ -88,21 +89,21 @@ def time_static(adapter, folder, *, keep_factors: bool, householder: bool = Fals
 
     ``householder``: every factor takes Householder QR (the Gram route's condition limit set to 0).
     """
-    spread = spectra.GRAM_CONDITION_LIMIT
-    spectra.GRAM_CONDITION_LIMIT = 0.0 if householder else spread
+    spread = factored.GRAM_CONDITION_LIMIT
+    factored.GRAM_CONDITION_LIMIT = 0.0 if householder else spread
     try:
         start = time.perf_counter()
         static_spectra(adapter, open_tensors(folder), fold_ln=True,
                        factor_sink=None if keep_factors else (lambda index, layer: None))
         return time.perf_counter() - start
     finally:
-        spectra.GRAM_CONDITION_LIMIT = spread
+        factored.GRAM_CONDITION_LIMIT = spread
 
 
 def time_floor(layers) -> tuple[float, float]:
     """(seconds for every Gram product W^T W, seconds for every core SVD), each batched per layer as in the pass."""
     factors = [(layer.W_Q, layer.W_K) for layer in layers]  # the distinct factors (shared keys once)
-    cores = [spectra.r_factors(W_Q) @ np.repeat(spectra.r_factors(W_K), len(W_Q) // len(W_K), axis=0).swapaxes(-1, -2)
+    cores = [factored.r_factors(W_Q) @ np.repeat(factored.r_factors(W_K), len(W_Q) // len(W_K), axis=0).swapaxes(-1, -2)
              for W_Q, W_K in factors]  # per layer (H, k, k)
     with single_threaded_torch(), single_blas_thread():  # as in the static pass
         start = time.perf_counter()

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from qkspectra.extract.extraction import ExtractOptions
-from qkspectra.workflow.runner import run
-from qkspectra.workflow.sweep import RunSettings, SweepModel, run_sweep
+from qkspectra.workflow.runner import RunSettings, run
+from qkspectra.workflow.sweep import SweepModel, run_sweep
 
 SETTINGS = RunSettings(ExtractOptions(max_tokens=2048, seq_len=64, quiet=True), functional=False)
 
@@ -49,10 +49,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         models = make_models(tmp / "models", 4)
-        run(str(models[0]), tmp / "warm-up", options=SETTINGS.options, functional=False)  # the baseline's imports
+        run(str(models[0]), tmp / "warm-up", SETTINGS)  # the baseline's imports
         clock = time.perf_counter()
         for path in models:
-            run(str(path), tmp / "one-by-one" / path.name, options=SETTINGS.options, functional=False)
+            run(str(path), tmp / "one-by-one" / path.name, SETTINGS)
         one_by_one = time.perf_counter() - clock
         clock = time.perf_counter()
         result = run_sweep([SweepModel(p.name, str(p)) for p in models], tmp / "sweep", SETTINGS, workers=args.workers)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from qkspectra.analysis.operator_fit import LayerFit, relative_residual
 from qkspectra.analysis.seed import TINY
-from qkspectra.analysis.operator_fit import (
-    LayerFit,
+from qkspectra.factored import (
     difference_singular_values,
     frobenius_inner,
     pairwise_frobenius_inner,
     principal_angles_deg,
-    relative_residual,
     top_singular_bases,
 )
 

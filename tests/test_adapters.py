@@ -27,7 +27,8 @@ from transformers import (
 )
 
 from qkspectra.errors import QkspectraError
-from qkspectra.extract.spectra import fold_norm, static_spectra
+from qkspectra.extract.linearised_norm import fold_norm
+from qkspectra.extract.spectra import static_spectra
 from qkspectra.models.adapters import AttentionLayer, adapter_for
 from qkspectra.models.tensors import SafetensorsSource, StateDictSource
 

@@ -16,7 +16,7 @@ import pytest
 
 from qkspectra.geometry import load_geometry
 from qkspectra.analysis.document import build_analysis_document
-from qkspectra.report.page import write_report
+from qkspectra.report.run_page import write_report
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "minilm_like.json"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

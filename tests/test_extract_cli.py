@@ -236,7 +236,7 @@ def test_subprocess_error_is_one_line_on_stderr(tmp_path):
 
 
 def test_streamed_factors_equal_in_memory_factors(tmp_path):
-    from qkspectra.extract.extraction import ExtractOptions, extract_geometry, extract_to_files, run_extraction, write_outputs
+    from qkspectra.extract.extraction import ExtractOptions, extract_to_files, geometry_document, run_extraction, write_outputs
 
     options = ExtractOptions(static_only=True, quiet=True)
     streamed_json, streamed = extract_to_files("minilm", tmp_path / "streamed.json", options=options)
@@ -245,7 +245,7 @@ def test_streamed_factors_equal_in_memory_factors(tmp_path):
     assert streamed.read_bytes() == kept.read_bytes()
     for name, tensor in load_file(streamed).items():
         np.testing.assert_array_equal(tensor, in_memory.factors[name])
-    geometry = extract_geometry("minilm", options=options)
+    geometry = geometry_document("minilm", options=options)
     assert geometry["static"] == json.loads(streamed_json.read_text())["static"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "kept.factors.safetensors", "kept.json", "streamed.factors.safetensors", "streamed.json"]

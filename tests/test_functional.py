@@ -8,8 +8,11 @@ import torch
 
 from qkspectra.analysis.seed import Anchor
 from qkspectra.errors import QkspectraError
-from qkspectra.analysis.reconstruction import model_factors, rank_k_target, reconstruction_effects, spectral_target
-from qkspectra.analysis.operator_fit import head_singular_values, make_factors
+from qkspectra.analysis.reconstruction.evidence import reconstruction_effects
+from qkspectra.analysis.reconstruction.layers import model_factors
+from qkspectra.analysis.reconstruction.targets import rank_k_target, spectral_target
+from qkspectra.analysis.factors import make_factors
+from qkspectra.factored import head_singular_values
 from qkspectra.analysis.rank_k import rank_k_evidence
 
 TOKENS = np.random.default_rng(0)
@@ -154,7 +157,7 @@ def test_rank_k_target_with_full_correction_is_the_layer_itself():
 
 
 def test_rank_k_correction_a_few_heads_at_a_time_equals_all_at_once(monkeypatch):
-    from qkspectra.analysis import reconstruction as functional
+    from qkspectra.analysis.reconstruction import targets as functional
 
     rng = np.random.default_rng(7)
     A, B, C, D = (rng.standard_normal((3, 5, 12, 3)) for _ in range(4))  # (L, H, d_model, d_head)
@@ -184,7 +187,7 @@ def test_refused_models_and_bad_rank_k_section():
 def test_minilm_functional_evidence(minilm_source):
     from qkspectra.analysis.seed import analyze_all
     from qkspectra.extract.spectra import static_spectra
-    from qkspectra.analysis.reconstruction import functional_evidence
+    from qkspectra.analysis.reconstruction.evidence import functional_evidence
     from qkspectra.geometry import parse_geometry
     from qkspectra.models.adapters import adapter_for
     from qkspectra.models.tensors import open_tensors
@@ -208,15 +211,16 @@ def test_fast_path_equals_float64_attention_maps(kernel, monkeypatch):
     import copy
 
     import qkspectra.extract.entropy
-    import qkspectra.analysis.reconstruction
+    import qkspectra.analysis.reconstruction.divergence
 
     if kernel == "blocked":
-        for module in (qkspectra.extract.entropy, qkspectra.analysis.reconstruction):
+        for module in (qkspectra.extract.entropy, qkspectra.analysis.reconstruction.divergence):
             monkeypatch.setattr(module, "FUSED_KERNEL_DEVICES", ())
-        monkeypatch.setattr(qkspectra.analysis.reconstruction, "KEYS_PER_BLOCK", 4)
+        monkeypatch.setattr(qkspectra.extract.entropy, "KEYS_PER_BLOCK", 4)
 
-    from qkspectra.analysis.reconstruction import (expand_kv_heads_in_place, factors_of_layers, model_layers, operator_target,
-                                      write_reconstruction)
+    from qkspectra.analysis.reconstruction.layers import factors_of_layers, model_layers
+    from qkspectra.analysis.reconstruction.targets import operator_target
+    from qkspectra.analysis.reconstruction.writing import expand_kv_heads_in_place, write_reconstruction
     from qkspectra.models.adapters import adapter_for
     from qkspectra.analysis.operator_fit import OperatorFitter
 
@@ -262,7 +266,7 @@ def test_bundled_models_figures_equal_the_float64_eager_path(name, minilm_source
 
     from qkspectra.analysis.seed import analyze_all
     from qkspectra.extract.spectra import static_spectra
-    from qkspectra.analysis.reconstruction import functional_evidence
+    from qkspectra.analysis.reconstruction.evidence import functional_evidence
     from qkspectra.geometry import parse_geometry
     from qkspectra.models.adapters import adapter_for
     from qkspectra.models.tensors import open_tensors

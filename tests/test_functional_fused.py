@@ -11,15 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM, FalconConfig
 
 from qkspectra.errors import QkspectraError
-from qkspectra.analysis.reconstruction import (
-    expand_kv_heads_in_place,
-    factors_of_layers,
-    linearised_layers,
-    model_layers,
-    operator_target,
-    reconstruction_effects,
-    write_reconstruction,
-)
+from qkspectra.analysis.reconstruction.evidence import reconstruction_effects
+from qkspectra.analysis.reconstruction.layers import factors_of_layers, linearised_layers, model_layers
+from qkspectra.analysis.reconstruction.targets import operator_target
+from qkspectra.analysis.reconstruction.writing import expand_kv_heads_in_place, write_reconstruction
 from qkspectra.models.adapters import adapter_for
 from qkspectra.models.tensors import StateDictSource
 from qkspectra.analysis.operator_fit import OperatorFitter

@@ -10,15 +10,9 @@ import pytest
 from qkspectra.analysis.seed import Anchor, analyze_all
 from qkspectra.errors import QkspectraError
 from qkspectra.geometry import parse_geometry
-from qkspectra.analysis.operator_fit import (
-    OperatorFitter,
-    frobenius_inner,
-    head_singular_values,
-    load_factors,
-    make_factors,
-    operator_evidence,
-    pairwise_frobenius_inner,
-)
+from qkspectra.analysis.factors import load_factors, make_factors
+from qkspectra.analysis.operator_fit import OperatorFitter, operator_evidence
+from qkspectra.factored import frobenius_inner, head_singular_values, pairwise_frobenius_inner
 
 
 def last_anchor(L: int) -> dict[str, Anchor]:
@@ -111,7 +105,7 @@ def test_independent_random_layers_have_residual_near_one():
 
 def test_planted_rescale_of_one_shared_operator_is_recovered_exactly():
     """GPT-2 with the same attention weights in every layer and scale 1/(layer + 1): T = (a + 1) / (L + 1)."""
-    from qkspectra.analysis.reconstruction import model_factors
+    from qkspectra.analysis.reconstruction.layers import model_factors
 
     model = shared_gpt2(num_layers=4)
     factors = model_factors(model, fold_ln=True)
@@ -212,7 +206,7 @@ def test_minilm_raw_last_anchor_equals_dense(minilm_source):
                                           ("..", False), ("", False), (["g"], False)])
 def test_factors_path_for_takes_only_a_file_name_beside_the_geometry(tmp_path, name, beside):
     from qkspectra.geometry import Geometry
-    from qkspectra.analysis.operator_fit import factors_path_for
+    from qkspectra.analysis.factors import factors_path_for
 
     g = Geometry(np.ones((1, 1, 1)), None, metadata={"factors_file": name}, source=str(tmp_path / "g.json"))
     assert factors_path_for(g) == (tmp_path / name if beside else None)

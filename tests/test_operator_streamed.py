@@ -10,7 +10,8 @@ import pytest
 from operator_reference import ReferenceFitter
 
 from qkspectra.analysis.seed import Anchor
-from qkspectra.analysis.operator_fit import OperatorFitter, load_factors, make_factors, operator_evidence
+from qkspectra.analysis.factors import load_factors, make_factors
+from qkspectra.analysis.operator_fit import OperatorFitter, operator_evidence
 
 FIT_FIELDS = ("T", "residual", "matched_T", "matched_residual", "angles_deg_mean")
 
@@ -130,7 +131,7 @@ def random_llama_checkpoint(folder, *, layers=2, d_model=64, heads=4, kv_heads=2
 def test_factors_file_stores_each_key_head_once(tmp_path):
     from qkspectra.extract.extraction import ExtractOptions, extract_to_files
     from qkspectra.geometry import load_geometry
-    from qkspectra.analysis.document import operator_sections
+    from qkspectra.analysis.document import AnalysisOptions, fitter_beside, gather_evidence
     from qkspectra.analysis.seed import analyze_all
 
     qk_bytes = random_llama_checkpoint(tmp_path / "llama")
@@ -140,8 +141,9 @@ def test_factors_file_stores_each_key_head_once(tmp_path):
     assert (factors.num_heads, factors.num_kv_heads) == (4, 2)
     assert qk_bytes < factors_path.stat().st_size <= qk_bytes + 1024  # plus the header
     geometry = load_geometry(geometry_path)
-    operator, rank_k, _ = operator_sections(geometry, analyze_all(geometry))
-    assert operator["last"]["residual"][1] == [0.0] * 4
+    fitter, _ = fitter_beside(geometry)
+    evidence = gather_evidence(geometry, analyze_all(geometry), "last", AnalysisOptions(None, None, None), fitter=fitter)
+    assert evidence.operator["last"]["residual"][1] == [0.0] * 4
 
 
 @pytest.mark.slow
@@ -162,14 +164,14 @@ def test_streamed_fits_equal_in_memory_fits_on_the_bundled_models(tmp_path, mode
 
 def test_large_products_through_torch_give_the_same_fits(monkeypatch):
     """The GPU route of the large products (torch, float64), taken here on the CPU for every product."""
-    import qkspectra.analysis.operator_fit as operator_module
+    import qkspectra.factored as factored
 
     W_Q, W_K = random_gqa(7)
     factors = make_factors({"W_Q": W_Q, "W_K": W_K})
     pairs = [(layer, 3) for layer in range(4)] + [(0, 1)]
     numpy_fits = [OperatorFitter(factors).fit(*pair) for pair in pairs]
-    monkeypatch.setattr(operator_module, "product_device", lambda: "cpu")
-    monkeypatch.setattr(operator_module, "GPU_MIN_PRODUCT", 0)
+    monkeypatch.setattr(factored, "product_device", lambda: "cpu")
+    monkeypatch.setattr(factored, "GPU_MIN_PRODUCT", 0)
     for pair, expected in zip(pairs, numpy_fits):
         ours = OperatorFitter(factors).fit(*pair)
         for field in FIT_FIELDS:
@@ -179,16 +181,16 @@ def test_large_products_through_torch_give_the_same_fits(monkeypatch):
 def test_operator_device_named_but_missing_is_one_line(monkeypatch):
     import torch
 
-    import qkspectra.analysis.operator_fit as operator_module
+    import qkspectra.factored as factored
     from qkspectra.errors import QkspectraError
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    operator_module.product_device.cache_clear()
+    factored.product_device.cache_clear()
     monkeypatch.setenv("QKSPECTRA_OPERATOR_DEVICE", "cuda:0")
     with pytest.raises(QkspectraError, match="no CUDA device"):
-        operator_module.product_device()
-    operator_module.product_device.cache_clear()
+        factored.product_device()
+    factored.product_device.cache_clear()
     monkeypatch.setenv("QKSPECTRA_OPERATOR_DEVICE", "cpu")
-    assert operator_module.product_device() is None
-    operator_module.product_device.cache_clear()
+    assert factored.product_device() is None
+    factored.product_device.cache_clear()

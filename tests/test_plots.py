@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qkspectra.geometry import load_geometry, parse_geometry
-from qkspectra.analysis.document import build_analysis_document
+from qkspectra.analysis.document import AnalysisOptions, build_analysis_document
 from qkspectra.report.plots import head_spread, png_bytes, report_figures, schedule_figure
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
@@ -95,7 +95,7 @@ def test_a_deep_wide_model_plots_with_readable_axes():
         "static": [{"metric_singvals_per_head": layer.tolist()} for layer in sigma],
         "dynamic": [{"mean_attention_entropy_per_head": layer.tolist()} for layer in rng.uniform(1, 4, (L, H))],
     })
-    figures = report_figures(build_analysis_document(geometry, nulls=False, bootstrap=False), geometry, title="deep")
+    figures = report_figures(build_analysis_document(geometry, AnalysisOptions(nulls=None, bootstrap=None)), geometry, title="deep")
     assert figures.skipped == {}
     for name, fig in figures.figures.items():
         assert png_bytes(fig).startswith(b"\x89PNG"), name

@@ -8,8 +8,9 @@ import pytest
 from qkspectra.analysis.seed import Anchor
 from qkspectra.errors import QkspectraError
 from qkspectra.geometry import parse_geometry
-from qkspectra.analysis.operator_fit import head_singular_values, make_factors
+from qkspectra.analysis.factors import make_factors
 from qkspectra.analysis.rank_k import operator_param_ratio, rank_k_evidence, smallest_rank, tail_residual_curve
+from qkspectra.factored import head_singular_values
 
 L, H, D_MODEL, D_HEAD = 3, 2, 12, 3
 

@@ -75,17 +75,17 @@ def test_factored_spectra_match_dense_svd(name, fold, request):
 @pytest.mark.parametrize("name", ["minilm", "smollm2"])
 def test_cholesky_and_householder_routes_agree_on_real_weights(name, request, monkeypatch):
     """Every factor of the bundled models takes the Gram (CholeskyQR) route, and Householder QR gives the same values."""
-    from qkspectra.extract import spectra
+    from qkspectra import factored
 
     source = request.getfixturevalue(f"{name}_source")
     adapter = adapter_for(source.config)
     fallbacks = []
-    householder = spectra.householder_r_factors
-    monkeypatch.setattr(spectra, "householder_r_factors", lambda W: fallbacks.append(W.shape) or householder(W))
+    householder = factored.householder_r_factors
+    monkeypatch.setattr(factored, "householder_r_factors", lambda W: fallbacks.append(W.shape) or householder(W))
     gram_route = np.array([row["metric_singvals_per_head"] for row in
                            static_spectra(adapter, open_tensors(source.folder)).rows])  # (L, H, d_head)
     assert fallbacks == []
-    monkeypatch.setattr(spectra, "GRAM_CONDITION_LIMIT", 0.0)  # now every factor takes Householder QR
+    monkeypatch.setattr(factored, "GRAM_CONDITION_LIMIT", 0.0)  # now every factor takes Householder QR
     reference = np.array([row["metric_singvals_per_head"] for row in
                           static_spectra(adapter, open_tensors(source.folder)).rows])
     assert len(fallbacks) == 2 * adapter.num_layers

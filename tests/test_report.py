@@ -14,7 +14,9 @@ from qkspectra._io import atomic_write_json
 from qkspectra.cli import main
 from qkspectra.geometry import load_geometry
 from qkspectra.analysis.document import build_analysis_document
-from qkspectra.report.page import fmt, render_html, render_markdown, render_summary, report_sections
+from qkspectra.report.layout import fmt
+from qkspectra.report.run_page import render_html, render_markdown, render_summary
+from qkspectra.report.sections import report_sections
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 # a 1 x 1 PNG: the renderers only embed bytes, so the layout tests need no real plot
@@ -225,7 +227,7 @@ def test_a_single_strategy_document_from_analyze_renders(tmp_path):
 
 
 def test_the_run_line_names_model_and_options():
-    from qkspectra.report.page import describe_run
+    from qkspectra.report.readers import describe_run
 
     metadata = {"model": "smollm2", "model_type": "llama", "fold_ln": False, "corpus": "notes.txt: 4 windows of 64 tokens, 256 tokens",
                 "seq_len": 64, "max_tokens": 256, "num_windows": 4, "window_per_line": True}

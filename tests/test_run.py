@@ -12,7 +12,7 @@ import pytest
 
 from qkspectra.cli import main
 from qkspectra.extract.extraction import ExtractOptions
-from qkspectra.workflow.runner import cache_key, default_out_dir, model_identity, reusable_geometry, run
+from qkspectra.workflow.runner import RunSettings, cache_key, default_out_dir, model_identity, reusable_geometry, run
 
 OPTIONS = ExtractOptions(max_tokens=256, seq_len=64, quiet=True)
 CLI_OPTIONS = ["--max-tokens", "256", "--seq-len", "64", "--quiet"]
@@ -25,7 +25,7 @@ def first_run(tmp_path_factory):
     """One extraction of minilm into <tmp>/minilm, the folder `qkspectra run` picks by default there."""
     out = tmp_path_factory.mktemp("runs") / "minilm"
     messages: list[str] = []
-    result = run("minilm", out, options=OPTIONS, say=messages.append)
+    result = run("minilm", out, RunSettings(OPTIONS), say=messages.append)
     return result, messages
 
 
@@ -72,7 +72,7 @@ def test_fresh_extraction_gives_byte_identical_outputs(first_run):
     out = first_run[0].out_dir
     analysis, geometry = (out / "analysis.json").read_bytes(), (out / "geometry.json").read_bytes()
     (out / "run.json").unlink()
-    again = run("minilm", out, options=OPTIONS)
+    again = run("minilm", out, RunSettings(OPTIONS))
     assert again.extracted
     assert (out / "geometry.json").read_bytes() == geometry
     assert (out / "analysis.json").read_bytes() == analysis
@@ -174,10 +174,10 @@ def test_output_must_be_a_folder(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_functional_test_on_request_gets_the_run_options(first_run, monkeypatch):
-    import qkspectra.analysis.reconstruction
+    import qkspectra.analysis.reconstruction.evidence
     from qkspectra.extract.extraction import factors_path
     from qkspectra.geometry import load_geometry
-    from qkspectra.workflow.runner import analysis_document
+    from qkspectra.workflow.runner import RunSettings, analysis_document
 
     effect = {"delta_loss": 0.5, "loss_kind": "final_hidden_cosine_distance", "mean_kl": 0.1, "mean_entropy_shift": 0.2}
     calls = []
@@ -188,10 +188,10 @@ def test_functional_test_on_request_gets_the_run_options(first_run, monkeypatch)
                 **{name: {"operator": effect, "num_anchor_layers": anchors[name].num_anchor_layers,
                           "replaced_layers": anchors[name].num_fitted_layers} for name in anchors}}
 
-    monkeypatch.setattr(qkspectra.analysis.reconstruction, "functional_evidence", fake_functional_evidence)
+    monkeypatch.setattr(qkspectra.analysis.reconstruction.evidence, "functional_evidence", fake_functional_evidence)
     geometry_path = first_run[0].out_dir / "geometry.json"
     options = ExtractOptions(max_tokens=100_000, seq_len=64, fold_ln=True, quiet=True)
-    document = analysis_document(load_geometry(geometry_path), factors_path(geometry_path), functional_model="minilm", options=options)
+    document = analysis_document(load_geometry(geometry_path), factors_path(geometry_path), RunSettings(options), model="minilm")
     ((model, anchors, rank_k, kwargs),) = calls
     assert model == "minilm" and anchors == rank_k == {"last", "middle", "best", "group"}
     assert kwargs == {"max_tokens": 2048, "fold_ln": True, "corpus": None, "seq_len": 64, "progress": False,
@@ -220,13 +220,13 @@ def test_an_extraction_survives_a_failure_after_it(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(qkspectra.workflow.runner, "analysis_document", failing_analysis)
         with pytest.raises(QkspectraError):
-            run("minilm", tmp_path, options=OPTIONS, functional=False)
+            run("minilm", tmp_path, RunSettings(OPTIONS, functional=False))
     record = orjson.loads((tmp_path / "run.json").read_bytes())
     assert record["extraction"] == "performed" and record["finished"] is None
     assert not (tmp_path / "analysis.json").exists()
     analysis_document = qkspectra.workflow.runner.analysis_document
     monkeypatch.setattr(qkspectra.workflow.runner, "analysis_document",  # analyse without the stand-in factors
-                        lambda geometry, factors_file, **kw: analysis_document(geometry, tmp_path / "absent", **kw))
-    result = run("minilm", tmp_path, options=OPTIONS, functional=False)  # the stand-in geometry is not minilm's
+                        lambda geometry, factors, *args, **kw: analysis_document(geometry, tmp_path / "absent", *args, **kw))
+    result = run("minilm", tmp_path, RunSettings(OPTIONS, functional=False))  # the stand-in geometry is not minilm's
     assert extractions == ["minilm"] and not result.extracted
     assert orjson.loads((tmp_path / "run.json").read_bytes())["finished"] is not None

@@ -5,14 +5,14 @@ from __future__ import annotations
 from test_operator_streamed import random_llama_checkpoint
 
 from qkspectra.extract.extraction import ExtractOptions
-from qkspectra.workflow.runner import run
+from qkspectra.workflow.runner import RunSettings, run
 
 
 def test_run_reports_each_stage_and_the_operator_fits_progress(tmp_path):
     random_llama_checkpoint(tmp_path / "llama", layers=3)
     messages, steps = [], []
-    result = run(str(tmp_path / "llama"), tmp_path / "out", options=ExtractOptions(static_only=True, quiet=True),
-                 functional=False, say=messages.append, progress=lambda *step: steps.append(step))
+    result = run(str(tmp_path / "llama"), tmp_path / "out", RunSettings(ExtractOptions(static_only=True, quiet=True),
+                 functional=False), say=messages.append, progress=lambda *step: steps.append(step))
     assert [m.split(" ")[0] for m in messages] == ["extracting", "analysing:", "writing"]
     assert ("summarising layers", 3, 3) in steps
     pairs = {stage: total for stage, _, total in steps}["fitting layer pairs"]

@@ -24,7 +24,8 @@ pytest.importorskip("distributed")
 import qkspectra  # noqa: E402
 from qkspectra.extract.extraction import ExtractOptions  # noqa: E402
 from qkspectra.workflow.runner import run  # noqa: E402
-from qkspectra.workflow.sweep import PARTIAL_FOLDER, RunSettings, SweepModel, run_sweep, safe_name, sweep_models, unique_names  # noqa: E402
+from qkspectra.workflow.runner import RunSettings  # noqa: E402
+from qkspectra.workflow.sweep import PARTIAL_FOLDER, SweepModel, run_sweep, safe_name, sweep_models, unique_names  # noqa: E402
 
 SETTINGS = RunSettings(ExtractOptions(static_only=True, quiet=True), functional=False)
 CLI_OPTIONS = ["--static-only", "--no-functional", "--quiet"]
@@ -115,7 +116,8 @@ def test_the_operator_fits_go_through_the_given_map():
 
     import numpy as np
 
-    from qkspectra.analysis.operator_fit import OperatorFitter, make_factors
+    from qkspectra.analysis.factors import make_factors
+    from qkspectra.analysis.operator_fit import OperatorFitter
 
     rng = np.random.default_rng(0)
     factors = make_factors({"W_Q": rng.standard_normal((3, 2, 8, 4)), "W_K": rng.standard_normal((3, 2, 8, 4))})
@@ -201,7 +203,7 @@ def test_sweep_json_holds_the_key_figures(sweeps):
 
 def test_a_sweeps_run_equals_a_single_run(sweeps, checkpoints, tmp_path):
     result, _, _, _ = sweeps
-    single = run(str(checkpoints / "step2"), tmp_path / "single", options=SETTINGS.options, functional=False)
+    single = run(str(checkpoints / "step2"), tmp_path / "single", SETTINGS)
     assert (tmp_path / "single" / "analysis.json").read_bytes() == (result.out_dir / "step2" / "analysis.json").read_bytes()
     assert single.document == orjson.loads((result.out_dir / "step2" / "analysis.json").read_bytes())
 

@@ -14,7 +14,7 @@ from qkspectra.analysis.seed import analyze, analyze_all
 from qkspectra.cli import main
 from qkspectra.geometry import Geometry, load_geometry
 from qkspectra.analysis.nulls import FigureNull, NullBaseline, NullOptions, gaussian_spectra, null_baselines
-from qkspectra.analysis.document import build_analysis_document
+from qkspectra.analysis.document import AnalysisOptions, build_analysis_document
 from qkspectra.analysis.results import result_document
 from qkspectra.report.text import NO_NULL_LINE, render_report
 from qkspectra.analysis.verdict import (
@@ -204,7 +204,7 @@ def planted_factors(L: int = 4, H: int = 3, d_model: int = 12, d_head: int = 4) 
 
 def test_document_carries_nulls_bootstrap_operators_and_layers():
     g, factors = planted_factors()
-    doc = build_analysis_document(g, nulls=FEW, factors=factors, rank_k={"k": [1, 2]})
+    doc = build_analysis_document(g, AnalysisOptions(nulls=FEW), factors=factors, rank_k={"k": [1, 2]})
     assert set(doc["null"]) == {"gaussian", "shuffle"}
     for null in doc["null"].values():
         assert null["available"] and set(null) == {"available", "reason", "draws", "seed", "figures"}
@@ -217,7 +217,7 @@ def test_document_carries_nulls_bootstrap_operators_and_layers():
     assert set(b["corr_T_entropy"]) == {"last", "middle", "best", "group"}
     assert {"estimate", "low", "high"} <= set(b["corr_opnorm_entropy"]["best"])
     assert doc["operator"]["last"]["mean_residual"] < 1e-9 and doc["rank_k"] == {"k": [1, 2]}
-    computed = build_analysis_document(g, nulls=False, bootstrap=False, factors=factors)["rank_k"]
+    computed = build_analysis_document(g, AnalysisOptions(nulls=None, bootstrap=None), factors=factors)["rank_k"]
     assert computed["last"]["operator"] is not None and computed["last"]["spectral"]["mean_k"] == 0
     layers = doc["verdict"]["layers"]
     assert list(layers) == ["spectral", "spectral_vs_null", "operator", "functional"]
@@ -231,21 +231,21 @@ def test_document_carries_nulls_bootstrap_operators_and_layers():
 
 def test_unavailable_gaussian_null_and_an_unused_factors_file(tmp_path):
     g = load_geometry(GOLDEN / "minilm_like.json")
-    doc = build_analysis_document(g, nulls=FEW, bootstrap=False)
+    doc = build_analysis_document(g, AnalysisOptions(nulls=FEW, bootstrap=None))
     assert doc["null"]["gaussian"]["available"] is False and "d_model" in doc["null"]["gaussian"]["reason"]
     assert "no factors file beside the geometry" in doc["verdict"]["layers"]["operator"]["evidence"]
     (tmp_path / "g.factors.safetensors").write_bytes(b"")
     beside = Geometry(g.singular_values, None, metadata={"factors_file": "g.factors.safetensors"}, source=str(tmp_path / "g.json"))
-    doc = build_analysis_document(beside, nulls=False, bootstrap=False)
+    doc = build_analysis_document(beside, AnalysisOptions(nulls=None, bootstrap=None))
     assert "operator test not requested" in doc["verdict"]["layers"]["operator"]["evidence"]
 
 
 def test_document_without_nulls_or_entropy():
     g = Geometry(planted_geometry().singular_values, None)
-    doc = build_analysis_document(g, nulls=False, bootstrap=False)
+    doc = build_analysis_document(g, AnalysisOptions(nulls=None, bootstrap=None))
     assert doc["null"] is None and doc["bootstrap"] is None
     assert doc["verdict"]["layers"]["spectral_vs_null"]["code"] == "n/a"
-    assert build_analysis_document(g, nulls=FEW)["bootstrap"] is None  # no entropy, no correlation
+    assert build_analysis_document(g, AnalysisOptions(nulls=FEW))["bootstrap"] is None  # no entropy, no correlation
 
 
 # ---------------------------------------------------------------- the command
@@ -319,14 +319,14 @@ def test_null_baselines_need_numpy_alone():
 
 def test_every_layer_its_own_anchor_is_never_judged_better_than_one_anchor():
     """--anchor group --groups L: every layer fits itself with residual 0; that must not win anything."""
-    from qkspectra.analysis.operator_fit import head_singular_values
-    from qkspectra.report.page import best_strategy
+    from qkspectra.factored import head_singular_values
+    from qkspectra.report.readers import best_strategy
 
     rng = np.random.default_rng(3)
     L, H, d_model, d_head = 4, 3, 16, 4
     W_Q, W_K = rng.standard_normal((2, L, H, d_model, d_head))
     g = Geometry(head_singular_values(W_Q, W_K), rng.uniform(0.5, 3.0, (L, H)), metadata={"d_model": d_model, "d_head": d_head})
-    doc = build_analysis_document(g, groups=L, nulls=FEW, bootstrap=False, factors={"W_Q": W_Q, "W_K": W_K})
+    doc = build_analysis_document(g, AnalysisOptions(groups=L, nulls=FEW, bootstrap=None), factors={"W_Q": W_Q, "W_K": W_K})
 
     group = doc["strategies"]["group"]
     assert group["anchor"]["num_anchor_layers"] == L and group["anchor"]["num_fitted_layers"] == 0

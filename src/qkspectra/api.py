@@ -10,10 +10,8 @@
 ``PreTrainedModel`` in memory (any dtype, any device), which is read where it is and left as it
 was: nothing is copied to disk, no weight, mode or ``requires_grad`` flag changes (the functional
 test rewrites a copy). The options are the command line's, as keyword arguments named like the
-fields of ``ExtractOptions`` (``fold_ln``, ``static_only``, ``corpus``, ``seq_len``, ``max_tokens``,
-``window_per_line``, ``batch_size``, ``quiet``, ...), checked with the same one-line errors,
-raised as ``QkspectraError`` and naming these arguments. Extraction and analysis go through the
-same code as ``qkspectra extract`` and ``qkspectra run``; only the loading step differs.
+fields of ``ExtractOptions``, checked with the same one-line errors (``QkspectraError``); the
+work goes through the same code as ``qkspectra extract`` and ``qkspectra run``.
 """
 
 from __future__ import annotations
@@ -79,14 +77,13 @@ def extract_geometry(model: Any, tokenizer: Any | None = None, **options: Any) -
 
     The same numbers as ``qkspectra extract`` on the same weights; ``metadata`` says where they came from.
     """
-    from qkspectra.extract.extraction import run_extraction
+    from qkspectra.extract.extraction import geometry_document
     from qkspectra.geometry import parse_geometry
-    from qkspectra.workflow.runner import model_name
+    from qkspectra.workflow.runner import subject_name
 
     settings = keyword_options(options, "extract_geometry")
     subject = model_argument(model, tokenizer)
-    extraction = run_extraction(subject, options=settings, factor_sink=lambda index, layer: None)
-    return parse_geometry(extraction.geometry, source=f"<geometry of {model_name(subject)}>")
+    return parse_geometry(geometry_document(subject, options=settings), source=f"<geometry of {subject_name(subject)}>")
 
 
 def run(model: Any, tokenizer: Any | None = None, out: str | os.PathLike | None = None, *, groups: int | None = None,
@@ -101,15 +98,14 @@ def run(model: Any, tokenizer: Any | None = None, out: str | os.PathLike | None 
     """
     from qkspectra.workflow import runner
 
-    settings = keyword_options(options, "run")
-    groups = _checked("groups", groups, int | None)
-    _checked("functional", functional, bool)
+    settings = runner.RunSettings(keyword_options(options, "run"), _checked("groups", groups, int | None),
+                                  _checked("functional", functional, bool))
     subject = model_argument(model, tokenizer)
     if out is None:
-        geometry, document = runner.run_in_memory(subject, options=settings, groups=groups, functional=functional)
+        geometry, document = runner.run_in_memory(subject, settings)
         return RunResult(document, geometry)
     _checked("out", out, str)
-    folder = runner.run(subject, Path(out), options=settings, groups=groups, functional=functional)
+    folder = runner.run(subject, Path(out), settings)
     return RunResult(folder.document, folder.geometry, folder.out_dir)
 
 
@@ -172,7 +168,7 @@ class RunResult:
 
     @property
     def strategies(self) -> dict[str, Record]:
-        from qkspectra.report.page import strategies
+        from qkspectra.report.readers import strategies
 
         return {name: Record(entry) for name, entry in strategies(self.document).items()}
 
@@ -189,18 +185,18 @@ class RunResult:
         In IPython (Jupyter) a figure shows as the report's PNG image.
         """
         from qkspectra.report.plots import report_figures
-        from qkspectra.report.page import describe_run
+        from qkspectra.report.readers import describe_run
 
         _display_figures_in_ipython()
         return report_figures(self.document, self.geometry, title=describe_run(self.document)).figures
 
     def _repr_html_(self) -> str:
-        from qkspectra.report.page import render_html_summary
+        from qkspectra.report.run_page import render_html_summary
 
         return render_html_summary(self.document)
 
     def __repr__(self) -> str:
-        from qkspectra.report.page import model_name
+        from qkspectra.report.readers import model_name
 
         where = "" if self.out_dir is None else f", out_dir={str(self.out_dir)!r}"
         return f"<RunResult {model_name(self.document)}: overall {self.verdict.get('overall')}{where}>"

@@ -1,7 +1,8 @@
 """Analysis of a geometry: the seed's experiments and everything that tests them.
 
-``seed`` (the three experiments), ``nulls``, ``bootstrap``, ``operator_fit``, ``rank_k``,
-``reconstruction`` (the functional test), ``verdict`` and ``document`` (``analysis.json``).
+``seed`` (the three experiments), ``nulls``, ``bootstrap``, ``factors`` (the per-head factors),
+``operator_fit``, ``rank_k``, ``reconstruction`` (the functional test), ``verdict``, ``results``
+(figures as JSON) and ``document`` (``analysis.json``, built in one place).
 """
 
 from qkspectra.analysis.seed import Analysis, analyze, analyze_all

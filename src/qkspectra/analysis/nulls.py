@@ -1,34 +1,11 @@
 """Null baselines: what the spectral figures look like when there is no shared operator.
 
-Each qualified figure of the seed's experiments (the shape cosine across layers, the
-mean rescale residual of every anchor strategy over all (L, h) as the seed computes it and
-over the fitted layers only, the cross-head mean cosine) is
-recomputed on many draws of a null geometry and the real figure is placed in that
-distribution: null mean, null std and the empirical p-value
-
-    p = (1 + #{draws at least as alike as the real spectra}) / (1 + draws),
-
-where "as alike" means a cosine at least as high or a residual at least as low (within
-rounding: 1e-9 relative). A small p says the real spectra are more alike than chance.
-
-Two nulls:
-
-gaussian  independent Gaussian W_Q^h, W_K^h of the model's d_model x d_head shapes in
-          every layer and head (heads of one kv group share W_K, as in the model). The
-          singular values of W_Q W_K^T are those of R_Q R_K^T, R the d_head x d_head
-          triangular factor of the thin QR of the Gaussian factor, and by the Bartlett
-          decomposition R is sampled directly: R_ii ~ chi(d_model - i) for
-          i = 0..d_head-1, strictly upper entries N(0, 1), all independent. Every figure
-          is scale-free, so the entries' variance and the softmax scale do not matter.
-          The null spectra keep the geometry's K largest values (K <= d_head).
-shuffle   the model's own spectra with the (layer, head) labels permuted: one random
-          permutation of all L*H spectra per draw.
-
-Draws are seeded and deterministic. Gaussian draw i comes from its own generator
-(seed, stream, i), so it does not depend on how many draws are taken or how they are
-chunked; the shuffle permutations are drawn row by row from one generator.
-
+Each qualified figure of the seed's experiments is recomputed on seeded draws of a null
+geometry (``gaussian``: independent Gaussian heads; ``shuffle``: the model's own spectra with
+their (layer, head) labels permuted), giving a null mean, std and empirical p-value.
 Axes: B draws, L layers, H heads, K singular values.
+
+The method in full: docs/method/nulls.md.
 """
 
 from __future__ import annotations
@@ -203,8 +180,7 @@ def _chunked_figures(
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from qkspectra._threads import single_blas_thread
-    from qkspectra.analysis.operator_fit import worker_count
+    from qkspectra._threads import single_blas_thread, worker_count
 
     step = max(1, CHUNK_BYTES // max(per_draw_bytes, 1))
     workers = worker_count()

@@ -1,29 +1,12 @@
-"""How much must be added to the scalar rescale to reach a 10% residual: the rank-k correction.
+"""The rank-k correction: how much must be added to the scalar rescale to reach a 10% residual.
 
 For each (L, h) and anchor layer a, the scalar fit leaves a difference, and the best rank-k
-correction of that difference is added back. k is the smallest number of corrections that
-brings the relative residual below the threshold (0.10, the "supported" line of the verdict).
-
-Spectral level (the geometry alone)
-    The difference vector d = sigma_L - T sigma_a (T the spectral fit). A rank-k correction fixes
-    its k largest-magnitude entries, so the residual after k corrections is the norm of the other
-    entries over ||sigma_L||. k runs from 0 to K (K corrections reproduce sigma_L exactly).
-
-Operator level (the factors)
-    D = M_L - T M_a with T the operator fit to the same head; D has rank <= 2 d_head and its
-    singular values come from the factors (``operator.difference_singular_values``). The best
-    rank-k correction is D's truncated SVD, so the residual after k is
-    sqrt(sum of squared singular values beyond the k-th) / ||M_L||_F. k runs from 0 to 2 d_head.
-
-Parameter accounting (``param_ratio``)
-    operator: relative to storing every head's W_Q^h and W_K^h in full, L * H * 2 * d_model * d_head.
-        Each distinct anchor layer is stored in full (H * 2 * d_model * d_head, shared by all the
-        layers fitted to it); every other (L, h) stores its scalar T (1) and k rank-one terms
-        u sigma v^T (k * (d_model + d_model + 1)). A layer fitted to itself costs nothing more.
-    spectral: relative to storing every spectrum in full, L * H * K values (the singular vectors are
-        each head's own at this level and are not counted). Each distinct anchor layer's spectra
-        are stored (H * K); every other (L, h) stores T (1) and k corrections, each a position and a
-        value (2 k).
+correction of that difference is added back; k is the smallest number of corrections that brings
+the relative residual below the threshold (0.10, the "supported" line of the verdict). Spectral
+level: the difference of the spectra, its k largest entries fixed. Operator level: the truncated
+SVD of M_L - T M_a (rank <= 2 d_head, singular values from the factors). ``param_ratio``: what the
+anchor layers plus the corrections cost, relative to storing everything in full.
+The method in full: see docs/method/rank_k.md.
 """
 
 from __future__ import annotations
@@ -32,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from qkspectra.analysis.factors import Factors, as_factors
+from qkspectra.analysis.operator_fit import OperatorFitter
 from qkspectra.analysis.seed import TINY, Anchor, scalar_rescale
 from qkspectra.errors import QkspectraError
 from qkspectra.geometry import Geometry
-from qkspectra.analysis.operator_fit import Factors, OperatorFitter, as_factors
 
 DEFAULT_THRESHOLD = 0.10
 

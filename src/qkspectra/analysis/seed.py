@@ -10,11 +10,8 @@ Axes: L layers, H heads, K singular values (zero-padded to the longest spectrum)
 (3) Cross-head shape similarity within each layer, and the residual when every
     head is fit to one single spectrum (the anchor layer's most typical head).
 
-The numbers equal the seed analysis' to rounding, including its guards: a
-norm below 1e-20 makes a cosine 0, a fit against an all-zero anchor gives
-T = 0 and residual 1, and an all-zero head has residual 0. Where the seed
-would print nan (one layer, one head, constant inputs to a correlation) the
-figure is None with a reason.
+The numbers equal the seed analysis' to rounding, including its guards (see
+docs/method/seed.md); where the seed would print nan, the figure is None with a reason.
 """
 
 from __future__ import annotations
@@ -338,9 +335,12 @@ class Analysis:
         return VERDICT_TEXT[self.verdict_code]
 
 
+SUPPORTED_BELOW, PARTIAL_BELOW = 0.1, 0.3  # the seed's thresholds on a mean rescale residual
+
+
 def seed_rule(mean_residual: float) -> str:
     """The seed's verdict on a mean rescale residual: below 0.10 supported, below 0.30 partial, else rejected."""
-    return "supported" if mean_residual < 0.1 else "partial" if mean_residual < 0.3 else "rejected"
+    return "supported" if mean_residual < SUPPORTED_BELOW else "partial" if mean_residual < PARTIAL_BELOW else "rejected"
 
 
 @dataclass(frozen=True)

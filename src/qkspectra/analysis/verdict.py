@@ -1,46 +1,12 @@
 """The layered verdict: what each kind of evidence says, and what all of it supports together.
 
-Layers (each "supported" | "partial" | "rejected" | "n/a", with one sentence of evidence):
+Four layers, each "supported", "partial", "rejected" or "n/a" with one sentence of evidence:
+spectral (the seed's rule on the fitted layers), spectral_vs_null (more alike than chance?),
+operator (the full operators) and functional (the model with its operators replaced).
+Strategies are compared over their fitted layers, among those with the fewest anchor layers.
+Overall: the weakest available layer, and "supported" only with a layer tested against chance.
 
-spectral          the seed's rule (mean scalar-rescale residual of the spectra: below 0.10
-                  supported, below 0.30 partial, else rejected) applied to the primary
-                  strategy's mean over the layers it fits (its anchor layers left out); n/a
-                  when every layer is an anchor layer.
-spectral_vs_null  whether the real spectra are more alike than chance. A null is beaten when
-                  the p-values of the shape cosine across layers and of the primary
-                  strategy's mean residual over the fitted layers are both <= alpha (0.05).
-                  Supported when every available null is beaten, partial when some are,
-                  rejected when none is; n/a without nulls or with one layer.
-operator          the full operators (part B's ``operator`` results): the lowest mean operator
-                  residual over the fitted layers, same head or matched head, among the
-                  eligible strategies (below). Below 0.10 supported, below 0.30 partial,
-                  else rejected.
-functional        the model with every head's operator replaced by the anchor's, rescaled
-                  (part B's ``functional`` results, the ``operator`` reconstruction): the
-                  lowest change among the eligible strategies, as |relative_delta_loss| for
-                  language models (next-token cross-entropy) and as delta_loss, the cosine
-                  distance of the final hidden states, for encoders. Below 0.01 (1%)
-                  supported, below 0.10 partial, else rejected; n/a when the control (each
-                  head's own operator written back) moves it by more than 1e-6, since the
-                  test is then unreliable.
-
-Choosing among strategies. An anchor layer fits itself with residual 0 and is left
-unchanged by the functional test, so a strategy with more anchor layers would look better
-merely for having them: more zeros in its means, fewer layers replaced, and each fitted
-layer nearer its anchor. So every choice among strategies (the operator and functional
-layers here, the report's "best strategy" line) (1) uses figures over the fitted layers
-only (the layers whose anchor is another layer), (2) considers only the strategies that fit
-at least one layer and, among them, only those with the fewest anchor layers (a single
-anchor: last, middle, best or a layer index), so that every strategy compared replaces the
-same number of layers, and (3) takes the lowest figure among those. A strategy with more
-anchors (group) is reported with its figures and its numbers of anchor and fitted layers,
-but never decides a layer of the verdict while a strategy with fewer anchors is available.
-
-Overall: the weakest available layer (rejected < partial < supported). The spectral fit
-alone cannot tell a shared operator from chance (independent Gaussian heads pass it), so
-the overall code is "supported" only when at least one layer that is tested against
-chance (spectral_vs_null, operator, functional) is available and every available layer
-supports it; with the spectral layer alone it is at most "partial".
+The method in full: docs/method/verdict.md.
 """
 
 from __future__ import annotations

@@ -43,14 +43,12 @@ def analyze(
 ) -> None:
     """Spectral-shape invariance, scalar-rescale fit to an anchor layer, and cross-head similarity."""
     from qkspectra._io import atomic_write_json, refuse_overwriting_inputs
+    from qkspectra.analysis.bootstrap import BootstrapOptions
+    from qkspectra.analysis.document import AnalysisOptions, fitter_beside, gather_evidence
+    from qkspectra.analysis.nulls import NullOptions
     from qkspectra.analysis.seed import analyze as run_analysis
     from qkspectra.analysis.seed import analyze_all
-    from qkspectra.analysis.bootstrap import BootstrapOptions
-    from qkspectra.workflow.cluster import fit_map
     from qkspectra.geometry import load_geometry
-    from qkspectra.analysis.nulls import NullOptions
-    from qkspectra.analysis.document import beyond_seed, operator_sections
-    from qkspectra.analysis.results import result_document
     from qkspectra.report.text import (
         NO_NULL_LINE,
         render_comparison,
@@ -59,6 +57,7 @@ def analyze(
         render_operator,
         render_report,
     )
+    from qkspectra.workflow.cluster import fit_map
 
     json_path = None if json_out is None else output_file(json_out, "--json", "analysis.json")
     choice = parse_anchor(anchor)
@@ -69,11 +68,14 @@ def analyze(
     if not 0 <= seed < 2**63:
         fail(f"--seed {seed}: must be between 0 and 2**63 - 1")
 
-    null_options = NullOptions(shuffle_draws=null_draws, gaussian_draws=null_draws, seed=seed) if null else None
-    bootstrap_options = BootstrapOptions(seed=seed) if null else None
+    options = AnalysisOptions(
+        groups=groups,
+        nulls=NullOptions(shuffle_draws=null_draws, gaussian_draws=null_draws, seed=seed) if null else None,
+        bootstrap=BootstrapOptions(seed=seed) if null else None,
+    )
     geometry = load_geometry(path)
     if json_path is not None:
-        from qkspectra.analysis.operator_fit import factors_path_for
+        from qkspectra.analysis.factors import factors_path_for
 
         refuse_overwriting_inputs(json_path, [path, *filter(None, [factors_path_for(geometry)])])
     if choice == "all":
@@ -84,26 +86,21 @@ def analyze(
         analyses = {primary: run_analysis(geometry, choice, groups=groups)}
 
     with fit_map(scheduler) as layer_pairs_map:
-        operator, rank_k, operator_missing = operator_sections(geometry, analyses, map=layer_pairs_map)
-    extra = beyond_seed(
-        analyses, primary, nulls=null_options, bootstrap=bootstrap_options, operator=operator, operator_missing=operator_missing
-    )
+        fitter, operator_missing = fitter_beside(geometry, map=layer_pairs_map)
+        evidence = gather_evidence(geometry, analyses, primary, options, fitter=fitter, operator_missing=operator_missing)
 
     if json_path is not None:
-        document = result_document(analyses, primary, nulls=extra.nulls, bootstrap=extra.bootstrap, verdict=extra.verdict)
-        if operator is not None:
-            document["operator"], document["rank_k"] = operator, rank_k
-        atomic_write_json(json_path, document)
+        atomic_write_json(json_path, evidence.document())
     if not quiet:
-        text = render_report(analyses[primary], extra.nulls, extra.bootstrap, primary)
+        text = render_report(analyses[primary], evidence.nulls, evidence.bootstrap, primary)
         if len(analyses) > 1:
             text += render_comparison(analyses)
-            if extra.nulls:
-                text += render_null_comparison(analyses, extra.nulls)
-        if operator is not None:
-            text += render_operator(operator, rank_k)
-        if null or operator is not None:
-            text += render_layered_verdict(extra.verdict, extra.nulls)
+            if evidence.nulls:
+                text += render_null_comparison(analyses, evidence.nulls)
+        if evidence.operator is not None:
+            text += render_operator(evidence.operator, evidence.rank_k)
+        if null or evidence.operator is not None:
+            text += render_layered_verdict(evidence.verdict, evidence.nulls)
         else:
             text += "\n" + NO_NULL_LINE + "\n"
         typer.echo(text, nl=False)

@@ -25,7 +25,7 @@ def _inputs(path: Path) -> tuple[dict[str, Any], Any]:
     import orjson
 
     from qkspectra.geometry import load_geometry
-    from qkspectra.report.page import check_analysis
+    from qkspectra.report.readers import check_analysis
     from qkspectra.workflow.runner import GEOMETRY_FILE
 
     try:
@@ -61,7 +61,7 @@ def _rebuild(path: Path, out: Path | None, quiet: bool, write: Callable[..., Any
     import numpy as np
 
     from qkspectra._io import refuse_overwriting_inputs
-    from qkspectra.report.page import report_paths, write_plots
+    from qkspectra.report.run_page import report_paths, write_plots
 
     document, geometry = _inputs(path)
     out_dir = path.parent if out is None else out
@@ -88,7 +88,7 @@ def report(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
 ) -> None:
     """Rebuild plots/*.png, report.html and report.md from an analysis.json."""
-    from qkspectra.report.page import write_report
+    from qkspectra.report.run_page import write_report
 
     _rebuild(path, out, quiet, write_report,
              lambda files, _: f"report: {files.html}  ({files.markdown.name}, {len(files.plots)} plots)")
@@ -101,7 +101,8 @@ def plot(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
 ) -> None:
     """Rebuild plots/*.png from an analysis.json."""
-    from qkspectra.report.page import PLOTS_FOLDER, write_plots
+    from qkspectra.report.files import PLOTS_FOLDER
+    from qkspectra.report.run_page import write_plots
 
     _rebuild(path, out, quiet, write_plots,
              lambda files, out_dir: f"{len(files.plots)} plots in {out_dir / PLOTS_FOLDER}: {', '.join(files.plots)}")

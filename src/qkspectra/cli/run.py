@@ -27,7 +27,7 @@ from qkspectra.cli.extract import (
 from qkspectra.extract.corpus import DEFAULT_FUNCTIONAL_TOKENS, DEFAULT_MAX_TOKENS
 
 if TYPE_CHECKING:
-    from qkspectra.workflow.sweep import RunSettings
+    from qkspectra.workflow.runner import RunSettings
 
 Groups = Annotated[Optional[int], typer.Option(help="Number of contiguous layer groups for the group anchor (default: round(sqrt(layers))).")]
 NoFunctional = Annotated[
@@ -51,7 +51,7 @@ Scheduler = Annotated[
 def run_settings(*, groups: int | None, no_functional: bool, functional_tokens: int | None, quiet: bool,
                  **extract) -> RunSettings:
     """The library's settings of a run from the command line's options (the extraction's in ``extract``)."""
-    from qkspectra.workflow.sweep import RunSettings
+    from qkspectra.workflow.runner import RunSettings
 
     return RunSettings(extract_options(quiet=quiet, **extract), groups, not no_functional, functional_tokens)
 
@@ -122,7 +122,7 @@ def run(
     """Extract (reusing a cached extraction of the same model and options), analyze with every anchor
     strategy, and write geometry.json, analysis.json, plots/*.png, report.html and report.md."""
     from qkspectra.workflow.cluster import fit_map
-    from qkspectra.report.page import render_summary
+    from qkspectra.report.run_page import render_summary
     from qkspectra.workflow.runner import default_out_dir
     from qkspectra.workflow.runner import run as run_all
 
@@ -132,8 +132,7 @@ def run(
     out_dir = default_out_dir(model) if out is None else out
     say = (lambda _: None) if quiet else (lambda line: typer.echo(f"qkspectra: {line}", err=True))
     with fit_map(scheduler) as layer_pairs_map, StageBars(disable=quiet) as progress:
-        result = run_all(model, out_dir, options=settings.options, groups=settings.groups, functional=settings.functional,
-                         functional_tokens=settings.functional_tokens, map=layer_pairs_map, say=say, progress=progress)
+        result = run_all(model, out_dir, settings, map=layer_pairs_map, say=say, progress=progress)
     typer.echo(render_summary(result.document), nl=False)
     for note in result.report.notes:
         say(note)

@@ -1,32 +1,10 @@
 """The text the attention-entropy pass reads, cut into token windows.
 
-A corpus is one of
-- a ``.txt`` file (one document),
-- a folder: its ``*.txt`` files, in sorted name order, each one document,
-- a ``.jsonl`` file: one JSON object per non-blank line, its ``"text"`` field one document,
-- nothing: the default corpus shipped as package data (English prose paragraphs from the Python
-  standard library's docstrings, one paragraph per line; ``scripts/make_default_corpus.py``).
+A corpus is a ``.txt`` file, a folder of them, a ``.jsonl`` file or the bundled default; it is
+cut into fixed windows of ``seq_len`` tokens (the default) or one window per line, within a
+budget of ``max_tokens``. Reading is deterministic, and ``sha256`` identifies the bytes read.
 
-Two ways to cut it into windows (lists of token ids, special tokens included):
-
-Windowing (the default)
-    The documents, in order, are tokenized without special tokens and their token streams
-    concatenated (a window may span two documents). The stream is cut into chunks of
-    ``seq_len - n_special`` tokens, where ``n_special`` is the number of special tokens the
-    tokenizer adds to one sequence, and each chunk is wrapped in those special tokens, so every
-    window is ``seq_len`` tokens long (BERT: ``[CLS] chunk [SEP]``; GPT-2: the bare chunk).
-    Windows are taken until ``max_tokens`` tokens in total; the last window is shortened to fit
-    the budget or the end of the text.
-
-One window per line (``window_per_line=True``)
-    Each non-blank line is tokenized on its own with the tokenizer's default special tokens and
-    truncated only at the model's maximum length (its position table: ``max_position_embeddings``
-    or ``n_positions``; the tokenizer's ``model_max_length`` only when the model states none),
-    never at ``seq_len``, which plays no part. Lines are taken in order while the total stays
-    within ``max_tokens``.
-
-Reading is deterministic; ``sha256`` identifies the corpus bytes exactly as read (files
-concatenated in reading order).
+The method in full: docs/method/corpus.md.
 """
 
 from __future__ import annotations

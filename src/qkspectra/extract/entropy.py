@@ -1,47 +1,18 @@
 """Mean attention entropy per layer and head over a corpus: the dynamic half of ``extract``.
 
-For each real (non-padding) query position i of every window, and each layer and head, the
-attention probabilities p_ij = softmax_j(s_ij) give
+Per (layer, head), token-weighted means over the real query positions of H_i, of H_i / log n_i
+(n_i the keys query i sees), of the sink mass p_i0, and of H_i by log2-spaced position bucket.
+No attention map is formed: H_i = lse_i - s q_i . kbar_i, with lse_i and kbar_i = sum_j p_ij k_j
+from torch's fused attention kernel on the CPU (``flash_entropy``) or from blocks of logits with
+an online log-sum-exp elsewhere (``logit_entropy``); queries and keys are reduced in float32.
 
-    H_i = -sum_j p_ij log p_ij   (nats, 0 log 0 = 0)
-
-over every key j the model lets query i see, special tokens included (the BERTology
-convention): keys 0..i for causal models, all keys for encoders, minus padding (and minus
-whatever else the model's own attention mask hides, e.g. outside a sliding window). The
-visible keys are read from the 4-D mask the model hands its attention modules.
-
-Reported per (layer, head), each a token-weighted mean over all real query positions:
-- ``mean_entropy``: H_i;
-- ``mean_normalized_entropy``: H_i / log(n_i), n_i the number of keys query i sees (1 for
-  uniform attention, 0 for one-hot); queries that see a single key are left out of this mean;
-- ``mean_sink_mass``: p_i0, the probability on the window's first token (BOS / [CLS]);
-- ``entropy_by_position``: the mean of H_i over the queries at positions n = i + 1 (counted from
-  the window's first real token) in the log2-spaced bucket b = floor(log2 n): 1, 2-3, 4-7, ...
-
-No attention map is ever formed. The model runs with transformers' SDPA attention, and
-``AttentionCapture`` hands each layer's attention call (the model's own queries and keys, after
-its projections, norms and rotary positions, with its logit scale s and mask) to the
-accumulator. With s_ij = s q_i . k_j, p_ij = softmax_j(s_ij) and lse_i = log sum_j exp(s_ij):
-
-    H_i = lse_i - sum_j p_ij s_ij = lse_i - s q_i . kbar_i,   kbar_i = sum_j p_ij k_j,
-    p_i0 = exp(s_i0 - lse_i).
-
-On the CPU both lse_i and kbar_i come from one call of torch's fused attention kernel (the one
-SDPA uses; it works through blocks of logits with an online softmax and returns the
-log-sum-exp) with the keys as values: one more attention call per layer, nothing else of
-size T^2 (``flash_entropy``). On other devices ``logit_entropy`` goes through blocks of queries
-and, for each, blocks of keys with an online log-sum-exp: each key block b gives its own
-log-sum-exp lse_b and the entropy H_b of its own softmax; the running (lse, H) merges with them
-as a two-part mixture, lse' = logaddexp(lse, lse_b), w = exp(lse - lse'), w_b = exp(lse_b - lse'),
-H' = w (H - log w) + w_b (H_b - log w_b). Either way at most one block of logits exists at a
-time, whatever the sequence length, and key blocks a causal mask hides entirely are skipped.
-Whatever the model's dtype, queries and keys are reduced in float32; sums over queries are
-accumulated in float64.
+The method in full: docs/method/entropy.md.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -64,10 +35,11 @@ LOGITS_PER_BLOCK = 2**22
 KEYS_PER_BLOCK = 1024
 # Attention-map entries reduced per step by entropy_from_probs (16 MiB of float32).
 _ENTRIES_PER_STEP = 2**22
-# Hidden logits are filled with _HIDDEN, below the running log-sum-exp's start _START: exp(_HIDDEN - x)
-# is exactly 0 for every x >= _START, and every term stays finite (no inf - inf, no 0 * inf).
-_START = -1e30
-_HIDDEN = -2e30
+# Hidden logits are filled with HIDDEN_LOGIT, below the running log-sum-exp's start START_LOGIT:
+# exp(HIDDEN_LOGIT - x) is exactly 0 for every x >= START_LOGIT, and every term stays finite (no inf - inf,
+# no 0 * inf).
+START_LOGIT = -1e30
+HIDDEN_LOGIT = -2e30
 
 
 @dataclass(frozen=True)
@@ -109,6 +81,30 @@ def entropy_from_probs(probs: torch.Tensor, key_mask: torch.Tensor | None) -> to
     return entropy.neg_()
 
 
+def logit_blocks(num_queries: int, num_keys: int, visible: VisibleKeys, logits_per_query: int
+                 ) -> Iterator[tuple[slice, Iterator[tuple[slice, torch.Tensor | bool]]]]:
+    """The blocks of logits an online log-sum-exp goes through: (rows, key blocks) per block of query rows,
+    each key block (cols, mask) with ``mask`` as ``VisibleKeys.block`` gives it; key blocks no query sees are skipped.
+
+    Key blocks of KEYS_PER_BLOCK keys; query blocks of as many rows as keep a block's logits within
+    LOGITS_PER_BLOCK, with ``logits_per_query`` logits per query row and key (e.g. B H).
+    """
+    key_block = min(num_keys, KEYS_PER_BLOCK)
+    query_block = max(1, min(num_queries, LOGITS_PER_BLOCK // max(1, logits_per_query * key_block)))
+    for q_start in range(0, num_queries, query_block):
+        rows = slice(q_start, min(q_start + query_block, num_queries))
+        yield rows, _visible_key_blocks(rows, num_keys, key_block, visible)
+
+
+def _visible_key_blocks(rows: slice, num_keys: int, key_block: int, visible: VisibleKeys
+                        ) -> Iterator[tuple[slice, torch.Tensor | bool]]:
+    for k_start in range(0, num_keys, key_block):
+        cols = slice(k_start, min(k_start + key_block, num_keys))
+        mask = visible.block(rows.start, rows.stop, cols.start, cols.stop)  # (B|1, 1, 1, bq, bk), True: all, False: none
+        if mask is not False:
+            yield cols, mask
+
+
 def logit_entropy(queries: torch.Tensor, keys: torch.Tensor, visible: VisibleKeys,
                   sink_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Entropy and sink mass of softmax(queries . keys) over the visible keys, one block of logits at a time.
@@ -127,32 +123,25 @@ def logit_entropy(queries: torch.Tensor, keys: torch.Tensor, visible: VisibleKey
     grouped = queries.contiguous().view(B, H_kv, group, num_queries, d_head)  # (B, H_kv, G, query_pos, d_head)
     keys = keys.contiguous()
     keys_t = keys.transpose(-1, -2)  # (B, H_kv, d_head, key_pos)
-    key_block = min(num_keys, KEYS_PER_BLOCK)
-    query_block = max(1, min(num_queries, LOGITS_PER_BLOCK // max(1, B * H * key_block)))
-    lse = queries.new_full((B, H_kv, group, num_queries), _START)  # log sum_j exp(s_ij) over the keys so far
+    lse = queries.new_full((B, H_kv, group, num_queries), START_LOGIT)  # log sum_j exp(s_ij) over the keys so far
     entropy = queries.new_zeros((B, H_kv, group, num_queries))  # entropy of the softmax over those keys
-    one_block = key_block == num_keys  # then each block's own softmax is the whole one: no merging
+    one_block = num_keys <= KEYS_PER_BLOCK  # then each block's own softmax is the whole one: no merging
     if one_block:
         sink = queries.new_zeros((B, H_kv, group, num_queries))
-        sink_index = sink_key.view(B, 1, 1, 1, 1).expand(B, H_kv, group, query_block, 1)
-    for q_start in range(0, num_queries, query_block):
-        q_stop = min(q_start + query_block, num_queries)
-        rows = slice(q_start, q_stop)
-        q = grouped[..., rows, :].reshape(B, H_kv, group * (q_stop - q_start), d_head)  # (B, H_kv, G bq, d_head)
-        for k_start in range(0, num_keys, key_block):
-            k_stop = min(k_start + key_block, num_keys)
-            mask = visible.block(q_start, q_stop, k_start, k_stop)  # (B|1, 1, 1, bq, bk) bool, True: all, False: none
-            if mask is False:
-                continue
-            logits = (q @ keys_t[..., k_start:k_stop]).view(B, H_kv, group, q_stop - q_start, k_stop - k_start)
+        sink_index = sink_key.view(B, 1, 1, 1, 1).expand(B, H_kv, group, num_queries, 1)
+    for rows, key_blocks in logit_blocks(num_queries, num_keys, visible, B * H):
+        bq = rows.stop - rows.start
+        q = grouped[..., rows, :].reshape(B, H_kv, group * bq, d_head)  # (B, H_kv, G bq, d_head)
+        for cols, mask in key_blocks:
+            logits = (q @ keys_t[..., cols]).view(B, H_kv, group, bq, cols.stop - cols.start)
             if mask is not True:
-                logits.masked_fill_(~mask, _HIDDEN)
+                logits.masked_fill_(~mask, HIDDEN_LOGIT)
             top = None if one_block else logits.amax(dim=-1)  # (B, H_kv, G, bq)
             log_p = torch.log_softmax(logits, dim=-1)  # log of the block's own softmax
             block_entropy = -torch.einsum("bkgqn,bkgqn->bkgq", torch.exp(log_p), log_p)  # (B, H_kv, G, bq)
             if one_block:
                 entropy[..., rows] = block_entropy
-                sink[..., rows] = torch.exp(log_p.gather(-1, sink_index[..., :q_stop - q_start, :]).squeeze(-1))
+                sink[..., rows] = torch.exp(log_p.gather(-1, sink_index[..., :bq, :]).squeeze(-1))
                 continue
             block_lse = top - log_p.amax(dim=-1)  # (B, H_kv, G, bq)
             merged = torch.logaddexp(lse[..., rows], block_lse)
@@ -163,7 +152,7 @@ def logit_entropy(queries: torch.Tensor, keys: torch.Tensor, visible: VisibleKey
     if one_block:
         seen = (visible.count() > 0).to(entropy.device)[:, None, None, :]  # (B|1, 1, 1, query_pos)
     else:
-        seen = lse > _START / 2  # (B, H_kv, G, query_pos)
+        seen = lse > START_LOGIT / 2  # (B, H_kv, G, query_pos)
         sink_keys = keys[torch.arange(B, device=keys.device), :, sink_key]  # (B, H_kv, d_head)
         sink_logit = torch.einsum("bkgqd,bkd->bkgq", grouped, sink_keys)
         sink = torch.exp((sink_logit - lse).clamp(max=0))

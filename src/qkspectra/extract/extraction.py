@@ -1,25 +1,10 @@
 """``extract``: a model's QK-metric spectra (static) and attention entropy (dynamic) as a geometry.
 
-``extract_geometry(model, options=ExtractOptions())`` returns the geometry dict:
+``run_extraction`` reads the static part (the query/key tensors and norm gains, layer by
+layer) and, unless ``static_only``, runs the model on a corpus for the dynamic part;
+``extract_to_files`` writes the geometry JSON and streams the per-head factors beside it.
 
-    {"num_layers": L, "num_heads": H,
-     "static":  [{"metric_singvals_per_head": (H, k) lists, "operator_norm_per_head", "frobenius_norm_per_head",
-                  "stable_rank_per_head", "effective_rank_per_head"}, ... L rows],
-     "dynamic": [{"mean_attention_entropy_per_head", "mean_normalized_entropy_per_head",
-                  "mean_sink_mass_per_head", "entropy_by_position_per_head": (H, buckets) lists,
-                  "log_visible_keys_by_position": (buckets,)},
-                 ... L rows]                                       (absent with static_only)
-     "metadata": {...}}
-
-``extract_to_files(model, out)`` writes that dict to ``out`` and the per-head factors beside it
-as ``<stem>.factors.safetensors``, streamed layer by layer (see ``factors_file``): ``W_Q`` (L, H, d_model, d_head)
-and ``W_K`` (L, H_kv, d_model, d_head) float32 (each key/value head stored once: the file is no larger than the
-checkpoint's query/key weights in float32), norm folded as the spectra were, and each multiplied by sqrt(s) so
-that W_Q[l, h] @ W_K[l, h // (H / H_kv)].T is the metric itself; ``b_Q`` (L, H, d_head), ``b_K`` (L, H_kv, d_head),
-also times sqrt(s),
-when the model has query/key biases (with folding they include the norm bias pushed through).
-The static part reads only the query/key tensors and norm gains, layer by layer, from the
-safetensors files; the dynamic part runs the model on a corpus.
+The schema and the factors' convention: docs/method/extraction.md.
 """
 
 from __future__ import annotations
@@ -75,8 +60,8 @@ class Extraction:
     factors: dict[str, np.ndarray] | None  # W_Q (L, H, d_model, d_head), W_K (L, H_kv, ...), b_Q, b_K; None if streamed
 
 
-def extract_geometry(model: str | InMemoryModel, *, options: ExtractOptions = ExtractOptions()) -> dict:
-    """The geometry dict of ``model`` (bundled name, model folder, .gguf file or a model in memory); factors are not kept."""
+def geometry_document(model: str | InMemoryModel, *, options: ExtractOptions = ExtractOptions()) -> dict:
+    """The geometry document (a dict) of ``model`` (bundled name, model folder, .gguf file or a model in memory); factors are not kept."""
     return run_extraction(model, options=options, factor_sink=lambda index, layer: None).geometry
 
 

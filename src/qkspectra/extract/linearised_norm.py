@@ -1,21 +1,11 @@
-"""The metric of heads whose queries and keys are normalised: its linearisation at typical inputs.
+"""How a layer's norms enter its metric: the input norm folded in, q/k norms linearised at typical inputs.
 
-With q/k norms the logit is s * n_Q(q) . n_K(k), n(z) = g * z / rms(z) (LayerNorm-type norms also
-centre z and add a bias): invariant to the scale of W_Q and W_K, whose magnitude therefore means
-nothing. At typical inputs rms(q) is close to its typical value r_Q, and the logit is the bilinear
-form of the linearised metric
-
-    M = s * (W_Q / r_Q) diag(g_Q * g_K) (W_K / r_K)^T
-
-(for centred norms W is first centred over the normalised coordinates). r is the root-mean-square
-of what the norm normalises (one head's query, or the whole projection) before the norm:
-- measured on the corpus (``measure_norm_rms``), when the corpus pass runs;
-- for isotropic unit-RMS input x_hat (E x_hat x_hat^T = I) otherwise, with the input norm's gain
-  folded in: r^2 = (||W||_F^2 + ||b||^2) / width over the normalised rows (width = d_head, or
-  H * d_head for a norm over the whole projection).
-The spectrum's shape is that of W_Q diag(g_Q * g_K) W_K^T; its scale is the head's effective
-inverse temperature. The q/k norm gains are always part of the metric (folding concerns only the
-norm that feeds the block).
+``fold_norm``: a norm with gain g (and bias beta) feeding the block becomes part of the factors,
+diag(g) W_Q, diag(g) W_K, and of the biases b_Q + beta W_Q, b_K + beta W_K.
+``linearise``: with q/k norms the logit is invariant to the scale of W_Q and W_K; at typical inputs
+it is the bilinear form of the linearised metric M = s * (W_Q / r_Q) diag(g_Q * g_K) (W_K / r_K)^T,
+r the typical RMS before the norm: measured on the corpus (``measure_norm_rms``) or for isotropic
+unit-RMS input (``isotropic_layer_rms``). The method in full: see docs/method/spectra.md.
 """
 
 from __future__ import annotations
@@ -39,6 +29,32 @@ class NormRMS:
 
     query: np.ndarray
     key: np.ndarray
+
+
+def fold_norm(layer: AttentionLayer) -> AttentionLayer:
+    """The same layer seen from the normalised vector x_hat (norm gain and bias folded in).
+
+    A layer with no norm feeding it is returned unchanged.
+    """
+    if layer.norm_gain is None:
+        return layer
+    g = layer.norm_gain[None, :, None]  # (1, d_model, 1)
+
+    def folded_bias(bias: np.ndarray | None, W: np.ndarray) -> np.ndarray | None:
+        if layer.norm_bias is None:
+            return bias
+        shift = np.einsum("d,hde->he", layer.norm_bias, W)  # (H, d_head)
+        return shift if bias is None else bias + shift
+
+    return replace(
+        layer,
+        W_Q=g * layer.W_Q,
+        W_K=g * layer.W_K,
+        b_Q=folded_bias(layer.b_Q, layer.W_Q),
+        b_K=folded_bias(layer.b_K, layer.W_K),
+        norm_gain=None,
+        norm_bias=None,
+    )
 
 
 def _centred(W: np.ndarray, b: np.ndarray | None, norm: QKNorm) -> tuple[np.ndarray, np.ndarray | None]:
@@ -76,8 +92,6 @@ def _linearised(W: np.ndarray, b: np.ndarray | None, norm: QKNorm | None,
 def isotropic_layer_rms(layer: AttentionLayer) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(query (H,), key (H_kv,)) typical RMS before the q/k norms for isotropic unit-RMS input x_hat,
     with the input norm's gain folded whether or not ``layer`` is folded; None for a side without a norm."""
-    from qkspectra.extract.spectra import fold_norm
-
     seen = fold_norm(layer)
     return (None if layer.q_norm is None else isotropic_rms(seen.W_Q, seen.b_Q, layer.q_norm),
             None if layer.k_norm is None else isotropic_rms(seen.W_K, seen.b_K, layer.k_norm))

@@ -1,144 +1,26 @@
-"""Static part: per-head singular values of the QK metric, computed from its factors.
+"""The static pass: per-head singular values of the QK metric s * W_Q^h (W_K^h)^T, from its factors.
 
-For head h of layer L the metric is M = s * W_Q^h (W_K^h)^T (d_model x d_model, rank <= d_head),
-so that x^T M y is the pre-softmax logit before biases and positions. Its singular values are
-those of the small core s * R_Q R_K^T, where W_Q^h = Q_Q R_Q and W_K^h = Q_K R_K are thin QR
-factorisations (Q_Q, Q_K have orthonormal columns). Everything is float64 and batched over
-heads; the d_model x d_model matrix is never formed.
-
-The triangular factor R of a well-conditioned factor W is computed as CholeskyQR does it: the
-Cholesky factor of the d_head x d_head Gram matrix W^T W = R^T R, which is the R of Householder
-QR up to the signs of its rows (signs that leave the core's singular values unchanged). One
-matrix product replaces a Householder sweep. Forming the Gram matrix squares the condition
-number, so a factor whose estimated condition number exceeds ``GRAM_CONDITION_LIMIT``, whose
-Gram matrix is not numerically positive definite (rank-deficient heads) or overflows, is
-factorised by Householder QR instead. On the bundled models the largest estimated condition
-is 1.3e3 (SmolLM2, folded), and both routes give the same singular values to 2e-15 of each
-head's largest (measured, folded and raw). ``benchmarks/bench_static.py`` times the pass both ways.
-
-Norm folding (on by default): if a norm with gain g (and bias beta) feeds the block, x = g * x_hat
-+ beta with x_hat the normalised vector, and the logit in terms of x_hat has the factors
-diag(g) W_Q, diag(g) W_K and the biases b_Q + beta W_Q, b_K + beta W_K.
+Each layer is read, its q/k norms linearised (``extract.linearised_norm``), its input norm folded if
+asked, and the singular values of every head's metric computed from the small core s * R_Q R_K^T of
+thin-QR triangles (``factored.metric_singular_values``: CholeskyQR, Householder QR where that is not
+accurate); the d_model x d_model matrix is never formed. The layer's factors go to a factor sink.
+The method in full: see docs/method/spectra.md.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
-import torch
-from scipy.linalg.lapack import dtrcon
 
-from qkspectra._threads import single_blas_thread
+from qkspectra._threads import single_blas_thread, single_threaded_torch
 from qkspectra.errors import QkspectraError
 from qkspectra.extract.factors_file import FactorSink
-from qkspectra.extract.linearised_norm import NormRMS, isotropic_layer_rms, linearise
+from qkspectra.extract.linearised_norm import NormRMS, fold_norm, isotropic_layer_rms, linearise
+from qkspectra.factored import NonFiniteFactor, metric_singular_values
 from qkspectra.models.adapters import AttentionAdapter, AttentionLayer
 from qkspectra.models.tensors import TensorSource
-
-
-@contextlib.contextmanager
-def single_threaded_torch() -> Iterator[None]:
-    """Run torch on one thread: the per-head factorisations are small, and on a busy machine
-    a second spinning thread makes them many times slower rather than faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def fold_norm(layer: AttentionLayer) -> AttentionLayer:
-    """The same layer seen from the normalised vector x_hat (norm gain and bias folded in).
-
-    A layer with no norm feeding it is returned unchanged.
-    """
-    if layer.norm_gain is None:
-        return layer
-    g = layer.norm_gain[None, :, None]  # (1, d_model, 1)
-
-    def folded_bias(bias: np.ndarray | None, W: np.ndarray) -> np.ndarray | None:
-        if layer.norm_bias is None:
-            return bias
-        shift = np.einsum("d,hde->he", layer.norm_bias, W)  # (H, d_head)
-        return shift if bias is None else bias + shift
-
-    return replace(
-        layer,
-        W_Q=g * layer.W_Q,
-        W_K=g * layer.W_K,
-        b_Q=folded_bias(layer.b_Q, layer.W_Q),
-        b_K=folded_bias(layer.b_K, layer.W_K),
-        norm_gain=None,
-        norm_bias=None,
-    )
-
-
-# Largest condition number of W (LAPACK's 1-norm estimate for R, ``trcon``) for which R is
-# taken from the Gram matrix. Measured on Kahan-type factors (576 x 64) against a dense SVD,
-# the Gram route's error grows like eps * condition: 6e-15 of the top singular value at
-# condition 3e3, 8e-14 at 1e5, 4e-12 at 3e6. The bundled models' factors reach 1.3e3.
-GRAM_CONDITION_LIMIT = 1e4
-
-
-class NonFiniteFactor(ValueError):
-    """A query or key factor holds NaN or infinite entries."""
-
-
-def r_factors(W: np.ndarray) -> np.ndarray:
-    """Triangular factors of thin QR, batched: (..., d_model, d_head) -> (..., k, d_head), k = min(d_model, d_head).
-
-    CholeskyQR for factors the Gram route handles accurately, Householder QR for the rest
-    (see the module's documentation); rows of R may differ in sign between the two.
-    Raises NonFiniteFactor if W is not finite.
-    """
-    W = np.asarray(W, dtype=np.float64)
-    d_model, d_head = W.shape[-2:]
-    if d_model < d_head or W.size == 0:
-        return householder_r_factors(W)
-    with np.errstate(over="ignore", invalid="ignore"):  # such factors go to Householder below
-        gram = np.matmul(W.swapaxes(-1, -2), W)  # (..., d_head, d_head)
-    # Every entry of W enters one diagonal entry of its Gram matrix as a square, so NaN or inf
-    # in W (or squares beyond float64's range) shows in that diagonal.
-    finite = np.isfinite(np.diagonal(gram, axis1=-2, axis2=-1)).all(-1)  # (...,)
-    R, info = torch.linalg.cholesky_ex(torch.from_numpy(np.where(finite[..., None, None], gram, 1.0)), upper=True)
-    R = R.numpy()  # (..., d_head, d_head)
-    householder = ~finite | (info.numpy() != 0)  # (...,)
-    flat_R, flat_householder = R.reshape(-1, d_head, d_head), householder.reshape(-1)
-    for i in np.flatnonzero(~flat_householder):
-        reciprocal_condition = dtrcon(flat_R[i], norm="1", uplo="U")[0]
-        flat_householder[i] = not reciprocal_condition * GRAM_CONDITION_LIMIT >= 1.0  # NaN-safe
-    householder = flat_householder.reshape(householder.shape)
-    if householder.any():
-        R[householder] = householder_r_factors(W[householder])
-    return R
-
-
-def householder_r_factors(W: np.ndarray) -> np.ndarray:
-    """Triangular factors of thin QR by Householder reflections: (..., d_model, d_head) -> (..., k, d_head).
-
-    Raises NonFiniteFactor if W is not finite.
-    """
-    if not np.isfinite(W).all():
-        raise NonFiniteFactor("not all finite")
-    return np.linalg.qr(W, mode="r")
-
-
-def metric_singular_values(W_Q: np.ndarray, W_K: np.ndarray, scale: float) -> np.ndarray:
-    """Singular values of scale * W_Q[h] @ W_K[h // g].T per query head h, descending.
-
-    W_Q: (H, d_model, d_head); W_K: (H_kv, d_model, d_head) with H_kv dividing H, g = H / H_kv
-    (grouped-query attention: each key factor is factorised once for its g query heads).
-    Returns (H, k) float64, k = min(d_model, d_head). Raises NonFiniteFactor if a factor is not finite.
-    """
-    R_Q = r_factors(W_Q)  # (H, k, d_head)
-    R_K = r_factors(W_K)  # (H_kv, k, d_head)
-    H, k = R_Q.shape[:2]
-    core = np.matmul(R_Q.reshape(R_K.shape[0], -1, k, R_Q.shape[-1]), R_K[:, None].swapaxes(-1, -2))  # (H_kv, g, k, k)
-    return scale * np.linalg.svd(core.reshape(H, k, k), compute_uv=False)
 
 
 def spectrum_statistics(singvals: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,7 +1,7 @@
 """Turn the MODEL argument into a local Hugging Face folder and its config.
 
 MODEL is one of
-  * the name of a bundled model (``minilm``, the default, or ``smollm2``; see ``bundled``),
+  * the name of a bundled model (``minilm``, the default, ``smollm2`` or ``gemma3``; see ``bundled``),
   * a local Hugging Face model folder (``config.json`` plus safetensors weights,
     single-file or sharded with ``model.safetensors.index.json``, plus tokenizer files),
   * a local ``.gguf`` file, dequantised once into the cache described in ``gguf_cache``.

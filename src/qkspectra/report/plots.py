@@ -23,9 +23,9 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, NullLocator
 
-from qkspectra.analysis.seed import spectral_shape
+from qkspectra.analysis.seed import PARTIAL_BELOW, SUPPORTED_BELOW, spectral_shape
 from qkspectra.geometry import Geometry
-from qkspectra.report.page import strategies
+from qkspectra.report.readers import strategies
 
 # colour, marker, line style: strategies sharing an anchor draw on top of each other, so they differ in all three
 STRATEGY_STYLES = {
@@ -34,7 +34,6 @@ STRATEGY_STYLES = {
     "best": ("#2ca02c", "^", "-."),
     "group": ("#d62728", "D", ":"),
 }
-SUPPORTED_BELOW, PARTIAL_BELOW = 0.10, 0.30  # the seed's verdict thresholds (Analysis.verdict_code)
 DPI = 110
 
 

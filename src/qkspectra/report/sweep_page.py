@@ -1,34 +1,32 @@
 """The comparison report of a sweep: ``sweep.html`` (self-contained, offline), ``sweep.md`` and the plots,
 from the sweep document (``sweep.json``). Rendering only: every figure is already in the document.
 
-The page is typeset with the run report's helpers (``report``): the same style sheet, security
+The page is typeset as the run's report is (``typeset``): the same style sheet, security
 policy, image check, tables and figures. The models table comes first, verdict layers first,
 each model's name linking to its own ``report.html``.
 """
 
 from __future__ import annotations
 
-import html
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from qkspectra._io import atomic_write_bytes, atomic_write_text
-from qkspectra.report.page import (
-    PLOTS_FOLDER,
-    Paragraph,
-    Plot,
-    Section,
-    Table,
-    _html_block,
-    _md_block,
-    check_writable,
-    fmt,
-    html_page,
+from qkspectra._io import atomic_write_text
+from qkspectra.report.files import PLOTS_FOLDER, check_writable, write_images
+from qkspectra.report.layout import Plot, Section, Table, fmt
+from qkspectra.report.sweep_readers import (
+    HEADLINE,
+    VERDICT_COLUMNS,
+    describe_sweep,
+    headline_figures,
+    label_columns,
+    numeric_labels,
+    plot_name,
+    verdict_codes,
 )
-from qkspectra.analysis.verdict import LAYERS
+from qkspectra.report.typeset import escape, html_nav, html_page, html_sections, markdown_block, markdown_sections, text_table
 
-VERDICT_COLUMNS = ("overall", *LAYERS)
 CAPTIONS = {
     "sweep_schedules": "Mean temperature T over heads (anchor: the last layer) against relative depth layer / (L - 1), "
     "one line per model.",
@@ -42,52 +40,8 @@ td.failed { color: #cc3b30; font-weight: 600; }
 """
 
 
-# name -> how it is read from a model's key figures (sweep.key_figures)
-HEADLINE: dict[str, Callable[[Mapping[str, Any]], Any]] = {
-    "spectral residual (last, fitted layers)": lambda f: f["spectral_residual"].get("last"),
-    "Gaussian null p (residual, last)": lambda f: f["null_p_values"].get("gaussian", {}).get("mean_residual_fitted.last"),
-    "shuffle null p (residual, last)": lambda f: f["null_p_values"].get("shuffle", {}).get("mean_residual_fitted.last"),
-    "operator residual (best, fitted layers)": lambda f: f["operator_residual_best"],
-    "functional change (best)": lambda f: f["functional_change_best"],
-    "corr(T, entropy) (last)": lambda f: f["corr_T_entropy"].get("last"),
-}
-
-
-def headline_figures(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The models table's figures of one model (None for each when it failed)."""
-    figures = record.get("figures")
-    return {name: (None if figures is None else read(figures)) for name, read in HEADLINE.items()}
-
-
-def label_columns(document: Mapping[str, Any]) -> list[str]:
-    """Every label column, in the order first seen."""
-    return list(dict.fromkeys(label for m in document["models"] for label in m["labels"]))
-
-
-def numeric_labels(document: Mapping[str, Any]) -> list[str]:
-    """The labels whose every given value is a number."""
-    return [
-        label for label in label_columns(document)
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool)
-               for v in (m["labels"].get(label) for m in document["models"]) if v is not None)
-        and any(m["labels"].get(label) is not None for m in document["models"])
-    ]
-
-
-def plot_name(label: str) -> str:
-    import re
-
-    return "sweep_against_" + (re.sub(r"[^A-Za-z0-9_-]+", "_", label).strip("_") or "label")
-
-
-def _codes(record: Mapping[str, Any]) -> list[str]:
-    if record["status"] != "ok":
-        return ["—"] * len(VERDICT_COLUMNS)
-    verdict = record["figures"]["verdict"]
-    return [verdict.get("overall") or "n/a", *(verdict["layers"].get(layer, {}).get("code") or "n/a" for layer in LAYERS)]
-
-
-def _sig(x: Any) -> str:
+def _headline_text(x: Any) -> str:
+    """A headline figure: three significant digits for floats."""
     return "n/a" if x is None else format(x, ".3g") if isinstance(x, float) else fmt(x)
 
 
@@ -97,7 +51,7 @@ def models_table(document: Mapping[str, Any]) -> Table:
     rows = []
     for m in document["models"]:
         figures = headline_figures(m)
-        rows.append((m["name"], m["status"], *_codes(m), *(_sig(v) for v in figures.values()),
+        rows.append((m["name"], m["status"], *verdict_codes(m), *(_headline_text(v) for v in figures.values()),
                      *(fmt(m["labels"].get(label)) for label in labels), m["model"]))
     columns = ("model name", "status", *(c.replace("_", " ") for c in VERDICT_COLUMNS), *HEADLINE, *labels, "model")
     return Table(columns, tuple(rows))
@@ -133,35 +87,22 @@ def sweep_sections(document: Mapping[str, Any], figures: Sequence[str]) -> list[
     return sections
 
 
-def describe_sweep(document: Mapping[str, Any]) -> str:
-    models = document["models"]
-    ok = sum(m["status"] == "ok" for m in models)
-    engine = document["engine"]
-    where = "a local cluster" if engine.get("cluster") == "local" else engine["scheduler"]
-    return (f"{len(models)} models, {ok} ok, {len(models) - ok} failed; {engine['workers']} workers "
-            f"({where}); qkspectra {document['qkspectra_version']}")
-
-
-def _e(text: str) -> str:
-    return html.escape(text, quote=True)
-
-
 def _models_html(document: Mapping[str, Any], table: Table) -> str:
     """The models table, each name linking to the model's report.html, each verdict cell coloured by its code."""
     code_columns = range(2, 2 + len(VERDICT_COLUMNS))
-    head = "".join(f"<th>{_e(c)}</th>" for c in table.columns)
+    head = "".join(f"<th>{escape(c)}</th>" for c in table.columns)
     body = []
     for m, row in zip(document["models"], table.rows):
         cells = []
         for i, cell in enumerate(row):
             if i == 0 and m["status"] == "ok":
-                cells.append(f'<td><a href="{_e(m["run_dir"])}/report.html">{_e(cell)}</a></td>')
+                cells.append(f'<td><a href="{escape(m["run_dir"])}/report.html">{escape(cell)}</a></td>')
             elif i in code_columns:
-                cells.append(f'<td class="code-{_e(cell)}">{_e(cell)}</td>')
+                cells.append(f'<td class="code-{escape(cell)}">{escape(cell)}</td>')
             elif i == 1 and cell != "ok":
-                cells.append(f'<td class="failed">{_e(cell)}</td>')
+                cells.append(f'<td class="failed">{escape(cell)}</td>')
             else:
-                cells.append(f'<td class="text">{_e(cell)}</td>' if i == len(row) - 1 else f"<td>{_e(cell)}</td>")
+                cells.append(f'<td class="text">{escape(cell)}</td>' if i == len(row) - 1 else f"<td>{escape(cell)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f'<div class="table-wrap"><table id="models"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
@@ -170,12 +111,9 @@ def render_sweep_html(document: Mapping[str, Any], images: Mapping[str, bytes]) 
     """sweep.html: one self-contained page (inline CSS, images as data URIs, no network request)."""
     sections = sweep_sections(document, list(images))
     title = "qkspectra sweep"
-    nav = '<a href="#models">Models</a>' + "".join(f'<a href="#{_e(s.anchor)}">{_e(s.title)}</a>' for s in sections)
+    nav = '<a href="#models">Models</a>' + html_nav(sections)
     models = f'<section id="models-section"><h2>Models</h2>\n{_models_html(document, models_table(document))}</section>'
-    body = "\n".join(
-        f'<section id="{_e(s.anchor)}"><h2>{_e(s.title)}</h2>\n' + "\n".join(_html_block(b, images) for b in s.blocks) + "</section>"
-        for s in sections
-    )
+    body = html_sections(sections, images)
     return html_page(title, describe_sweep(document), nav, f"{models}\n{body}", SWEEP_CSS)
 
 
@@ -187,11 +125,7 @@ def render_sweep_markdown(document: Mapping[str, Any], figures: Sequence[str]) -
         for m, row in zip(document["models"], table.rows)
     )
     out = ["# qkspectra sweep", "", describe_sweep(document), "", "## Models", "",
-           _md_block(Table(table.columns, linked))]
-    for s in sweep_sections(document, figures):
-        out += ["", f"## {s.title}"]
-        for block in s.blocks:
-            out += ["", _md_block(block)]
+           markdown_block(Table(table.columns, linked)), *markdown_sections(sweep_sections(document, figures))]
     return "\n".join(out) + "\n"
 
 
@@ -200,11 +134,7 @@ def render_sweep_summary(document: Mapping[str, Any]) -> str:
     table = models_table(document)
     keep = 2 + len(VERDICT_COLUMNS) + len(HEADLINE)
     rows = [r[:keep] for r in table.rows]
-    columns = table.columns[:keep]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines) + "\n"
+    return "\n".join(text_table(table.columns[:keep], rows)) + "\n"
 
 
 def sweep_paths(out_dir: Path) -> list[Path]:
@@ -224,11 +154,10 @@ def write_sweep_report(document: Mapping[str, Any], out_dir: str | Path) -> dict
     from qkspectra.report.sweep_plots import sweep_figures
 
     out_dir = Path(out_dir)
-    scalars = {m["name"]: headline_figures(m) for m in document["models"]}
-    figures = sweep_figures(document, scalars, numeric_labels(document), title=describe_sweep(document), plot_name=plot_name)
+    figures = sweep_figures(document, title=describe_sweep(document))
     images = {name: png_bytes(fig) for name, fig in figures.items()}
     page, markdown = render_sweep_html(document, images), render_sweep_markdown(document, list(images))
-    paths = {name: atomic_write_bytes(out_dir / PLOTS_FOLDER / f"{name}.png", png) for name, png in images.items()}
+    paths = write_images(images, out_dir)
     paths["html"] = atomic_write_text(out_dir / "sweep.html", page)
     paths["markdown"] = atomic_write_text(out_dir / "sweep.md", markdown)
     return paths

@@ -1,14 +1,14 @@
 """The sweep's figures (matplotlib, Agg, no pyplot state), as ``plots`` does for one run.
 
 * ``*_figure`` functions take arrays and labels and return a ``Figure``; they compute nothing.
-* ``sweep_figures(document)`` reads ``sweep.json``'s document and calls them.
+* ``sweep_figures(document)`` reads ``sweep.json``'s document (through ``sweep_readers``) and calls them.
 
 Axes: M models (those that ran), L layers of one model, F key figures.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,8 +16,7 @@ from matplotlib import colormaps
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-from qkspectra.report.sweep_page import VERDICT_COLUMNS
-from qkspectra.analysis.verdict import LAYERS
+from qkspectra.report.sweep_readers import HEADLINE, VERDICT_COLUMNS, headline_figures, numeric_labels, plot_name, verdict_codes
 
 CODE_VALUES = {"rejected": 0, "partial": 1, "supported": 2, "n/a": 3}
 CODE_COLOURS = ("#e8a09a", "#f5cf85", "#8fd19e", "#e6e9ee")  # in CODE_VALUES order, as report.html's verdict boxes
@@ -87,30 +86,24 @@ def _number(x: Any) -> float:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else np.nan
 
 
-def sweep_figures(document: Mapping[str, Any], scalars: Mapping[str, Mapping[str, Any]], numeric_labels: Sequence[str],
-                  *, title: str, plot_name: Callable[[str], str]) -> dict[str, Figure]:
-    """Every sweep figure, name -> Figure. scalars: model name -> key figure name -> value (the table's);
-    numeric_labels: the labels with numbers for every model that has them; plot_name: a label's plot's name."""
+def sweep_figures(document: Mapping[str, Any], *, title: str) -> dict[str, Figure]:
+    """Every sweep figure, name -> Figure: the schedules, the verdicts, and the models table's headline
+    figures against each numeric label (``sweep_readers.numeric_labels``); ``title`` names the sweep."""
     ran = [m for m in document["models"] if m["status"] == "ok"]
     if not ran:
         return {}
+    scalars = {m["name"]: headline_figures(m) for m in ran}  # model name -> headline figure -> value
     figures = {
         "sweep_schedules": schedules_figure(
             {m["name"]: np.asarray(m["figures"]["schedule"]["mean_T"], dtype=float) for m in ran}, title
         ),
-        "sweep_verdicts": verdict_grid_figure(
-            [m["name"] for m in ran], VERDICT_COLUMNS,
-            [[m["figures"]["verdict"]["overall"] or "n/a",
-              *(m["figures"]["verdict"]["layers"].get(layer, {}).get("code") or "n/a" for layer in LAYERS)] for m in ran],
-            title,
-        ),
+        "sweep_verdicts": verdict_grid_figure([m["name"] for m in ran], VERDICT_COLUMNS, [verdict_codes(m) for m in ran], title),
     }
-    names = list(next(iter(scalars.values())).keys()) if scalars else []
-    for label in numeric_labels:
+    for label in numeric_labels(document):
         x = np.array([_number(m["labels"].get(label)) for m in ran])  # (M,)
         keep = np.isfinite(x)
         if not keep.any():
             continue
-        values = {name: np.array([_number(scalars[m["name"]][name]) for m in ran])[keep] for name in names}  # (M',) each
+        values = {name: np.array([_number(scalars[m["name"]][name]) for m in ran])[keep] for name in HEADLINE}  # (M',) each
         figures[plot_name(label)] = figures_against_label_figure(label, x[keep], values, title)
     return figures

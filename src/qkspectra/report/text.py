@@ -12,9 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from qkspectra.analysis.seed import Analysis, Correlation
 from qkspectra.analysis.bootstrap import BootstrapResult, Interval
-from qkspectra.analysis.seed import NO_FITTED_LAYER
+from qkspectra.analysis.seed import NO_FITTED_LAYER, Analysis, Correlation
 from qkspectra.analysis.nulls import CROSS_HEAD, NULL_LABELS, RESIDUAL_FITTED_PREFIX, RESIDUAL_PREFIX, SHAPE_INVARIANCE, NullBaseline
 from qkspectra.analysis.verdict import LayeredVerdict
 

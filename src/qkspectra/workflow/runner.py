@@ -6,14 +6,10 @@
     DIR/plots/*.png, DIR/report.html, DIR/report.md
     DIR/run.json                       what ran: cache key, dates, timings
 
-The extraction is reused when ``run.json`` holds the same cache key (model identity,
-extraction options, qkspectra version), the SHA-256 of the ``geometry.json`` beside it, and
-the size and modification time of the factors file beside that (a deleted or replaced factors
-file means extracting again).
-The model's identity is read from the file system without loading it: a bundled model's
-package version, or the sizes and modification times of a folder's or .gguf file's files.
-A model in memory (``InMemoryModel``) has no such identity: it is extracted every time.
-``run_in_memory`` does the same job without writing anything (the factors stay in memory).
+The extraction is reused when ``run.json`` holds the same cache key (model identity read from
+the file system, extraction options, qkspectra version) and the geometry and factors files are
+unchanged; a model in memory is extracted every time. ``run_in_memory`` does the same job
+without writing anything (the factors stay in memory).
 """
 
 from __future__ import annotations
@@ -32,7 +28,8 @@ from qkspectra._io import atomic_write_json
 from qkspectra.errors import QkspectraError, option
 from qkspectra.extract.extraction import ExtractOptions
 from qkspectra.geometry import Geometry
-from qkspectra.report.page import ReportFiles, check_writable, report_paths, write_report
+from qkspectra.report.files import check_writable
+from qkspectra.report.run_page import ReportFiles, report_paths, write_report
 
 if TYPE_CHECKING:
     import numpy as np
@@ -43,6 +40,16 @@ GEOMETRY_FILE = "geometry.json"
 ANALYSIS_FILE = "analysis.json"
 RUN_FILE = "run.json"
 NOT_IN_KEY = ("quiet",)  # options that cannot change the extraction
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a run is given: the options of ``qkspectra run``."""
+
+    options: ExtractOptions = ExtractOptions()
+    groups: int | None = None  # layer groups of the group anchor; None: round(sqrt(layers))
+    functional: bool = True  # run the functional test (the slowest part)
+    functional_tokens: int | None = None  # corpus tokens of the functional test; None: its default budget
 
 
 def _file_stamp(path: Path) -> dict[str, Any]:
@@ -71,7 +78,7 @@ def model_identity(model: str) -> dict[str, Any]:
     return {"path": str(path.resolve()), "files": _tree_stamp(path)}
 
 
-def model_name(model: str | InMemoryModel) -> str:
+def subject_name(model: str | InMemoryModel) -> str:
     """What the user called the model: the name or path given, or the in-memory model's own name."""
     return model if isinstance(model, str) else model.model_id
 
@@ -142,65 +149,82 @@ def reusable_geometry(out_dir: Path, key: dict[str, Any]) -> bool:
 
 def analysis_document(
     geometry: Geometry,
-    factors_file: Path | dict[str, np.ndarray],
+    factors: Path | dict[str, np.ndarray],
+    settings: RunSettings = RunSettings(),
     *,
-    groups: int | None = None,
-    functional_model: str | InMemoryModel | None = None,
-    options: ExtractOptions = ExtractOptions(),
+    model: str | InMemoryModel | None = None,
     map: Callable | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     timings: dict[str, float] | None = None,
-    functional_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """The analysis document with the rank-k section and, when the factors file exists, the operator-level one.
+    """The analysis document with the operator-level section (when the factors exist) and the rank-k one.
 
-    factors_file: the factors file, or the factors themselves (as ``Extraction.factors`` keeps them).
-    functional_model: also run the functional test on this model (the geometry's), on the corpus,
-    device and dtype of ``options``, with ``functional_tokens`` corpus tokens (None: the functional
-    test's default budget). The model runs once per reconstruction and anchor strategy.
-    map: how the operator analysis' layer-pair fits run (see ``operator.OperatorFitter``; None: a thread per core).
+    factors: the factors file, or the factors themselves (as ``Extraction.factors`` keeps them).
+    model: the geometry's model, for the functional test (run when ``settings.functional``), on the
+    corpus, device and dtype of ``settings.options``. The model runs once per reconstruction and anchor strategy.
+    map: how the operator analysis' layer-pair fits run (see ``operator_fit.OperatorFitter``; None: a thread per core).
     progress(stage, done, total): after each layer and layer pair of the operator-level fits.
     timings: receives ``operator_s`` (the operator-level fits) and ``operator_layer_pairs``.
     """
-    from qkspectra.analysis.seed import analyze_all
-    from qkspectra.analysis.operator_fit import OperatorFitter, as_factors
-    from qkspectra.analysis.document import build_analysis_document
+    from qkspectra.analysis.document import AnalysisOptions, build_analysis_document
+    from qkspectra.analysis.factors import as_factors
+    from qkspectra.analysis.operator_fit import OperatorFitter
     from qkspectra.analysis.rank_k import rank_k_evidence
+    from qkspectra.analysis.seed import analyze_all
 
-    analyses = analyze_all(geometry, groups=groups)
+    options = AnalysisOptions(groups=settings.groups)
+    analyses = analyze_all(geometry, groups=settings.groups)
     anchors = {name: a.anchor for name, a in analyses.items()}
     fitter = None
-    if isinstance(factors_file, dict) or factors_file.is_file():  # a file is read one layer at a time
+    if isinstance(factors, dict) or factors.is_file():  # a file is read one layer at a time
         clock = time.perf_counter()
-        fitter = OperatorFitter(as_factors(factors_file, geometry), map=map, on_step=progress)
+        fitter = OperatorFitter(as_factors(factors, geometry), map=map, on_step=progress)
         pairs = {(layer, int(a)) for anchor in anchors.values() for layer, a in enumerate(anchor.layers)}
         fitter.fit_pairs(pairs)
         if timings is not None:
             timings["operator_s"] = round(time.perf_counter() - clock, 3)
             timings["operator_layer_pairs"] = len(pairs)
-    factors = None if fitter is None else fitter.factors
-    if functional_model is None:
-        return build_analysis_document(geometry, groups=groups, factors=factors, fitter=fitter, analyses=analyses)
+    if model is None or not settings.functional:
+        return build_analysis_document(geometry, options, fitter=fitter, analyses=analyses)
 
-    from qkspectra.analysis.reconstruction import DEFAULT_MAX_TOKENS, functional_evidence
+    from qkspectra.analysis.reconstruction.evidence import functional_evidence
+    from qkspectra.extract.corpus import DEFAULT_FUNCTIONAL_TOKENS
 
     rank_k = rank_k_evidence(geometry, anchors, fitter=fitter)
     if fitter is not None:  # the model comes next: the fits' layers are not held beside it
         fitter.drop_layers()
+    extract = settings.options
     functional = functional_evidence(
-        functional_model, geometry, anchors, rank_k,
-        max_tokens=DEFAULT_MAX_TOKENS if functional_tokens is None else functional_tokens,
-        fold_ln=options.fold_ln, corpus=options.corpus, seq_len=options.seq_len, progress=not options.quiet,
-        device=options.device, dtype=options.dtype,
+        model, geometry, anchors, rank_k,
+        max_tokens=DEFAULT_FUNCTIONAL_TOKENS if settings.functional_tokens is None else settings.functional_tokens,
+        fold_ln=extract.fold_ln, corpus=extract.corpus, seq_len=extract.seq_len, progress=not extract.quiet,
+        device=extract.device, dtype=extract.dtype,
     )
-    return build_analysis_document(
-        geometry, groups=groups, factors=factors, fitter=fitter, rank_k=rank_k, functional=functional,
-        analyses=analyses,
-    )
+    return build_analysis_document(geometry, options, fitter=fitter, rank_k=rank_k, functional=functional,
+                                   analyses=analyses)
+
+
+def check_settings(settings: RunSettings) -> None:
+    """Reject impossible settings before any model is read (the number of groups is checked against the model later)."""
+    from qkspectra.extract.extraction import check_options
+
+    check_options(settings.options)
+    tokens = settings.functional_tokens
+    if tokens is not None and not 2 <= tokens <= 10**12:
+        raise QkspectraError(f"{option('functional_tokens')} must be between 2 and 10^12, got {tokens}")
+    if settings.groups is not None and settings.groups < 1:
+        raise QkspectraError(f"{option('groups')} {settings.groups}: must be between 1 and the number of layers")
+
+
+def check_groups(groups: int | None, num_layers: int) -> None:
+    if groups is not None and groups > num_layers:
+        raise QkspectraError(f"{option('groups')} {groups}: must be between 1 and the number of layers ({num_layers})")
 
 
 @dataclass(frozen=True)
-class RunResult:
+class RunFolder:
+    """What ``run`` wrote into ``out_dir``."""
+
     out_dir: Path
     document: dict[str, Any]  # the analysis document written to analysis.json
     extracted: bool  # False when the geometry was reused
@@ -211,31 +235,24 @@ class RunResult:
 def run(
     model: str | InMemoryModel,
     out_dir: str | Path,
+    settings: RunSettings = RunSettings(),
     *,
-    options: ExtractOptions = ExtractOptions(),
-    groups: int | None = None,
-    functional: bool = True,
     map: Callable | None = None,
-    functional_tokens: int | None = None,
     say: Callable[[str], None] = lambda _: None,
     progress: Callable[[str, int, int], None] | None = None,
-) -> RunResult:
-    """Extract (or reuse), analyze with every anchor strategy, and write the report folder.
+) -> RunFolder:
+    """Extract (or reuse), analyze with every anchor strategy (and the functional test when
+    ``settings.functional``, see ``analysis_document``), and write the report folder.
 
-    functional: also run the functional test (see ``analysis_document``), on ``functional_tokens``
-    corpus tokens (None: its default budget).
     map: how the operator analysis' layer-pair fits run (``cluster.cluster_map(client)``: on a Dask cluster).
     say: receives one line per step, for the user.
     progress: progress(stage, done, total) within the long steps (the operator-level fits).
     """
-    from qkspectra.extract.extraction import check_options, factors_path, refuse_overwriting_inputs_of
+    from qkspectra.extract.extraction import factors_path, refuse_overwriting_inputs_of
     from qkspectra.geometry import load_geometry
 
-    check_options(options)
-    if functional_tokens is not None and not 2 <= functional_tokens <= 10**12:
-        raise QkspectraError(f"{option('functional_tokens')} must be between 2 and 10^12, got {functional_tokens}")
-    if groups is not None and groups < 1:  # and at most the number of layers, checked below
-        raise QkspectraError(f"{option('groups')} {groups}: must be between 1 and the number of layers")
+    check_settings(settings)
+    options, groups = settings.options, settings.groups
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise QkspectraError(f"output {out_dir} exists and is not a folder")
@@ -248,14 +265,14 @@ def run(
     key = cache_key(model, options)
     record: dict[str, Any] = {
         "qkspectra_version": __version__,
-        "model": model_name(model),
+        "model": subject_name(model),
         "cache_key": key,
         "geometry_sha256": None,
         "factors_file": None,  # name, size and modification time of the factors file
         "extraction": None,
         "groups": groups,
-        "functional": functional,
-        "functional_tokens": functional_tokens,
+        "functional": settings.functional,
+        "functional_tokens": settings.functional_tokens,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "finished": None,  # stays null if the run stops after the extraction
         "timings": timings,
@@ -263,16 +280,14 @@ def run(
 
     geometry = load_geometry(geometry_path) if key is not None and reusable_geometry(out_dir, key) else None
     if groups is not None:  # checked against the model before anything is extracted or written
-        num_layers = geometry.num_layers if geometry is not None else model_num_layers(model, options)
-        if groups > num_layers:
-            raise QkspectraError(f"{option('groups')} {groups}: must be between 1 and the number of layers ({num_layers})")
+        check_groups(groups, geometry.num_layers if geometry is not None else model_num_layers(model, options))
     if geometry is not None:
         say(f"reusing {geometry_path} (same model and options)")
         record["extraction"] = "reused"
     else:
         from qkspectra.extract.extraction import extract_to_files
 
-        say(f"extracting the geometry of {model_name(model)}")
+        say(f"extracting the geometry of {subject_name(model)}")
         clock = time.perf_counter()
         extract_to_files(model, geometry_path, options=options)
         timings["extract_s"] = round(time.perf_counter() - clock, 3)
@@ -285,11 +300,9 @@ def run(
     if geometry is None:
         geometry = load_geometry(geometry_path)
     say("analysing: operator-level fits, every anchor strategy, null baselines, bootstrap intervals, rank-k"
-        + (f", then the functional test on {model_name(model)}" if functional else ""))
-    document = analysis_document(
-        geometry, factors_path(geometry_path), groups=groups, functional_model=model if functional else None,
-        options=options, map=map, progress=progress, timings=timings, functional_tokens=functional_tokens,
-    )
+        + (f", then the functional test on {subject_name(model)}" if settings.functional else ""))
+    document = analysis_document(geometry, factors_path(geometry_path), settings, model=model, map=map,
+                                 progress=progress, timings=timings)
     atomic_write_json(out_dir / ANALYSIS_FILE, document)
     timings["analyze_s"] = round(time.perf_counter() - clock, 3)
 
@@ -300,31 +313,25 @@ def run(
 
     record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     atomic_write_json(out_dir / RUN_FILE, record)
-    return RunResult(out_dir, document, record["extraction"] == "performed", report, geometry)
+    return RunFolder(out_dir, document, record["extraction"] == "performed", report, geometry)
 
 
 def run_in_memory(
     model: str | InMemoryModel,
+    settings: RunSettings = RunSettings(),
     *,
-    options: ExtractOptions = ExtractOptions(),
-    groups: int | None = None,
-    functional: bool = True,
     say: Callable[[str], None] = lambda _: None,
 ) -> tuple[Geometry, dict[str, Any]]:
     """The job of ``run`` without writing anything: (geometry, analysis document), the factors kept in memory."""
-    from qkspectra.extract.extraction import check_options, run_extraction
+    from qkspectra.extract.extraction import run_extraction
     from qkspectra.geometry import parse_geometry
 
-    check_options(options)
-    if groups is not None:
-        num_layers = model_num_layers(model, options)
-        if not 1 <= groups <= num_layers:
-            raise QkspectraError(f"{option('groups')} {groups}: must be between 1 and the number of layers ({num_layers})")
-    say(f"extracting the geometry of {model_name(model)}")
-    extraction = run_extraction(model, options=options)
-    geometry = parse_geometry(extraction.geometry, source=f"<geometry of {model_name(model)}>")
-    if functional:
-        say(f"running the functional test on {model_name(model)}")
-    document = analysis_document(geometry, extraction.factors, groups=groups,
-                                 functional_model=model if functional else None, options=options)
-    return geometry, document
+    check_settings(settings)
+    if settings.groups is not None:
+        check_groups(settings.groups, model_num_layers(model, settings.options))
+    say(f"extracting the geometry of {subject_name(model)}")
+    extraction = run_extraction(model, options=settings.options)
+    geometry = parse_geometry(extraction.geometry, source=f"<geometry of {subject_name(model)}>")
+    if settings.functional:
+        say(f"running the functional test on {subject_name(model)}")
+    return geometry, analysis_document(geometry, extraction.factors, settings, model=model)

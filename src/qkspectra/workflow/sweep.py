@@ -34,7 +34,7 @@ import orjson
 from qkspectra import __version__
 from qkspectra._io import atomic_write_json, make_folder
 from qkspectra.errors import QkspectraError
-from qkspectra.extract.extraction import ExtractOptions
+from qkspectra.workflow.runner import RunSettings
 
 SWEEP_FILE = "sweep.json"
 PARTIAL_FOLDER = ".partial"  # runs in progress, renamed into DIR/<name>/ when complete
@@ -49,16 +49,6 @@ class SweepModel:
     name: str
     model: str
     labels: Mapping[str, Any] = field(default_factory=dict)  # column -> int, float, str or None
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """What every model's run is given: the options of ``qkspectra run``."""
-
-    options: ExtractOptions = ExtractOptions()
-    groups: int | None = None
-    functional: bool = True
-    functional_tokens: int | None = None  # None: the functional test's default budget
 
 
 # ----------------------------------------------------------------------------
@@ -270,8 +260,7 @@ def run_model(model: SweepModel, out_dir: str, settings: RunSettings) -> dict[st
             raise QkspectraError(f"{final} exists and is not a qkspectra run folder; move it or choose another --out")
         make_folder(staging.parent)
         os.replace(final, staging)
-    result = run(model.model, staging, options=replace(settings.options, quiet=True), groups=settings.groups,
-                 functional=settings.functional, functional_tokens=settings.functional_tokens)
+    result = run(model.model, staging, replace(settings, options=replace(settings.options, quiet=True)))
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)

@@ -39,6 +39,9 @@ class AlbertAdapter(BertAdapter):
     def anchor_tensor(self) -> str:
         return "encoder.albert_layer_groups.0.albert_layers.0.attention.query.weight"
 
+    def separate_projections(self) -> tuple[str, str, str] | None:
+        return None  # the shared weights cannot hold per-layer query/key weights
+
     def group_of(self, index: int) -> int:
         return int(index / (self.config.num_hidden_layers / self.config.num_hidden_groups))
 

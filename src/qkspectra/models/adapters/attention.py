@@ -1,14 +1,14 @@
 """A layer's queries, keys and attention probabilities, formed exactly as the model forms its logits.
 
-From the block's input x (after its input norm; ``fold_norm`` layers take the normalised vector)
-``queries_and_keys`` applies, in the model's order, the projections and biases, the query/key
-norms, the rotary embedding at the given positions and the logit scale (folded into the
-queries), so that ``q @ k.T`` is the pre-softmax logit; ``visible_keys`` is the causal and
-sliding-window mask. Everything runs in torch, in the dtype of x (float64 for exact checks; the
-layer's arrays may be numpy arrays or torch tensors already on x's device, as ``layer_as_torch``
-makes them for a pass that calls this once per batch), and works on any slice of positions.
-This is the one place queries and keys are formed: the adapters' reproduction tests, the corpus
-pass's chunked entropy and the functional test all use it.
+From the block's input x (after its input norm; a layer folded by ``extract.linearised_norm.fold_norm``
+takes the normalised vector) ``queries_and_keys`` applies, in the model's order, the projections and
+biases, the query/key norms, the rotary embedding at the given positions and the logit scale (folded
+into the queries), so that ``q @ k.T`` is the pre-softmax logit; ``visible_keys`` is the causal and
+sliding-window mask. Everything runs in torch, in the dtype of x (float64 for exact checks); the
+layer's arrays may be numpy arrays or torch tensors already on x's device (as
+``extract.capture.layer_as_torch`` makes them), and any slice of positions works. This is the one
+place queries and keys are formed: the corpus pass (``extract.capture``), the generic reader's proof
+and the adapters' reproduction tests all use it.
 """
 
 from __future__ import annotations

@@ -1,34 +1,26 @@
 """The common per-layer layout every architecture adapter produces.
 
-For head h of a layer, with x the vector entering the attention block (after its input norm
-for pre-norm models) and positions ignored, the pre-softmax logit between query x and key y is
+For head h, with x the vector entering the attention block, logit = scale * (x @ W_Q[h] + b_Q[h]) .
+(y @ W_K[h] + b_K[h]) before positions; grouped-query layers keep one key factor per key/value head
+(query head h reads h // (H / H_kv)). An adapter also writes query/key weights back into a loaded
+model and gives each query head its own key/value head there (the functional test).
 
-    logit = scale * (x @ W_Q[h] + b_Q[h]) . (y @ W_K[h] + b_K[h])
-
-Grouped-query models store one key factor per key/value head: query head h reads key head
-h // (H / H_kv), and ``per_query_head()`` gives the layer with that factor repeated for each
-query head. Rotary models rotate both brackets by their position before the dot product (``rotary``).
-``norm_gain`` / ``norm_bias`` are the affine parameters of the norm whose output is x, so
-x = norm_gain * x_hat + norm_bias with x_hat the normalised vector (``None`` when no norm
-feeds the block directly). Nothing downstream knows which architecture a layer came from.
-
-Query/key norms (Gemma 3, Qwen3, OLMo 2, ...): with ``q_norm`` / ``k_norm`` set, each bracket
-above is normalised (``QKNorm``) after the projection and before positions, so the logit is
-scale * n_Q(x W_Q + b_Q) . n_K(y W_K + b_K). ``sliding_window`` W: a query sees only the last W
-keys (itself included). ``models.adapters.attention`` computes queries and keys exactly as the
-model forms its logits.
+The layout in full (norms, q/k norms, rotary, sliding windows): docs/method/adapter_layout.md.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
 from qkspectra.errors import QkspectraError
 from qkspectra.models.tensors import TensorSource
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -121,6 +113,14 @@ LOGIT_CHANGING_FIELDS = (
 PLAIN_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 
+class ParameterAccess(Protocol):
+    """A loaded model's parameters, read and overwritten as numpy arrays by their checkpoint names."""
+
+    def get(self, name: str) -> np.ndarray: ...
+
+    def set(self, name: str, value: np.ndarray) -> None: ...
+
+
 class AttentionAdapter(abc.ABC):
     """Maps one architecture's tensors to ``AttentionLayer``s. Subclasses set the shapes in ``__init__``."""
 
@@ -209,6 +209,60 @@ class AttentionAdapter(abc.ABC):
         full = self.prefixed(tensors, name)
         return self.read(tensors, name, shape) if full in tensors.names() else None
 
+    def separate_projections(self) -> tuple[str, str, str] | None:
+        """(attention, query, key): the module holding separate query and key nn.Linear projections
+        (``{}`` for the layer index) and their names in it; None where there are none to write."""
+        return None
+
+    def can_write_query_key(self) -> bool:
+        """Whether ``write_query_key`` can write this architecture's layers."""
+        return self.separate_projections() is not None
+
+    def write_query_key(self, parameters: ParameterAccess, index: int, W_Q: np.ndarray, W_K: np.ndarray,
+                        b_Q: np.ndarray | None, b_K: np.ndarray | None) -> None:
+        """Overwrite layer ``index``'s query/key weights W_Q, W_K (H, d_model, d_head) and biases b_Q, b_K
+        (H, d_head) or None in a loaded model with one key head per query head; here through
+        ``separate_projections``."""
+        attention, query, key = self.separate_projections()
+        prefix = attention.format(index)
+        for part, W, b in ((query, W_Q, b_Q), (key, W_K, b_K)):
+            parameters.set(f"{prefix}.{part}.weight", linear_from_heads(W))
+            if b is not None:
+                parameters.set(f"{prefix}.{part}.bias", b.reshape(-1))
+
+    def expand_kv_heads_in_place(self, model: nn.Module) -> None:
+        """Give every query head of a loaded ``model`` its own key/value head (repeat_kv done in the weights;
+        the same function); the modules' head counts and the config follow, so an adapter of the new config
+        reads the new layout. Here: separate ``k_proj``/``v_proj`` repeated head by head."""
+        import torch
+        from torch import nn
+
+        from qkspectra.models.modules import attention_modules
+
+        H = model.config.num_attention_heads
+        for module in attention_modules(model):
+            groups = getattr(module, "num_key_value_groups", 1)
+            if groups == 1:
+                continue
+            if not (hasattr(module, "k_proj") and hasattr(module, "v_proj")):
+                raise QkspectraError(f"cannot give each query head its own key head in {type(module).__name__}: "
+                                     "no separate k_proj/v_proj")
+            for name in ("k_proj", "v_proj"):
+                old = getattr(module, name)
+                d_head = old.out_features // (H // groups)
+                with torch.device("meta"):  # no initial weights: the repeated ones are the only new memory
+                    new = nn.Linear(old.in_features, H * d_head, bias=old.bias is not None, dtype=old.weight.dtype)
+                with torch.no_grad():
+                    new.weight = nn.Parameter(old.weight.view(-1, d_head, old.in_features).repeat_interleave(groups, 0)
+                                              .reshape(-1, old.in_features), requires_grad=old.weight.requires_grad)
+                    if old.bias is not None:
+                        new.bias = nn.Parameter(old.bias.view(-1, d_head).repeat_interleave(groups, 0).reshape(-1),
+                                                requires_grad=old.bias.requires_grad)
+                setattr(module, name, new)
+            module.num_key_value_groups = 1
+        if getattr(model.config, "num_key_value_heads", None) is not None:
+            model.config.num_key_value_heads = H
+
 
 def rotary_from_config(config: Any, head_dim: int, layer_type: str | None = None) -> RotaryEmbedding:
     """The rotary embedding a config describes; QkspectraError for rope types that rescale logits.
@@ -259,6 +313,11 @@ def heads_from_linear(weight: np.ndarray, num_heads: int) -> np.ndarray:
     """nn.Linear weight (num_heads*d_head, d_model) -> per-head factors (num_heads, d_model, d_head)."""
     out_features, d_model = weight.shape
     return weight.reshape(num_heads, out_features // num_heads, d_model).transpose(0, 2, 1)
+
+
+def linear_from_heads(per_head: np.ndarray) -> np.ndarray:
+    """Per-head factors (H, d_model, d_head) -> nn.Linear weight (H d_head, d_model); inverse of ``heads_from_linear``."""
+    return per_head.transpose(0, 2, 1).reshape(-1, per_head.shape[1])
 
 
 def heads_from_bias(bias: np.ndarray | None, num_heads: int) -> np.ndarray | None:

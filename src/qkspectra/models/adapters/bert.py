@@ -33,6 +33,9 @@ class BertAdapter(AttentionAdapter):
     def anchor_tensor(self) -> str:
         return "encoder.layer.0.attention.self.query.weight"
 
+    def separate_projections(self) -> tuple[str, str, str] | None:
+        return "encoder.layer.{}.attention.self", "query", "key"
+
     def layer(self, tensors: TensorSource, index: int) -> AttentionLayer:
         norm = "embeddings.LayerNorm" if index == 0 else f"encoder.layer.{index - 1}.output.LayerNorm"
         return self.self_attention(tensors, f"encoder.layer.{index}.attention.self", norm)

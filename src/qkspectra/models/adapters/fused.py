@@ -12,17 +12,22 @@ Falcon: ``query_key_value`` holds, in the new decoder architecture (grouped-quer
 Phi-3: ``qkv_proj`` holds all query heads, then the key heads, then the value heads.
 Persimmon: ``query_key_value`` head by head [q, k, v] (as GPT-NeoX), per-head q/k LayerNorms
     (with bias) when ``qk_layernorm``, partial rotary.
+Query/key weights are written back into the rows ``split`` reads; shared key/value heads are expanded
+by rebuilding the fused projection with one key and value head per query head.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from qkspectra.errors import QkspectraError
 from qkspectra.models.adapters.base import (
     AttentionAdapter,
     AttentionLayer,
+    ParameterAccess,
     heads_from_bias,
     heads_from_linear,
     qk_norm_from_tensors,
@@ -30,6 +35,10 @@ from qkspectra.models.adapters.base import (
 )
 from qkspectra.models.adapters.bert import BertAdapter
 from qkspectra.models.tensors import TensorSource
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 class RobertaAdapter(BertAdapter):
@@ -61,6 +70,9 @@ class DistilBertAdapter(BertAdapter):
 
     def anchor_tensor(self) -> str:
         return "transformer.layer.0.attention.q_lin.weight"
+
+    def separate_projections(self) -> tuple[str, str, str] | None:
+        return "transformer.layer.{}.attention", "q_lin", "k_lin"
 
     def layer(self, tensors: TensorSource, index: int) -> AttentionLayer:
         H, d = self.num_heads, self.d_model
@@ -109,11 +121,75 @@ class FusedAdapter(AttentionAdapter):
             rotary=self.rotary,
         )
 
+    def can_write_query_key(self) -> bool:
+        return True
+
+    def write_query_key(self, parameters: ParameterAccess, index: int, W_Q: np.ndarray, W_K: np.ndarray,
+                        b_Q: np.ndarray | None, b_K: np.ndarray | None) -> None:
+        """The query and key rows are those ``split`` cuts out, found by splitting the row numbers themselves.
+
+        Needs one key head per query head (``expand_kv_heads_in_place`` first).
+        """
+        name = self.fused.format(index)
+        query_rows, key_rows = self.split(np.arange(self.fused_rows()))  # (H, d_head), (H_kv, d_head) row numbers
+        if key_rows.shape[0] != W_K.shape[0]:
+            raise QkspectraError(f"cannot write {name}: {key_rows.shape[0]} key heads for {W_K.shape[0]} query heads "
+                                 "(expand the key/value heads first)")
+        weight = parameters.get(f"{name}.weight")  # (fused_rows, d_model)
+        weight[query_rows], weight[key_rows] = W_Q.transpose(0, 2, 1), W_K.transpose(0, 2, 1)  # (H, d_head, d_model)
+        parameters.set(f"{name}.weight", weight)
+        if b_Q is not None or b_K is not None:
+            bias = parameters.get(f"{name}.bias")  # (fused_rows,)
+            if b_Q is not None:
+                bias[query_rows] = b_Q  # (H, d_head)
+            if b_K is not None:
+                bias[key_rows] = b_K
+            parameters.set(f"{name}.bias", bias)
+
 
 def per_head_qkv(rows: np.ndarray, num_heads: int, d_head: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows laid out head by head [q, k, v]: (3 H d_head, ...) -> q, k each (H, d_head, ...)."""
     per_head = rows.reshape(num_heads, 3, d_head, *rows.shape[1:])
     return per_head[:, 0], per_head[:, 1]
+
+
+def _regroup_rows(linear: nn.Linear, regroup: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace a linear map's weight (out, d_model) and bias (out,) by regroup(rows), rows on the first axis.
+
+    The module keeps its class (Falcon's own ``FalconLinear``) and its hooks; only the rows change.
+    """
+    import torch
+    from torch import nn
+
+    with torch.no_grad():
+        linear.weight = nn.Parameter(regroup(linear.weight), requires_grad=linear.weight.requires_grad)
+        if linear.bias is not None:
+            linear.bias = nn.Parameter(regroup(linear.bias), requires_grad=linear.bias.requires_grad)
+    linear.out_features = linear.weight.shape[0]
+
+
+def _shared_kv_heads(rows: torch.Tensor, H: int, H_kv: int,
+                     grouped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused rows ((H + 2 H_kv) d_head, ...) -> q, k, v each (H, d_head, ...), key/value head g repeated
+    for the H / H_kv query heads that read it.
+
+    grouped: per kv group its query heads, then its key and value head (Falcon's new decoder architecture);
+    otherwise all query heads, then the H_kv key heads, then the H_kv value heads.
+    """
+    rest, group, d_head = rows.shape[1:], H // H_kv, rows.shape[0] // (H + 2 * H_kv)
+    if grouped:
+        heads = rows.reshape(H_kv, group + 2, d_head, *rest)  # (H_kv, group + 2, d_head, ...)
+        q, k, v = heads[:, :group].reshape(H, d_head, *rest), heads[:, group], heads[:, group + 1]
+    else:
+        q, k, v = (part.reshape(-1, d_head, *rest) for part in rows.split([H * d_head, H_kv * d_head, H_kv * d_head]))
+    return q, k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)  # (H, d_head, ...) each
+
+
+def _head_by_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q, k, v (H, d_head, ...) -> rows head by head [q, k, v] (3 H d_head, ...)."""
+    import torch
+
+    return torch.stack([q, k, v], dim=1).flatten(0, 2)
 
 
 class GPTBigCodeAdapter(FusedAdapter):
@@ -134,6 +210,21 @@ class GPTBigCodeAdapter(FusedAdapter):
         if not self.config.multi_query:
             return per_head_qkv(rows, H, dh)
         return rows[:H * dh].reshape(H, dh, *rows.shape[1:]), rows[H * dh:(H + 1) * dh].reshape(1, dh, *rows.shape[1:])
+
+    def expand_kv_heads_in_place(self, model: nn.Module) -> None:
+        """Multi-query [all q, k, v] -> multi-head, rows head by head [q, k, v]."""
+        from qkspectra.models.modules import attention_modules
+
+        config = model.config
+        if not config.multi_query:
+            return
+        H = config.n_head
+        for module in attention_modules(model):
+            _regroup_rows(module.c_attn, lambda rows: _head_by_head(*_shared_kv_heads(rows, H, 1, False)))
+            module.multi_query, module.kv_heads, module.kv_dim, module.num_key_value_groups = False, H, module.embed_dim, 1
+        if hasattr(model.base_model, "multi_query"):
+            model.base_model.multi_query = False
+        config.multi_query, config.num_key_value_heads = False, H
 
 
 class FalconAdapter(FusedAdapter):
@@ -170,6 +261,25 @@ class FalconAdapter(FusedAdapter):
             return heads[:H], heads[H:H + 1]
         return per_head_qkv(rows, H, dh)
 
+    def expand_kv_heads_in_place(self, model: nn.Module) -> None:
+        """Grouped -> groups of one query head (rows head by head [q, k, v]); multi-query -> multi-head."""
+        from qkspectra.models.modules import attention_modules
+
+        config = model.config
+        H, grouped = config.num_attention_heads, bool(config.new_decoder_architecture)
+        H_kv = config.num_kv_heads if grouped else (1 if config.multi_query else H)
+        if H_kv == H:
+            return
+        for module in attention_modules(model):
+            _regroup_rows(module.query_key_value,
+                          lambda rows: _head_by_head(*_shared_kv_heads(rows, H, H_kv, grouped)))
+            module.num_kv_heads = H
+            if not grouped:
+                module.multi_query = False
+        config.num_kv_heads = H
+        if not grouped:
+            config.multi_query = False
+
 
 class Phi3Adapter(FusedAdapter):
     model_type = "phi3"
@@ -189,6 +299,21 @@ class Phi3Adapter(FusedAdapter):
     def split(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         H, H_kv, dh, rest = self.num_heads, self.num_kv_heads, self.d_head, rows.shape[1:]
         return rows[:H * dh].reshape(H, dh, *rest), rows[H * dh:(H + H_kv) * dh].reshape(H_kv, dh, *rest)
+
+    def expand_kv_heads_in_place(self, model: nn.Module) -> None:
+        """[all q, H_kv k, H_kv v] -> [all q, H k, H v]."""
+        import torch
+
+        from qkspectra.models.modules import attention_modules
+
+        config = model.config
+        H, H_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+        if H_kv == H:
+            return
+        for module in attention_modules(model):
+            _regroup_rows(module.qkv_proj, lambda rows: torch.cat(_shared_kv_heads(rows, H, H_kv, False)).flatten(0, 1))
+            module.num_key_value_heads, module.num_key_value_groups = H, 1
+        config.num_key_value_heads = H
 
     def layer(self, tensors: TensorSource, index: int) -> AttentionLayer:
         from dataclasses import replace

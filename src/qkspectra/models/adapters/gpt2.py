@@ -5,6 +5,7 @@ key and value blocks side by side and heads contiguous inside each. The logit sc
 1/sqrt(d_head) if ``scale_attn_weights`` (else 1), divided by (layer + 1) if
 ``scale_attn_by_inverse_layer_idx``. ``reorder_and_upcast_attn`` only changes the order and
 precision of the same product, so it is accepted. The norm feeding attention is ``ln_1``.
+Query/key weights are written back into the query and key blocks of ``c_attn``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from qkspectra.models.adapters.base import AttentionAdapter, AttentionLayer
+from qkspectra.models.adapters.base import AttentionAdapter, AttentionLayer, ParameterAccess
 from qkspectra.models.tensors import TensorSource
 
 
@@ -54,3 +55,19 @@ class GPT2Adapter(AttentionAdapter):
             norm_bias=self.read_optional(tensors, f"h.{index}.ln_1.bias", (d,)),
             rotary=None,
         )
+
+    def can_write_query_key(self) -> bool:
+        return True
+
+    def write_query_key(self, parameters: ParameterAccess, index: int, W_Q: np.ndarray, W_K: np.ndarray,
+                        b_Q: np.ndarray | None, b_K: np.ndarray | None) -> None:
+        name = f"h.{index}.attn.c_attn"
+        d = W_Q.shape[1]
+        weight = parameters.get(f"{name}.weight")  # (d_model, 3 d_model): x @ W
+        weight[:, :d] = W_Q.transpose(1, 0, 2).reshape(d, -1)
+        weight[:, d : 2 * d] = W_K.transpose(1, 0, 2).reshape(d, -1)
+        parameters.set(f"{name}.weight", weight)
+        if b_Q is not None:
+            bias = parameters.get(f"{name}.bias")  # (3 d_model,)
+            bias[:d], bias[d : 2 * d] = b_Q.reshape(-1), b_K.reshape(-1)
+            parameters.set(f"{name}.bias", bias)

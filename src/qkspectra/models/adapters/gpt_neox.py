@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from qkspectra.models.adapters.base import AttentionAdapter, AttentionLayer, rotary_from_config
+import numpy as np
+
+from qkspectra.models.adapters.base import AttentionAdapter, AttentionLayer, ParameterAccess, rotary_from_config
 from qkspectra.models.tensors import TensorSource
 
 
@@ -48,3 +50,18 @@ class GPTNeoXAdapter(AttentionAdapter):
             norm_bias=self.read_optional(tensors, f"layers.{index}.input_layernorm.bias", (d,)),
             rotary=self.rotary,
         )
+
+    def can_write_query_key(self) -> bool:
+        return True
+
+    def write_query_key(self, parameters: ParameterAccess, index: int, W_Q: np.ndarray, W_K: np.ndarray,
+                        b_Q: np.ndarray | None, b_K: np.ndarray | None) -> None:
+        name = f"layers.{index}.attention.query_key_value"
+        H, d_model, d_head = W_Q.shape
+        weight = parameters.get(f"{name}.weight").reshape(H, 3, d_head, d_model)  # rows head by head: q, k, v
+        weight[:, 0], weight[:, 1] = W_Q.transpose(0, 2, 1), W_K.transpose(0, 2, 1)
+        parameters.set(f"{name}.weight", weight.reshape(3 * H * d_head, d_model))
+        if b_Q is not None:
+            bias = parameters.get(f"{name}.bias").reshape(H, 3, d_head)
+            bias[:, 0], bias[:, 1] = b_Q, b_K
+            parameters.set(f"{name}.bias", bias.reshape(-1))

@@ -37,6 +37,9 @@ class LlamaAdapter(AttentionAdapter):
     def anchor_tensor(self) -> str:
         return "layers.0.self_attn.q_proj.weight"
 
+    def separate_projections(self) -> tuple[str, str, str] | None:
+        return "layers.{}.self_attn", "q_proj", "k_proj"
+
     def describe_positions(self) -> str:
         return f"rotary on {self.rotary.rotary_dim} of {self.d_head} head dimensions"
 

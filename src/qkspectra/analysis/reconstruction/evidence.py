@@ -1,0 +1,191 @@
+"""Entry points of the functional test: the ``functional`` section of the analysis document.
+
+``functional_evidence`` loads the model and the corpus windows and checks the checkpoint against the
+geometry; ``reconstruction_effects`` writes each strategy's reconstructions (spectral, operator,
+operator rank-k, and the control: each head's own operator) into the model one layer at a time and
+compares each rewritten model with the original (``passes``). See docs/method/functional_test.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from torch import nn
+
+from qkspectra._threads import single_blas_thread
+from qkspectra.analysis.factors import check_against_geometry
+from qkspectra.analysis.operator_fit import OperatorFitter
+from qkspectra.analysis.reconstruction.layers import (
+    REFUSED_MODEL_TYPES,
+    LayerwiseFactors,
+    ModelLayers,
+    geometry_norm_rms,
+    original_layers,
+    writable_check,
+)
+from qkspectra.analysis.reconstruction.passes import ForwardPasses, release_freed_memory
+from qkspectra.analysis.reconstruction.targets import rank_k_correction, spectral_target
+from qkspectra.analysis.reconstruction.writing import LayerWriter, expand_kv_heads_in_place
+from qkspectra.analysis.seed import Anchor, scalar_rescale
+from qkspectra.errors import QkspectraError
+from qkspectra.extract.corpus import DEFAULT_FUNCTIONAL_TOKENS
+from qkspectra.extract.linearised_norm import NormRMS
+from qkspectra.geometry import Geometry
+from qkspectra.models.adapters import adapter_for
+from qkspectra.models.device import Placement
+from qkspectra.models.supported import ENCODER_MODEL_TYPES
+
+if TYPE_CHECKING:
+    from qkspectra.models.in_memory import InMemoryModel
+
+
+def reconstruction_effects(model: nn.Module, windows: list[list[int]], singular_values: np.ndarray,
+                           anchors: dict[str, Anchor], rank_k_section: dict[str, Any] | None, *,
+                           fold_ln: bool = True, norm_rms: NormRMS | None = None,
+                           progress: bool = False, layers: ModelLayers | None = None) -> dict[str, Any]:
+    """The ``functional`` section for a loaded model and token windows.
+
+    The model runs in its own dtype, on its own device, with transformers' SDPA attention (switched
+    to for each pass by ``AttentionCapture``). It is modified in place: key/value heads expanded, query/key weights overwritten
+    (the original's outputs are recorded first).
+    singular_values: (L, H, K) the geometry's spectra (spectral reconstruction and spectral T).
+    rank_k_section: the ``rank_k`` section, for each strategy's operator-level k; None skips
+    ``operator_rank_k`` (then None in the output). norm_rms: the q/k norm RMS the geometry's
+    linearised metric used (its metadata), for models with q/k norms; None: isotropic input.
+    layers: the model's layers as stored, read from its checkpoint with ``writable_check``
+    (``functional_evidence``); None: a snapshot of the model's own (``original_layers``).
+    Returns {strategy: {"spectral": R, "operator": R, "operator_rank_k": R}, "control": R}.
+    """
+    from tqdm.auto import tqdm
+
+    if layers is None:
+        _, layers = original_layers(model)
+    factors = LayerwiseFactors(layers, fold_ln=fold_ln, norm_rms=norm_rms)
+    L, H = factors.num_layers, factors.num_heads
+    if singular_values.shape[:2] != (L, H):
+        raise QkspectraError(f"the geometry has {singular_values.shape[:2]} layers x heads, the model {(L, H)}")
+    model.eval()
+    expand_kv_heads_in_place(model)
+    adapter = adapter_for(model.config)  # of the expanded config: one key head per query head
+    writer = LayerWriter(model, adapter, fold_ln=fold_ln, norm_rms=norm_rms)
+
+    runner = ForwardPasses(model, adapter, windows)
+    passes = 2 + len(anchors) * (2 + (rank_k_section is not None))  # at most: duplicates are run once
+    with tqdm(total=passes * runner.num_queries, unit="tok", desc="functional test", disable=not progress,
+              leave=False) as bar:
+        # every strategy's operator T first: the fitter's layers are not held through the passes
+        fitter = OperatorFitter(factors)
+        operator_Ts = {name: np.stack([fit.T for fit in fitter.fit_all(anchor.layers)]) for name, anchor in anchors.items()}
+        del fitter
+        release_freed_memory()
+        reference = runner.reference(bar.update)
+        original_loss = sum(batch.loss_sum for batch in reference) / max(runner.num_predicted, 1)
+
+        cache: dict[tuple, dict] = {}
+
+        def effects_of(key: tuple, target: Callable[[int], tuple[np.ndarray, np.ndarray]]) -> dict:
+            """target(layer) -> that layer's (X, Y) (H, d_model, d_head); written one layer at a time."""
+            if key not in cache:
+                with single_blas_thread():
+                    for index in range(L):
+                        writer.write(index, layers[index], *target(index))
+                release_freed_memory()
+                cache[key] = runner.compare(reference, original_loss, bar.update).as_dict()
+            else:
+                bar.update(runner.num_queries)
+            return cache[key]
+
+        def own(index: int) -> tuple[np.ndarray, np.ndarray]:
+            return factors.layer(index).W_Q, factors.layer(index).W_K
+
+        section: dict[str, Any] = {"control": effects_of(("control",), own)}
+        for name, anchor in anchors.items():
+            a = anchor.layers  # (L,)
+            spectral_T, _ = scalar_rescale(singular_values, singular_values[a])  # (L, H)
+            operator_T = operator_Ts[name]  # (L, H)
+
+            def spectral(index: int) -> tuple[np.ndarray, np.ndarray]:
+                return spectral_target(factors.layer(index), spectral_T[index, :, None] * singular_values[a[index]])
+
+            def operator(index: int) -> tuple[np.ndarray, np.ndarray]:
+                anchor_layer = factors.layer(a[index])
+                return operator_T[index, :, None, None] * anchor_layer.W_Q, anchor_layer.W_K
+
+            entry = {
+                "spectral": effects_of(("spectral", a.tobytes()), spectral),
+                "operator": effects_of(("operator", a.tobytes()), operator),
+                "operator_rank_k": None,
+                "num_anchor_layers": anchor.num_anchor_layers,
+                "replaced_layers": anchor.num_fitted_layers,
+            }
+            if rank_k_section is not None:
+                k = _operator_k(rank_k_section, name, (L, H))
+
+                def rank_k(index: int) -> tuple[np.ndarray, np.ndarray]:
+                    own_layer = factors.layer(index)
+                    return rank_k_correction(own_layer.W_Q, own_layer.W_K, *operator(index), k[index])
+
+                entry["operator_rank_k"] = effects_of(("operator_rank_k", a.tobytes(), k.tobytes()), rank_k)
+            section[name] = entry
+    return section
+
+
+def _operator_k(rank_k_section: dict[str, Any], strategy: str, shape: tuple[int, int]) -> np.ndarray:
+    entry = rank_k_section.get(strategy) or {}
+    operator = entry.get("operator")
+    if operator is None:
+        raise QkspectraError(f"the rank_k section has no operator-level k for anchor {strategy!r}")
+    k = np.asarray(operator["k"], dtype=int)
+    if k.shape != shape:
+        raise QkspectraError(f"rank_k.{strategy}.operator.k has shape {k.shape}, expected {shape}")
+    return k
+
+
+def load_functional_model(model_name_or_path: str | InMemoryModel, *, progress: bool = False,
+                          placement: Placement = Placement("cpu", "float32")):
+    """(model, tokenizer): a causal LM with its head, or the bare encoder, SDPA attention, in ``placement``.
+
+    A model in memory gives a copy (the test rewrites its weights), in its own dtype and attention.
+    """
+    if not isinstance(model_name_or_path, str):
+        from qkspectra.models.in_memory import functional_copy
+
+        return functional_copy(model_name_or_path)
+    from qkspectra.models import load_model, resolve_model
+
+    source = resolve_model(model_name_or_path, progress=progress)
+    causal = source.config.model_type not in ENCODER_MODEL_TYPES + tuple(REFUSED_MODEL_TYPES)
+    return load_model(source, attn_implementation="sdpa", progress=progress, placement=placement,
+                      model_class="AutoModelForCausalLM" if causal else "AutoModel")
+
+
+def functional_evidence(model_name_or_path: str | InMemoryModel, geometry: Geometry, anchors: dict[str, Anchor],
+                        rank_k_section: dict[str, Any] | None, *, max_tokens: int = DEFAULT_FUNCTIONAL_TOKENS,
+                        fold_ln: bool = True, corpus: str | None = None, seq_len: int | None = None,
+                        progress: bool = False, device: str = "auto", dtype: str | None = None) -> dict[str, Any]:
+    """The ``functional`` section: load the model, cut the corpus into windows, compare reconstructions.
+
+    geometry must come from this model with the same ``fold_ln`` (its spectra are checked against the
+    checkpoint's); anchors as for ``operator_evidence``; rank_k_section from ``rank_k_evidence`` with
+    factors. device, dtype: where and in what precision the model runs (``models.device``).
+    """
+    from qkspectra.extract.extraction import open_source, source_tensors
+    from qkspectra.extract.corpus import default_seq_len, load_windows
+    from qkspectra.models.device import resolve_placement
+
+    placement = resolve_placement(device, dtype)
+    release_freed_memory()  # what the analysis before freed, before the model comes in
+    source = open_source(model_name_or_path, progress=progress)
+    adapter = adapter_for(source.config)
+    norm_rms = geometry_norm_rms(geometry)
+    # the checkpoint, not its cast, one layer at a time: checked against the geometry and for what can be
+    # written, then the original layers of the test (no copy of the model's beside it)
+    layers = ModelLayers(adapter, source_tensors(source), check=writable_check(source.config.model_type))
+    check_against_geometry(LayerwiseFactors(layers, fold_ln=fold_ln, norm_rms=norm_rms, cache_size=1), geometry)
+    model, tokenizer = load_functional_model(model_name_or_path, progress=progress, placement=placement)
+    windows = load_windows(tokenizer, corpus=corpus, seq_len=seq_len or default_seq_len(model),
+                           max_tokens=max_tokens, window_per_line=False).windows
+    return reconstruction_effects(model, windows, geometry.singular_values, anchors, rank_k_section, fold_ln=fold_ln,
+                                  norm_rms=norm_rms, progress=progress, layers=layers)

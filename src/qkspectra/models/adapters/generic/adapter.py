@@ -1,0 +1,119 @@
+"""GenericAdapter: reads any model through its ``Layout`` and the norm recipes learned on a tiny model.
+
+It is built only by ``generic_adapter`` (``reader``), once the recipes have reproduced the tiny model's
+own attention (``proof``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from qkspectra.errors import QkspectraError
+from qkspectra.models.adapters.base import (
+    AttentionAdapter,
+    AttentionLayer,
+    QKNorm,
+    heads_from_bias,
+    heads_from_linear,
+    qk_norm_from_tensors,
+    rotary_from_config,
+)
+from qkspectra.models.adapters.generic.layout import Layout
+from qkspectra.models.adapters.generic.norms import NormRecipe
+from qkspectra.models.tensors import TensorSource
+
+
+class GenericAdapter(AttentionAdapter):
+    """Reads a model through a ``Layout`` and the norm recipes learned on a tiny model of its class."""
+
+    model_type = "generic"
+    heads_tile_d_model = False
+
+    def __init__(self, config: Any, layout: Layout, input_norm: NormRecipe | None,
+                 query_norm: NormRecipe | None, key_norm: NormRecipe | None, verified_on: str,
+                 interleaved: bool = False):
+        self.config = config
+        self._prefix = None
+        self.model_type = config.model_type
+        self.layout, self.input_norm, self.query_norm, self.key_norm = layout, input_norm, query_norm, key_norm
+        self.verified_on = verified_on
+        self.num_layers = len(layout.scales)
+        self.num_heads, self.num_kv_heads = layout.num_heads, layout.num_kv_heads
+        self.d_model, self.d_head = layout.d_model, layout.d_head
+        self.rotary_by_type = {}
+        if _has_rotary(config):
+            for kind in set(layout.layer_types):
+                self.rotary_by_type[kind] = replace(rotary_from_config(config, self.d_head, kind),
+                                                    interleaved=interleaved)
+        kinds = list(self.rotary_by_type.values())
+        self.rotary = kinds[0] if len(set(kinds)) == 1 else None
+
+    def describe(self) -> str:
+        return f"generic, verified on a tiny {self.verified_on}"
+
+    def describe_positions(self) -> str:
+        if not self.rotary_by_type:
+            return "no rotary embedding (absolute positions, if any, added before layer 0)"
+        parts = sorted({f"rotary on {r.rotary_dim} of {self.d_head} head dimensions, base {r.base:g}"
+                        for r in self.rotary_by_type.values()})
+        return "; ".join(parts)
+
+    def anchor_tensor(self) -> str:
+        return f"{self.layout.attention.format(0)}.{self.layout.query}.weight"
+
+    def separate_projections(self) -> tuple[str, str, str] | None:
+        return self.layout.attention, self.layout.query, self.layout.key
+
+    def _norm(self, tensors: TensorSource, recipe: NormRecipe, index: int, width: int):
+        """(gain, bias) of a norm over ``width`` coordinates (a per-head norm may hold one row per head)."""
+        gain = self.read(tensors, f"{recipe.name.format(index)}.weight", None) + recipe.offset
+        if gain.shape[-1] != width:
+            raise QkspectraError(f"tensor {recipe.name.format(index)}.weight has shape {gain.shape}, "
+                                 f"but the config implies ({width},)")
+        bias = self.read(tensors, f"{recipe.name.format(index)}.bias", gain.shape) if recipe.has_bias else None
+        return gain, bias
+
+    def read(self, tensors: TensorSource, name: str, shape: tuple[int, ...] | None) -> np.ndarray:
+        if shape is not None:
+            return super().read(tensors, name, shape)
+        return tensors.get(self.prefixed(tensors, name))
+
+    def _qk_norm(self, tensors: TensorSource, recipe: NormRecipe | None, index: int, heads: int) -> QKNorm | None:
+        if recipe is None:
+            return None
+        over = "head" if self._per_head(tensors, recipe) else "projection"
+        gain, bias = self._norm(tensors, recipe, index, self.d_head if over == "head" else heads * self.d_head)
+        return qk_norm_from_tensors(gain, bias, heads, eps=recipe.eps, over=over, centred=recipe.centred)
+
+    def _per_head(self, tensors: TensorSource, recipe: NormRecipe) -> bool:
+        stored = tensors.get(self.prefixed(tensors, f"{recipe.name.format(0)}.weight"))
+        return stored.shape[-1] == self.d_head and not (stored.ndim == 1 and self.num_heads == 1)
+
+    def layer(self, tensors: TensorSource, index: int) -> AttentionLayer:
+        layout = self.layout
+        attention = layout.attention.format(index)
+        H, H_kv, dh, d = self.num_heads, self.num_kv_heads, self.d_head, self.d_model
+        norm_gain = norm_bias = None
+        if self.input_norm is not None:
+            norm_gain, norm_bias = self._norm(tensors, self.input_norm, index, d)
+        return AttentionLayer(
+            W_Q=heads_from_linear(self.read(tensors, f"{attention}.{layout.query}.weight", (H * dh, d)), H),
+            W_K=heads_from_linear(self.read(tensors, f"{attention}.{layout.key}.weight", (H_kv * dh, d)), H_kv),
+            b_Q=heads_from_bias(self.read_optional(tensors, f"{attention}.{layout.query}.bias", (H * dh,)), H),
+            b_K=heads_from_bias(self.read_optional(tensors, f"{attention}.{layout.key}.bias", (H_kv * dh,)), H_kv),
+            scale=layout.scales[index],
+            norm_gain=norm_gain,
+            norm_bias=norm_bias,
+            rotary=self.rotary_by_type.get(layout.layer_types[index]),
+            q_norm=self._qk_norm(tensors, self.query_norm, index, H),
+            k_norm=self._qk_norm(tensors, self.key_norm, index, H_kv),
+            sliding_window=layout.windows[index],
+        )
+
+
+def _has_rotary(config: Any) -> bool:
+    params = getattr(config, "rope_parameters", None)
+    return bool(params) and getattr(config, "position_embedding_type", "rope") in ("rope", "rotary", None)

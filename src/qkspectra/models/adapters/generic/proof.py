@@ -1,0 +1,186 @@
+"""The tiny-model proof: a random model of the same config class that the generic reader must reproduce.
+
+``tiny_config`` keeps the config's class and attention options with two layers of each kind and small
+widths; ``learn_and_verify`` builds that model, learns its norm recipes and rotary pairing, and checks
+that the extracted weights, biases, scale, norms and positions give the model's own eager attention
+probabilities to ``TOLERANCE`` on a random input.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+from qkspectra.errors import QkspectraError, first_line
+from qkspectra.models.adapters.generic.adapter import GenericAdapter
+from qkspectra.models.adapters.generic.layout import Layout, read_layout
+from qkspectra.models.adapters.generic.norms import norm_recipe
+from qkspectra.models.adapters.generic.tables import (
+    DROPOUT_FIELDS,
+    EXPERT_COUNT_FIELDS,
+    EXPERTS_PER_TOKEN_FIELDS,
+    FEED_FORWARD_WIDTH_FIELDS,
+)
+from qkspectra.models.tensors import StateDictSource, TensorSource
+
+TOLERANCE = 1e-5  # on attention probabilities
+TINY_SEQ_LEN = 12
+TINY_SLIDING_WINDOW = 5
+TINY_VOCAB = 128
+
+
+def tiny_config(config: Any) -> Any:
+    """A config of the same class with two layers of each kind, small widths, the same attention options."""
+    values = copy.deepcopy(config.to_dict())
+    aliases = getattr(config, "attribute_map", {}) or {}
+
+    def put(name: str, value: Any) -> None:
+        key = aliases.get(name, name)
+        if key in values and values[key] is not None:
+            values[key] = value
+
+    heads = 4
+    kv = getattr(config, "num_key_value_heads", None)
+    real_heads = getattr(config, "num_attention_heads", heads)
+    put("hidden_size", 64)
+    put("num_attention_heads", heads)
+    put("num_key_value_heads", heads if kv in (None, real_heads) else 1 if kv == 1 else 2)
+    put("head_dim", 16)
+    for name in FEED_FORWARD_WIDTH_FIELDS:
+        put(name, 32)
+    for name in EXPERT_COUNT_FIELDS:
+        put(name, 4)
+    for name in EXPERTS_PER_TOKEN_FIELDS:
+        put(name, 2)
+    put("vocab_size", TINY_VOCAB)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if isinstance(values.get(name), int):
+            values[name] = min(values[name], TINY_VOCAB - 1)
+    put("sliding_window", TINY_SLIDING_WINDOW)
+    layer_types = values.get("layer_types")
+    if layer_types:
+        values["layer_types"] = list(dict.fromkeys(layer_types)) * 2  # every kind, twice, in order of appearance
+        put("num_hidden_layers", len(values["layer_types"]))
+    else:
+        put("num_hidden_layers", 2)
+    for name in ("max_window_layers",):
+        put(name, 1)
+    for name in DROPOUT_FIELDS:
+        if isinstance(values.get(name), float):
+            values[name] = 0.0
+    values.pop("model_type", None)
+    values.pop("transformers_version", None)
+    return type(config)(**values)
+
+
+def _randomise(model: Any) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.normal_(0.0, 0.2)
+            if "norm" in name.lower() and name.endswith("weight"):
+                parameter.add_(1.0)
+
+
+def _input_norm(model: Any, layout: Layout, attention_inputs: list, outputs: dict) -> str | None:
+    """The module name (with {}) whose output is layer 0's attention input, if a norm's."""
+    parent = layout.attention.format(0).rsplit(".", 1)[0]
+    for name, output in outputs.items():
+        if name.startswith(parent + ".") and output.shape == attention_inputs[0].shape and \
+                bool((output == attention_inputs[0]).all()):
+            relative = name[len(parent) + 1:]
+            return layout.attention.rsplit(".", 1)[0] + "." + relative
+    return None
+
+
+def learn_and_verify(config: Any) -> tuple | str:
+    """Build the tiny model, learn from it the norm recipes (input, query, key) and the rotary pairing, and check
+    the reproduction: (layout, input norm, query norm, key norm, interleaved), or a line saying what failed."""
+    import torch
+    from transformers import AutoModel
+
+    from qkspectra.models.offline import transformers_quiet
+
+    try:
+        tiny = tiny_config(config)
+        with transformers_quiet(progress=False):
+            model = AutoModel.from_config(tiny, attn_implementation="eager").eval()
+    except Exception as e:  # each config class validates in its own way
+        return f"cannot build a tiny {config.model_type} model ({first_line(e)})"
+    _randomise(model)
+    layout = read_layout(model)
+    if isinstance(layout, str):
+        return layout
+    norm_modules = {name: m for name, m in model.named_modules()
+                    if "norm" in type(m).__name__.lower() or re.search(r"(^|\.)(ln_\w+|\w*norm\w*)$", name)}
+    attention_inputs, outputs, handles = [], {}, []
+    first = dict(model.named_modules())[layout.attention.format(0)]
+    handles.append(first.register_forward_pre_hook(
+        lambda m, args, kwargs: attention_inputs.append(kwargs.get("hidden_states", args[0] if args else None)),
+        with_kwargs=True))
+    for name, module in norm_modules.items():
+        handles.append(module.register_forward_hook(
+            lambda m, args, out, name=name: outputs.setdefault(name, out if torch.is_tensor(out) else None)))
+    layer_inputs = []  # per layer: (2, TINY_SEQ_LEN, d_model)
+    for index in range(len(layout.scales)):
+        attention = dict(model.named_modules())[layout.attention.format(index)]
+        handles.append(attention.register_forward_pre_hook(
+            lambda m, args, kwargs: layer_inputs.append(kwargs.get("hidden_states", args[0] if args else None)),
+            with_kwargs=True))
+    input_ids = torch.randint(0, TINY_VOCAB, (2, TINY_SEQ_LEN), generator=torch.Generator().manual_seed(1))
+    try:
+        with torch.no_grad():
+            attentions = model(input_ids=input_ids, output_attentions=True).attentions
+    except Exception as e:
+        return f"the tiny {config.model_type} model does not run ({first_line(e)})"
+    finally:
+        for handle in handles:
+            handle.remove()
+    outputs = {k: v for k, v in outputs.items() if v is not None}
+    if not attentions or len(attentions) != len(layout.scales) or any(a is None for a in attentions):
+        return "its model does not return eager attention probabilities"
+
+    recipes = []
+    input_norm = _input_norm(model, layout, attention_inputs, outputs)
+    for name in (input_norm,
+                 None if layout.query_norm is None else f"{layout.attention}.{layout.query_norm}",
+                 None if layout.key_norm is None else f"{layout.attention}.{layout.key_norm}"):
+        if name is None:
+            recipes.append(None)
+            continue
+        recipe = norm_recipe(dict(model.named_modules())[name.format(0)], name, tiny)
+        if isinstance(recipe, str):
+            return recipe
+        recipes.append(recipe)
+    tensors = StateDictSource(model.state_dict())
+    failure = ""
+    for interleaved in (False, True):  # the rotary pairing, learned like the norms' conventions
+        adapter = GenericAdapter(tiny, layout, *recipes, verified_on=config.model_type, interleaved=interleaved)
+        if interleaved and not adapter.rotary_by_type:
+            break
+        try:
+            adapter.check_dimensions()
+            failure = _reproduction_failure(adapter, tensors, layer_inputs, attentions, config.model_type)
+        except QkspectraError as e:
+            return f"reading a tiny {config.model_type} failed ({e})"
+        if failure is None:
+            return layout, *recipes, interleaved
+    return failure
+
+
+def _reproduction_failure(adapter: GenericAdapter, tensors: TensorSource, layer_inputs: list, attentions: tuple,
+                          model_type: str) -> str | None:
+    """A line naming the first layer whose probabilities differ from the model's by more than TOLERANCE."""
+    from qkspectra.models.adapters.attention import attention_probabilities
+
+    for index, x in enumerate(layer_inputs):  # x: (batch, seq, d_model); attentions[index]: (batch, H, seq, seq)
+        layer = adapter.layer(tensors, index)
+        ours = attention_probabilities(layer, x.double(), causal=adapter.layout.causal)
+        error = float((ours - attentions[index].double()).abs().max())
+        if not error <= TOLERANCE:
+            return (f"the generic reader does not reproduce a tiny {model_type}'s own attention "
+                    f"(layer {index}: largest difference {error:.1e} > {TOLERANCE:g})")
+    return None

@@ -1,0 +1,69 @@
+"""``generic_adapter``: the generic reader's one entry, which refuses, lays out, proves, then reads.
+
+Per config it (1) refuses what changes the logit beyond s * q . k (``refusals``), (2) reads the layout of
+the real config's model built on the meta device (``layout``), (3) learns the norm recipes on a tiny
+model of the same config class and checks that they reproduce its attention (``proof``), and only then
+(4) returns the adapter. Layouts are kept per config content, proofs per tiny config, for the process.
+See docs/method/generic_reader.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any
+
+from qkspectra.errors import first_line
+from qkspectra.models.adapters.generic.adapter import GenericAdapter
+from qkspectra.models.adapters.generic.layout import Layout, meta_model, read_layout
+from qkspectra.models.adapters.generic.proof import learn_and_verify, tiny_config
+from qkspectra.models.adapters.generic.refusals import config_refusal, module_refusal, refusal_error
+
+_LAYOUTS: dict[str, Layout | str] = {}  # config class and content -> its meta model's layout, or why none
+_VERIFIED: dict[str, tuple | str] = {}  # tiny config class and JSON -> what learn_and_verify learned, or why not
+
+
+def generic_adapter(config: Any) -> GenericAdapter:
+    """The self-verified generic adapter for ``config``; QkspectraError naming the model type and what failed."""
+    model_type = getattr(config, "model_type", None)
+    if not hasattr(config, "to_dict"):
+        raise refusal_error(model_type, "its config is not a transformers config")
+    refusal = config_refusal(config)
+    if refusal is not None:
+        raise refusal_error(model_type, refusal)
+    layout = _real_layout(config)
+    if isinstance(layout, str):
+        raise refusal_error(model_type, layout)
+    key = f"{type(config).__module__}.{type(config).__name__}:{tiny_config(config).to_json_string()}"
+    if key not in _VERIFIED:
+        with _quiet_torch():
+            _VERIFIED[key] = learn_and_verify(config)
+    learned = _VERIFIED[key]
+    if isinstance(learned, str):
+        raise refusal_error(model_type, learned)
+    tiny_layout, *recipes, interleaved = learned
+    if (tiny_layout.query, tiny_layout.key, tiny_layout.query_norm, tiny_layout.key_norm) != \
+            (layout.query, layout.key, layout.query_norm, layout.key_norm):
+        raise refusal_error(model_type, "its tiny model has another module layout than the real one")
+    return GenericAdapter(config, layout, *recipes, verified_on=model_type, interleaved=interleaved)
+
+
+def _real_layout(config: Any) -> Layout | str:
+    """The layout of the real config's modules (built once per config content), or a line saying why none."""
+    key = f"{type(config).__module__}.{type(config).__name__}:{config.to_dict()!r}"
+    if key not in _LAYOUTS:
+        try:
+            meta = meta_model(config)
+        except Exception as e:
+            _LAYOUTS[key] = f"transformers cannot build it ({first_line(e)})"
+        else:
+            layout = read_layout(meta)
+            _LAYOUTS[key] = (module_refusal(meta, config) or layout) if isinstance(layout, str) else layout
+    return _LAYOUTS[key]
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

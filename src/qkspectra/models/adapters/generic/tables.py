@@ -1,0 +1,24 @@
+"""The names the generic reader recognises: projection and norm children, epsilon attributes, config fields.
+
+Each table is searched in order; the first name a module or config has wins.
+"""
+
+from __future__ import annotations
+
+# Children of an attention module: the query and key ``nn.Linear`` maps and their norms.
+QUERY_NAMES = ("q_proj", "query", "q", "wq", "query_proj", "q_lin")
+KEY_NAMES = ("k_proj", "key", "k", "wk", "key_proj", "k_lin")
+QUERY_NORM_NAMES = ("q_norm", "query_layernorm", "q_layernorm", "query_norm", "q_ln")
+KEY_NORM_NAMES = ("k_norm", "key_layernorm", "k_layernorm", "key_norm", "k_ln")
+
+# Where a norm's epsilon is found: on the norm module itself, else on the config (else 1e-6).
+EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon", "variance_eps")
+CONFIG_EPS_FIELDS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")
+
+# Config fields the tiny model shrinks or switches off, by what they hold.
+FEED_FORWARD_WIDTH_FIELDS = ("intermediate_size", "ffn_dim", "n_inner", "moe_intermediate_size",
+                             "shared_expert_intermediate_size", "ffn_hidden_size")
+EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+EXPERTS_PER_TOKEN_FIELDS = ("num_experts_per_tok", "moe_top_k")
+DROPOUT_FIELDS = ("attention_dropout", "attn_pdrop", "hidden_dropout", "resid_pdrop", "embd_pdrop",
+                  "attention_probs_dropout_prob", "hidden_dropout_prob", "dropout")
