@@ -88,6 +88,7 @@ def child(folder: Path, dtype: str, tokens: int) -> None:
 
     from qkspectra.analysis.seed import analyze_all
     from qkspectra.analysis.reconstruction.evidence import functional_evidence
+    from qkspectra.extract.extraction import ExtractOptions
     from qkspectra.geometry import load_geometry
     from qkspectra.models import resolve_model
     from qkspectra.analysis.factors import load_factors
@@ -96,8 +97,8 @@ def child(folder: Path, dtype: str, tokens: int) -> None:
     geometry = load_geometry(folder.parent / "geometry.json")
     anchors = {"last": analyze_all(geometry)["last"].anchor}
     rank_k = rank_k_evidence(geometry, anchors, load_factors(folder.parent / "geometry.factors.safetensors", geometry))
-    functional_evidence(str(folder), geometry, anchors, rank_k, max_tokens=tokens, seq_len=min(tokens, 1024),
-                        device="cpu", dtype=dtype)
+    functional_evidence(str(folder), geometry, anchors, rank_k,
+                        ExtractOptions(seq_len=min(tokens, 1024), device="cpu", dtype=dtype, quiet=True), max_tokens=tokens)
     config = resolve_model(str(folder), progress=False).config
     itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
     parameters = sum(p.numel() for p in transformers_model_parameters(config))

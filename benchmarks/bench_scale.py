@@ -104,7 +104,7 @@ def run_child(model: Path, out: Path) -> tuple[float, float]:
 
 def floor_seconds(layers: int, pairs: int, d_model: int, heads: int, kv_heads: int) -> float:
     """The unavoidable products (see the module doc), timed on random factors, spread over every core."""
-    from qkspectra._threads import single_blas_thread, worker_count
+    from qkspectra.threads import single_blas_thread, worker_count
     from qkspectra.factored import cross_gram, grouped_pairwise_inner
 
     rng = np.random.default_rng(0)

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from qkspectra import factored  # noqa: E402
-from qkspectra._threads import single_blas_thread, single_threaded_torch  # noqa: E402
+from qkspectra.threads import single_blas_thread, single_threaded_torch  # noqa: E402
 from qkspectra.extract.linearised_norm import fold_norm  # noqa: E402
 from qkspectra.extract.spectra import static_spectra  # noqa: E402
 from qkspectra.models import resolve_model  # noqa: E402

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qkspectra._io import atomic_write_text
+from qkspectra.atomic import atomic_write_text
 
 
 def bench_geometry(num_layers: int, num_heads: int, rank: int, seed: int) -> dict:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qkspectra._io import atomic_write_text
+from qkspectra.atomic import atomic_write_text
 
 ANCHOR_MODES = ("last", "middle", "best")
 EXPERIMENT3_ROW_SOURCE = "{np.mean(cs):>14.4f}"

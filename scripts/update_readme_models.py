@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from qkspectra._io import atomic_write_text
+from qkspectra.atomic import atomic_write_text
 from qkspectra.models.supported import replace_readme_section
 
 if __name__ == "__main__":

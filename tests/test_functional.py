@@ -188,6 +188,7 @@ def test_minilm_functional_evidence(minilm_source):
     from qkspectra.analysis.seed import analyze_all
     from qkspectra.extract.spectra import static_spectra
     from qkspectra.analysis.reconstruction.evidence import functional_evidence
+    from qkspectra.extract.extraction import ExtractOptions
     from qkspectra.geometry import parse_geometry
     from qkspectra.models.adapters import adapter_for
     from qkspectra.models.tensors import open_tensors
@@ -196,7 +197,7 @@ def test_minilm_functional_evidence(minilm_source):
     geometry = parse_geometry({"num_layers": 6, "num_heads": 12, "static": static.rows})
     anchors = {"last": analyze_all(geometry)["last"].anchor}
     rank_k = rank_k_evidence(geometry, anchors, static.factors)
-    section = functional_evidence("minilm", geometry, anchors, rank_k, max_tokens=512, seq_len=128)
+    section = functional_evidence("minilm", geometry, anchors, rank_k, ExtractOptions(seq_len=128, quiet=True), max_tokens=512)
     assert abs(section["control"]["delta_loss"]) < 1e-6 and abs(section["control"]["mean_kl"]) < 1e-6
     last = section["last"]
     assert last["operator"]["mean_kl"] > last["operator_rank_k"]["mean_kl"]
@@ -267,6 +268,7 @@ def test_bundled_models_figures_equal_the_float64_eager_path(name, minilm_source
     from qkspectra.analysis.seed import analyze_all
     from qkspectra.extract.spectra import static_spectra
     from qkspectra.analysis.reconstruction.evidence import functional_evidence
+    from qkspectra.extract.extraction import ExtractOptions
     from qkspectra.geometry import parse_geometry
     from qkspectra.models.adapters import adapter_for
     from qkspectra.models.tensors import open_tensors
@@ -277,7 +279,7 @@ def test_bundled_models_figures_equal_the_float64_eager_path(name, minilm_source
     geometry = parse_geometry({"num_layers": adapter.num_layers, "num_heads": adapter.num_heads, "static": static.rows})
     anchors = {"last": analyze_all(geometry)["last"].anchor}
     rank_k = rank_k_evidence(geometry, anchors, static.factors)
-    section = functional_evidence(name, geometry, anchors, rank_k, max_tokens=512, seq_len=128)
+    section = functional_evidence(name, geometry, anchors, rank_k, ExtractOptions(seq_len=128, quiet=True), max_tokens=512)
     expected = json.loads((Path(__file__).parent / "data" / f"functional_float64_{name}.json").read_text())
     control = section["control"]
     for kind in ("spectral", "operator", "operator_rank_k"):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qkspectra._io import atomic_write_json
+from qkspectra.atomic import atomic_write_json
 from qkspectra.cli import main
 from qkspectra.geometry import load_geometry
 from qkspectra.analysis.document import build_analysis_document

@@ -182,8 +182,8 @@ def test_functional_test_on_request_gets_the_run_options(first_run, monkeypatch)
     effect = {"delta_loss": 0.5, "loss_kind": "final_hidden_cosine_distance", "mean_kl": 0.1, "mean_entropy_shift": 0.2}
     calls = []
 
-    def fake_functional_evidence(model, geometry, anchors, rank_k, **kwargs):
-        calls.append((model, set(anchors), set(rank_k), kwargs))
+    def fake_functional_evidence(model, geometry, anchors, rank_k, options, **kwargs):
+        calls.append((model, set(anchors), set(rank_k), options, kwargs))
         return {"control": dict(effect, delta_loss=0.0),
                 **{name: {"operator": effect, "num_anchor_layers": anchors[name].num_anchor_layers,
                           "replaced_layers": anchors[name].num_fitted_layers} for name in anchors}}
@@ -192,10 +192,9 @@ def test_functional_test_on_request_gets_the_run_options(first_run, monkeypatch)
     geometry_path = first_run[0].out_dir / "geometry.json"
     options = ExtractOptions(max_tokens=100_000, seq_len=64, fold_ln=True, quiet=True)
     document = analysis_document(load_geometry(geometry_path), factors_path(geometry_path), RunSettings(options), model="minilm")
-    ((model, anchors, rank_k, kwargs),) = calls
+    ((model, anchors, rank_k, passed, kwargs),) = calls
     assert model == "minilm" and anchors == rank_k == {"last", "middle", "best", "group"}
-    assert kwargs == {"max_tokens": 2048, "fold_ln": True, "corpus": None, "seq_len": 64, "progress": False,
-                      "device": "auto", "dtype": None}
+    assert passed == options and kwargs == {"max_tokens": 2048}
     assert document["functional"]["last"]["operator"]["delta_loss"] == 0.5
     assert document["verdict"]["layers"]["functional"]["code"] == "rejected"
 
@@ -208,8 +207,8 @@ def test_an_extraction_survives_a_failure_after_it(tmp_path, monkeypatch):
     golden = Path(__file__).parent / "data" / "golden" / "minilm_like.json"
     extractions = []
 
-    def fake_extract_to_files(model, out, *, options):
-        extractions.append(model)
+    def fake_extract_to_files(subject, out, *, options):
+        extractions.append(subject.model)
         shutil.copy(golden, out)
         qkspectra.extract.extraction.factors_path(out).write_bytes(b"stand-in factors")  # never read (see below)
 

@@ -254,17 +254,25 @@ def cross_gram(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------
 
 
+def difference_core(A: np.ndarray, B: np.ndarray, C: np.ndarray, D: np.ndarray, *, bases: bool = False):
+    """The core of A B^T - C D^T = [A, -C] [B, D]^T = Q_X (R_X R_Y^T) Q_Y^T, by Householder QR of both sides.
+
+    A, B, C, D: (..., d_model, d_head); r = min(d_model, 2 d_head). Returns the core R_X R_Y^T
+    (..., r, r), whose singular values are the difference's; with ``bases``, (Q_X, core, Q_Y), Q (..., d_model, r).
+    """
+    left = np.concatenate([A, -C], axis=-1)  # (..., d_model, 2 d_head)
+    right = np.concatenate([B, D], axis=-1)  # (..., d_model, 2 d_head)
+    if not bases:
+        return np.linalg.qr(left, mode="r") @ np.swapaxes(np.linalg.qr(right, mode="r"), -1, -2)
+    Q_X, R_X = np.linalg.qr(left)
+    Q_Y, R_Y = np.linalg.qr(right)
+    return Q_X, R_X @ np.swapaxes(R_Y, -1, -2), Q_Y
+
+
 def difference_singular_values(A: np.ndarray, B: np.ndarray, C: np.ndarray, D: np.ndarray,
                                T: np.ndarray) -> np.ndarray:
-    """Singular values of A B^T - T C D^T by Householder QR, descending.
-
-    A, B, C, D: (..., d_model, d_head); T: (...) -> (..., min(d_model, 2 d_head)).
-    D = [A, -T C] [B, D]^T = Q_1 (R_1 R_2^T) Q_2^T, so its singular values are the core's.
-    """
-    left = np.concatenate([A, -T[..., None, None] * C], axis=-1)  # (..., d_model, 2 d_head)
-    right = np.concatenate([B, D], axis=-1)  # (..., d_model, 2 d_head)
-    core = np.linalg.qr(left, mode="r") @ np.swapaxes(np.linalg.qr(right, mode="r"), -1, -2)  # (..., r, r)
-    return np.linalg.svd(core, compute_uv=False)
+    """Singular values of A B^T - T C D^T, descending: A, B, C, D (..., d_model, d_head); T (...) -> (..., r)."""
+    return np.linalg.svd(difference_core(A, B, T[..., None, None] * C, D), compute_uv=False)
 
 
 def gram_difference_singular_values(gram_A: np.ndarray, cross_AC: np.ndarray, gram_C: np.ndarray,

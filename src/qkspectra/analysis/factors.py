@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qkspectra._threads import Mapper, thread_map
+from qkspectra.threads import Mapper, thread_map
 from qkspectra.analysis.seed import TINY
 from qkspectra.errors import QkspectraError
 from qkspectra.factored import gram_singular_values

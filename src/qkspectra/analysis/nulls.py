@@ -180,7 +180,7 @@ def _chunked_figures(
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from qkspectra._threads import single_blas_thread, worker_count
+    from qkspectra.threads import single_blas_thread, worker_count
 
     step = max(1, CHUNK_BYTES // max(per_draw_bytes, 1))
     workers = worker_count()

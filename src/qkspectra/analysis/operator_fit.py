@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from qkspectra._threads import Mapper, thread_map, worker_count
+from qkspectra.threads import Mapper, thread_map, worker_count
 from qkspectra.analysis.factors import AnyFactors, FactorsFile, LayerFactors, as_factors
 from qkspectra.analysis.seed import NO_FITTED_LAYER, TINY, Anchor
 from qkspectra.errors import QkspectraError

@@ -42,7 +42,7 @@ def analyze(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
 ) -> None:
     """Spectral-shape invariance, scalar-rescale fit to an anchor layer, and cross-head similarity."""
-    from qkspectra._io import atomic_write_json, refuse_overwriting_inputs
+    from qkspectra.atomic import atomic_write_json, refuse_overwriting_inputs
     from qkspectra.analysis.bootstrap import BootstrapOptions
     from qkspectra.analysis.document import AnalysisOptions, fitter_beside, gather_evidence
     from qkspectra.analysis.nulls import NullOptions

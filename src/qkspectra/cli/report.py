@@ -60,7 +60,7 @@ def _rebuild(path: Path, out: Path | None, quiet: bool, write: Callable[..., Any
 
     import numpy as np
 
-    from qkspectra._io import refuse_overwriting_inputs
+    from qkspectra.atomic import refuse_overwriting_inputs
     from qkspectra.report.run_page import report_paths, write_plots
 
     document, geometry = _inputs(path)

@@ -163,7 +163,9 @@ class AttentionCapture:
     On leaving, the model's attention implementation and modules are as they were.
     """
 
-    def __init__(self, model: nn.Module, on_call: Callable[[AttentionCall], None]):
+    def __init__(self, model: nn.Module, on_call: Callable[[AttentionCall], None], adapter=None):
+        """adapter: the model's (``adapter_for(model.config)`` when None), used only by models that call
+        attention their own way."""
         from qkspectra.models.adapters import adapter_for
 
         self.model = model
@@ -171,7 +173,7 @@ class AttentionCapture:
         self.modules = attention_modules(model)
         self.num_layers = model.config.num_hidden_layers
         self.through_interface = bool(getattr(model, "_supports_attention_backend", False))
-        self.adapter = None if self.through_interface else adapter_for(model.config)
+        self.adapter = None if self.through_interface else adapter or adapter_for(model.config)
         self.positions: torch.Tensor | None = None
         self.calls = 0
 

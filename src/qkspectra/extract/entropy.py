@@ -242,7 +242,7 @@ def call_entropy(call: AttentionCall, sink_key: torch.Tensor) -> tuple[torch.Ten
 
 
 def attention_entropy(model: nn.Module, corpus: Corpus, *, batch_size: int | None = None, progress: bool = True,
-                      padding_side: Literal["left", "right"] = "right") -> EntropyStats:
+                      padding_side: Literal["left", "right"] = "right", adapter=None) -> EntropyStats:
     """Mean attention entropy, normalised entropy and sink mass per (layer, head) over the corpus windows.
 
     model:        a transformers model in any dtype and on any device; it runs with transformers' SDPA
@@ -250,6 +250,7 @@ def attention_entropy(model: nn.Module, corpus: Corpus, *, batch_size: int | Non
     batch_size:   windows per forward pass; None: as many as MAX_TOKENS_PER_BATCH and MASK_MEMORY_BUDGET allow
     padding_side: where padding goes in a batch; the results do not depend on it (padding is
                   masked out and positions are counted from the attention mask)
+    adapter:      the model's, when the caller has it (see ``AttentionCapture``)
     """
     if batch_size is not None and batch_size < 1:
         raise QkspectraError(f"{option('batch_size')} must be at least 1, got {batch_size}")
@@ -264,7 +265,7 @@ def attention_entropy(model: nn.Module, corpus: Corpus, *, batch_size: int | Non
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), AttentionCapture(model, accumulator.add) as capture, \
+        with torch.inference_mode(), AttentionCapture(model, accumulator.add, adapter) as capture, \
                 tqdm(total=corpus.num_tokens, unit="tok", desc="attention entropy", disable=not progress,
                      leave=False) as bar:
             batches = split_for_sliding_window(

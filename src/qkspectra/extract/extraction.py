@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qkspectra import __version__
-from qkspectra._io import atomic_write_json, refuse_overwriting_inputs
+from qkspectra.atomic import atomic_write_json, refuse_overwriting_inputs
 from qkspectra.errors import QkspectraError, option
 from qkspectra.extract.corpus import DEFAULT_MAX_TOKENS
 from qkspectra.extract.factors_file import FactorSink, FactorsFileWriter
 
 if TYPE_CHECKING:
     from qkspectra.models.in_memory import InMemoryModel
+    from qkspectra.models.subject import Subject
 
 FACTORS_SUFFIX = ".factors.safetensors"
 FACTOR_CONVENTION = (
@@ -65,15 +66,18 @@ def geometry_document(model: str | InMemoryModel, *, options: ExtractOptions = E
     return run_extraction(model, options=options, factor_sink=lambda index, layer: None).geometry
 
 
-def extract_to_files(model: str | InMemoryModel, out: str | Path, *, options: ExtractOptions = ExtractOptions()) -> tuple[Path, Path]:
+def extract_to_files(model: str | InMemoryModel | Subject, out: str | Path, *, options: ExtractOptions = ExtractOptions()) -> tuple[Path, Path]:
     """Write the geometry JSON to ``out`` and stream the factors to ``<stem>.factors.safetensors``.
 
     The factors file is renamed into place only once the whole extraction has succeeded, then the
     JSON is written (atomically); on any error neither appears. Returns both paths.
     """
+    from qkspectra.models.subject import subject_of
+
     out = output_path(out)
-    refuse_overwriting_inputs_of(model, options, [out, factors_path(out)])
-    extraction = run_extraction(model, options=options, factors_file=factors_path(out))
+    subject = subject_of(model, progress=not options.quiet)
+    refuse_overwriting_inputs_of(subject.model, options, [out, factors_path(out)])
+    extraction = run_extraction(subject, options=options, factors_file=factors_path(out))
     try:
         atomic_write_json(out, extraction.geometry)
     except BaseException:
@@ -83,7 +87,7 @@ def extract_to_files(model: str | InMemoryModel, out: str | Path, *, options: Ex
 
 
 def run_extraction(
-    model: str | InMemoryModel,
+    model: str | InMemoryModel | Subject,
     *,
     options: ExtractOptions = ExtractOptions(),
     factors_file: str | Path | None = None,
@@ -92,19 +96,18 @@ def run_extraction(
     """Static spectra and (unless ``static_only``) attention entropy of ``model``, with metadata.
 
     ``model``: a bundled name, a model folder or .gguf file, or a model in memory (``InMemoryModel``,
-    read where it is and left as it was). The factors are kept in memory (``Extraction.factors``)
+    read where it is and left as it was), or a ``Subject`` already opened on one. The factors are kept in memory (``Extraction.factors``)
     unless ``factors_file`` is given (they are streamed there and the file committed when
     everything else succeeded) or ``factor_sink`` is (it receives each layer's ``AttentionLayer``
     as used for the spectra).
     """
     from qkspectra.extract.spectra import layer_factors, static_spectra
-    from qkspectra.models.adapters import adapter_for
+    from qkspectra.models.subject import subject_of
 
     check_options(options)
     progress = not options.quiet
-    source = open_source(model, progress=progress)
-    adapter = adapter_for(source.config)
-    tensors = source_tensors(source)
+    subject = subject_of(model, progress=progress)
+    source, adapter, tensors = subject.source, subject.adapter, subject.tensors()
 
     with contextlib.ExitStack() as stack:
         corpus = seq_len = None
@@ -169,7 +172,8 @@ def run_extraction(
         if corpus is not None:
             from qkspectra.extract.entropy import attention_entropy
 
-            stats = attention_entropy(torch_model, corpus, batch_size=options.batch_size, progress=progress)
+            stats = attention_entropy(torch_model, corpus, batch_size=options.batch_size, progress=progress,
+                                      adapter=adapter)
             if stats.mean_entropy.shape != (adapter.num_layers, adapter.num_heads):
                 raise QkspectraError(
                     f"attention entropy has shape {stats.mean_entropy.shape}, expected "
@@ -205,30 +209,6 @@ def run_extraction(
             metadata["factors_file"] = writer.commit().name
     geometry["metadata"] = metadata
     return Extraction(geometry=geometry, factors=static.factors)
-
-
-def open_source(model: str | InMemoryModel, *, progress: bool):
-    """Where the model comes from (``model_id``, ``description``, ``config``): a resolved ``ModelSource``, or the
-    ``InMemoryModel`` itself. With ``source_tensors`` and ``corpus_model``, the steps where a model in memory and
-    one on disk differ."""
-    from qkspectra.models.in_memory import InMemoryModel
-
-    if isinstance(model, InMemoryModel):
-        return model
-    from qkspectra.models import resolve_model
-
-    return resolve_model(model, progress=progress)
-
-
-def source_tensors(source):
-    """The model's tensors by checkpoint name, read lazily: from its safetensors files, or from the model in memory."""
-    from qkspectra.models.in_memory import InMemoryModel
-
-    if isinstance(source, InMemoryModel):
-        return source.tensors()
-    from qkspectra.models.tensors import open_tensors
-
-    return open_tensors(source.folder)
 
 
 def qk_norm_metadata(layer, *, static_only: bool) -> dict | None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from qkspectra._io import _umask, make_folder, remove_folders, write_error
+from qkspectra.atomic import current_umask, make_folder, remove_folders, write_error
 from qkspectra.errors import QkspectraError
 
 HEADER_ALIGNMENT = 8
@@ -96,7 +96,7 @@ class FactorsFileWriter:
                                  "were never written")
         try:
             self._file.close()
-            os.chmod(self._staging, 0o666 & ~_umask())
+            os.chmod(self._staging, 0o666 & ~current_umask())
             os.replace(self._staging, self.path)
         except OSError as e:
             raise write_error(self.path, e) from None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qkspectra._threads import single_blas_thread, single_threaded_torch
+from qkspectra.threads import single_blas_thread, single_threaded_torch
 from qkspectra.errors import QkspectraError
 from qkspectra.extract.factors_file import FactorSink
 from qkspectra.extract.linearised_norm import NormRMS, fold_norm, isotropic_layer_rms, linearise

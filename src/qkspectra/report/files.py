@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from qkspectra._io import atomic_write_bytes
+from qkspectra.atomic import atomic_write_bytes
 from qkspectra.errors import QkspectraError
 
 PLOTS_FOLDER = "plots"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qkspectra._io import atomic_write_text
+from qkspectra.atomic import atomic_write_text
 from qkspectra.geometry import Geometry
 from qkspectra.report.files import PLOTS_FOLDER, check_writable, write_images
 from qkspectra.report.layout import Paragraph, Table

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import orjson
 
 from qkspectra import __version__
-from qkspectra._io import atomic_write_json
+from qkspectra.atomic import atomic_write_json
 from qkspectra.errors import QkspectraError, option
 from qkspectra.extract.extraction import ExtractOptions
 from qkspectra.geometry import Geometry
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from qkspectra.models.in_memory import InMemoryModel
+    from qkspectra.models.subject import Subject
 
 GEOMETRY_FILE = "geometry.json"
 ANALYSIS_FILE = "analysis.json"
@@ -106,15 +107,6 @@ def default_out_dir(model: str, cwd: Path | None = None) -> Path:
     return out
 
 
-def model_num_layers(model: str | InMemoryModel, options: ExtractOptions) -> int:
-    """The number of attention layers of ``model``, from its config (a GGUF is converted on first use)."""
-    from qkspectra.models import resolve_model
-    from qkspectra.models.adapters import adapter_for
-
-    config = resolve_model(model, progress=not options.quiet).config if isinstance(model, str) else model.config
-    return adapter_for(config).num_layers
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -152,7 +144,7 @@ def analysis_document(
     factors: Path | dict[str, np.ndarray],
     settings: RunSettings = RunSettings(),
     *,
-    model: str | InMemoryModel | None = None,
+    model: str | InMemoryModel | Subject | None = None,
     map: Callable | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     timings: dict[str, float] | None = None,
@@ -193,13 +185,8 @@ def analysis_document(
     rank_k = rank_k_evidence(geometry, anchors, fitter=fitter)
     if fitter is not None:  # the model comes next: the fits' layers are not held beside it
         fitter.drop_layers()
-    extract = settings.options
-    functional = functional_evidence(
-        model, geometry, anchors, rank_k,
-        max_tokens=DEFAULT_FUNCTIONAL_TOKENS if settings.functional_tokens is None else settings.functional_tokens,
-        fold_ln=extract.fold_ln, corpus=extract.corpus, seq_len=extract.seq_len, progress=not extract.quiet,
-        device=extract.device, dtype=extract.dtype,
-    )
+    tokens = DEFAULT_FUNCTIONAL_TOKENS if settings.functional_tokens is None else settings.functional_tokens
+    functional = functional_evidence(model, geometry, anchors, rank_k, settings.options, max_tokens=tokens)
     return build_analysis_document(geometry, options, fitter=fitter, rank_k=rank_k, functional=functional,
                                    analyses=analyses)
 
@@ -251,8 +238,11 @@ def run(
     from qkspectra.extract.extraction import factors_path, refuse_overwriting_inputs_of
     from qkspectra.geometry import load_geometry
 
+    from qkspectra.models.subject import Subject
+
     check_settings(settings)
     options, groups = settings.options, settings.groups
+    subject = Subject(model, progress=not options.quiet)  # resolved and read once, when first needed
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise QkspectraError(f"output {out_dir} exists and is not a folder")
@@ -280,7 +270,7 @@ def run(
 
     geometry = load_geometry(geometry_path) if key is not None and reusable_geometry(out_dir, key) else None
     if groups is not None:  # checked against the model before anything is extracted or written
-        check_groups(groups, geometry.num_layers if geometry is not None else model_num_layers(model, options))
+        check_groups(groups, geometry.num_layers if geometry is not None else subject.adapter.num_layers)
     if geometry is not None:
         say(f"reusing {geometry_path} (same model and options)")
         record["extraction"] = "reused"
@@ -289,7 +279,7 @@ def run(
 
         say(f"extracting the geometry of {subject_name(model)}")
         clock = time.perf_counter()
-        extract_to_files(model, geometry_path, options=options)
+        extract_to_files(subject, geometry_path, options=options)
         timings["extract_s"] = round(time.perf_counter() - clock, 3)
         record["extraction"] = "performed"
     record["geometry_sha256"] = _sha256(geometry_path)
@@ -301,7 +291,7 @@ def run(
         geometry = load_geometry(geometry_path)
     say("analysing: operator-level fits, every anchor strategy, null baselines, bootstrap intervals, rank-k"
         + (f", then the functional test on {subject_name(model)}" if settings.functional else ""))
-    document = analysis_document(geometry, factors_path(geometry_path), settings, model=model, map=map,
+    document = analysis_document(geometry, factors_path(geometry_path), settings, model=subject, map=map,
                                  progress=progress, timings=timings)
     atomic_write_json(out_dir / ANALYSIS_FILE, document)
     timings["analyze_s"] = round(time.perf_counter() - clock, 3)
@@ -326,12 +316,15 @@ def run_in_memory(
     from qkspectra.extract.extraction import run_extraction
     from qkspectra.geometry import parse_geometry
 
+    from qkspectra.models.subject import Subject
+
     check_settings(settings)
+    subject = Subject(model, progress=not settings.options.quiet)
     if settings.groups is not None:
-        check_groups(settings.groups, model_num_layers(model, settings.options))
+        check_groups(settings.groups, subject.adapter.num_layers)
     say(f"extracting the geometry of {subject_name(model)}")
-    extraction = run_extraction(model, options=settings.options)
+    extraction = run_extraction(subject, options=settings.options)
     geometry = parse_geometry(extraction.geometry, source=f"<geometry of {subject_name(model)}>")
     if settings.functional:
         say(f"running the functional test on {subject_name(model)}")
-    return geometry, analysis_document(geometry, extraction.factors, settings, model=model)
+    return geometry, analysis_document(geometry, extraction.factors, settings, model=subject)

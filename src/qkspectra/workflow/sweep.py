@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 
 from qkspectra import __version__
-from qkspectra._io import atomic_write_json, make_folder
+from qkspectra.atomic import atomic_write_json, make_folder
 from qkspectra.errors import QkspectraError
 from qkspectra.workflow.runner import RunSettings
 

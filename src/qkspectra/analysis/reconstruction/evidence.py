@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import nn
 
-from qkspectra._threads import single_blas_thread
+from qkspectra.threads import single_blas_thread
 from qkspectra.analysis.factors import check_against_geometry
 from qkspectra.analysis.operator_fit import OperatorFitter
 from qkspectra.analysis.reconstruction.layers import (
@@ -31,14 +31,15 @@ from qkspectra.analysis.reconstruction.writing import LayerWriter, expand_kv_hea
 from qkspectra.analysis.seed import Anchor, scalar_rescale
 from qkspectra.errors import QkspectraError
 from qkspectra.extract.corpus import DEFAULT_FUNCTIONAL_TOKENS
+from qkspectra.extract.extraction import ExtractOptions
 from qkspectra.extract.linearised_norm import NormRMS
 from qkspectra.geometry import Geometry
-from qkspectra.models.adapters import adapter_for
 from qkspectra.models.device import Placement
 from qkspectra.models.supported import ENCODER_MODEL_TYPES
 
 if TYPE_CHECKING:
     from qkspectra.models.in_memory import InMemoryModel
+    from qkspectra.models.subject import Subject
 
 
 def reconstruction_effects(model: nn.Module, windows: list[list[int]], singular_values: np.ndarray,
@@ -67,8 +68,7 @@ def reconstruction_effects(model: nn.Module, windows: list[list[int]], singular_
     if singular_values.shape[:2] != (L, H):
         raise QkspectraError(f"the geometry has {singular_values.shape[:2]} layers x heads, the model {(L, H)}")
     model.eval()
-    expand_kv_heads_in_place(model)
-    adapter = adapter_for(model.config)  # of the expanded config: one key head per query head
+    adapter = expand_kv_heads_in_place(model, layers.adapter)
     writer = LayerWriter(model, adapter, fold_ln=fold_ln, norm_rms=norm_rms)
 
     runner = ForwardPasses(model, adapter, windows)
@@ -143,49 +143,53 @@ def _operator_k(rank_k_section: dict[str, Any], strategy: str, shape: tuple[int,
     return k
 
 
-def load_functional_model(model_name_or_path: str | InMemoryModel, *, progress: bool = False,
+def load_functional_model(model: str | InMemoryModel | Subject, *, progress: bool = False,
                           placement: Placement = Placement("cpu", "float32")):
     """(model, tokenizer): a causal LM with its head, or the bare encoder, SDPA attention, in ``placement``.
 
     A model in memory gives a copy (the test rewrites its weights), in its own dtype and attention.
     """
-    if not isinstance(model_name_or_path, str):
+    from qkspectra.models.subject import subject_of
+
+    subject = subject_of(model, progress=progress)
+    if subject.in_memory:
         from qkspectra.models.in_memory import functional_copy
 
-        return functional_copy(model_name_or_path)
-    from qkspectra.models import load_model, resolve_model
+        return functional_copy(subject.model)
+    from qkspectra.models import load_model
 
-    source = resolve_model(model_name_or_path, progress=progress)
+    source = subject.source
     causal = source.config.model_type not in ENCODER_MODEL_TYPES + tuple(REFUSED_MODEL_TYPES)
     return load_model(source, attn_implementation="sdpa", progress=progress, placement=placement,
                       model_class="AutoModelForCausalLM" if causal else "AutoModel")
 
 
-def functional_evidence(model_name_or_path: str | InMemoryModel, geometry: Geometry, anchors: dict[str, Anchor],
-                        rank_k_section: dict[str, Any] | None, *, max_tokens: int = DEFAULT_FUNCTIONAL_TOKENS,
-                        fold_ln: bool = True, corpus: str | None = None, seq_len: int | None = None,
-                        progress: bool = False, device: str = "auto", dtype: str | None = None) -> dict[str, Any]:
+def functional_evidence(model: str | InMemoryModel | Subject, geometry: Geometry, anchors: dict[str, Anchor],
+                        rank_k_section: dict[str, Any] | None, options: ExtractOptions = ExtractOptions(quiet=True),
+                        *, max_tokens: int = DEFAULT_FUNCTIONAL_TOKENS) -> dict[str, Any]:
     """The ``functional`` section: load the model, cut the corpus into windows, compare reconstructions.
 
-    geometry must come from this model with the same ``fold_ln`` (its spectra are checked against the
-    checkpoint's); anchors as for ``operator_evidence``; rank_k_section from ``rank_k_evidence`` with
-    factors. device, dtype: where and in what precision the model runs (``models.device``).
+    geometry must come from this model with the same ``options.fold_ln`` (its spectra are checked against
+    the checkpoint's); anchors as for ``operator_evidence``; rank_k_section from ``rank_k_evidence`` with
+    factors. options: the extraction's (its corpus and seq_len, the device and dtype the model runs in,
+    quiet); max_tokens: the corpus tokens of the test.
     """
-    from qkspectra.extract.extraction import open_source, source_tensors
     from qkspectra.extract.corpus import default_seq_len, load_windows
     from qkspectra.models.device import resolve_placement
+    from qkspectra.models.subject import subject_of
 
-    placement = resolve_placement(device, dtype)
+    fold_ln, progress = options.fold_ln, not options.quiet
+    placement = resolve_placement(options.device, options.dtype)
     release_freed_memory()  # what the analysis before freed, before the model comes in
-    source = open_source(model_name_or_path, progress=progress)
-    adapter = adapter_for(source.config)
+    subject = subject_of(model, progress=progress)
+    source, adapter = subject.source, subject.adapter
     norm_rms = geometry_norm_rms(geometry)
     # the checkpoint, not its cast, one layer at a time: checked against the geometry and for what can be
     # written, then the original layers of the test (no copy of the model's beside it)
-    layers = ModelLayers(adapter, source_tensors(source), check=writable_check(source.config.model_type))
+    layers = ModelLayers(adapter, subject.tensors(), check=writable_check(source.config.model_type))
     check_against_geometry(LayerwiseFactors(layers, fold_ln=fold_ln, norm_rms=norm_rms, cache_size=1), geometry)
-    model, tokenizer = load_functional_model(model_name_or_path, progress=progress, placement=placement)
-    windows = load_windows(tokenizer, corpus=corpus, seq_len=seq_len or default_seq_len(model),
+    torch_model, tokenizer = load_functional_model(subject, progress=progress, placement=placement)
+    windows = load_windows(tokenizer, corpus=options.corpus, seq_len=options.seq_len or default_seq_len(torch_model),
                            max_tokens=max_tokens, window_per_line=False).windows
-    return reconstruction_effects(model, windows, geometry.singular_values, anchors, rank_k_section, fold_ln=fold_ln,
+    return reconstruction_effects(torch_model, windows, geometry.singular_values, anchors, rank_k_section, fold_ln=fold_ln,
                                   norm_rms=norm_rms, progress=progress, layers=layers)

@@ -96,7 +96,7 @@ class ForwardPasses:
 
     def _forward(self, inputs: dict, on_call: Callable[[AttentionCall], None]) -> Any:
         """One forward pass; on_call(call) for each layer's attention call, in order."""
-        with torch.inference_mode(), AttentionCapture(self.model, on_call) as capture:
+        with torch.inference_mode(), AttentionCapture(self.model, on_call, self.adapter) as capture:
             capture.begin(inputs["attention_mask"])
             output = self.model(**inputs)
             capture.end()

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from qkspectra.factored import difference_core
+
 if TYPE_CHECKING:
     from qkspectra.analysis.factors import Factors, LayerFactors
 
@@ -88,9 +90,8 @@ def _difference_core_correction(A: np.ndarray, B: np.ndarray, C: np.ndarray, D: 
                                 ) -> tuple[np.ndarray, np.ndarray]:
     """``rank_k_correction`` for (N, d_model, d_head) factors and k (N,), through the [A, -C][B, D] difference core."""
     d_head = A.shape[-1]
-    Qx, Rx = np.linalg.qr(np.concatenate([A, -C], axis=-1))  # (N, d_model, r), (N, r, 2 d_head)
-    Qy, Ry = np.linalg.qr(np.concatenate([B, D], axis=-1))
-    U, S, Vt = np.linalg.svd(Rx @ np.swapaxes(Ry, -1, -2))  # (N, r, r), (N, r), (N, r, r)
+    Qx, core, Qy = difference_core(A, B, C, D, bases=True)  # (N, d_model, r), (N, r, r), (N, d_model, r)
+    U, S, Vt = np.linalg.svd(core)  # (N, r, r), (N, r), (N, r, r)
     kept = np.where(np.arange(S.shape[-1]) < k[..., None], S, 0.0)  # (N, r): the k largest
     X = np.concatenate([C, Qx @ (U * kept[..., None, :])], axis=-1)  # (N, d_model, d_head + r)
     Y = np.concatenate([D, Qy @ np.swapaxes(Vt, -1, -2)], axis=-1)

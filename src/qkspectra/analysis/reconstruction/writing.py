@@ -38,14 +38,18 @@ class ModelParameters:
             parameter.copy_(torch.from_numpy(np.ascontiguousarray(value)))
 
 
-def expand_kv_heads_in_place(model: nn.Module) -> None:
+def expand_kv_heads_in_place(model: nn.Module, adapter: AttentionAdapter | None = None) -> AttentionAdapter:
     """Give every query head its own key/value head (repeat_kv done in the weights); same function.
 
-    The model's adapter says how (``AttentionAdapter.expand_kv_heads_in_place``: separate k_proj/v_proj
-    repeated head by head, fused projections rebuilt); the modules' head counts and the config follow,
-    so the adapter of the new config reads the new layout.
+    The model's adapter (``adapter_for(model.config)`` when None) says how (``AttentionAdapter.expand_kv_heads_in_place``:
+    separate k_proj/v_proj repeated head by head, fused projections rebuilt); the modules' head counts and the
+    config follow. Returns the adapter of the expanded model: ``adapter`` itself when nothing was shared.
     """
-    adapter_for(model.config).expand_kv_heads_in_place(model)
+    adapter = adapter_for(model.config) if adapter is None else adapter
+    if adapter.num_kv_heads == adapter.num_heads:
+        return adapter
+    adapter.expand_kv_heads_in_place(model)
+    return adapter_for(model.config)  # the new config's: one key head per query head
 
 
 def _kept_bias(bias: np.ndarray | None, old: np.ndarray, new: np.ndarray) -> np.ndarray | None:

@@ -15,7 +15,8 @@ import orjson
 from qkspectra.errors import QkspectraError
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's file-creation mask (read without changing it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -88,7 +89,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     except OSError as e:
         raise write_error(path, e) from None
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # the permissions a plain open() would give
+        os.chmod(tmp, 0o666 & ~current_umask())  # the permissions a plain open() would give
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qkspectra._io import atomic_write_json
+from qkspectra.atomic import atomic_write_json
 from qkspectra.cli import main
 from qkspectra.errors import QkspectraError
 from qkspectra.extract.factors_file import FactorsFileWriter
