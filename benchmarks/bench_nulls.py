@@ -23,7 +23,7 @@ import numpy as np
 
 from qkspectra.analysis.seed import analyze_all
 from qkspectra.geometry import Geometry, load_geometry
-from qkspectra.analysis.nulls import NullOptions, _draw_generators, gaussian_shapes, gaussian_spectra, null_baselines
+from qkspectra.analysis.nulls import NullOptions, draw_generators, gaussian_shapes, gaussian_spectra, null_baselines
 
 
 def best_of(f, n: int) -> float:
@@ -52,7 +52,7 @@ def loop_seconds_per_draw(geometry: Geometry, draws: int) -> tuple[float, float]
     d_model, d_head, kv = shapes
     start = time.perf_counter()
     for i in range(draws):
-        sampled = gaussian_spectra(_draw_generators(0, 1, i, i + 1), L, H, d_model, d_head, kv)[0, ..., :K]
+        sampled = gaussian_spectra(draw_generators(0, 1, i, i + 1), L, H, d_model, d_head, kv)[0, ..., :K]
         analyze_all(Geometry(sampled, None))
     return shuffle, (time.perf_counter() - start) / draws
 

@@ -85,7 +85,7 @@ def time_load(path, names: list[str]) -> tuple[float, float]:
 
 
 def time_static(adapter, folder, *, keep_factors: bool, householder: bool = False) -> float:
-    """Seconds for the static pass; without ``keep_factors`` the factors are dropped, as in ``extract_geometry``.
+    """Seconds for the static pass; without ``keep_factors`` the factors are dropped, as in ``extract.extraction.geometry_document``.
 
     ``householder``: every factor takes Householder QR (the Gram route's condition limit set to 0).
     """

@@ -84,7 +84,7 @@ def test_window_per_line_entropies_equal_the_models_own_maps(gemma3, tmp_path, c
 
 def test_run_gemma3_end_to_end(tmp_path, cli):
     """Extraction (static: the corpus pass is checked against the model's own maps above), every analysis, the report.
-    The functional test through q/k norms is checked on a tiny Gemma 3 (test_functional); here it is left out."""
+    The functional test through q/k norms is checked on a tiny Gemma 3 (test_reconstruction); here it is left out."""
     out = tmp_path / "gemma3"
     status, stdout, stderr = cli(["run", "gemma3", "-o", str(out), "--static-only", "--no-functional", "-q"])
     assert status == 0, stderr

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import CONFIG_MAPPING, AutoModel
+from transformers import CONFIG_MAPPING
 
 from qkspectra.errors import QkspectraError
 from qkspectra.extract.spectra import static_spectra

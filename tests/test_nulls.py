@@ -78,7 +78,7 @@ def test_bartlett_spectra_match_explicit_gaussian_products():
     R_K = np.linalg.qr(W_K, mode="r")
     via_qr = np.linalg.svd(R_Q @ np.swapaxes(R_K, -1, -2), compute_uv=False)
     np.testing.assert_allclose(via_qr, explicit, rtol=1e-9)  # the identity itself, draw by draw
-    sampled = gaussian_spectra(nulls_module._draw_generators(0, 1, 0, n), 1, 1, d_model, d_head, 1)[:, 0, 0]  # (n, d_head)
+    sampled = gaussian_spectra(nulls_module.draw_generators(0, 1, 0, n), 1, 1, d_model, d_head, 1)[:, 0, 0]  # (n, d_head)
     for stat in (lambda s: s, lambda s: s**2):  # means and second moments of every singular value
         a, b = stat(explicit), stat(sampled)
         se = np.sqrt(a.var(axis=0) / n + b.var(axis=0) / n)
@@ -90,7 +90,7 @@ def test_heads_of_a_kv_group_share_the_key_factor():
     n, d_model, d_head = 3000, 6, 3
 
     def top_corr(num_kv_heads):
-        s = gaussian_spectra(nulls_module._draw_generators(5, 1, 0, n), 1, 2, d_model, d_head, num_kv_heads)[:, 0, :, 0]  # (n, 2)
+        s = gaussian_spectra(nulls_module.draw_generators(5, 1, 0, n), 1, 2, d_model, d_head, num_kv_heads)[:, 0, :, 0]  # (n, 2)
         return np.corrcoef(s[:, 0], s[:, 1])[0, 1]
 
     assert top_corr(1) > 0.15

@@ -229,3 +229,28 @@ def test_an_extraction_survives_a_failure_after_it(tmp_path, monkeypatch):
     result = run("minilm", tmp_path, RunSettings(OPTIONS, functional=False))  # the stand-in geometry is not minilm's
     assert extractions == ["minilm"] and not result.extracted
     assert orjson.loads((tmp_path / "run.json").read_bytes())["finished"] is not None
+
+
+@pytest.mark.parametrize("architecture", ["bert", "falcon"])
+def test_a_checkpoint_saved_with_a_task_head_runs_end_to_end(tmp_path, architecture):
+    """Its tensors are named under the head's prefix ("bert.", "transformer."); the bare model that the corpus
+    pass and the functional test load names them without it. The run's one adapter reads both."""
+    import torch
+    import transformers
+
+    from qkspectra.models.bundled import bundled_model_path
+
+    torch.manual_seed(0)
+    shapes = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    if architecture == "bert":
+        model = transformers.BertForMaskedLM(transformers.BertConfig(intermediate_size=64, **shapes))
+    else:
+        model = transformers.FalconForCausalLM(transformers.FalconConfig(
+            new_decoder_architecture=True, num_kv_heads=2, alibi=False, bias=False, **shapes))
+    folder = tmp_path / architecture
+    model.save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(bundled_model_path("minilm")).save_pretrained(folder)
+    options = ExtractOptions(seq_len=32, max_tokens=128, quiet=True)
+    result = run(str(folder), tmp_path / "out", RunSettings(options, functional_tokens=64))
+    assert result.document["functional"]["control"]["delta_loss"] < 1e-4
+    assert result.document["verdict"]["layers"]["functional"]["code"] != "n/a"

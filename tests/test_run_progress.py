@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from test_operator_streamed import random_llama_checkpoint
+from test_operator_fit_streamed import random_llama_checkpoint
 
 from qkspectra.extract.extraction import ExtractOptions
 from qkspectra.workflow.runner import RunSettings, run

@@ -12,12 +12,11 @@ Analysis needs numpy alone; extraction from models (``extract_geometry``, ``run`
 the ``models`` extra (torch, transformers).
 """
 
-__version__ = "0.1.0"
-
-from qkspectra.analysis.seed import Analysis, analyze, analyze_all  # noqa: E402
-from qkspectra.api import RunResult, extract_geometry, run  # noqa: E402
-from qkspectra.errors import QkspectraError  # noqa: E402
-from qkspectra.geometry import Geometry, load_geometry, parse_geometry  # noqa: E402
+from qkspectra.analysis.seed import Analysis, analyze, analyze_all
+from qkspectra.api import RunResult, extract_geometry, run
+from qkspectra.errors import QkspectraError
+from qkspectra.geometry import Geometry, load_geometry, parse_geometry
+from qkspectra.version import __version__
 
 __all__ = [
     "Analysis", "Geometry", "QkspectraError", "RunResult", "analyze", "analyze_all", "extract_geometry", "load_geometry",

@@ -237,7 +237,7 @@ def gaussian_spectra(
     return np.linalg.svd(R_Q @ np.swapaxes(R_K, -1, -2), compute_uv=False)  # (B, L, H, d_head)
 
 
-def _draw_generators(seed: int, stream: int, start: int, stop: int) -> list[np.random.Generator]:
+def draw_generators(seed: int, stream: int, start: int, stop: int) -> list[np.random.Generator]:
     return [np.random.default_rng((seed, stream, i)) for i in range(start, stop)]
 
 
@@ -283,7 +283,7 @@ def gaussian_null(
         )
 
     def sample(start: int, stop: int) -> np.ndarray:
-        rngs = _draw_generators(options.seed, _GAUSSIAN_STREAM, start, stop)
+        rngs = draw_generators(options.seed, _GAUSSIAN_STREAM, start, stop)
         return gaussian_spectra(rngs, L, H, d_model, d_head, kv)[..., :K]  # (B, L, H, K)
 
     per_draw = max(_figure_bytes(L, H, K), 8 * 4 * L * H * d_head * d_head)

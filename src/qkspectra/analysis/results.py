@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from qkspectra import __version__
+from qkspectra.version import __version__
 from qkspectra.analysis.seed import NO_FITTED_LAYER, Analysis, Correlation
 from qkspectra.analysis.bootstrap import BootstrapResult, Interval
 from qkspectra.analysis.nulls import NullBaseline

@@ -1,42 +1,16 @@
 """The ``qkspectra`` command line: parses arguments, calls the library, prints.
 
-Each command lives in its own module and registers itself on ``app``; no maths here.
+Each command lives in its own module and registers itself on ``app`` (``cli.app``); no maths here.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
 import typer
 
+from qkspectra.cli.app import app
 from qkspectra.errors import QkspectraError, command_line_spelling
-
-app = typer.Typer(
-    name="qkspectra",
-    help="Test the annealing-schedule hypothesis on transformer attention heads.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-
-@app.callback()
-def _root() -> None:
-    """Test the annealing-schedule hypothesis on transformer attention heads."""
-
-
-def fail(message: str) -> None:
-    """Stop the command: ``main`` prints ``message`` as one line on stderr and exits with status 2."""
-    raise QkspectraError(message)
-
-
-def output_file(text: str, option: str, example: str) -> Path:
-    """The file an option names; QkspectraError if the text names a folder (ends with a slash) or nothing."""
-    if not text or text.endswith(("/", os.sep)):
-        raise QkspectraError(f"{option} {text!r} names a folder; give a file name such as {text}{example}")
-    return Path(text)
 
 
 def _register() -> None:

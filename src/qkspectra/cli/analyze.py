@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from qkspectra.cli import app, fail, output_file
+from qkspectra.cli.app import app, fail, output_file
 from qkspectra.cli.run import Scheduler
 
 MAX_NULL_DRAWS = 100_000  # far beyond any p-value resolution a report needs; bounds the memory asked for

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from qkspectra.cli import app, output_file
+from qkspectra.cli.app import app, output_file
 from qkspectra.extract.corpus import DEFAULT_MAX_TOKENS
 
 if TYPE_CHECKING:

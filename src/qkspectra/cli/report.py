@@ -7,7 +7,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from qkspectra.cli import app
+from qkspectra.cli.app import app
 from qkspectra.errors import QkspectraError
 
 ANALYSIS_HELP = ("analysis.json written by `qkspectra run` or `qkspectra analyze --json` (the geometry file it was "

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from qkspectra.cli import app
+from qkspectra.cli.app import app
 from qkspectra.cli.extract import (
     BatchSize,
     Corpus,

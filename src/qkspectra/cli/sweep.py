@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from qkspectra.cli import app
+from qkspectra.cli.app import app
 from qkspectra.cli.run import run, run_settings
 
 NOT_FROM_RUN = ("model", "out", "scheduler")  # run's options that sweep declares its own way

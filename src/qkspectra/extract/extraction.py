@@ -1,4 +1,4 @@
-"""``extract``: a model's QK-metric spectra (static) and attention entropy (dynamic) as a geometry.
+"""The extraction engine: a model's QK-metric spectra (static) and attention entropy (dynamic) as a geometry.
 
 ``run_extraction`` reads the static part (the query/key tensors and norm gains, layer by
 layer) and, unless ``static_only``, runs the model on a corpus for the dynamic part;
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from qkspectra import __version__
+from qkspectra.version import __version__
 from qkspectra.atomic import atomic_write_json, refuse_overwriting_inputs
 from qkspectra.errors import QkspectraError, option
 from qkspectra.extract.corpus import DEFAULT_MAX_TOKENS

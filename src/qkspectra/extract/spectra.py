@@ -115,7 +115,7 @@ def static_spectra(
 ) -> StaticSpectra:
     """Read each layer's query/key tensors, fold norms if asked, and compute its spectra.
 
-    Heads with query/key norms are replaced by their linearised metric (``extract.qk_norm``), with
+    Heads with query/key norms are replaced by their linearised metric (``extract.linearised_norm``), with
     the typical RMS ``norm_rms`` measured on a corpus, or for isotropic unit-RMS input when None.
 
     Layers are read one at a time; only the current layer is held in float64. Each layer, as

@@ -9,7 +9,7 @@ cannot be reached within Dask's connect timeout (``distributed.comm.timeouts.con
 
 ``cluster_map(client)`` is a drop-in for the builtin ``map`` over a function and one
 iterable, with each call a task on the cluster (results in order). The maths modules take
-such a callable (``operator.OperatorFitter(map=...)``) and never import Dask.
+such a callable (``analysis.operator_fit.OperatorFitter(map=...)``) and never import Dask.
 
 Needs the ``cluster`` extra (``dask[distributed]``).
 """
@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from qkspectra.errors import QkspectraError
+from qkspectra.threads import worker_count
 
 
 def require_distributed():
@@ -31,11 +31,6 @@ def require_distributed():
     except ImportError:
         raise QkspectraError("a Dask cluster needs dask.distributed (pip install 'qkspectra[cluster]')") from None
     return distributed
-
-
-def default_workers() -> int:
-    """One worker process per core this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @contextlib.contextmanager
@@ -53,7 +48,7 @@ def connect(scheduler: str | None = None, workers: int | None = None) -> Iterato
         with client:
             yield client
         return
-    workers = default_workers() if workers is None else workers
+    workers = worker_count() if workers is None else workers  # one worker process per core
     if workers < 1:
         raise QkspectraError(f"--workers {workers}: must be at least 1")
     with distributed.LocalCluster(host="127.0.0.1",  # loopback only, dashboard included

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 
-from qkspectra import __version__
+from qkspectra.version import __version__
 from qkspectra.atomic import atomic_write_json
 from qkspectra.errors import QkspectraError, option
-from qkspectra.extract.extraction import ExtractOptions
+from qkspectra.extract.extraction import MAX_TOKENS_LIMIT, ExtractOptions
 from qkspectra.geometry import Geometry
 from qkspectra.report.files import check_writable
 from qkspectra.report.run_page import ReportFiles, report_paths, write_report
@@ -197,15 +197,16 @@ def check_settings(settings: RunSettings) -> None:
 
     check_options(settings.options)
     tokens = settings.functional_tokens
-    if tokens is not None and not 2 <= tokens <= 10**12:
+    if tokens is not None and not 2 <= tokens <= MAX_TOKENS_LIMIT:
         raise QkspectraError(f"{option('functional_tokens')} must be between 2 and 10^12, got {tokens}")
-    if settings.groups is not None and settings.groups < 1:
-        raise QkspectraError(f"{option('groups')} {settings.groups}: must be between 1 and the number of layers")
 
 
-def check_groups(groups: int | None, num_layers: int) -> None:
-    if groups is not None and groups > num_layers:
-        raise QkspectraError(f"{option('groups')} {groups}: must be between 1 and the number of layers ({num_layers})")
+def check_groups(groups: int | None, num_layers: int | None = None) -> None:
+    """groups between 1 and the number of layers (only at least 1 while that number is not known)."""
+    if groups is None or (groups >= 1 and (num_layers is None or groups <= num_layers)):
+        return
+    count = "" if num_layers is None else f" ({num_layers})"
+    raise QkspectraError(f"{option('groups')} {groups}: must be between 1 and the number of layers{count}")
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,7 @@ def run(
 
     check_settings(settings)
     options, groups = settings.options, settings.groups
+    check_groups(groups)  # and against the number of layers, below
     subject = Subject(model, progress=not options.quiet)  # resolved and read once, when first needed
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -315,7 +317,6 @@ def run_in_memory(
     """The job of ``run`` without writing anything: (geometry, analysis document), the factors kept in memory."""
     from qkspectra.extract.extraction import run_extraction
     from qkspectra.geometry import parse_geometry
-
     from qkspectra.models.subject import Subject
 
     check_settings(settings)

@@ -3,16 +3,12 @@
     DIR/<name>/      each model's run folder, what ``qkspectra run`` writes there
     DIR/sweep.json   engine and versions; per model its name, model, labels, status (ok or failed),
                      error, run_dir (relative to DIR), timings and key figures (``key_figures``)
-    DIR/sweep.html, DIR/sweep.md, DIR/plots/sweep_*.png   the comparison (``sweepreport``)
+    DIR/sweep.html, DIR/sweep.md, DIR/plots/sweep_*.png   the comparison (``report.sweep_page``)
 
-A model's run is reused when its folder holds a finished run of the same cache key (see
-``runner``) and analysis options; otherwise it runs in ``DIR/.partial/<name>/`` (reusing the
-extraction a previous attempt left there) and is renamed into ``DIR/<name>/`` once complete, so a
-run folder is never half-written. One model's failure (bad path, unsupported type, corrupt
+A finished run of the same cache key and options is reused; others run in ``DIR/.partial/<name>/``
+and are renamed into place once complete. One model's failure (bad path, unsupported type, corrupt
 weights, out of memory, a lost worker) is recorded with its one-line error; the others finish.
-
-The tasks read the models and write DIR themselves: on a cluster, every worker needs qkspectra
-installed and those paths readable and writable.
+On a cluster, every worker needs qkspectra installed and the models and DIR readable and writable.
 """
 
 from __future__ import annotations
@@ -31,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from qkspectra import __version__
+from qkspectra.version import __version__
 from qkspectra.atomic import atomic_write_json, make_folder
 from qkspectra.errors import QkspectraError
 from qkspectra.workflow.runner import RunSettings
@@ -39,7 +35,7 @@ from qkspectra.workflow.runner import RunSettings
 SWEEP_FILE = "sweep.json"
 PARTIAL_FOLDER = ".partial"  # runs in progress, renamed into DIR/<name>/ when complete
 RESERVED_NAMES = frozenset({"plots", SWEEP_FILE, "sweep.html", "sweep.md"})  # what DIR holds besides the run folders
-SCHEMA_VERSION = 1
+SWEEP_SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -75,7 +71,7 @@ def unique_names(wanted: Sequence[str]) -> list[str]:
     return names
 
 
-def model_argument(text: str, base: Path | None = None) -> str:
+def model_location(text: str, base: Path | None = None) -> str:
     """A bundled name as it is; a path made absolute (relative to ``base``, default the current folder),
     since workers run elsewhere."""
     from qkspectra.models.bundled import BUNDLED_MODELS
@@ -134,13 +130,13 @@ def read_models_file(path: str | os.PathLike) -> list[tuple[str | None, str, dic
         if not model:
             raise QkspectraError(f"{path}: line {number}: empty model")
         name = cells.pop("name", "").strip() or None
-        entries.append((name, model_argument(model, path.parent), {k: _label_value(v) for k, v in cells.items()}))
+        entries.append((name, model_location(model, path.parent), {k: _label_value(v) for k, v in cells.items()}))
     return entries
 
 
 def sweep_models(models: Sequence[str] = (), models_file: str | os.PathLike | None = None) -> list[SweepModel]:
     """The models of the command line (no labels), then those of the CSV file, with unique safe names."""
-    entries = [(None, model_argument(m), {}) for m in models]
+    entries = [(None, model_location(m), {}) for m in models]
     if models_file is not None:
         entries += read_models_file(models_file)
     if not entries:
@@ -354,7 +350,7 @@ def run_sweep(
     _remove_partial_runs(out_dir, [])  # the folder of partial runs, when none is left in it
     document = {
         "qkspectra_version": __version__,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": SWEEP_SCHEMA_VERSION,
         "engine": {**engine, "cluster": "local" if scheduler is None else "existing", "versions": _versions()},
         "settings": {"options": {k: v for k, v in asdict(settings.options).items() if k != "quiet"},
                      "groups": settings.groups, "functional": settings.functional},

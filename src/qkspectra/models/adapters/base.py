@@ -11,6 +11,7 @@ The layout in full (norms, q/k norms, rotary, sliding windows): docs/method/adap
 from __future__ import annotations
 
 import abc
+import weakref
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -145,7 +146,6 @@ class AttentionAdapter(abc.ABC):
                     f"{self.model_type} config sets {field}={value!r}, which changes the attention logit "
                     "and is not modelled by qkspectra"
                 )
-        self._prefix: str | None = None
 
     # Whether W_Q's d_head-sized blocks must tile d_model exactly (False where the config may
     # set head_dim independently of hidden_size, as Llama's does).
@@ -179,8 +179,13 @@ class AttentionAdapter(abc.ABC):
         return self.model_type
 
     def prefixed(self, tensors: TensorSource, name: str) -> str:
-        """``name`` with the checkpoint's module prefix (``""``, ``"model."``, ``"bert."``, ...)."""
-        if self._prefix is None:
+        """``name`` with the module prefix of ``tensors`` (``""``, ``"model."``, ``"bert."``, ...).
+
+        Found once per tensor source: a checkpoint saved with a task head and the bare model loaded
+        from it name the same tensors with different prefixes.
+        """
+        prefixes = self.__dict__.setdefault("_prefixes", weakref.WeakKeyDictionary())
+        if tensors not in prefixes:
             anchor = self.anchor_tensor()
             candidates = sorted(
                 (n[: -len(anchor)] for n in tensors.names() if n.endswith(anchor)), key=len
@@ -190,8 +195,11 @@ class AttentionAdapter(abc.ABC):
                 raise QkspectraError(
                     f"no tensor named like {anchor!r} in the checkpoint; is it really a {self.model_type} model?"
                 )
-            self._prefix = candidates[0]
-        return self._prefix + name
+            prefixes[tensors] = candidates[0]
+        return prefixes[tensors] + name
+
+    def __getstate__(self) -> dict:
+        return {key: value for key, value in self.__dict__.items() if key != "_prefixes"}
 
     @abc.abstractmethod
     def anchor_tensor(self) -> str:

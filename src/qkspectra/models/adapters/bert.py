@@ -1,8 +1,9 @@
-"""BERT (and its distillations such as MiniLM): post-norm encoder, absolute positions.
+"""BERT (and its distillations such as MiniLM), RoBERTa, XLM-RoBERTa, ELECTRA: post-norm encoders, absolute positions.
 
 The vector entering layer i's attention is the output of a LayerNorm: the embeddings'
 LayerNorm for layer 0, the previous layer's output LayerNorm after that. Logit scale
-1/sqrt(d_head).
+1/sqrt(d_head). ELECTRA's layer 0 reads a projection of its embeddings when ``embedding_size``
+differs from ``hidden_size``, so that layer is not folded.
 """
 
 from __future__ import annotations
@@ -53,3 +54,20 @@ class BertAdapter(AttentionAdapter):
             norm_bias=None if norm is None else self.read_optional(tensors, f"{norm}.bias", (d,)),
             rotary=None,
         )
+
+
+class RobertaAdapter(BertAdapter):
+    model_type = "roberta"
+
+
+class XLMRobertaAdapter(BertAdapter):
+    model_type = "xlm-roberta"
+
+
+class ElectraAdapter(BertAdapter):
+    model_type = "electra"
+
+    def layer(self, tensors: TensorSource, index: int) -> AttentionLayer:
+        if index == 0 and self.config.embedding_size != self.config.hidden_size:  # read through embeddings_project
+            return self.self_attention(tensors, "encoder.layer.0.attention.self", None)
+        return super().layer(tensors, index)

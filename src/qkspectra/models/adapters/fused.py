@@ -1,9 +1,5 @@
-"""Layouts the generic reader cannot see: BERT's under other names, and fused query/key/value projections.
+"""Fused query/key/value projections, which the generic reader cannot cut: GPT-BigCode, Falcon, Phi-3, Persimmon.
 
-RoBERTa, XLM-RoBERTa, ELECTRA: BERT's layout and post-norm (ELECTRA's layer 0 reads a projection of
-    its embeddings when ``embedding_size`` differs from ``hidden_size``, so that layer is not folded).
-DistilBERT: ``transformer.layer.{i}.attention.q_lin`` / ``k_lin``; layer i reads the previous
-    layer's ``output_layer_norm`` (the embeddings' LayerNorm for layer 0).
 GPT-BigCode: ``c_attn`` (an nn.Linear) holds, with ``multi_query``, all query heads then one key
     head and one value head; without it, head by head [q, k, v] (as GPT-NeoX). Pre-norm ``ln_1``.
 Falcon: ``query_key_value`` holds, in the new decoder architecture (grouped-query), per key/value
@@ -28,66 +24,14 @@ from qkspectra.models.adapters.base import (
     AttentionAdapter,
     AttentionLayer,
     ParameterAccess,
-    heads_from_bias,
-    heads_from_linear,
     qk_norm_from_tensors,
     rotary_from_config,
 )
-from qkspectra.models.adapters.bert import BertAdapter
 from qkspectra.models.tensors import TensorSource
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-
-class RobertaAdapter(BertAdapter):
-    model_type = "roberta"
-
-
-class XLMRobertaAdapter(BertAdapter):
-    model_type = "xlm-roberta"
-
-
-class ElectraAdapter(BertAdapter):
-    model_type = "electra"
-
-    def layer(self, tensors: TensorSource, index: int) -> AttentionLayer:
-        if index == 0 and self.config.embedding_size != self.config.hidden_size:  # read through embeddings_project
-            return self.self_attention(tensors, "encoder.layer.0.attention.self", None)
-        return super().layer(tensors, index)
-
-
-class DistilBertAdapter(BertAdapter):
-    model_type = "distilbert"
-
-    def __init__(self, config: Any):
-        AttentionAdapter.__init__(self, config)
-        self.num_layers = config.n_layers
-        self.num_heads = self.num_kv_heads = config.n_heads
-        self.d_model = config.dim
-        self.d_head = config.dim // config.n_heads
-
-    def anchor_tensor(self) -> str:
-        return "transformer.layer.0.attention.q_lin.weight"
-
-    def separate_projections(self) -> tuple[str, str, str] | None:
-        return "transformer.layer.{}.attention", "q_lin", "k_lin"
-
-    def layer(self, tensors: TensorSource, index: int) -> AttentionLayer:
-        H, d = self.num_heads, self.d_model
-        attention = f"transformer.layer.{index}.attention"
-        norm = "embeddings.LayerNorm" if index == 0 else f"transformer.layer.{index - 1}.output_layer_norm"
-        return AttentionLayer(
-            W_Q=heads_from_linear(self.read(tensors, f"{attention}.q_lin.weight", (d, d)), H),
-            W_K=heads_from_linear(self.read(tensors, f"{attention}.k_lin.weight", (d, d)), H),
-            b_Q=heads_from_bias(self.read_optional(tensors, f"{attention}.q_lin.bias", (d,)), H),
-            b_K=heads_from_bias(self.read_optional(tensors, f"{attention}.k_lin.bias", (d,)), H),
-            scale=self.d_head**-0.5,
-            norm_gain=self.read(tensors, f"{norm}.weight", (d,)),
-            norm_bias=self.read_optional(tensors, f"{norm}.bias", (d,)),
-            rotary=None,
-        )
 
 
 class FusedAdapter(AttentionAdapter):

@@ -7,17 +7,9 @@ from __future__ import annotations
 
 from qkspectra.models.adapters.albert import AlbertAdapter
 from qkspectra.models.adapters.base import AttentionAdapter
-from qkspectra.models.adapters.bert import BertAdapter
-from qkspectra.models.adapters.fused import (
-    DistilBertAdapter,
-    ElectraAdapter,
-    FalconAdapter,
-    GPTBigCodeAdapter,
-    PersimmonAdapter,
-    Phi3Adapter,
-    RobertaAdapter,
-    XLMRobertaAdapter,
-)
+from qkspectra.models.adapters.bert import BertAdapter, ElectraAdapter, RobertaAdapter, XLMRobertaAdapter
+from qkspectra.models.adapters.distilbert import DistilBertAdapter
+from qkspectra.models.adapters.fused import FalconAdapter, GPTBigCodeAdapter, PersimmonAdapter, Phi3Adapter
 from qkspectra.models.adapters.gemma3 import Gemma3TextAdapter
 from qkspectra.models.adapters.gpt2 import GPT2Adapter
 from qkspectra.models.adapters.gpt_neox import GPTNeoXAdapter

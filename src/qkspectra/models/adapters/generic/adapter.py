@@ -36,7 +36,6 @@ class GenericAdapter(AttentionAdapter):
                  query_norm: NormRecipe | None, key_norm: NormRecipe | None, verified_on: str,
                  interleaved: bool = False):
         self.config = config
-        self._prefix = None
         self.model_type = config.model_type
         self.layout, self.input_norm, self.query_norm, self.key_norm = layout, input_norm, query_norm, key_norm
         self.verified_on = verified_on

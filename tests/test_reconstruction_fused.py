@@ -20,7 +20,7 @@ from qkspectra.models.tensors import StateDictSource
 from qkspectra.analysis.operator_fit import OperatorFitter
 from qkspectra.analysis.rank_k import rank_k_evidence
 from test_adapters import VOCAB
-from test_functional import last_anchor, spectra_geometry
+from test_reconstruction import last_anchor, spectra_geometry
 from test_fused_adapters import CASES, FALCON
 
 TOKENS = np.random.default_rng(7)

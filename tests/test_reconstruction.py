@@ -120,7 +120,7 @@ def test_control_changes_nothing_and_reconstructions_do(make_model, fold_ln):
 
 def test_planted_rescale_reconstructs_without_change():
     """Shared attention weights with scale 1/(layer + 1): T * M_anchor is every layer's own operator."""
-    from test_operator import shared_gpt2
+    from test_operator_fit import shared_gpt2
 
     model = shared_gpt2(num_layers=3)
     with torch.no_grad():

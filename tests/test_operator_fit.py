@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from qkspectra.analysis.seed import Anchor, analyze_all
+from qkspectra.analysis.seed import Anchor
 from qkspectra.errors import QkspectraError
 from qkspectra.geometry import parse_geometry
 from qkspectra.analysis.factors import load_factors, make_factors
