@@ -23,7 +23,7 @@ def parse_anchor(text: str) -> str | int:
         fail(f"--anchor {text!r}: choose last, middle, best, group, all or a layer index")
 
 
-@app.command()
+@app.command(epilog="Examples: qkspectra analyze geometry.json --anchor all --null  |  qkspectra analyze geometry.json --json analysis.json")
 def analyze(
     path: Annotated[Path, typer.Argument(help="Geometry JSON file (the seed's schema).", show_default=False)],
     anchor: Annotated[

@@ -12,12 +12,13 @@ import typer
 
 from qkspectra.cli.app import app, output_file
 from qkspectra.extract.corpus import DEFAULT_MAX_TOKENS
+from qkspectra.models.bundled import BUNDLED_MODELS
 
 if TYPE_CHECKING:
     from qkspectra.extract.extraction import ExtractOptions
 
 MODEL_HELP = (
-    "Bundled model name (minilm, smollm2), a local Hugging Face model folder, or a .gguf file "
+    f"Bundled model name ({', '.join(BUNDLED_MODELS)}), a local Hugging Face model folder, or a .gguf file "
     "(dequantised once into $QKSPECTRA_CACHE, default ~/.cache/qkspectra/models)."
 )
 
@@ -32,7 +33,7 @@ WindowPerLine = Annotated[bool, typer.Option("--window-per-line", help="One wind
 SeqLen = Annotated[Optional[int], typer.Option(help="Tokens per window (default: min(512, the model's maximum)).")]
 MaxTokens = Annotated[int, typer.Option(help="Corpus budget in tokens.")]
 BatchSize = Annotated[Optional[int], typer.Option(help="Windows per forward pass (default: as many as fit in memory).")]
-Device = Annotated[str, typer.Option(help="Where the model runs (corpus pass, functional test): auto (a GPU if there "
+Device = Annotated[str, typer.Option(help="Where the model runs (the corpus pass; with run, also the functional test): auto (a GPU if there "
                                      "is one), cpu, cuda, cuda:N or mps.")]
 Dtype = Annotated[Optional[str], typer.Option(help="The model's dtype: float32, bfloat16 or float16 (default: float32 "
                                               "on the CPU, bfloat16 on a GPU). Entropies are reduced in float32.")]
@@ -59,7 +60,7 @@ def extract_options(
     )
 
 
-@app.command()
+@app.command(epilog="Examples: qkspectra extract -o geometry.json  |  qkspectra extract smollm2 -o smollm2.json --static-only")
 def extract(
     model: Model = "minilm",
     output: Annotated[str, typer.Option("--output", "-o", help="Geometry JSON to write; the per-head factors go "

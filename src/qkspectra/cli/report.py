@@ -81,7 +81,7 @@ def _rebuild(path: Path, out: Path | None, quiet: bool, write: Callable[..., Any
             typer.echo(f"qkspectra: {line}", err=True)
 
 
-@app.command()
+@app.command(epilog="Example: qkspectra report minilm/analysis.json (beside its geometry.json)")
 def report(
     path: Annotated[Path, typer.Argument(help=ANALYSIS_HELP, show_default=False)],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help=OUT_HELP, show_default=False)] = None,
@@ -94,7 +94,7 @@ def report(
              lambda files, _: f"report: {files.html}  ({files.markdown.name}, {len(files.plots)} plots)")
 
 
-@app.command()
+@app.command(epilog="Example: qkspectra plot minilm/analysis.json")
 def plot(
     path: Annotated[Path, typer.Argument(help=ANALYSIS_HELP, show_default=False)],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help=OUT_HELP, show_default=False)] = None,

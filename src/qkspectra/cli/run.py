@@ -98,11 +98,12 @@ class StageBars:
         self._stop()
 
 
-@app.command()
+@app.command(epilog="Examples: qkspectra run  |  qkspectra run smollm2 --out smollm2-run --functional-tokens 1024")
 def run(
     model: Model = "minilm",
     out: Annotated[
-        Optional[Path], typer.Option("--out", "-o", help="Output folder (default: ./MODEL-NAME).", show_default=False)
+        Optional[Path], typer.Option("--out", "-o", help="Output folder (default: ./NAME for a bundled model, ./STEM for a folder or .gguf file, "
+                                               "./STEM-qkspectra where that would be the model itself).", show_default=False)
     ] = None,
     corpus: Corpus = None,
     no_fold_ln: NoFoldLn = False,

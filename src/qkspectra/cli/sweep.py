@@ -66,4 +66,4 @@ def _with_run_options() -> None:
 
 
 _with_run_options()
-app.command()(sweep)
+app.command(epilog="Examples: qkspectra sweep minilm smollm2 --out sweep  |  qkspectra sweep --models models.csv --out sweep --workers 2")(sweep)
