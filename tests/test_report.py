@@ -136,12 +136,22 @@ def test_all_text_is_escaped(document):
     assert page.count("<script>") == 1  # the page's own image check
 
 
-def test_summary_prints_the_table_and_the_verdict(document):
+def test_summary_prints_the_table_and_the_one_verdict(document):
     text = render_summary(beyond_seed(document))
     assert "=== Anchor strategies side by side ===" in text and "=== Verdict ===" in text
     assert re.search(r"^  group\s+2, 3\s+2\s+4\s+0\.1129\s+0\.0753", text, re.M)  # anchors, fitted layers, fitted, all
+    assert "Overall: PARTIAL." in text and document["verdict"]["text"] not in text  # the seed's is not a second verdict
+
+
+def test_the_seeds_verdicts_stand_apart_headed_as_not_the_verdict(document):
+    sections = report_sections(beyond_seed(document), PLOT_NAMES)
+    seed = next(s for s in sections if s.title == "Reproducing the seed")
+    assert seed.blocks[0].text.startswith("Not qkspectra's verdict")
+    text = " ".join(block.text for block in seed.blocks)
     assert "best anchor strategy by mean residual over the layers it fits, last" in text  # not group: it has more anchors
-    assert "Overall: PARTIAL." in text and document["verdict"]["text"] in text
+    assert document["verdict"]["text"] in text
+    verdict = sections[0]
+    assert not any(document["verdict"]["text"] in getattr(block, "text", "") for block in verdict.blocks)
 
 
 # ---------------------------------------------------------------- commands
