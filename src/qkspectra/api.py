@@ -1,17 +1,21 @@
-"""The whole job from Python, on a bundled model, a path, or a model already in memory.
+"""The whole job from Python, on a bundled model, a path, a model already in memory, or a geometry.
 
     >>> import qkspectra
     >>> g = qkspectra.extract_geometry(model, tokenizer, max_tokens=4096)   # a Geometry
     >>> r = qkspectra.run(model, tokenizer, max_tokens=4096)                 # a RunResult
     >>> r.verdict.overall, r.verdict.layers["operator"].evidence
-    >>> r.figures()["schedule"]
+    >>> r.heads(), r.figures()["schedule"]
+    >>> qkspectra.run("geometry.json")                                       # the analysis part alone
+    >>> qkspectra.analyze("geometry.json", anchor="best")                    # an Analysis
 
 ``model`` is a bundled name (``"minilm"``), a model folder or .gguf file, or a transformers
 ``PreTrainedModel`` in memory (any dtype, any device), which is read where it is and left as it
 was: nothing is copied to disk, no weight, mode or ``requires_grad`` flag changes (the functional
-test rewrites a copy). The options are the command line's, as keyword arguments named like the
-fields of ``ExtractOptions``, checked with the same one-line errors (``QkspectraError``); the
-work goes through the same code as ``qkspectra extract`` and ``qkspectra run``.
+test rewrites a copy). The options are the command line's, under their Python names (``--no-fold-ln``
+is ``fold_ln=False``, ``--no-functional`` ``functional=False``), checked with the same one-line
+errors: ``QkspectraError`` (a ``ValueError``) for a bad value, ``QkspectraTypeError`` (a ``TypeError``
+too) for a value of the wrong type or an option that does not exist. The work goes through the same
+code as ``qkspectra extract`` and ``qkspectra run``.
 """
 
 from __future__ import annotations
@@ -20,30 +24,35 @@ import dataclasses
 import numbers
 import os
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from qkspectra.errors import QkspectraError
+from qkspectra.analysis.seed import Analysis
+from qkspectra.errors import QkspectraError, QkspectraTypeError, unknown_option
+from qkspectra.extract.corpus import DEFAULT_FUNCTIONAL_TOKENS, DEFAULT_MAX_TOKENS
+from qkspectra.extract.extraction import ExtractOptions
 from qkspectra.geometry import Geometry
+from qkspectra.runs import Record, RunResult  # noqa: F401  (Record: as before)
+
+EXTRACT_OPTIONS = tuple(field.name for field in dataclasses.fields(ExtractOptions))
+RUN_OPTIONS = ("out", *EXTRACT_OPTIONS, "groups", "functional", "functional_tokens", "null_draws", "seed", "scheduler")
 
 
-def keyword_options(options: Mapping[str, Any], function: str):
-    """``ExtractOptions`` from keyword arguments; QkspectraError naming an unknown option or a value of the wrong type."""
-    from qkspectra.extract.extraction import ExtractOptions
-
+def keyword_options(options: Mapping[str, Any], function: str) -> ExtractOptions:
+    """``ExtractOptions`` from keyword arguments; QkspectraTypeError naming an unknown option (with the closest
+    one) or a value of the wrong type."""
     hints = typing.get_type_hints(ExtractOptions)
-    names = [field.name for field in dataclasses.fields(ExtractOptions)]
     values = {}
     for name, value in options.items():
         if name not in hints:
-            raise QkspectraError(f"{function}() has no option {name!r}; its options: {', '.join(names)}")
-        values[name] = _checked(name, value, hints[name])
+            raise unknown_option(function, name, EXTRACT_OPTIONS)
+        values[name] = checked(name, value, hints[name])
     return ExtractOptions(**values)
 
 
-def _checked(name: str, value: Any, hint: Any) -> Any:
-    """``value`` as the type ``hint`` allows (a path for a string; any whole number for an int), or QkspectraError."""
+def checked(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as the type ``hint`` allows (a path for a string; any whole number for an int), or QkspectraTypeError."""
     allowed = typing.get_args(hint) or (hint,)
     if value is None and type(None) in allowed:
         return None
@@ -58,7 +67,7 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
         return os.fspath(value)
     words = {bool: "True or False", int: "a whole number", float: "a number", str: "a string or a path", type(None): "None"}
     wanted = " or ".join(words.get(kind, getattr(kind, "__name__", str(kind))) for kind in allowed)
-    raise QkspectraError(f"{name} must be {wanted}, got {value!r}")
+    raise QkspectraTypeError(f"{name} must be {wanted}, got {value!r}")
 
 
 def model_argument(model: Any, tokenizer: Any | None):
@@ -72,10 +81,28 @@ def model_argument(model: Any, tokenizer: Any | None):
     return in_memory_model(model, tokenizer)
 
 
+def is_geometry_file(model: Any) -> bool:
+    """A path to an existing .json file: a geometry (a model is a bundled name, a folder or a .gguf file)."""
+    return isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() == ".json" and Path(model).is_file()
+
+
+def geometry_argument(geometry: Any, name: str = "geometry") -> Geometry:
+    """A ``Geometry`` as it is, or the geometry file a path names (read and validated)."""
+    from qkspectra.geometry import load_geometry
+
+    if isinstance(geometry, Geometry):
+        return geometry
+    if isinstance(geometry, (str, os.PathLike)):
+        return load_geometry(geometry)
+    raise QkspectraTypeError(f"{name} must be a Geometry or a geometry file's path, got {type(geometry).__name__}")
+
+
 def extract_geometry(model: Any, tokenizer: Any | None = None, **options: Any) -> Geometry:
     """The geometry of ``model``: per-head metric spectra and (unless ``static_only=True``) attention entropies.
 
     The same numbers as ``qkspectra extract`` on the same weights; ``metadata`` says where they came from.
+    options: those of ``ExtractOptions`` (fold_ln, static_only, corpus, seq_len, max_tokens, window_per_line,
+    batch_size, device, dtype, quiet).
     """
     from qkspectra.extract.extraction import geometry_document
     from qkspectra.geometry import parse_geometry
@@ -86,142 +113,106 @@ def extract_geometry(model: Any, tokenizer: Any | None = None, **options: Any) -
     return parse_geometry(geometry_document(subject, options=settings), source=f"<geometry of {subject_name(subject)}>")
 
 
-def run(model: Any, tokenizer: Any | None = None, out: str | os.PathLike | None = None, *, groups: int | None = None,
-        functional: bool = True, **options: Any) -> RunResult:
+def run(
+    model: Any,
+    tokenizer: Any | None = None,
+    out: str | os.PathLike | None = None,
+    *,
+    fold_ln: bool = True,
+    static_only: bool = False,
+    corpus: str | os.PathLike | None = None,
+    seq_len: int | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    window_per_line: bool = False,
+    batch_size: int | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    quiet: bool = False,
+    groups: int | None = None,
+    functional: bool = True,
+    functional_tokens: int = DEFAULT_FUNCTIONAL_TOKENS,
+    null_draws: int = 200,
+    seed: int = 0,
+    scheduler: str | None = None,
+    **unknown: Any,
+) -> RunResult:
     """The whole job of ``qkspectra run``: extraction, every anchor strategy, null baselines, bootstrap
     intervals, the operator-level, rank-k and functional tests, and the layered verdict.
 
+    model: a bundled name, a model folder or .gguf file, a model in memory (with its ``tokenizer``),
+        or a geometry (a ``Geometry`` or a geometry file's path): then only the analysis runs, on the
+        factors file beside the geometry when it has one, and the functional layer is n/a (it needs the model).
     out: the run folder to write (geometry, factors, analysis.json, plots, report.html and .md,
-        run.json), reusing an earlier extraction there as the command line does; None: nothing written.
-    groups: layer groups of the group anchor (default round(sqrt(layers))).
-    functional: run the functional test (the slowest part).
+        run.json), reusing an earlier extraction there as the command line does; None: nothing written
+        (``RunResult.save`` writes it later).
+    The other options are ``qkspectra run``'s (see ``qkspectra run --help``): the extraction's (fold_ln,
+    static_only, corpus, seq_len, max_tokens, window_per_line, batch_size, device, dtype; quiet: no progress
+    bars), groups (layer groups of the group anchor; default round(sqrt(layers))), functional (run the
+    functional test, the slowest part), functional_tokens, null_draws and seed (of the nulls and the
+    bootstrap), scheduler (a Dask scheduler's address for the operator-level fits).
     """
     from qkspectra.workflow import runner
+    from qkspectra.workflow.cluster import fit_map
 
-    settings = runner.RunSettings(keyword_options(options, "run"), _checked("groups", groups, int | None),
-                                  _checked("functional", functional, bool))
+    if unknown:
+        raise unknown_option("run", next(iter(unknown)), RUN_OPTIONS)
+    hints = typing.get_type_hints(ExtractOptions)
+    given = {"fold_ln": fold_ln, "static_only": static_only, "corpus": corpus, "seq_len": seq_len, "max_tokens": max_tokens,
+             "window_per_line": window_per_line, "batch_size": batch_size, "device": device, "dtype": dtype, "quiet": quiet}
+    options = ExtractOptions(**{name: checked(name, value, hints[name]) for name, value in given.items()})
+    settings = runner.RunSettings(
+        options, checked("groups", groups, int | None), checked("functional", functional, bool),
+        checked("functional_tokens", functional_tokens, int), checked("null_draws", null_draws, int),
+        checked("seed", seed, int))
+    checked("scheduler", scheduler, str | None)
+    if out is not None:
+        checked("out", out, str)
+    if isinstance(model, Geometry) or is_geometry_file(model):
+        geometry = geometry_argument(model, "model")
+        if tokenizer is not None:
+            raise QkspectraError("tokenizer goes with a model in memory; run was given a geometry")
+        extraction = [name for name in EXTRACT_OPTIONS if name != "quiet" and getattr(options, name) != getattr(ExtractOptions(), name)]
+        if extraction:
+            raise QkspectraError(f"{extraction[0]} is an extraction option; run was given a geometry, already extracted")
+        with fit_map(scheduler) as layer_pairs_map:
+            return RunResult.of(runner.analyse_geometry(geometry, out, settings, map=layer_pairs_map))
     subject = model_argument(model, tokenizer)
-    if out is None:
-        geometry, document = runner.run_in_memory(subject, settings)
-        return RunResult(document, geometry)
-    _checked("out", out, str)
-    folder = runner.run(subject, Path(out), settings)
-    return RunResult(folder.document, folder.geometry, folder.out_dir)
+    with fit_map(scheduler) as layer_pairs_map:
+        if out is None:
+            return RunResult.of(runner.run_in_memory(subject, settings, map=layer_pairs_map))
+        return RunResult.of(runner.run(subject, Path(out), settings, map=layer_pairs_map))
 
 
-class Record(Mapping):
-    """A read-only view of one object of the analysis document: keys as attributes, nested objects as records.
+def _anchor_argument(anchor: Any, groups: Any) -> tuple[str | int, int | None]:
+    if isinstance(anchor, numbers.Integral) and not isinstance(anchor, bool):
+        anchor = int(anchor)  # numpy integers too
+    elif not isinstance(anchor, str):
+        raise QkspectraTypeError(f"anchor must be last, middle, best, group or a layer index, got {anchor!r}")
+    return anchor, checked("groups", groups, int | None)
 
-    Whatever the document holds is there, including keys added after this was written.
+
+def analyze(geometry: Geometry | str | os.PathLike, anchor: str | int = "last", *, groups: int | None = None) -> Analysis:
+    """The seed's experiments on a geometry with one anchor strategy: always an ``Analysis``.
+
+    geometry: a ``Geometry`` or a geometry file's path.
+    anchor: "last" | "middle" | "best" | "group" | a layer index (negative counts from the end).
+        Every strategy at once: ``analyze_all`` (a dict, strategy -> Analysis).
+    groups: number of contiguous layer groups for anchor="group".
     """
+    from qkspectra.analysis.seed import analyze as analyze_one
 
-    def __init__(self, data: Mapping[str, Any]):
-        self._data = data
-
-    def __getitem__(self, key: str) -> Any:
-        value = self._data[key]
-        return Record(value) if isinstance(value, Mapping) else value
-
-    def __getattr__(self, key: str) -> Any:
-        if key.startswith("_"):
-            raise AttributeError(key)
-        try:
-            return self[key]
-        except KeyError:
-            raise AttributeError(f"no {key!r} here; keys: {', '.join(self._data)}") from None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __dir__(self) -> list[str]:
-        return [*self._data, *super().__dir__()]
-
-    def __repr__(self) -> str:
-        return f"Record({dict(self._data)!r})"
+    anchor, groups = _anchor_argument(anchor, groups)
+    if anchor == "all":
+        raise QkspectraError("anchor 'all' gives one analysis per strategy: use analyze_all(geometry), "
+                             "a dict strategy -> Analysis (analyze returns one Analysis)")
+    return analyze_one(geometry_argument(geometry), anchor, groups=groups)
 
 
-class RunResult:
-    """What ``run`` computed.
+def analyze_all(geometry: Geometry | str | os.PathLike, *, groups: int | None = None) -> dict[str, Analysis]:
+    """Every anchor strategy's ``Analysis``: {"last": ..., "middle": ..., "best": ..., "group": ...}.
 
-    document:   the analysis document, the same dict as ``analysis.json``
-    verdict:    the layered verdict, read from the document: ``overall``, ``summary``,
-                ``layers[name].code`` and ``.evidence`` (spectral, spectral_vs_null, operator,
-                functional), and the seed's ``code`` and ``text``
-    strategies: each anchor strategy's figures (last, middle, best, group), as in the document
-    analyses:   the same strategies as ``Analysis`` objects (numpy arrays), recomputed from the geometry
-    geometry:   the geometry analysed; out_dir: the run folder (None when nothing was written)
-    figures():  the report's matplotlib figures, by name, in report order
-    In Jupyter a result shows the report's verdict and strategy table.
+    geometry: a ``Geometry`` or a geometry file's path; groups: layer groups of the group anchor.
     """
+    from qkspectra.analysis.seed import analyze_all as analyze_every
 
-    def __init__(self, document: dict[str, Any], geometry: Geometry, out_dir: Path | None = None):
-        self.document = document
-        self.geometry = geometry
-        self.out_dir = out_dir
-
-    @property
-    def verdict(self) -> Record:
-        return Record(self.document["verdict"])
-
-    @property
-    def strategies(self) -> dict[str, Record]:
-        from qkspectra.report.readers import strategies
-
-        return {name: Record(entry) for name, entry in strategies(self.document).items()}
-
-    @property
-    def analyses(self) -> dict[str, Any]:
-        from qkspectra.analysis.seed import analyze_all
-
-        groups = self.document.get("strategies", {}).get("group", {}).get("anchor", {}).get("groups")
-        return analyze_all(self.geometry, groups=None if groups is None else len(groups))
-
-    def figures(self) -> dict[str, Any]:
-        """The report's figures (matplotlib ``Figure``s) by name: those the document and geometry allow.
-
-        In IPython (Jupyter) a figure shows as the report's PNG image.
-        """
-        from qkspectra.report.plots import report_figures
-        from qkspectra.report.readers import describe_run
-
-        _display_figures_in_ipython()
-        return report_figures(self.document, self.geometry, title=describe_run(self.document)).figures
-
-    def _repr_html_(self) -> str:
-        from qkspectra.report.run_page import render_html_summary
-
-        return render_html_summary(self.document)
-
-    def __repr__(self) -> str:
-        from qkspectra.report.readers import model_name
-
-        where = "" if self.out_dir is None else f", out_dir={str(self.out_dir)!r}"
-        return f"<RunResult {model_name(self.document)}: overall {self.verdict.get('overall')}{where}>"
-
-
-def _display_figures_in_ipython() -> None:
-    """In a running IPython, show matplotlib figures as PNG when nothing else does.
-
-    The report's figures are drawn without pyplot, so no backend registered a display for them
-    (``%matplotlib inline`` would); one already registered is left as it is.
-    """
-    import sys
-
-    if "IPython" not in sys.modules:
-        return
-    from IPython import get_ipython
-    from matplotlib.figure import Figure
-
-    from qkspectra.report.plots import png_bytes
-
-    shell = get_ipython()
-    if shell is None:
-        return
-    formatter = shell.display_formatter.formatters["image/png"]
-    try:
-        formatter.lookup_by_type(Figure)
-    except KeyError:
-        formatter.for_type(Figure, png_bytes)
+    return analyze_every(geometry_argument(geometry), groups=checked("groups", groups, int | None))

@@ -112,3 +112,26 @@ def dumps_json(obj: object) -> bytes:
 
 def atomic_write_json(path: str | os.PathLike, obj: object) -> Path:
     return atomic_write_bytes(path, dumps_json(obj))
+
+
+def atomic_copy(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Copy ``source`` to ``target`` through a temporary file beside it, then rename (as ``atomic_write_bytes``)."""
+    import shutil
+
+    target = Path(target)
+    make_folder(target.parent, for_file=target)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as e:
+        raise write_error(target, e) from None
+    try:
+        os.close(fd)
+        shutil.copyfile(source, tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, target)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(target, e) from None
+        raise
+    return target

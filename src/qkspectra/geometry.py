@@ -31,7 +31,7 @@ from qkspectra.errors import QkspectraError
 _NUMBER_TYPES = frozenset((float, int))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Geometry:
     """Per-head QK geometry of one model.
 
@@ -68,6 +68,57 @@ class Geometry:
     @property
     def max_rank(self) -> int:
         return self.singular_values.shape[2]
+
+    def __eq__(self, other: object) -> bool:
+        """Equal numbers (every array, bitwise) and metadata; where each came from (``source``) does not count."""
+        if not isinstance(other, Geometry):
+            return NotImplemented
+        arrays = ("singular_values", "entropy", "entropy_by_position", "log_keys_by_position")
+        return all(_same_array(getattr(self, name), getattr(other, name)) for name in arrays) and self.metadata == other.metadata
+
+    __hash__ = None  # mutable arrays inside
+
+    def __repr__(self) -> str:
+        model = f" {self.metadata['model']}" if self.metadata.get("model") else ""
+        entropy = "static only (no entropy)" if self.entropy is None else (
+            "with entropy by position" if self.entropy_by_position is not None else "with entropy")
+        return (f"<Geometry{model}: {self.num_layers} layers × {self.num_heads} heads, max rank {self.max_rank}, "
+                f"{entropy}; from {self.source}>")
+
+    def _repr_html_(self) -> str:
+        """Jupyter's display: a short table of what the geometry is (no arrays)."""
+        from html import escape
+
+        rows = [("model", self.metadata.get("model") or "—"), ("from", self.source),
+                ("layers × heads", f"{self.num_layers} × {self.num_heads}"), ("max rank (K)", self.max_rank),
+                ("entropy", "no (static only)" if self.entropy is None else "yes" + (
+                    ", by position" if self.entropy_by_position is not None else ""))]
+        rows += [(key, self.metadata[key]) for key in ("model_type", "fold_ln", "dtype", "num_tokens") if key in self.metadata]
+        body = "".join(f"<tr><th style='text-align:left'>{escape(str(k))}</th><td style='text-align:left'>"
+                       f"{escape(str(v))}</td></tr>" for k, v in rows)
+        return f"<div><b>qkspectra Geometry</b><table>{body}</table></div>"
+
+
+def _same_array(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and bool(np.array_equal(a, b))
+
+
+def geometry_document_of(geometry: Geometry) -> dict[str, Any]:
+    """The document a geometry was read from, or, for one built from arrays, the schema's minimal document
+    (spectra zero-padded to K, entropies, metadata)."""
+    if geometry.document is not None:
+        return geometry.document
+    document: dict[str, Any] = {
+        "num_layers": geometry.num_layers,
+        "num_heads": geometry.num_heads,
+        "static": [{"metric_singvals_per_head": layer.tolist()} for layer in geometry.singular_values],
+    }
+    if geometry.entropy is not None:
+        document["dynamic"] = [{"mean_attention_entropy_per_head": layer.tolist()} for layer in geometry.entropy]
+    document["metadata"] = geometry.metadata
+    return document
 
 
 # Largest singular value accepted: the fits square and sum them, and (1e150)^2 times any

@@ -136,6 +136,7 @@ def build_analysis_document(
     rank_k: dict[str, Any] | None = None,
     functional: dict[str, Any] | None = None,
     analyses: dict[str, Analysis] | None = None,
+    functional_missing: str = NO_FUNCTIONAL,
 ) -> dict[str, Any]:
     """Every anchor strategy side by side; the top level carries the seed's default (last) anchor.
 
@@ -144,6 +145,7 @@ def build_analysis_document(
         arrays), or ``fitter``, an ``OperatorFitter`` on them that may have fitted layer pairs
         already. Neither: no operator or rank-k sections.
     analyses: ``analyze_all(geometry, groups=options.groups)`` when the caller has it already.
+    functional_missing: why the functional layer is n/a when ``functional`` is None.
     """
     if analyses is None:
         analyses = analyze_all(geometry, groups=options.groups)
@@ -152,5 +154,6 @@ def build_analysis_document(
         from qkspectra.analysis.operator_fit import OperatorFitter
 
         fitter = OperatorFitter(as_factors(factors, geometry))
-    evidence = gather_evidence(geometry, analyses, "last", options, fitter=fitter, rank_k=rank_k, functional=functional)
+    evidence = gather_evidence(geometry, analyses, "last", options, fitter=fitter, rank_k=rank_k, functional=functional,
+                               functional_missing=functional_missing)
     return evidence.document()

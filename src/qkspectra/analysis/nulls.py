@@ -37,6 +37,9 @@ CHUNK_BYTES = 64 * 2**20  # memory for one chunk of draws' intermediate arrays
 _GAUSSIAN_STREAM, _SHUFFLE_STREAM = 1, 2
 
 
+MAX_NULL_DRAWS = 100_000  # far beyond any p-value resolution a report needs; bounds the memory asked for
+
+
 @dataclass(frozen=True)
 class NullOptions:
     """How the nulls are drawn.

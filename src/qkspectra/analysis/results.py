@@ -12,6 +12,7 @@ from qkspectra.analysis.seed import NO_FITTED_LAYER, Analysis, Correlation
 from qkspectra.analysis.bootstrap import BootstrapResult, Interval
 from qkspectra.analysis.nulls import NullBaseline
 from qkspectra.analysis.verdict import LayeredVerdict
+from qkspectra.geometry import Geometry
 
 SCHEMA_VERSION = 1
 
@@ -27,7 +28,11 @@ def _corr(c: Correlation | None, field: str) -> float | None:
 
 
 def input_dict(analysis: Analysis) -> dict[str, Any]:
-    g = analysis.geometry
+    return input_section(analysis.geometry)
+
+
+def input_section(g: Geometry) -> dict[str, Any]:
+    """The document's ``input``: the geometry file's name, its shape, whether it has entropies, its metadata."""
     return {
         "file": Path(g.source).name,
         "num_layers": g.num_layers,

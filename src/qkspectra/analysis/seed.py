@@ -334,6 +334,33 @@ class Analysis:
     def verdict_text(self) -> str:
         return VERDICT_TEXT[self.verdict_code]
 
+    def _summary(self) -> list[tuple[str, str]]:
+        """(what, value) pairs of the short displays: no arrays."""
+        g, a, rs = self.geometry, self.anchor, self.rescale
+        fitted = rs.mean_residual_fitted
+        anchors = ", ".join(map(str, a.group_anchors))
+        return [
+            ("model", str(g.metadata.get("model") or g.source)),
+            ("layers × heads", f"{g.num_layers} × {g.num_heads}"),
+            ("anchor", f"{a.strategy}: layer{'s' if len(a.group_anchors) > 1 else ''} {anchors}"),
+            ("mean residual (fitted layers)", "n/a" if fitted is None else f"{fitted:.4g} over {a.num_fitted_layers} layers"),
+            ("mean residual (all layers, the seed's)", f"{rs.mean_residual:.4g}"),
+            ("entropy", "yes" if g.entropy is not None else "no (static only)"),
+            ("seed's verdict", self.verdict_code),
+        ]
+
+    def __repr__(self) -> str:
+        model, shape, anchor, fitted, every, _, code = (value for _, value in self._summary())
+        return f"<Analysis {model} ({shape}), anchor {anchor}: mean residual {fitted} (all layers {every}); seed's verdict {code}>"
+
+    def _repr_html_(self) -> str:
+        """Jupyter's display: the anchor and the headline figures as a small table."""
+        from html import escape
+
+        body = "".join(f"<tr><th style='text-align:left'>{escape(k)}</th><td style='text-align:left'>{escape(v)}</td></tr>"
+                       for k, v in self._summary())
+        return f"<div><b>qkspectra Analysis</b><table>{body}</table></div>"
+
 
 SUPPORTED_BELOW, PARTIAL_BELOW = 0.1, 0.3  # the seed's thresholds on a mean rescale residual
 

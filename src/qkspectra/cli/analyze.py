@@ -10,7 +10,6 @@ import typer
 from qkspectra.cli.app import app, fail, output_file
 from qkspectra.cli.run import Scheduler
 
-MAX_NULL_DRAWS = 100_000  # far beyond any p-value resolution a report needs; bounds the memory asked for
 
 
 def parse_anchor(text: str) -> str | int:
@@ -45,7 +44,7 @@ def analyze(
     from qkspectra.atomic import atomic_write_json, refuse_overwriting_inputs
     from qkspectra.analysis.bootstrap import BootstrapOptions
     from qkspectra.analysis.document import AnalysisOptions, fitter_beside, gather_evidence
-    from qkspectra.analysis.nulls import NullOptions
+    from qkspectra.analysis.nulls import MAX_NULL_DRAWS, NullOptions
     from qkspectra.analysis.seed import analyze as run_analysis
     from qkspectra.analysis.seed import analyze_all
     from qkspectra.geometry import load_geometry

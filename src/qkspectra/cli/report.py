@@ -74,6 +74,8 @@ def _rebuild(path: Path, out: Path | None, quiet: bool, write: Callable[..., Any
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
             files = write(document, geometry, out_dir)
+    except QkspectraError:  # already one line naming the fault (a ValueError too)
+        raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise QkspectraError(f"{path}: {NOT_ANALYSIS}: {type(e).__name__} {e}") from None
     if not quiet:

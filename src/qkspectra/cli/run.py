@@ -40,6 +40,8 @@ NoFunctional = Annotated[
 ]
 FunctionalTokens = Annotated[int, typer.Option(help="Corpus tokens the functional test runs on (each reconstruction "
                                                "is one pass over them).")]
+NullDraws = Annotated[int, typer.Option(help="Draws of each null baseline (Gaussian heads, shuffled labels).")]
+Seed = Annotated[int, typer.Option(help="Seed of the null baselines and the bootstrap.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages; print only the strategy table and the verdict.")]
 Scheduler = Annotated[
     Optional[str],
@@ -49,11 +51,12 @@ Scheduler = Annotated[
 
 
 def run_settings(*, groups: int | None, no_functional: bool, functional_tokens: int | None, quiet: bool,
-                 **extract) -> RunSettings:
+                 null_draws: int = 200, seed: int = 0, **extract) -> RunSettings:
     """The library's settings of a run from the command line's options (the extraction's in ``extract``)."""
     from qkspectra.workflow.runner import RunSettings
 
-    return RunSettings(extract_options(quiet=quiet, **extract), groups, not no_functional, functional_tokens)
+    return RunSettings(extract_options(quiet=quiet, **extract), groups, not no_functional, functional_tokens,
+                       null_draws, seed)
 
 
 class StageBars:
@@ -117,6 +120,8 @@ def run(
     groups: Groups = None,
     no_functional: NoFunctional = False,
     functional_tokens: FunctionalTokens = DEFAULT_FUNCTIONAL_TOKENS,
+    null_draws: NullDraws = 200,
+    seed: Seed = 0,
     scheduler: Scheduler = None,
     quiet: Quiet = False,
 ) -> None:
@@ -129,7 +134,8 @@ def run(
 
     settings = run_settings(no_fold_ln=no_fold_ln, static_only=static_only, corpus=corpus, window_per_line=window_per_line,
                             seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, device=device, dtype=dtype,
-                            quiet=quiet, groups=groups, no_functional=no_functional, functional_tokens=functional_tokens)
+                            quiet=quiet, groups=groups, no_functional=no_functional, functional_tokens=functional_tokens,
+                            null_draws=null_draws, seed=seed)
     out_dir = default_out_dir(model) if out is None else out
     say = (lambda _: None) if quiet else (lambda line: typer.echo(f"qkspectra: {line}", err=True))
     with fit_map(scheduler) as layer_pairs_map, StageBars(disable=quiet) as progress:

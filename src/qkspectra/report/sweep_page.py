@@ -25,7 +25,8 @@ from qkspectra.report.sweep_readers import (
     plot_name,
     verdict_codes,
 )
-from qkspectra.report.typeset import escape, html_nav, html_page, html_sections, markdown_block, markdown_sections, text_table
+from qkspectra.report.typeset import (escape, fragment_css, html_block, html_nav, html_page, html_sections, markdown_block,
+                                      markdown_sections, text_table)
 
 CAPTIONS = {
     "sweep_schedules": "Mean temperature T over heads (anchor: the last layer) against relative depth layer / (L - 1), "
@@ -127,6 +128,13 @@ def render_sweep_markdown(document: Mapping[str, Any], figures: Sequence[str]) -
     out = ["# qkspectra sweep", "", describe_sweep(document), "", "## Models", "",
            markdown_block(Table(table.columns, linked)), *markdown_sections(sweep_sections(document, figures))]
     return "\n".join(out) + "\n"
+
+
+def render_sweep_html_summary(document: Mapping[str, Any]) -> str:
+    """The models table as an HTML fragment (a sweep's display in Jupyter), styled as the page, without links."""
+    table = models_table(document)
+    return (f'<div class="qkspectra"><style>{fragment_css("qkspectra")}{SWEEP_CSS}</style>'
+            f'<p>{escape("qkspectra sweep: " + describe_sweep(document))}</p>{html_block(table, {})}</div>')
 
 
 def render_sweep_summary(document: Mapping[str, Any]) -> str:

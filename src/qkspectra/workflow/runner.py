@@ -9,7 +9,8 @@
 The extraction is reused when ``run.json`` holds the same cache key (model identity read from
 the file system, extraction options, qkspectra version) and the geometry and factors files are
 unchanged; a model in memory is extracted every time. ``run_in_memory`` does the same job
-without writing anything (the factors stay in memory).
+without writing anything (the factors stay in memory); ``analyse_geometry`` is the analysis part
+alone, on a geometry already extracted; ``save_run`` writes any of these as the folder ``run`` writes.
 """
 
 from __future__ import annotations
@@ -51,6 +52,17 @@ class RunSettings:
     groups: int | None = None  # layer groups of the group anchor; None: round(sqrt(layers))
     functional: bool = True  # run the functional test (the slowest part)
     functional_tokens: int | None = None  # corpus tokens of the functional test; None: its default budget
+    null_draws: int = 200  # draws of each null baseline (Gaussian heads, shuffled labels)
+    seed: int = 0  # seed of the null baselines and the bootstrap
+
+    def analysis_options(self):
+        """The ``AnalysisOptions`` of these settings (nulls and bootstrap as ``qkspectra analyze --null`` draws them)."""
+        from qkspectra.analysis.bootstrap import BootstrapOptions
+        from qkspectra.analysis.document import AnalysisOptions
+        from qkspectra.analysis.nulls import NullOptions
+
+        nulls = NullOptions(shuffle_draws=self.null_draws, gaussian_draws=self.null_draws, seed=self.seed)
+        return AnalysisOptions(groups=self.groups, nulls=nulls, bootstrap=BootstrapOptions(seed=self.seed))
 
 
 def _file_stamp(path: Path) -> dict[str, Any]:
@@ -139,9 +151,12 @@ def reusable_geometry(out_dir: Path, key: dict[str, Any]) -> bool:
     )
 
 
+NO_MODEL = "functional test not run: the run was given a geometry, not a model (the test runs the model)"
+
+
 def analysis_document(
     geometry: Geometry,
-    factors: Path | dict[str, np.ndarray],
+    factors: Path | dict[str, np.ndarray] | None,
     settings: RunSettings = RunSettings(),
     *,
     model: str | InMemoryModel | Subject | None = None,
@@ -151,24 +166,25 @@ def analysis_document(
 ) -> dict[str, Any]:
     """The analysis document with the operator-level section (when the factors exist) and the rank-k one.
 
-    factors: the factors file, or the factors themselves (as ``Extraction.factors`` keeps them).
+    factors: the factors file, or the factors themselves (as ``Extraction.factors`` keeps them); None: none.
     model: the geometry's model, for the functional test (run when ``settings.functional``), on the
-    corpus, device and dtype of ``settings.options``. The model runs once per reconstruction and anchor strategy.
+    corpus, device and dtype of ``settings.options``. The model runs once per reconstruction and anchor strategy;
+    None: the functional layer is n/a (``NO_MODEL`` when the test was asked for).
     map: how the operator analysis' layer-pair fits run (see ``operator_fit.OperatorFitter``; None: a thread per core).
     progress(stage, done, total): after each layer and layer pair of the operator-level fits.
     timings: receives ``operator_s`` (the operator-level fits) and ``operator_layer_pairs``.
     """
-    from qkspectra.analysis.document import AnalysisOptions, build_analysis_document
+    from qkspectra.analysis.document import NO_FUNCTIONAL, build_analysis_document
     from qkspectra.analysis.factors import as_factors
     from qkspectra.analysis.operator_fit import OperatorFitter
     from qkspectra.analysis.rank_k import rank_k_evidence
     from qkspectra.analysis.seed import analyze_all
 
-    options = AnalysisOptions(groups=settings.groups)
+    options = settings.analysis_options()
     analyses = analyze_all(geometry, groups=settings.groups)
     anchors = {name: a.anchor for name, a in analyses.items()}
     fitter = None
-    if isinstance(factors, dict) or factors.is_file():  # a file is read one layer at a time
+    if isinstance(factors, dict) or (factors is not None and factors.is_file()):  # a file is read one layer at a time
         clock = time.perf_counter()
         fitter = OperatorFitter(as_factors(factors, geometry), map=map, on_step=progress)
         pairs = {(layer, int(a)) for anchor in anchors.values() for layer, a in enumerate(anchor.layers)}
@@ -177,7 +193,8 @@ def analysis_document(
             timings["operator_s"] = round(time.perf_counter() - clock, 3)
             timings["operator_layer_pairs"] = len(pairs)
     if model is None or not settings.functional:
-        return build_analysis_document(geometry, options, fitter=fitter, analyses=analyses)
+        missing = NO_MODEL if model is None and settings.functional else NO_FUNCTIONAL
+        return build_analysis_document(geometry, options, fitter=fitter, analyses=analyses, functional_missing=missing)
 
     from qkspectra.analysis.reconstruction.evidence import functional_evidence
     from qkspectra.extract.corpus import DEFAULT_FUNCTIONAL_TOKENS
@@ -195,10 +212,16 @@ def check_settings(settings: RunSettings) -> None:
     """Reject impossible settings before any model is read (the number of groups is checked against the model later)."""
     from qkspectra.extract.extraction import check_options
 
+    from qkspectra.analysis.nulls import MAX_NULL_DRAWS
+
     check_options(settings.options)
     tokens = settings.functional_tokens
     if tokens is not None and not 2 <= tokens <= MAX_TOKENS_LIMIT:
         raise QkspectraError(f"{option('functional_tokens')} must be between 2 and 10^12, got {tokens}")
+    if not 1 <= settings.null_draws <= MAX_NULL_DRAWS:
+        raise QkspectraError(f"{option('null_draws')} {settings.null_draws}: must be between 1 and {MAX_NULL_DRAWS}")
+    if not 0 <= settings.seed < 2**63:
+        raise QkspectraError(f"{option('seed')} {settings.seed}: must be between 0 and 2**63 - 1")
 
 
 def check_groups(groups: int | None, num_layers: int | None = None) -> None:
@@ -218,6 +241,59 @@ class RunFolder:
     extracted: bool  # False when the geometry was reused
     report: ReportFiles
     geometry: Geometry | None = None  # the geometry analysed
+    record: dict[str, Any] | None = None  # what run.json holds
+
+
+@dataclass(frozen=True, eq=False)
+class RunInMemory:
+    """What ``run_in_memory`` or ``analyse_geometry`` computed, nothing written: what ``save_run`` needs to write the folder."""
+
+    geometry: Geometry
+    document: dict[str, Any]  # the analysis document
+    factors: dict[str, np.ndarray] | None  # the factors file's tensors, (L, ...) float32; None: not extracted here
+    record: dict[str, Any]  # run.json's content, the files' stamps (geometry_sha256, factors_file) left to save_run
+
+
+def new_record(model: str, key: dict[str, Any] | None, settings: RunSettings) -> dict[str, Any]:
+    """run.json at the start of a run: what ran with which settings; files, dates and timings filled in as it goes."""
+    return {
+        "qkspectra_version": __version__,
+        "model": model,
+        "cache_key": key,
+        "geometry_sha256": None,
+        "factors_file": None,  # name, size and modification time of the factors file
+        "extraction": None,  # "performed", "reused", or "given" (the run was given a geometry)
+        "groups": settings.groups,
+        "functional": settings.functional,
+        "functional_tokens": settings.functional_tokens,
+        "null_draws": settings.null_draws,
+        "seed": settings.seed,
+        "started": _now(),
+        "finished": None,  # stays null if the run stops after the extraction
+        "timings": {},
+    }
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_outputs(out_dir: Path) -> list[Path]:
+    """Every file a run folder holds."""
+    from qkspectra.extract.extraction import factors_path
+
+    geometry_path = out_dir / GEOMETRY_FILE
+    return [geometry_path, factors_path(geometry_path), out_dir / ANALYSIS_FILE, out_dir / RUN_FILE, *report_paths(out_dir)]
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise QkspectraError(f"output {out_dir} exists and is not a folder")
+
+
+def _stamp_files(record: dict[str, Any], geometry_path: Path) -> None:
+    record["geometry_sha256"] = _sha256(geometry_path)
+    record["factors_file"] = _factors_stamp(geometry_path)
 
 
 def run(
@@ -246,29 +322,14 @@ def run(
     check_groups(groups)  # and against the number of layers, below
     subject = Subject(model, progress=not options.quiet)  # resolved and read once, when first needed
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise QkspectraError(f"output {out_dir} exists and is not a folder")
+    _check_out_dir(out_dir)
     geometry_path = out_dir / GEOMETRY_FILE
-    outputs = [geometry_path, factors_path(geometry_path), out_dir / ANALYSIS_FILE, out_dir / RUN_FILE,
-               *report_paths(out_dir)]
+    outputs = run_outputs(out_dir)
     refuse_overwriting_inputs_of(model, options, outputs)
     check_writable(outputs)
-    timings: dict[str, float] = {}
     key = cache_key(model, options)
-    record: dict[str, Any] = {
-        "qkspectra_version": __version__,
-        "model": subject_name(model),
-        "cache_key": key,
-        "geometry_sha256": None,
-        "factors_file": None,  # name, size and modification time of the factors file
-        "extraction": None,
-        "groups": groups,
-        "functional": settings.functional,
-        "functional_tokens": settings.functional_tokens,
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "finished": None,  # stays null if the run stops after the extraction
-        "timings": timings,
-    }
+    record = new_record(subject_name(model), key, settings)
+    timings = record["timings"]
 
     geometry = load_geometry(geometry_path) if key is not None and reusable_geometry(out_dir, key) else None
     if groups is not None:  # checked against the model before anything is extracted or written
@@ -284,8 +345,7 @@ def run(
         extract_to_files(subject, geometry_path, options=options)
         timings["extract_s"] = round(time.perf_counter() - clock, 3)
         record["extraction"] = "performed"
-    record["geometry_sha256"] = _sha256(geometry_path)
-    record["factors_file"] = _factors_stamp(geometry_path)
+    _stamp_files(record, geometry_path)
     atomic_write_json(out_dir / RUN_FILE, record)  # the extraction is reusable even if what follows fails
 
     clock = time.perf_counter()
@@ -295,26 +355,34 @@ def run(
         + (f", then the functional test on {subject_name(model)}" if settings.functional else ""))
     document = analysis_document(geometry, factors_path(geometry_path), settings, model=subject, map=map,
                                  progress=progress, timings=timings)
-    atomic_write_json(out_dir / ANALYSIS_FILE, document)
     timings["analyze_s"] = round(time.perf_counter() - clock, 3)
+    return _write_results(out_dir, geometry, document, record, say)
 
+
+def _write_results(out_dir: Path, geometry: Geometry, document: dict[str, Any], record: dict[str, Any],
+                   say: Callable[[str], None]) -> RunFolder:
+    """analysis.json, the plots and report pages, then run.json (marked finished): the end of every run folder."""
+    atomic_write_json(out_dir / ANALYSIS_FILE, document)
     clock = time.perf_counter()
     say(f"writing plots and report in {out_dir}")
     report = write_report(document, geometry, out_dir)
-    timings["report_s"] = round(time.perf_counter() - clock, 3)
-
-    record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    record["timings"]["report_s"] = round(time.perf_counter() - clock, 3)
+    if record["finished"] is None:
+        record["finished"] = _now()
     atomic_write_json(out_dir / RUN_FILE, record)
-    return RunFolder(out_dir, document, record["extraction"] == "performed", report, geometry)
+    return RunFolder(out_dir, document, record["extraction"] == "performed", report, geometry, record)
 
 
 def run_in_memory(
     model: str | InMemoryModel,
     settings: RunSettings = RunSettings(),
     *,
+    map: Callable | None = None,
     say: Callable[[str], None] = lambda _: None,
-) -> tuple[Geometry, dict[str, Any]]:
-    """The job of ``run`` without writing anything: (geometry, analysis document), the factors kept in memory."""
+    progress: Callable[[str, int, int], None] | None = None,
+) -> RunInMemory:
+    """The job of ``run`` without writing anything: the geometry, the analysis document, the factors (kept in
+    memory, for ``save_run``) and the run's record."""
     from qkspectra.extract.extraction import run_extraction
     from qkspectra.geometry import parse_geometry
     from qkspectra.models.subject import Subject
@@ -323,9 +391,123 @@ def run_in_memory(
     subject = Subject(model, progress=not settings.options.quiet)
     if settings.groups is not None:
         check_groups(settings.groups, subject.adapter.num_layers)
+    record = new_record(subject_name(model), cache_key(model, settings.options), settings)
     say(f"extracting the geometry of {subject_name(model)}")
+    clock = time.perf_counter()
     extraction = run_extraction(subject, options=settings.options)
+    record["timings"]["extract_s"] = round(time.perf_counter() - clock, 3)
+    record["extraction"] = "performed"
     geometry = parse_geometry(extraction.geometry, source=f"<geometry of {subject_name(model)}>")
     if settings.functional:
         say(f"running the functional test on {subject_name(model)}")
-    return geometry, analysis_document(geometry, extraction.factors, settings, model=subject)
+    clock = time.perf_counter()
+    document = analysis_document(geometry, extraction.factors, settings, model=subject, map=map, progress=progress,
+                                 timings=record["timings"])
+    record["timings"]["analyze_s"] = round(time.perf_counter() - clock, 3)
+    record["finished"] = _now()
+    return RunInMemory(geometry, document, extraction.factors, record)
+
+
+def geometry_name(geometry: Geometry) -> str:
+    """The model a geometry names in its metadata, else where it came from."""
+    return str(geometry.metadata.get("model") or geometry.source)
+
+
+def analyse_geometry(
+    geometry: Geometry,
+    out_dir: str | Path | None = None,
+    settings: RunSettings = RunSettings(),
+    *,
+    map: Callable | None = None,
+    say: Callable[[str], None] = lambda _: None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> RunFolder | RunInMemory:
+    """The analysis part of ``run`` on a geometry already extracted: every anchor strategy, nulls, bootstrap,
+    and the operator-level and rank-k tests on the factors file beside the geometry (when there is one).
+
+    The functional test needs the model: its layer is n/a (``NO_MODEL``). With ``out_dir``, the geometry
+    (and its factors file) is written there first and the folder completed as ``run`` completes it (run.json's
+    ``extraction`` is "given"); without, nothing is written.
+    """
+    from qkspectra.analysis.factors import factors_path_for
+
+    check_settings(settings)
+    check_groups(settings.groups, geometry.num_layers)
+    record = new_record(geometry_name(geometry), None, settings)
+    record["extraction"] = "given"
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        _check_out_dir(out_dir)
+        check_writable(run_outputs(out_dir))
+        geometry = write_geometry_files(geometry, out_dir)
+        _stamp_files(record, out_dir / GEOMETRY_FILE)
+    clock = time.perf_counter()
+    say("analysing: every anchor strategy, null baselines, bootstrap intervals"
+        + (", operator-level fits, rank-k" if factors_path_for(geometry) is not None else ""))
+    document = analysis_document(geometry, factors_path_for(geometry), settings, model=None, map=map,
+                                 progress=progress, timings=record["timings"])
+    record["timings"]["analyze_s"] = round(time.perf_counter() - clock, 3)
+    if out_dir is None:
+        record["finished"] = _now()
+        return RunInMemory(geometry, document, None, record)
+    return _write_results(out_dir, geometry, document, record, say)
+
+
+def write_geometry_files(geometry: Geometry, out_dir: Path, factors: dict[str, np.ndarray] | None = None) -> Geometry:
+    """out_dir/geometry.json and its factors file, as ``run`` writes them; the geometry as read back from there.
+
+    factors: the factors in memory (``RunInMemory.factors``); None: the factors file beside the geometry is
+    copied, if it has one (else the folder has none, and the operator-level tests of its analysis are n/a).
+    """
+    from qkspectra.analysis.factors import factors_path_for
+    from qkspectra.atomic import atomic_copy
+    from qkspectra.extract.extraction import Extraction, factors_path, write_outputs
+    from qkspectra.geometry import geometry_document_of, load_geometry
+
+    path = out_dir / GEOMETRY_FILE
+    document = geometry_document_of(geometry)
+    if factors is not None:
+        write_outputs(Extraction(document, factors), path)
+        return load_geometry(path)
+    source, target = factors_path_for(geometry), factors_path(path)
+    metadata = dict(document.get("metadata") or {})
+    if source is not None and source.is_file():
+        if not (target.exists() and target.samefile(source)):
+            atomic_copy(source, target)
+        metadata["factors_file"] = target.name
+    else:
+        metadata.pop("factors_file", None)
+        target.unlink(missing_ok=True)  # an earlier run's, which this geometry's analysis did not use
+    atomic_write_json(path, dict(document, metadata=metadata))
+    return load_geometry(path)
+
+
+def save_run(
+    out_dir: str | Path,
+    geometry: Geometry,
+    document: dict[str, Any],
+    record: dict[str, Any] | None = None,
+    *,
+    factors: dict[str, np.ndarray] | None = None,
+    say: Callable[[str], None] = lambda _: None,
+) -> RunFolder:
+    """Write what ``run`` writes into ``out_dir`` from a run's results, computing nothing again but the report.
+
+    The geometry and its factors as ``write_geometry_files`` writes them; the document with its ``input``
+    naming the geometry as saved (file and metadata: what ``run`` would have computed there); the plots and
+    pages; run.json: ``record`` (the run's settings, dates and timings) with the saved files' stamps
+    (None: a record that names no cache key, so a later ``run`` extracts again).
+    """
+    from qkspectra.analysis.results import input_section
+
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
+    check_writable(run_outputs(out_dir))
+    saved = write_geometry_files(geometry, out_dir, factors)
+    document = dict(document, input=input_section(saved))
+    if record is None:
+        record = new_record(geometry_name(saved), None, RunSettings())
+        record.update(groups=None, functional=None, functional_tokens=None, null_draws=None, seed=None, started=None)
+    record = dict(record, timings=dict(record.get("timings") or {}))
+    _stamp_files(record, out_dir / GEOMETRY_FILE)
+    return _write_results(out_dir, saved, document, record, say)

@@ -230,6 +230,7 @@ def _finished_run(run_dir: Path, model: str, settings: RunSettings) -> dict[str,
         isinstance(record, dict) and record.get("finished") is not None and record.get("cache_key") == key
         and record.get("groups") == settings.groups and record.get("functional") == settings.functional
         and record.get("functional_tokens") == settings.functional_tokens
+        and record.get("null_draws", 200) == settings.null_draws and record.get("seed", 0) == settings.seed
         and reusable_geometry(run_dir, key) and (run_dir / "report.html").is_file()
     ):
         return None
@@ -353,7 +354,8 @@ def run_sweep(
         "schema_version": SWEEP_SCHEMA_VERSION,
         "engine": {**engine, "cluster": "local" if scheduler is None else "existing", "versions": _versions()},
         "settings": {"options": {k: v for k, v in asdict(settings.options).items() if k != "quiet"},
-                     "groups": settings.groups, "functional": settings.functional},
+                     "groups": settings.groups, "functional": settings.functional,
+                     "null_draws": settings.null_draws, "seed": settings.seed},
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_s": round(time.perf_counter() - clock, 3),
