@@ -158,7 +158,7 @@ def test_run_result_exposes_the_document_verdict_strategies_and_figures(tokenize
          r"^seq_len and window_per_line exclude each other"),
         (lambda m, t: qkspectra.extract_geometry(m, t, seq_len=128), r"^seq_len 128 exceeds the model's max_position_embeddings=64$"),
         (lambda m, t: qkspectra.extract_geometry(m, t, batch_size=0), r"^batch_size must be at least 1, got 0$"),
-        (lambda m, t: qkspectra.extract_geometry(m, t, no_fold_ln=True), r"^extract_geometry\(\) has no option 'no_fold_ln'; its options: fold_ln, "),
+        (lambda m, t: qkspectra.extract_geometry(m, t, no_fold_ln=True), r"^extract_geometry\(\) has no option 'no_fold_ln'; did you mean 'fold_ln'\? its options: fold_ln, "),
         (lambda m, t: qkspectra.extract_geometry(m), r"the attention-entropy pass needs the model's tokenizer; pass tokenizer=\.\.\., or static_only=True"),
         (lambda m, t: qkspectra.extract_geometry("minilm", t), r"^tokenizer goes with a model in memory"),
         (lambda m, t: qkspectra.extract_geometry(m.state_dict(), t), r"^model must be a bundled model name, a path, or a transformers model in memory; got OrderedDict$"),
@@ -180,8 +180,11 @@ def test_analyze_with_every_anchor_and_errors_in_python_terms():
     rng = np.random.default_rng(0)
     sigma = np.sort(rng.uniform(0.1, 2.0, (4, 3, 5)), axis=-1)[..., ::-1]
     g = parse_geometry({"num_layers": 4, "num_heads": 3, "static": [{"metric_singvals_per_head": s.tolist()} for s in sigma]})
-    every = qkspectra.analyze(g, anchor="all", groups=2)
+    every = qkspectra.analyze_all(g, groups=2)
     assert set(every) == {"last", "middle", "best", "group"}
+    assert all(isinstance(a, qkspectra.Analysis) for a in every.values())
+    with pytest.raises(QkspectraError, match=r"^anchor 'all' gives one analysis per strategy: use analyze_all\(geometry\)"):
+        qkspectra.analyze(g, anchor="all")
     assert every["group"].anchor.groups == qkspectra.analyze(g, anchor="group", groups=2).anchor.groups
     np.testing.assert_array_equal(every["best"].rescale.T, qkspectra.analyze(g, anchor="best").rescale.T)
     assert qkspectra.analyze(g, anchor=np.int64(-1)).anchor.layer == 3
@@ -257,3 +260,204 @@ def test_minilm_in_memory_run_equals_the_command_line(minilm_in_memory, minilm_c
     for key in document.keys() - {"input"}:  # input names the file and the model's source
         assert document[key] == expected[key], key
     assert result.verdict.overall == expected["verdict"]["overall"]
+
+
+# ----------------------------------------------------------------------------
+# Runs as files and back, tables, options as on the command line, errors, displays
+# ----------------------------------------------------------------------------
+
+import inspect  # noqa: E402
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from qkspectra import QkspectraTypeError  # noqa: E402
+
+GOLDEN = Path(__file__).parent / "data" / "golden" / "minilm_like.json"
+FAST = {"null_draws": 20}  # the nulls are not what these tests are about
+FAST_CLI = ["--null-draws", "20"]
+RUN_FILES = {"geometry.json", "geometry.factors.safetensors", "analysis.json", "report.html", "report.md", "run.json"}
+TABLES_DOC = (Path(__file__).parents[1] / "docs" / "tables.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tokenizer):
+    """tiny_bert saved with its tokenizer: a model folder for `qkspectra run` and for `qkspectra.run` by path."""
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-bert"
+    tiny_bert(tokenizer.vocab_size).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_cli_run(tiny_folder, tmp_path_factory):
+    """`qkspectra run` on the tiny folder, functional test included: every section of the document."""
+    from qkspectra.cli import main
+
+    out = tmp_path_factory.mktemp("cli-run") / "run"
+    main(["run", str(tiny_folder), "--out", str(out), *SMALL_CLI, *FAST_CLI])
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_in_memory(tiny_folder):
+    """The same run from Python, nothing written."""
+    return qkspectra.run(tiny_folder, **SMALL, **FAST)
+
+
+def run_files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_save_writes_what_run_out_writes_byte_for_byte(tiny_in_memory, tiny_cli_run, tiny_folder, tmp_path):
+    from qkspectra.extract.extraction import ExtractOptions
+    from qkspectra.workflow.runner import cache_key, reusable_geometry
+
+    assert tiny_in_memory.out_dir is None and tiny_in_memory.factors is not None
+    saved = tiny_in_memory.save(tmp_path / "saved")
+    expected, written = run_files(tiny_cli_run), run_files(tmp_path / "saved")
+    assert written.keys() == expected.keys() and RUN_FILES <= written.keys()
+    for name in expected.keys() - {"run.json"}:  # plots and pages included
+        assert written[name] == expected[name], name
+    record, cli_record = (orjson.loads(files["run.json"]) for files in (written, expected))
+    assert record.keys() == cli_record.keys()
+    assert {key for key in record if record[key] != cli_record[key]} <= {"started", "finished", "timings", "factors_file"}
+    options = ExtractOptions(max_tokens=96, seq_len=32, quiet=True)
+    assert reusable_geometry(tmp_path / "saved", cache_key(str(tiny_folder), options))  # a later `run` reuses it
+    assert saved == qkspectra.load_run(tmp_path / "saved") and saved.out_dir == tmp_path / "saved"
+    assert saved.document["input"]["file"] == "geometry.json" and tiny_in_memory.document["input"]["file"] != "geometry.json"
+
+
+def test_load_run_equals_the_run_that_wrote_it_and_saves_the_same_files(tiny_folder, tmp_path):
+    written = qkspectra.run(tiny_folder, out=tmp_path / "run", functional=False, **SMALL, **FAST)
+    loaded = qkspectra.load_run(tmp_path / "run")
+    assert loaded == written and loaded.document == written.document and loaded.geometry == written.geometry
+    assert loaded.out_dir == written.out_dir and loaded.record == written.record
+    assert loaded.document["verdict"]["layers"]["functional"]["code"] == "n/a"
+    again = loaded.save(tmp_path / "copy")  # the factors file copied from beside the loaded geometry
+    original, copy = run_files(tmp_path / "run"), run_files(tmp_path / "copy")
+    assert copy.keys() == original.keys()
+    assert all(copy[name] == original[name] for name in original.keys() - {"run.json"})
+    assert again == qkspectra.load_run(tmp_path / "copy") and again != loaded  # another folder
+
+
+def test_run_on_a_geometry_is_the_analysis_part(tiny_cli_run, tmp_path):
+    from qkspectra.workflow.runner import NO_MODEL
+
+    geometry = qkspectra.load_geometry(tiny_cli_run / "geometry.json")
+    by_path = qkspectra.run(tiny_cli_run / "geometry.json", **FAST)
+    by_object = qkspectra.run(geometry, **FAST)
+    assert by_path == by_object and by_path.out_dir is None and by_path.record["extraction"] == "given"
+    expected = orjson.loads((tiny_cli_run / "analysis.json").read_bytes())
+    assert "functional" not in by_path.document  # the test needs the model
+    assert {key for key in expected if expected[key] != by_path.document.get(key)} == {"functional", "verdict"}
+    assert by_path.document.keys() == expected.keys() - {"functional"}
+    layers = by_path.verdict.layers
+    assert layers.functional.code == "n/a" and layers.functional.evidence == f"No functional evidence: {NO_MODEL}."
+    assert layers.operator.evidence == expected["verdict"]["layers"]["operator"]["evidence"]  # the factors beside it
+    with pytest.raises(QkspectraError, match=r"^max_tokens is an extraction option; run was given a geometry"):
+        qkspectra.run(geometry, max_tokens=64)
+    with pytest.raises(QkspectraError, match=r"^tokenizer goes with a model in memory; run was given a geometry$"):
+        qkspectra.run(geometry, object())
+
+
+def test_analyze_takes_a_geometry_file_and_returns_one_type():
+    by_path = qkspectra.analyze(GOLDEN, anchor="best")
+    by_string = qkspectra.analyze(str(GOLDEN), anchor="best")
+    assert isinstance(by_path, qkspectra.Analysis) and isinstance(by_string, qkspectra.Analysis)
+    np.testing.assert_array_equal(by_path.rescale.T, qkspectra.analyze(load_geometry(GOLDEN), "best").rescale.T)
+    every = qkspectra.analyze_all(GOLDEN, groups=2)
+    np.testing.assert_array_equal(every["best"].rescale.residual, by_path.rescale.residual)
+    for strategy in ("last", "middle", "best", "group", 0, -1, np.int64(2)):
+        assert type(qkspectra.analyze(GOLDEN, strategy)) is qkspectra.Analysis
+
+
+def test_tables_hold_the_documents_figures(tiny_in_memory):
+    pandas = pytest.importorskip("pandas")
+    r, document = tiny_in_memory, tiny_in_memory.document
+    L, H = r.geometry.num_layers, r.geometry.num_heads
+    heads, layers, strategies = r.heads(), r.layers(), r.strategy_table()
+    assert isinstance(heads, pandas.DataFrame) and heads.shape[0] == L * H and layers.shape[0] == L
+    assert list(heads["layer"]) == [layer for layer in range(L) for _ in range(H)] and list(heads["head"][:H]) == list(range(H))
+    for name, s in document["strategies"].items():
+        np.testing.assert_array_equal(heads[f"T_{name}"].to_numpy().reshape(L, H), s["rescale"]["T"])
+        np.testing.assert_array_equal(heads[f"residual_{name}"].to_numpy().reshape(L, H), s["rescale"]["residual"])
+        assert list(heads[f"fitted_{name}"][::H]) == [a != layer for layer, a in enumerate(s["anchor"]["layers"])]
+        np.testing.assert_array_equal(heads[f"operator_residual_{name}"].to_numpy().reshape(L, H), document["operator"][name]["residual"])
+        np.testing.assert_array_equal(heads[f"functional_kl_operator_{name}"].to_numpy().reshape(L, H),
+                                      document["functional"][name]["operator"]["per_head_kl"])
+        np.testing.assert_array_equal(layers[f"mean_T_{name}"], s["rescale"]["per_layer"]["mean_T"])
+        assert strategies.loc[name, "mean_residual_fitted"] == s["rescale"]["mean_residual_fitted"]
+        assert strategies.loc[name, "seed_verdict"] == s["verdict"]["code"]
+    np.testing.assert_array_equal(heads["entropy"].to_numpy().reshape(L, H), r.geometry.entropy)
+    static = r.geometry.document["static"]
+    np.testing.assert_array_equal(heads["op_norm"].to_numpy().reshape(L, H), [row["operator_norm_per_head"] for row in static])
+    assert {"normalized_entropy", "sink_mass", "stable_rank", "effective_rank", "rank_k_operator_last"} <= set(heads.columns)
+    report_columns = ["anchor_layers", "num_anchor_layers", "num_fitted_layers", "mean_residual_fitted", "mean_residual",
+                      "max_residual", "frac_below_0_10_fitted", "frac_below_0_20_fitted", "corr_T_entropy",
+                      "single_spectrum_mean_residual", "seed_verdict"]
+    assert list(strategies.index) == list(document["strategies"]) and list(strategies.columns[:11]) == report_columns
+    for column in [*heads.columns, *layers.columns, *strategies.columns]:
+        assert f"`{re.sub(r'_(last|middle|best|group)$', '_{strategy}', column)}`" in TABLES_DOC, column
+
+
+def test_run_options_are_the_command_lines_one_to_one():
+    from qkspectra.cli.run import run as command
+
+    python_names = {"no_fold_ln": "fold_ln", "no_functional": "functional"}  # the flags that turn a default off
+    cli = {python_names.get(name, name): p.default for name, p in inspect.signature(command).parameters.items()}
+    ours = {name: p.default for name, p in inspect.signature(qkspectra.run).parameters.items()
+            if p.kind is not inspect.Parameter.VAR_KEYWORD and name != "tokenizer"}
+    assert ours.keys() == cli.keys()
+    for name, default in cli.items():
+        if name in python_names.values():
+            assert ours[name] is (not default), name
+        elif name != "model":
+            assert ours[name] == default, name
+
+
+@pytest.mark.parametrize(
+    "call, kind, message",
+    [
+        (lambda: qkspectra.run("minilm", null_draw=5), QkspectraTypeError,
+         r"^run\(\) has no option 'null_draw'; did you mean 'null_draws'\? its options: out, fold_ln, .*, scheduler$"),
+        (lambda: qkspectra.run("minilm", colour="red"), QkspectraTypeError, r"^run\(\) has no option 'colour'; its options: out, "),
+        (lambda: qkspectra.run("minilm", seed="0"), QkspectraTypeError, r"^seed must be a whole number, got '0'$"),
+        (lambda: qkspectra.run("minilm", null_draws=0), QkspectraError, r"^null_draws 0: must be between 1 and 100000$"),
+        (lambda: qkspectra.run(GOLDEN, out=3), QkspectraTypeError, r"^out must be a string or a path, got 3$"),
+        (lambda: qkspectra.run("minilm", "minilm-run"), QkspectraTypeError,
+         r"^tokenizer must be a tokenizer object, got the string 'minilm-run'; the run folder is out=\.\.\.$"),
+        (lambda: qkspectra.analyze(42), QkspectraTypeError, r"^geometry must be a Geometry or a geometry file's path, got int$"),
+        (lambda: qkspectra.analyze(GOLDEN, anchor=1.5), QkspectraTypeError, r"^anchor must be last, middle, best, group or a layer index"),
+        (lambda: qkspectra.analyze(GOLDEN, anchor="best", groups="2"), QkspectraTypeError, r"^groups must be a whole number or None"),
+        (lambda: qkspectra.analyze(GOLDEN.with_name("none.json")), QkspectraError, r"none\.json: no such file$"),
+        (lambda: qkspectra.load_run(GOLDEN.parent), QkspectraError, r"golden: no analysis\.json here; a run folder holds"),
+        (lambda: qkspectra.load_run(GOLDEN), QkspectraError, r"minilm_like\.json: not a folder"),
+        (lambda: qkspectra.load_sweep(GOLDEN.parent), QkspectraError, r"golden: no sweep\.json here"),
+    ],
+)
+def test_bad_calls_raise_value_or_type_errors(call, kind, message):
+    with pytest.raises(kind, match=message) as info:
+        call()
+    assert isinstance(info.value, ValueError) and isinstance(info.value, QkspectraError)
+    assert isinstance(info.value, TypeError) == (kind is QkspectraTypeError)
+    assert "\n" not in str(info.value)
+
+
+def test_the_command_line_prints_a_type_error_as_one_line(monkeypatch, cli):
+    def wrong_type(*args, **kwargs):
+        raise QkspectraTypeError("out must be a string or a path, got 3")
+
+    monkeypatch.setattr("qkspectra.geometry.load_geometry", wrong_type)
+    assert cli(["analyze", str(GOLDEN)]) == (2, "", "qkspectra: error: out must be a string or a path, got 3\n")
+
+
+def test_displays_are_short(tiny_in_memory):
+    g = tiny_in_memory.geometry
+    a = qkspectra.analyze(g, "group")
+    for shown in (g, a, tiny_in_memory):
+        text = repr(shown)
+        assert "\n" not in text and len(text) < 250 and "[" not in text, text
+        html = shown._repr_html_()
+        assert html.startswith("<div") and "<script" not in html and len(html) < 20_000
+    assert repr(g).startswith("<Geometry ") and "3 layers × 4 heads" in repr(g) and "max rank 8" in repr(g)
+    assert repr(a).startswith("<Analysis ") and "anchor group" in repr(a) and "seed's verdict" in repr(a)

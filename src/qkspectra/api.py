@@ -151,11 +151,15 @@ def run(
     functional test, the slowest part), functional_tokens, null_draws and seed (of the nulls and the
     bootstrap), scheduler (a Dask scheduler's address for the operator-level fits).
     """
-    from qkspectra.workflow import runner
+    from qkspectra.workflow import folder, runner
     from qkspectra.workflow.cluster import fit_map
 
     if unknown:
         raise unknown_option("run", next(iter(unknown)), RUN_OPTIONS)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        kind = "string" if isinstance(tokenizer, str) else "path"
+        raise QkspectraTypeError(f"tokenizer must be a tokenizer object, got the {kind} {os.fspath(tokenizer)!r}; "
+                                 "the run folder is out=...")
     hints = typing.get_type_hints(ExtractOptions)
     given = {"fold_ln": fold_ln, "static_only": static_only, "corpus": corpus, "seq_len": seq_len, "max_tokens": max_tokens,
              "window_per_line": window_per_line, "batch_size": batch_size, "device": device, "dtype": dtype, "quiet": quiet}
@@ -175,7 +179,7 @@ def run(
         if extraction:
             raise QkspectraError(f"{extraction[0]} is an extraction option; run was given a geometry, already extracted")
         with fit_map(scheduler) as layer_pairs_map:
-            return RunResult.of(runner.analyse_geometry(geometry, out, settings, map=layer_pairs_map))
+            return RunResult.of(folder.analyse_geometry(geometry, out, settings, map=layer_pairs_map))
     subject = model_argument(model, tokenizer)
     with fit_map(scheduler) as layer_pairs_map:
         if out is None:

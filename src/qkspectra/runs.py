@@ -142,7 +142,7 @@ class RunResult:
         beside its geometry), the document is this one with ``input`` naming the saved geometry. A result
         without factors (a geometry without a factors file) gives a folder without one.
         """
-        from qkspectra.workflow.runner import save_run
+        from qkspectra.workflow.folder import save_run
 
         if not isinstance(out_dir, (str, os.PathLike)):
             raise QkspectraTypeError(f"out_dir must be a string or a path, got {type(out_dir).__name__}")

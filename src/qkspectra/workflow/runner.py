@@ -9,8 +9,8 @@
 The extraction is reused when ``run.json`` holds the same cache key (model identity read from
 the file system, extraction options, qkspectra version) and the geometry and factors files are
 unchanged; a model in memory is extracted every time. ``run_in_memory`` does the same job
-without writing anything (the factors stay in memory); ``analyse_geometry`` is the analysis part
-alone, on a geometry already extracted; ``save_run`` writes any of these as the folder ``run`` writes.
+without writing anything (the factors stay in memory). ``workflow.folder`` completes a folder from
+results computed elsewhere (a geometry given, a run in memory, a folder read back).
 """
 
 from __future__ import annotations
@@ -268,13 +268,13 @@ def new_record(model: str, key: dict[str, Any] | None, settings: RunSettings) ->
         "functional_tokens": settings.functional_tokens,
         "null_draws": settings.null_draws,
         "seed": settings.seed,
-        "started": _now(),
+        "started": now(),
         "finished": None,  # stays null if the run stops after the extraction
         "timings": {},
     }
 
 
-def _now() -> str:
+def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
@@ -286,12 +286,12 @@ def run_outputs(out_dir: Path) -> list[Path]:
     return [geometry_path, factors_path(geometry_path), out_dir / ANALYSIS_FILE, out_dir / RUN_FILE, *report_paths(out_dir)]
 
 
-def _check_out_dir(out_dir: Path) -> None:
+def check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise QkspectraError(f"output {out_dir} exists and is not a folder")
 
 
-def _stamp_files(record: dict[str, Any], geometry_path: Path) -> None:
+def stamp_files(record: dict[str, Any], geometry_path: Path) -> None:
     record["geometry_sha256"] = _sha256(geometry_path)
     record["factors_file"] = _factors_stamp(geometry_path)
 
@@ -322,7 +322,7 @@ def run(
     check_groups(groups)  # and against the number of layers, below
     subject = Subject(model, progress=not options.quiet)  # resolved and read once, when first needed
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir)
+    check_out_dir(out_dir)
     geometry_path = out_dir / GEOMETRY_FILE
     outputs = run_outputs(out_dir)
     refuse_overwriting_inputs_of(model, options, outputs)
@@ -345,7 +345,7 @@ def run(
         extract_to_files(subject, geometry_path, options=options)
         timings["extract_s"] = round(time.perf_counter() - clock, 3)
         record["extraction"] = "performed"
-    _stamp_files(record, geometry_path)
+    stamp_files(record, geometry_path)
     atomic_write_json(out_dir / RUN_FILE, record)  # the extraction is reusable even if what follows fails
 
     clock = time.perf_counter()
@@ -356,10 +356,10 @@ def run(
     document = analysis_document(geometry, factors_path(geometry_path), settings, model=subject, map=map,
                                  progress=progress, timings=timings)
     timings["analyze_s"] = round(time.perf_counter() - clock, 3)
-    return _write_results(out_dir, geometry, document, record, say)
+    return write_results(out_dir, geometry, document, record, say)
 
 
-def _write_results(out_dir: Path, geometry: Geometry, document: dict[str, Any], record: dict[str, Any],
+def write_results(out_dir: Path, geometry: Geometry, document: dict[str, Any], record: dict[str, Any],
                    say: Callable[[str], None]) -> RunFolder:
     """analysis.json, the plots and report pages, then run.json (marked finished): the end of every run folder."""
     atomic_write_json(out_dir / ANALYSIS_FILE, document)
@@ -368,7 +368,7 @@ def _write_results(out_dir: Path, geometry: Geometry, document: dict[str, Any], 
     report = write_report(document, geometry, out_dir)
     record["timings"]["report_s"] = round(time.perf_counter() - clock, 3)
     if record["finished"] is None:
-        record["finished"] = _now()
+        record["finished"] = now()
     atomic_write_json(out_dir / RUN_FILE, record)
     return RunFolder(out_dir, document, record["extraction"] == "performed", report, geometry, record)
 
@@ -404,110 +404,5 @@ def run_in_memory(
     document = analysis_document(geometry, extraction.factors, settings, model=subject, map=map, progress=progress,
                                  timings=record["timings"])
     record["timings"]["analyze_s"] = round(time.perf_counter() - clock, 3)
-    record["finished"] = _now()
+    record["finished"] = now()
     return RunInMemory(geometry, document, extraction.factors, record)
-
-
-def geometry_name(geometry: Geometry) -> str:
-    """The model a geometry names in its metadata, else where it came from."""
-    return str(geometry.metadata.get("model") or geometry.source)
-
-
-def analyse_geometry(
-    geometry: Geometry,
-    out_dir: str | Path | None = None,
-    settings: RunSettings = RunSettings(),
-    *,
-    map: Callable | None = None,
-    say: Callable[[str], None] = lambda _: None,
-    progress: Callable[[str, int, int], None] | None = None,
-) -> RunFolder | RunInMemory:
-    """The analysis part of ``run`` on a geometry already extracted: every anchor strategy, nulls, bootstrap,
-    and the operator-level and rank-k tests on the factors file beside the geometry (when there is one).
-
-    The functional test needs the model: its layer is n/a (``NO_MODEL``). With ``out_dir``, the geometry
-    (and its factors file) is written there first and the folder completed as ``run`` completes it (run.json's
-    ``extraction`` is "given"); without, nothing is written.
-    """
-    from qkspectra.analysis.factors import factors_path_for
-
-    check_settings(settings)
-    check_groups(settings.groups, geometry.num_layers)
-    record = new_record(geometry_name(geometry), None, settings)
-    record["extraction"] = "given"
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        _check_out_dir(out_dir)
-        check_writable(run_outputs(out_dir))
-        geometry = write_geometry_files(geometry, out_dir)
-        _stamp_files(record, out_dir / GEOMETRY_FILE)
-    clock = time.perf_counter()
-    say("analysing: every anchor strategy, null baselines, bootstrap intervals"
-        + (", operator-level fits, rank-k" if factors_path_for(geometry) is not None else ""))
-    document = analysis_document(geometry, factors_path_for(geometry), settings, model=None, map=map,
-                                 progress=progress, timings=record["timings"])
-    record["timings"]["analyze_s"] = round(time.perf_counter() - clock, 3)
-    if out_dir is None:
-        record["finished"] = _now()
-        return RunInMemory(geometry, document, None, record)
-    return _write_results(out_dir, geometry, document, record, say)
-
-
-def write_geometry_files(geometry: Geometry, out_dir: Path, factors: dict[str, np.ndarray] | None = None) -> Geometry:
-    """out_dir/geometry.json and its factors file, as ``run`` writes them; the geometry as read back from there.
-
-    factors: the factors in memory (``RunInMemory.factors``); None: the factors file beside the geometry is
-    copied, if it has one (else the folder has none, and the operator-level tests of its analysis are n/a).
-    """
-    from qkspectra.analysis.factors import factors_path_for
-    from qkspectra.atomic import atomic_copy
-    from qkspectra.extract.extraction import Extraction, factors_path, write_outputs
-    from qkspectra.geometry import geometry_document_of, load_geometry
-
-    path = out_dir / GEOMETRY_FILE
-    document = geometry_document_of(geometry)
-    if factors is not None:
-        write_outputs(Extraction(document, factors), path)
-        return load_geometry(path)
-    source, target = factors_path_for(geometry), factors_path(path)
-    metadata = dict(document.get("metadata") or {})
-    if source is not None and source.is_file():
-        if not (target.exists() and target.samefile(source)):
-            atomic_copy(source, target)
-        metadata["factors_file"] = target.name
-    else:
-        metadata.pop("factors_file", None)
-        target.unlink(missing_ok=True)  # an earlier run's, which this geometry's analysis did not use
-    atomic_write_json(path, dict(document, metadata=metadata))
-    return load_geometry(path)
-
-
-def save_run(
-    out_dir: str | Path,
-    geometry: Geometry,
-    document: dict[str, Any],
-    record: dict[str, Any] | None = None,
-    *,
-    factors: dict[str, np.ndarray] | None = None,
-    say: Callable[[str], None] = lambda _: None,
-) -> RunFolder:
-    """Write what ``run`` writes into ``out_dir`` from a run's results, computing nothing again but the report.
-
-    The geometry and its factors as ``write_geometry_files`` writes them; the document with its ``input``
-    naming the geometry as saved (file and metadata: what ``run`` would have computed there); the plots and
-    pages; run.json: ``record`` (the run's settings, dates and timings) with the saved files' stamps
-    (None: a record that names no cache key, so a later ``run`` extracts again).
-    """
-    from qkspectra.analysis.results import input_section
-
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir)
-    check_writable(run_outputs(out_dir))
-    saved = write_geometry_files(geometry, out_dir, factors)
-    document = dict(document, input=input_section(saved))
-    if record is None:
-        record = new_record(geometry_name(saved), None, RunSettings())
-        record.update(groups=None, functional=None, functional_tokens=None, null_draws=None, seed=None, started=None)
-    record = dict(record, timings=dict(record.get("timings") or {}))
-    _stamp_files(record, out_dir / GEOMETRY_FILE)
-    return _write_results(out_dir, saved, document, record, say)
