@@ -1,4 +1,5 @@
-"""Analysing a JSON file needs numpy alone: no torch, transformers, scipy or matplotlib."""
+"""Analysing a JSON file (``analyze``, and ``run`` on a geometry without writing) needs numpy alone: no torch,
+transformers, scipy or matplotlib."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from qkspectra.cli import main
 main(["analyze", sys.argv[1], "--anchor", "all", "--quiet"])
 import qkspectra
 qkspectra.analyze(qkspectra.load_geometry(sys.argv[1]), "best")
+qkspectra.analyze(sys.argv[1], "best")  # a path
+result = qkspectra.run(sys.argv[1], null_draws=5)  # the analysis part of a run, nothing written
+assert result.verdict.layers["functional"].code == "n/a"
 """
 
 

@@ -249,3 +249,29 @@ def test_sweep_page_in_chromium(sweeps, tmp_path):
     assert 'data-images-ok="true"' in body and 'data-images-total="3"' in body, body
     text = html.unescape(re.sub(r"<[^>]+>", " ", dom))
     assert "broken" in text and next(m["error"] for m in result.document["models"] if m["status"] == "failed") in text
+
+
+def test_load_sweep_opens_the_folder_with_each_models_run(sweeps):
+    pandas = pytest.importorskip("pandas")
+    result, _, _, _ = sweeps
+    sweep = qkspectra.load_sweep(result.out_dir)
+    assert sweep.document == result.document and sweep.out_dir == result.out_dir
+    assert list(sweep) == [m["name"] for m in result.document["models"] if m["status"] == "ok"]
+    assert sweep["step2"] == qkspectra.load_run(result.out_dir / "step2")
+    assert sweep["step2"].document == orjson.loads((result.out_dir / "step2" / "analysis.json").read_bytes())
+    with pytest.raises(KeyError, match="'broken' failed in this sweep: "):
+        sweep["broken"]
+    models = sweep.models()
+    assert isinstance(models, pandas.DataFrame) and list(models["name"]) == [m["name"] for m in result.document["models"]]
+    row = models.set_index("name").loc["step2"]
+    figures = next(m for m in result.document["models"] if m["name"] == "step2")["figures"]
+    assert row["step"] == 20 and row["overall"] == figures["verdict"]["overall"]
+    assert row["verdict_operator"] == figures["verdict"]["layers"]["operator"]["code"]
+    assert row["spectral_residual_group"] == figures["spectral_residual"]["group"]
+    assert row["p_shuffle_mean_residual_last"] == figures["null_p_values"]["shuffle"]["mean_residual.last"]
+    assert models.set_index("name").loc["broken", "status"] == "failed"
+    documented = (Path(__file__).parents[1] / "docs" / "tables.md").read_text()
+    for column in models.columns.drop(["step"]):
+        generic = re.sub(r"_(last|middle|best|group)$", "_{strategy}", re.sub(r"^p_(gaussian|shuffle)_", "p_{null}_", column))
+        assert f"`{generic}`" in documented, column
+    assert "\n" not in repr(sweep) and "3 ok" in repr(sweep) and "<table" in sweep._repr_html_()
