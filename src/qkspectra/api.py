@@ -33,7 +33,7 @@ from qkspectra.errors import QkspectraError, QkspectraTypeError, unknown_option
 from qkspectra.extract.corpus import DEFAULT_FUNCTIONAL_TOKENS, DEFAULT_MAX_TOKENS
 from qkspectra.extract.extraction import ExtractOptions
 from qkspectra.geometry import Geometry
-from qkspectra.runs import Record, RunResult  # noqa: F401  (Record: as before)
+from qkspectra.runs import RunResult
 
 EXTRACT_OPTIONS = tuple(field.name for field in dataclasses.fields(ExtractOptions))
 RUN_OPTIONS = ("out", *EXTRACT_OPTIONS, "groups", "functional", "functional_tokens", "null_draws", "seed", "scheduler")

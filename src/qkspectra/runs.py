@@ -264,6 +264,9 @@ class Sweep(Mapping):
     def __len__(self) -> int:
         return len(self._finished())
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._finished()
+
     @property
     def runs(self) -> dict[str, RunResult]:
         """Every finished model's RunResult, by name (each folder read now, once)."""
