@@ -147,7 +147,11 @@ def test_the_seeds_verdicts_stand_apart_headed_as_not_the_verdict(document):
     sections = report_sections(beyond_seed(document), PLOT_NAMES)
     seed = next(s for s in sections if s.title == "Reproducing the seed")
     assert seed.blocks[0].text.startswith("Not qkspectra's verdict")
-    text = " ".join(block.text for block in seed.blocks)
+    text = " ".join(getattr(block, "text", "") for block in seed.blocks)
+    table = next(block for block in seed.blocks if not hasattr(block, "text"))  # each strategy's code by the seed's rule
+    assert [row[0] for row in table.rows] == list(document["strategies"]) and table.columns[-1] == "the seed's rule"
+    comparison = next(s for s in sections if s.title == "Anchor strategies side by side")
+    assert not any("verdict" in column for column in comparison.blocks[0].columns)  # one verdict: not per strategy
     assert "best anchor strategy by mean residual over the layers it fits, last" in text  # not group: it has more anchors
     assert document["verdict"]["text"] in text
     verdict = sections[0]

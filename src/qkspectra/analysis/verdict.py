@@ -121,6 +121,22 @@ def null_layer(nulls: dict[str, NullBaseline] | None, strategy: str, t: Threshol
     return Layer(code, "; ".join(parts) + f"; a null is beaten when both p <= {t.alpha}{tail}.", "; ".join(briefs))
 
 
+def stability_against_nulls(comparisons: list[tuple[str, float, float]], t: Thresholds = THRESHOLDS) -> str | None:
+    """The seed's stability label held against chance; None without a null.
+
+    comparisons: (null label, the null's mean shape cosine, p-value) for each available null. The
+    label comes from fixed cut-offs (0.98, 0.9) that independent random heads pass, so it means
+    "more stable than chance" only when every null is beaten (p <= alpha).
+    """
+    if not comparisons:
+        return None
+    beaten = [p <= t.alpha for _, _, p in comparisons]
+    found = ("more alike across layers than every null" if all(beaten) else
+             "more alike than some nulls but not all" if any(beaten) else "no more alike across layers than chance")
+    parts = "; ".join(f"{label} {mean:.3f} (p = {_p(p)})" for label, mean, p in comparisons)
+    return f"against the nulls' shape cosine, {parts}: {found} (the label is the seed's, by fixed cut-offs)"
+
+
 def _strategy_entries(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The per-strategy sub-dicts of part B's results (other keys are ignored)."""
     return {name: value for name, value in results.items() if isinstance(value, dict) and name != "control"}

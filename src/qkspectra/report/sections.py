@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qkspectra.analysis.seed import VERDICT_TEXT, seed_rule
-from qkspectra.analysis.verdict import CHOICE_RULE
+from qkspectra.analysis.nulls import NULL_LABELS, SHAPE_INVARIANCE
+from qkspectra.analysis.verdict import CHOICE_RULE, stability_against_nulls
 from qkspectra.report.layout import Paragraph, Plot, Section, Table, fmt
 from qkspectra.report.readers import best_strategy, strategies
 
@@ -45,6 +46,16 @@ def _mean(rows: Sequence[Sequence[float]] | None) -> float | None:
         return None
     values = [v for row in rows for v in row if v is not None]
     return sum(values) / len(values) if values else None
+
+
+def _shape_comparisons(document: Mapping[str, Any]) -> list[tuple[str, float, float]]:
+    """(null label, null mean, p-value) of the shape cosine for each available null in the document."""
+    out = []
+    for name, entry in (document.get("null") or {}).items():
+        f = (entry.get("figures") or {}).get(SHAPE_INVARIANCE) if isinstance(entry, Mapping) and entry.get("available") else None
+        if f is not None and f.get("p_value") is not None:
+            out.append((NULL_LABELS.get(name, name), f["null_mean"], f["p_value"]))
+    return out
 
 
 def _verdict_style(code: Any) -> str | None:
@@ -101,6 +112,9 @@ def seed_section(document: Mapping[str, Any]) -> Section:
                 f"strategies compared {CHOICE_RULE}): {VERDICT_TEXT[seed_rule(fitted)]}"
             )
         )
+    if len(per) > 1:
+        blocks.append(Table(("strategy", "mean resid (all, seed)", "the seed's rule"),
+                            tuple((name, fmt(s["rescale"]["mean_residual"]), s["verdict"]["code"]) for name, s in per.items())))
     return Section("Reproducing the seed", tuple(blocks), "seed")
 
 
@@ -124,13 +138,11 @@ def comparison_section(document: Mapping[str, Any]) -> Section:
                 fmt(rs.get("frac_below_0_20_fitted"), 3),
                 fmt(s["entropy"]["corr_T_entropy"], 3, signed=True),
                 fmt(s["cross_head"]["single_spectrum"]["mean_residual"]),
-                s["verdict"]["code"],
             )
         )
     table = Table(
         ("strategy", "anchor layer(s)", "anchors", "fitted layers", "mean resid (fitted)", "mean resid (all, seed)",
-         "max resid", "frac < 0.10 (fitted)", "frac < 0.20 (fitted)", "corr(T, entropy)", "one-spectrum resid",
-         "seed's verdict"),
+         "max resid", "frac < 0.10 (fitted)", "frac < 0.20 (fitted)", "corr(T, entropy)", "one-spectrum resid"),
         tuple(rows),
     )
     return Section("Anchor strategies side by side", (table,), "strategies")
@@ -165,6 +177,7 @@ def _shape_section(document: Mapping[str, Any], figures: Sequence[str]) -> Secti
             Paragraph(
                 f"Per-head mean pairwise cosine of shape across layers: mean {fmt(si['mean'])}, std {fmt(si['std'])}, "
                 f"min {fmt(si['min'])}, max {fmt(si['max'])} — {si['label']}."
+                + (f" Held {against}." if (against := stability_against_nulls(_shape_comparisons(document))) else "")
             )
         )
         blocks.append(Table(("head", "mean cos across layers"), tuple((str(h), fmt(c)) for h, c in enumerate(si["per_head_mean_cos"]))))
