@@ -134,7 +134,7 @@ def test_run_result_exposes_the_document_verdict_strategies_and_figures(tokenize
     assert set(result.strategies) == set(result.analyses) == {"last", "middle", "best", "group"}
     assert result.strategies["best"].rescale.mean_residual == result.analyses["best"].rescale.mean_residual
     figures = result.figures()
-    assert list(figures)[:3] == ["schedule", "temperature_heatmap", "residual_heatmap"]
+    assert list(figures)[:3] == ["evidence", "schedule", "temperature_heatmap"]
     assert {p.stem for p in (tmp_path / "run" / "plots").iterdir()} == set(figures)
     html = result._repr_html_()
     assert f"Overall: {verdict['overall'].upper()}" in html and "Anchor strategies side by side" in html

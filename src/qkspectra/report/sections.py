@@ -18,8 +18,13 @@ from qkspectra.report.layout import Paragraph, Plot, Section, Table, fmt
 from qkspectra.report.readers import best_strategy, strategies
 
 FIGURE_CAPTIONS = {
+    "evidence": "The evidence at a glance: each layer of the verdict, coloured by its code, with the figure it is decided "
+    "on against its thresholds: the spectral fit's mean residual over the fitted layers (the seed's rule), the real "
+    "spectra against each null (mean ± 1 and ± 2 std of its draws; p-values), the lowest operator residual and the "
+    "smallest change of the model (log scale; grey: the control) among the strategies the verdict compares.",
     "schedule": "Mean temperature T per layer (band: interquartile range over heads) for every anchor strategy, "
-    "and the mean rescale residual of each layer. The hypothesis predicts a smooth schedule with small residuals.",
+    "and the mean rescale residual of each fitted layer (anchor layers, which fit themselves with residual 0, are left "
+    "out). The hypothesis predicts a smooth schedule with small residuals.",
     "temperature_heatmap": "T of every head (layer × head), one panel per anchor strategy.",
     "residual_heatmap": "Rescale residual ||σ − Tσ_anchor|| / ||σ|| of every head, one panel per anchor strategy.",
     "spectral_shapes": "Each head's spectral shape σ_k/σ_1 at every layer (colour = depth). Overlapping lines mean the "
@@ -62,14 +67,17 @@ def _verdict_style(code: Any) -> str | None:
     return f"verdict-{code}" if code in ("supported", "partial", "rejected") else None
 
 
-def verdict_section(document: Mapping[str, Any]) -> Section:
-    """qkspectra's one verdict: the layered verdict's overall code and summary, and its layers."""
+def verdict_section(document: Mapping[str, Any], figures: Sequence[str] = ()) -> Section:
+    """qkspectra's one verdict: the layered verdict's overall code and summary, the evidence at a glance (when
+    ``figures`` has it) and its layers."""
     blocks: list[Paragraph | Table | Plot] = []
     verdict = document.get("verdict") or {}
     overall, summary, layers = verdict.get("overall"), verdict.get("summary"), verdict.get("layers")
     if overall or summary:
         head = f"Overall: {str(overall).upper()}. " if overall else ""
         blocks.append(Paragraph(head + str(summary or ""), _verdict_style(overall)))
+    if "evidence" in figures:
+        blocks.append(Plot("evidence", FIGURE_CAPTIONS["evidence"]))
     if layers:
         blocks.append(
             Table(
@@ -389,7 +397,7 @@ def report_sections(document: Mapping[str, Any], figures: Sequence[str], notes: 
         _functional_section(document),
     )
     return [
-        verdict_section(document),
+        verdict_section(document, figures),
         comparison_section(document),
         _schedule_section(document, figures),
         _shape_section(document, figures),
