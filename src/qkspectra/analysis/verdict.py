@@ -400,3 +400,13 @@ def layered_verdict(
     }
     overall = overall_code(layers)
     return LayeredVerdict(layers, overall, summarize(layers, overall))
+
+
+ANALYSIS_ONLY_OPERATOR = "the spectra alone were analysed (qkspectra.run, or qkspectra analyze beside the factors file, compares operators)"
+ANALYSIS_ONLY_FUNCTIONAL = "the spectra alone were analysed (qkspectra.run on a model runs the functional test)"
+
+
+def spectral_verdict(analysis: Analysis) -> LayeredVerdict:
+    """The layered verdict that one strategy's analysis of the spectra can give: its spectral layer, the others
+    n/a with what they need. Its overall is never "supported": the spectral fit alone is not tested against chance."""
+    return layered_verdict(analysis, operator_missing=ANALYSIS_ONLY_OPERATOR, functional_missing=ANALYSIS_ONLY_FUNCTIONAL)
