@@ -134,7 +134,7 @@ def test_run_result_exposes_the_document_verdict_strategies_and_figures(tokenize
     assert set(result.strategies) == set(result.analyses) == {"last", "middle", "best", "group"}
     assert result.strategies["best"].rescale.mean_residual == result.analyses["best"].rescale.mean_residual
     figures = result.figures()
-    assert list(figures)[:3] == ["schedule", "temperature_heatmap", "residual_heatmap"]
+    assert list(figures)[:3] == ["evidence", "schedule", "temperature_heatmap"]
     assert {p.stem for p in (tmp_path / "run" / "plots").iterdir()} == set(figures)
     html = result._repr_html_()
     assert f"Overall: {verdict['overall'].upper()}" in html and "Anchor strategies side by side" in html
@@ -209,6 +209,110 @@ def test_names_and_paths_work_as_on_the_command_line():
 def test_the_command_line_still_names_its_flags(tmp_path, cli):
     status, _, stderr = cli(["extract", "minilm", "-o", str(tmp_path / "g.json"), "--seq-len", "1", "-q"])
     assert status == 2 and stderr == "qkspectra: error: --seq-len must be at least 2, got 1\n"
+
+
+# ----------------------------------------------------------------------------
+# The model's own device: read and rewritten where it is, never copied whole, put back exactly
+# ----------------------------------------------------------------------------
+
+
+def parts(model) -> dict:
+    """The model's parameter and module objects by name (identity, not values)."""
+    return {"parameters": {name: id(p) for name, p in model.named_parameters()},
+            "modules": {name: id(m) for name, m in model.named_modules()}}
+
+
+def deep_copy_functional_model(subject, options):
+    """The functional test's model before it was rewritten in place: a deep copy of the whole model."""
+    import contextlib
+    import copy
+
+    from qkspectra.models.adapters import adapter_for
+
+    @contextlib.contextmanager
+    def copied():
+        model = copy.deepcopy(subject.model.model)
+        yield model, subject.model.tokenizer, adapter_for(copy.deepcopy(model.config))
+
+    return copied()
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_bert], ids=["grouped-query llama", "bert"])
+def test_the_functional_test_rewrites_the_model_in_place_without_copying_it_and_puts_it_back(
+        tokenizer, monkeypatch, build):
+    import copy
+
+    from torch import nn
+
+    from qkspectra.analysis.reconstruction import evidence
+
+    model = build(tokenizer.vocab_size)
+    before, identity = snapshot(model), parts(model)
+    real_deepcopy = copy.deepcopy
+
+    def no_model_copies(thing, *args, **kwargs):
+        assert not isinstance(thing, nn.Module), "the functional test copied a whole model"
+        return real_deepcopy(thing, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(copy, "deepcopy", no_model_copies)
+        in_place = qkspectra.run(model, tokenizer, **SMALL)
+    assert_unchanged(model, before)
+    assert parts(model) == identity
+    # the previous way, a deep copy rewritten, gives the very same numbers
+    monkeypatch.setattr(evidence, "functional_model", deep_copy_functional_model)
+    copied = qkspectra.run(model, tokenizer, **SMALL)
+    assert orjson.dumps(in_place.document["functional"]) == orjson.dumps(copied.document["functional"])
+
+
+def test_a_functional_test_failing_midway_leaves_the_model_exactly_as_it_was(tokenizer, monkeypatch):
+    from qkspectra.analysis.reconstruction.passes import ForwardPasses
+
+    model = tiny_llama(tokenizer.vocab_size)
+    before, identity = snapshot(model), parts(model)
+    compare = ForwardPasses.compare
+    calls = []
+
+    def fail_on_the_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return compare(self, *args, **kwargs)
+
+    monkeypatch.setattr(ForwardPasses, "compare", fail_on_the_second)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        qkspectra.run(model, tokenizer, **SMALL)
+    assert len(calls) == 2
+    assert_unchanged(model, before)
+    assert parts(model) == identity
+    assert all(module.num_key_value_groups == 2 for module in model.model.layers.modules()
+               if hasattr(module, "num_key_value_groups"))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"device": "cuda"}, r"^device='cuda', but the model in memory is on cpu; it runs where it is: move it "
+                             r"\(model.to\(...\)\) or leave device unset$"),
+        ({"device": "mps"}, r"^device='mps', but the model in memory is on cpu"),
+        ({"dtype": "bfloat16"}, r"^dtype='bfloat16', but the model in memory is float32; it runs in its own dtype"),
+        ({"dtype": "float16", "static_only": True}, r"^dtype='float16', but the model in memory is float32"),
+    ],
+)
+def test_another_device_or_dtype_for_a_model_in_memory_is_refused_in_one_line(tokenizer, options, message):
+    model = tiny_llama(tokenizer.vocab_size)
+    for call in (qkspectra.extract_geometry, qkspectra.run):
+        with pytest.raises(QkspectraError, match=message) as info:
+            call(model, tokenizer, **{**SMALL, **options})
+        assert "\n" not in str(info.value)
+
+
+def test_the_model_s_own_device_and_dtype_may_be_named(tokenizer):
+    model = tiny_llama(tokenizer.vocab_size)
+    named = qkspectra.extract_geometry(model, tokenizer, device="cpu", dtype="float32", **SMALL)
+    unnamed = qkspectra.extract_geometry(model, tokenizer, **SMALL)
+    np.testing.assert_array_equal(named.entropy, unnamed.entropy)
+    assert named.metadata["corpus_device"] == "cpu" and named.metadata["corpus_dtype"] == "float32"
 
 
 # ----------------------------------------------------------------------------

@@ -381,7 +381,7 @@ def test_smollm2_matches_its_eager_maps(smollm2_source):
 def test_bundled_models_in_bfloat16_stay_within_the_documented_bound(name, largest, mean, minilm_source,
                                                                      smollm2_source):
     """The corpus pass with the model in bfloat16 against float32, default corpus, 512-token windows,
-    4096 tokens (``benchmarks/bench_precision.py``): per-head mean entropies within the README's bound."""
+    4096 tokens (``benchmarks/bench_precision.py``): per-head mean entropies within the bound docs/extraction.md states."""
     from qkspectra.models import load_model
     from qkspectra.models.device import resolve_placement
 

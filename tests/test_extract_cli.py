@@ -85,7 +85,7 @@ def test_dynamic_pass_on_a_small_corpus(tmp_path, cli):
     geometry = json.loads(half.read_text())
     assert geometry["metadata"]["corpus_dtype"] == "bfloat16"
     half_entropies = np.array([row["mean_attention_entropy_per_head"] for row in geometry["dynamic"]])
-    np.testing.assert_allclose(half_entropies, entropies, atol=0.03)  # MiniLM: bfloat16 within 0.012 nats (README)
+    np.testing.assert_allclose(half_entropies, entropies, atol=0.03)  # MiniLM: bfloat16 within 0.012 nats (docs/extraction.md)
 
 
 def test_tiny_sharded_folder_static_only(tmp_path, cli):

@@ -18,7 +18,7 @@ from qkspectra.extract.spectra import static_spectra
 from qkspectra.models.adapters import ADAPTERS, adapter_for
 from qkspectra.models.adapters.attention import attention_probabilities
 from qkspectra.models.adapters.generic import generic_adapter
-from qkspectra.models.supported import VERIFIED_GENERIC_TYPES, replace_readme_section
+from qkspectra.models.supported import VERIFIED_GENERIC_TYPES, replace_models_section
 from qkspectra.models.tensors import StateDictSource
 from test_adapters import tiny_model
 
@@ -26,7 +26,7 @@ TINY = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_
             vocab_size=96, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64)
 SEQ_LEN = 10
 
-# model type -> extra config options; what each covers is in VERIFIED_GENERIC_TYPES (the README's list)
+# model type -> extra config options; what each covers is in VERIFIED_GENERIC_TYPES (the list in docs/models.md)
 GENERIC_CASES = {
     "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "head_dim": 12},
@@ -131,9 +131,9 @@ def test_a_layout_it_cannot_see_is_refused_naming_what_failed():
         adapter_for(config)
 
 
-def test_the_readme_lists_the_registry_and_these_verified_types():
+def test_the_models_page_lists_the_registry_and_these_verified_types():
     from pathlib import Path
 
     assert set(GENERIC_CASES) == set(VERIFIED_GENERIC_TYPES)
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert readme == replace_readme_section(readme), "run scripts/update_readme_models.py"
+    page = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    assert page == replace_models_section(page), "run scripts/update_model_docs.py"

@@ -30,7 +30,7 @@ def test_every_figure_with_a_geometry_labelled_and_titled(golden):
     document, geometry = golden
     figures = report_figures(document, geometry, title=TITLE)
     assert list(figures.figures) == [
-        "schedule", "temperature_heatmap", "residual_heatmap", "spectral_shapes", "entropy_scatter", "cross_head",
+        "evidence", "schedule", "temperature_heatmap", "residual_heatmap", "spectral_shapes", "entropy_scatter", "cross_head",
     ]
     assert figures.skipped == {}
     for name, fig in figures.figures.items():
@@ -146,3 +146,16 @@ def test_entropy_by_position_figure_has_a_panel_per_layer():
     visible = [ax for ax in fig.axes if ax.get_visible()]
     assert len(visible) == 7 and visible[6].get_title() == "layer 6"
     assert len(visible[0].lines) == 3 + 2  # heads, their mean, log(visible keys)
+
+
+def test_schedule_residual_leaves_out_the_anchor_layers(golden):
+    """Anchor layers fit themselves (residual 0): the curve is over the fitted layers, NaN at the anchors."""
+    document, geometry = golden
+    ax_r = report_figures(document, geometry, title=TITLE).figures["schedule"].axes[1]
+    for name, s in document["strategies"].items():
+        (line,) = [ln for ln in ax_r.get_lines() if ln.get_label() == name]
+        y = np.asarray(line.get_ydata(), dtype=float)  # (L,)
+        anchors = np.asarray(s["anchor"]["layers"]) == np.arange(y.size)
+        assert anchors.any() and np.isnan(y[anchors]).all()
+        np.testing.assert_allclose(y[~anchors], np.asarray(s["rescale"]["per_layer"]["mean_residual"])[~anchors], rtol=1e-12)
+        assert np.nanmean(y) > 0 and s["anchor"]["num_fitted_layers"] == int((~anchors).sum())

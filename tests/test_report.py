@@ -21,7 +21,7 @@ from qkspectra.report.sections import report_sections
 GOLDEN = Path(__file__).parent / "data" / "golden"
 # a 1 x 1 PNG: the renderers only embed bytes, so the layout tests need no real plot
 PIXEL = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNk+A8AAQUBAScY42YAAAAASUVORK5CYII=")
-PLOT_NAMES = ("schedule", "temperature_heatmap", "residual_heatmap", "spectral_shapes", "entropy_scatter", "cross_head")
+PLOT_NAMES = ("evidence", "schedule", "temperature_heatmap", "residual_heatmap", "spectral_shapes", "entropy_scatter", "cross_head")
 OPTIONAL_TITLES = ("Null baselines", "Bootstrap confidence intervals", "Operator-level reconstruction", "Rank-k correction",
                    "Functional reconstruction")
 
@@ -147,7 +147,11 @@ def test_the_seeds_verdicts_stand_apart_headed_as_not_the_verdict(document):
     sections = report_sections(beyond_seed(document), PLOT_NAMES)
     seed = next(s for s in sections if s.title == "Reproducing the seed")
     assert seed.blocks[0].text.startswith("Not qkspectra's verdict")
-    text = " ".join(block.text for block in seed.blocks)
+    text = " ".join(getattr(block, "text", "") for block in seed.blocks)
+    table = next(block for block in seed.blocks if not hasattr(block, "text"))  # each strategy's code by the seed's rule
+    assert [row[0] for row in table.rows] == list(document["strategies"]) and table.columns[-1] == "the seed's rule"
+    comparison = next(s for s in sections if s.title == "Anchor strategies side by side")
+    assert not any("verdict" in column for column in comparison.blocks[0].columns)  # one verdict: not per strategy
     assert "best anchor strategy by mean residual over the layers it fits, last" in text  # not group: it has more anchors
     assert document["verdict"]["text"] in text
     verdict = sections[0]
@@ -168,9 +172,10 @@ def test_report_command_without_geometry_leaves_out_the_per_head_plots(analysis_
     main(["report", str(analysis_folder / "analysis.json"), "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert "plot spectral_shapes left out: its geometry file is not beside the analysis file" in err
-    assert sorted(p.stem for p in (tmp_path / "plots").iterdir()) == ["cross_head", "residual_heatmap", "schedule", "temperature_heatmap"]
+    assert sorted(p.stem for p in (tmp_path / "plots").iterdir()) == [
+        "cross_head", "evidence", "residual_heatmap", "schedule", "temperature_heatmap"]
     page = (tmp_path / "report.html").read_text()
-    assert "plot entropy_scatter left out" in page and page.count("<img ") == 4
+    assert "plot entropy_scatter left out" in page and page.count("<img ") == 5
     assert "![schedule](plots/schedule.png)" in (tmp_path / "report.md").read_text()
 
 

@@ -16,8 +16,9 @@ from qkspectra.geometry import Geometry, load_geometry
 from qkspectra.analysis.nulls import FigureNull, NullBaseline, NullOptions, gaussian_spectra, null_baselines
 from qkspectra.analysis.document import AnalysisOptions, build_analysis_document
 from qkspectra.analysis.results import result_document
-from qkspectra.report.text import NO_NULL_LINE, render_report
+from qkspectra.report.text import NO_NULL_LINE, SEED_HEADING, render_report
 from qkspectra.analysis.verdict import (
+    stability_against_nulls,
     THRESHOLDS,
     Layer,
     functional_layer,
@@ -261,7 +262,10 @@ def _run(capsys, *args):
 def test_analyze_without_null_ends_with_how_to_get_one(capsys):
     text = _run(capsys, GOLDEN / "minilm_like.json")
     assert text.rstrip("\n").splitlines()[-1] == NO_NULL_LINE
-    assert "=== Layered verdict ===" not in text and "null (" not in text
+    assert "null (" not in text
+    verdict = text.split("=== Layered verdict ===")[1]  # the one verdict comes last, after the seed's reproduction
+    assert "spectral_vs_null  n/a        No null baseline was computed." in verdict and "HYPOTHESIS" not in verdict
+    assert text.index(SEED_HEADING) < text.index("HYPOTHESIS") < text.index("=== Layered verdict ===")
 
 
 def test_analyze_with_null_keeps_every_seed_line_and_adds_nulls(tmp_path, capsys):
@@ -346,3 +350,18 @@ def test_every_layer_its_own_anchor_is_never_judged_better_than_one_anchor():
         assert s["rescale"]["mean_residual_fitted"] == pytest.approx(fitted.mean(), rel=1e-12)
         operator = np.array(doc["operator"][name]["matched_residual"])[np.arange(L) != s["anchor"]["layer"]]
         assert doc["operator"][name]["matched_mean_residual_fitted"] == pytest.approx(operator.mean(), rel=1e-12)
+
+
+def test_the_seeds_stability_label_is_held_against_chance():
+    assert stability_against_nulls([]) is None  # no null: the label stands alone, as the seed prints it
+    beaten = stability_against_nulls([("Gaussian", 0.95, 0.01), ("shuffle", 0.90, 0.0)])
+    assert "more alike across layers than every null" in beaten
+    mixed = stability_against_nulls([("Gaussian", 1.0, 1.0), ("shuffle", 0.90, 0.0)])
+    assert "some nulls but not all" in mixed and "Gaussian 1.000 (p = 1)" in mixed
+    assert "no more alike across layers than chance" in stability_against_nulls([("Gaussian", 1.0, 1.0)])
+
+
+def test_analyze_with_null_holds_the_stability_label_against_it(capsys):
+    text = _run(capsys, GOLDEN / "minilm_like.json", "--null", "--null-draws", 20)
+    label = next(i for i, line in enumerate(text.splitlines()) if line.startswith("  spectral shape is "))
+    assert text.splitlines()[label + 1].startswith("    against the nulls' shape cosine, shuffle ")

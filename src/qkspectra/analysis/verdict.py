@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qkspectra.analysis.seed import NO_FITTED_LAYER, Analysis, seed_rule
-from qkspectra.analysis.nulls import NULL_LABELS, RESIDUAL_FITTED_PREFIX, SHAPE_INVARIANCE, NullBaseline
+from qkspectra.analysis.nulls import NULL_LABELS, RESIDUAL_FITTED_PREFIX, SHAPE_INVARIANCE, FigureNull, NullBaseline
 
 CODES = ("rejected", "partial", "supported")  # weakest first
 CHOICE_RULE = "over the fitted layers, among the strategies with the fewest anchor layers"
@@ -88,37 +88,74 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
+def null_figure_labels(strategy: str) -> dict[str, str]:
+    """The figures the null layer compares with chance, for the primary ``strategy``: {figure name: label}."""
+    return {SHAPE_INVARIANCE: "shape cosine", RESIDUAL_FITTED_PREFIX + strategy: f"residual ({strategy}, fitted layers)"}
+
+
+def deciding_null_figures(nulls: dict[str, NullBaseline], strategy: str) -> dict[str, dict[str, FigureNull]]:
+    """Per available null, the figures of ``null_figure_labels`` that have a p-value: {null: {figure: FigureNull}}.
+
+    Nulls with no such figure are left out; the null layer judges the others (``beats_null``).
+    """
+    deciding = {}
+    for name, null in nulls.items():
+        if not null.available:
+            continue
+        figures = {}
+        for figure in null_figure_labels(strategy):
+            f = null.figures.get(figure)
+            if f is not None and f.p_value is not None:
+                figures[figure] = f
+        if figures:
+            deciding[name] = figures
+    return deciding
+
+
+def beats_null(figures: dict[str, FigureNull], t: Thresholds = THRESHOLDS) -> bool:
+    """A null is beaten when every deciding figure's p-value is at most alpha."""
+    return all(f.p_value <= t.alpha for f in figures.values())
+
+
 def null_layer(nulls: dict[str, NullBaseline] | None, strategy: str, t: Thresholds = THRESHOLDS) -> Layer:
     """Are the real spectra more alike than every available null? (see the module docstring)"""
     if not nulls:
         return Layer("n/a", "No null baseline was computed.")
     if all(null.figures[SHAPE_INVARIANCE].real is None for null in nulls.values()):
         return Layer("n/a", "One layer: no pair of layers to compare, so nothing to compare with chance.")
-    figures = (SHAPE_INVARIANCE, RESIDUAL_FITTED_PREFIX + strategy)
-    labels = {SHAPE_INVARIANCE: "shape cosine", RESIDUAL_FITTED_PREFIX + strategy: f"residual ({strategy}, fitted layers)"}
-    beaten, parts, briefs, unavailable = [], [], [], []
-    for name, null in nulls.items():
+    labels = null_figure_labels(strategy)
+    deciding = deciding_null_figures(nulls, strategy)
+    unavailable = [f"{NULL_LABELS.get(name, name)} null unavailable" for name, null in nulls.items() if not null.available]
+    beaten, parts, briefs = [], [], []
+    for name, figures in deciding.items():
         label = NULL_LABELS.get(name, name)
-        if not null.available:
-            unavailable.append(f"{label} null unavailable")
-            continue
-        described, brief, p_values = [], [], []
-        for figure in figures:
-            f = null.figures.get(figure)
-            if f is None or f.p_value is None:
-                continue
-            p_values.append(f.p_value)
-            described.append(f"{labels[figure]} {f.real:.3f} vs {f.null_mean:.3f} ± {f.null_std:.2g}, p = {_p(f.p_value)}")
-            brief.append(f"{labels[figure].split(' (')[0]} p = {_p(f.p_value)}")
-        if described:
-            beaten.append(all(p <= t.alpha for p in p_values))
-            parts.append(f"{label} null ({null.draws} draws): " + "; ".join(described))
-            briefs.append(f"{label} null: " + ", ".join(brief))
+        described = [f"{labels[figure]} {f.real:.3f} vs {f.null_mean:.3f} ± {f.null_std:.2g}, p = {_p(f.p_value)}"
+                     for figure, f in figures.items()]
+        brief = [f"{labels[figure].split(' (')[0]} p = {_p(f.p_value)}" for figure, f in figures.items()]
+        beaten.append(beats_null(figures, t))
+        parts.append(f"{label} null ({nulls[name].draws} draws): " + "; ".join(described))
+        briefs.append(f"{label} null: " + ", ".join(brief))
     if not beaten:
         return Layer("n/a", "No null p-value is defined (" + ", ".join(unavailable or ["no figure to compare"]) + ").")
     code = "supported" if all(beaten) else "partial" if any(beaten) else "rejected"
     tail = f" ({', '.join(unavailable)})" if unavailable else ""
     return Layer(code, "; ".join(parts) + f"; a null is beaten when both p <= {t.alpha}{tail}.", "; ".join(briefs))
+
+
+def stability_against_nulls(comparisons: list[tuple[str, float, float]], t: Thresholds = THRESHOLDS) -> str | None:
+    """The seed's stability label held against chance; None without a null.
+
+    comparisons: (null label, the null's mean shape cosine, p-value) for each available null. The
+    label comes from fixed cut-offs (0.98, 0.9) that independent random heads pass, so it means
+    "more stable than chance" only when every null is beaten (p <= alpha).
+    """
+    if not comparisons:
+        return None
+    beaten = [p <= t.alpha for _, _, p in comparisons]
+    found = ("more alike across layers than every null" if all(beaten) else
+             "more alike than some nulls but not all" if any(beaten) else "no more alike across layers than chance")
+    parts = "; ".join(f"{label} {mean:.3f} (p = {_p(p)})" for label, mean, p in comparisons)
+    return f"against the nulls' shape cosine, {parts}: {found} (the label is the seed's, by fixed cut-offs)"
 
 
 def _strategy_entries(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -145,23 +182,30 @@ def eligible_strategies(entries: dict[str, dict[str, Any]], fitted_key: str = "n
     return {name: entry for name, entry in usable.items() if counts(entry)[0] == fewest}
 
 
-def operator_layer(operator: dict[str, Any] | None, t: Thresholds = THRESHOLDS, *, missing: str = "no factors file beside the geometry") -> Layer:
-    """The lowest operator residual over the fitted layers (same head or matched) among the eligible strategies."""
-    if operator is None:
-        return Layer("n/a", f"Operators not compared: {missing}.")
-    entries = _strategy_entries(operator)
-    eligible = eligible_strategies(entries)
+def best_operator_residual(operator: dict[str, Any]) -> tuple[float, str, str] | None:
+    """The operator layer's deciding figure: (lowest mean operator residual over the fitted layers, its strategy,
+    "same head" or "matched heads") among the eligible strategies; None when no strategy has one."""
+    eligible = eligible_strategies(_strategy_entries(operator))
     best = None  # (residual, strategy, kind)
     for name, entry in eligible.items():
         for key, kind in (("mean_residual_fitted", "same head"), ("matched_mean_residual_fitted", "matched heads")):
             value = entry.get(key)
             if isinstance(value, (int, float)) and (best is None or value < best[0]):
                 best = (float(value), name, kind)
+    return best
+
+
+def operator_layer(operator: dict[str, Any] | None, t: Thresholds = THRESHOLDS, *, missing: str = "no factors file beside the geometry") -> Layer:
+    """The lowest operator residual over the fitted layers (same head or matched) among the eligible strategies."""
+    if operator is None:
+        return Layer("n/a", f"Operators not compared: {missing}.")
+    entries = _strategy_entries(operator)
+    best = best_operator_residual(operator)
     if best is None:
         reason = operator.get("reason") or (NO_FITTED_LAYER if entries else "no operator residual in the results")
         return Layer("n/a", f"Operators not compared: {reason}.")
     value, name, kind = best
-    entry = eligible[name]
+    entry = entries[name]
     return Layer(
         _graded(value, t.operator_supported, t.operator_partial),
         f"Lowest mean operator residual {value:.3f} ({name} anchor, {kind}, over its "
@@ -192,26 +236,56 @@ def _change_words(change: float, entry: dict[str, Any]) -> str:
     return f"changes the next-token loss by {100 * change:.2f}%"
 
 
+@dataclass(frozen=True)
+class FunctionalChange:
+    """The functional layer's deciding figure.
+
+    measured: the smallest change among the eligible strategies' operator reconstructions; strategy: whose;
+    control: the control's change (None when not run); counted: what the verdict grades (0.0 when
+    ``measured`` is within ``control_multiple`` times the control's change: rounding, no change).
+    """
+
+    measured: float
+    strategy: str
+    control: float | None
+    counted: float
+
+
+def control_change(functional: dict[str, Any]) -> float | None:
+    """The control's change (each head's own operator put back through the same path); None when absent."""
+    return functional_change(functional.get("control"))
+
+
+def smallest_functional_change(functional: dict[str, Any], t: Thresholds = THRESHOLDS) -> FunctionalChange | None:
+    """The smallest change of the operator reconstruction among the eligible strategies; None when there is none."""
+    eligible = eligible_strategies(_strategy_entries(functional), "replaced_layers")
+    best = None  # (change, strategy)
+    for name, entry in eligible.items():
+        change = functional_change(entry.get("operator"))
+        if change is not None and (best is None or change < best[0]):
+            best = (change, name)
+    if best is None:
+        return None
+    change, name = best
+    control = control_change(functional)
+    counted = 0.0 if control is not None and change <= t.control_multiple * control else change
+    return FunctionalChange(change, name, control, counted)
+
+
 def functional_layer(functional: dict[str, Any] | None, t: Thresholds = THRESHOLDS, *, missing: str = "functional test not run") -> Layer:
     """The smallest change of the operator reconstruction among the eligible strategies (see the module docstring)."""
     if functional is None:
         return Layer("n/a", f"No functional evidence: {missing}.")
-    control = functional_change(functional.get("control"))
+    control = control_change(functional)
     if control is not None and control > t.control_tolerance:
         return Layer("n/a", f"No functional evidence: the control (each head's own operator) changed the model by {control:.2g}, so the test is unreliable.")
     entries = _strategy_entries(functional)
-    eligible = eligible_strategies(entries, "replaced_layers")
-    best = None  # (change, strategy, entry)
-    for name, entry in eligible.items():
-        change = functional_change(entry.get("operator"))
-        if change is not None and (best is None or change < best[0]):
-            best = (change, name, entry)
+    best = smallest_functional_change(functional, t)
     if best is None:
         reason = functional.get("reason") or (NO_FITTED_LAYER if entries else "no operator reconstruction in the results")
         return Layer("n/a", f"No functional evidence: {reason}.")
-    change, name, entry = best
-    if control is not None and change <= t.control_multiple * control:
-        change = 0.0  # within the rounding of the path itself
+    change, name = best.counted, best.strategy
+    entry = entries[name]
     return Layer(
         _graded(change, t.functional_supported, t.functional_partial),
         f"Replacing every head's operator by the anchor's, rescaled, in {_count(entry['replaced_layers'], 'layer')}, "
@@ -326,3 +400,13 @@ def layered_verdict(
     }
     overall = overall_code(layers)
     return LayeredVerdict(layers, overall, summarize(layers, overall))
+
+
+ANALYSIS_ONLY_OPERATOR = "the spectra alone were analysed (qkspectra.run, or qkspectra analyze beside the factors file, compares operators)"
+ANALYSIS_ONLY_FUNCTIONAL = "the spectra alone were analysed (qkspectra.run on a model runs the functional test)"
+
+
+def spectral_verdict(analysis: Analysis) -> LayeredVerdict:
+    """The layered verdict that one strategy's analysis of the spectra can give: its spectral layer, the others
+    n/a with what they need. Its overall is never "supported": the spectral fit alone is not tested against chance."""
+    return layered_verdict(analysis, operator_missing=ANALYSIS_ONLY_OPERATOR, functional_missing=ANALYSIS_ONLY_FUNCTIONAL)

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     except Abort:
         sys.exit(130)
     except QkspectraError as e:
-        _error(str(e))
+        _error(str(e), getattr(e, "exit_status", 2))
     except OSError as e:  # paths the system refuses outright: names too long, symbolic link loops
         where = f"{e.filename}: " if e.filename else ""
         _error(f"{where}{e.strerror or e}")
@@ -44,6 +44,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(status)
 
 
-def _error(message: str) -> None:
+def _error(message: str, status: int = 2) -> None:
     typer.echo(f"qkspectra: error: {message}", err=True)
-    sys.exit(2)
+    sys.exit(status)

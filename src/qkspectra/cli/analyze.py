@@ -1,4 +1,4 @@
-"""``qkspectra analyze``: the seed's experiments on a geometry file."""
+"""``qkspectra analyze``: the seed's experiments on a geometry file, what qkspectra adds, and the layered verdict."""
 
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ def analyze(
         render_null_comparison,
         render_operator,
         render_report,
+        render_seed_strategies,
     )
     from qkspectra.workflow.cluster import fit_map
 
@@ -93,13 +94,13 @@ def analyze(
     if not quiet:
         text = render_report(analyses[primary], evidence.nulls, evidence.bootstrap, primary)
         if len(analyses) > 1:
+            text += render_seed_strategies(analyses)
             text += render_comparison(analyses)
             if evidence.nulls:
                 text += render_null_comparison(analyses, evidence.nulls)
         if evidence.operator is not None:
             text += render_operator(evidence.operator, evidence.rank_k)
-        if null or evidence.operator is not None:
-            text += render_layered_verdict(evidence.verdict, evidence.nulls)
-        else:
+        text += render_layered_verdict(evidence.verdict, evidence.nulls)
+        if not evidence.nulls:
             text += "\n" + NO_NULL_LINE + "\n"
         typer.echo(text, nl=False)

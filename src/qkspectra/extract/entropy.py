@@ -257,7 +257,7 @@ def attention_entropy(model: nn.Module, corpus: Corpus, *, batch_size: int | Non
     if not corpus.windows:
         raise QkspectraError(f"corpus {corpus.description} has no windows")
     longest = max(map(len, corpus.windows))
-    accumulator = _EntropyAccumulator(model.config.num_hidden_layers, model.config.num_attention_heads,
+    accumulator = EntropyAccumulator(model.config.num_hidden_layers, model.config.num_attention_heads,
                                       num_buckets=position_bucket(longest) + 1)
     body = model.base_model  # the layers without a language-model head: no (B, seq, vocab) logits
     pad_id = model.config.pad_token_id if isinstance(getattr(model.config, "pad_token_id", None), int) else 0
@@ -363,7 +363,7 @@ def pad_windows(windows: list[list[int]], pad_id: int,
     return input_ids, attention_mask
 
 
-class _EntropyAccumulator:
+class EntropyAccumulator:
     """Float64 sums per (layer, head), fed by the attention calls of one batch at a time."""
 
     def __init__(self, num_layers: int, num_heads: int, num_buckets: int):

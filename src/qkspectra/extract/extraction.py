@@ -103,11 +103,17 @@ def run_extraction(
     """
     from qkspectra.extract.spectra import layer_factors, static_spectra
     from qkspectra.models.subject import subject_of
+    from qkspectra.models.transformer_lens import TransformerLensModel
 
     check_options(options)
     progress = not options.quiet
     subject = subject_of(model, progress=progress)
+    if subject.in_memory:  # read and run where it is, in its dtype: other options refused before any work
+        from qkspectra.models.in_memory import check_placement
+
+        check_placement(subject.model, options.device, options.dtype)
     source, adapter, tensors = subject.source, subject.adapter, subject.tensors()
+    transformer_lens = isinstance(source, TransformerLensModel)
 
     with contextlib.ExitStack() as stack:
         corpus = seq_len = None
@@ -116,10 +122,11 @@ def run_extraction(
 
             check_position_limit(source.config, options.seq_len)
             torch_model, tokenizer = stack.enter_context(corpus_model(source, options, progress=progress))
+            sized = source if transformer_lens else torch_model  # what says the longest window the model takes
             if not options.window_per_line:
-                seq_len = options.seq_len if options.seq_len is not None else default_seq_len(torch_model)
+                seq_len = options.seq_len if options.seq_len is not None else default_seq_len(sized)
             corpus = load_windows(tokenizer, corpus=options.corpus, seq_len=seq_len, max_tokens=options.max_tokens,
-                                  window_per_line=options.window_per_line, max_length=model_max_length(torch_model))
+                                  window_per_line=options.window_per_line, max_length=model_max_length(sized))
             adapter.check_sequence_length(max(map(len, corpus.windows)))
 
         qk_norm = qk_norm_metadata(adapter.layer(tensors, 0), static_only=corpus is None)
@@ -169,11 +176,19 @@ def run_extraction(
             "factors_convention": FACTOR_CONVENTION,
             "qkspectra_version": __version__,
         }
+        if transformer_lens:
+            metadata["transformer_lens"] = source.processing_metadata()
         if corpus is not None:
-            from qkspectra.extract.entropy import attention_entropy
+            if transformer_lens:
+                from qkspectra.extract.transformer_lens_capture import transformer_lens_entropy
 
-            stats = attention_entropy(torch_model, corpus, batch_size=options.batch_size, progress=progress,
-                                      adapter=adapter)
+                stats = transformer_lens_entropy(torch_model, corpus, adapter, batch_size=options.batch_size,
+                                                 progress=progress)
+            else:
+                from qkspectra.extract.entropy import attention_entropy
+
+                stats = attention_entropy(torch_model, corpus, batch_size=options.batch_size, progress=progress,
+                                          adapter=adapter)
             if stats.mean_entropy.shape != (adapter.num_layers, adapter.num_heads):
                 raise QkspectraError(
                     f"attention entropy has shape {stats.mean_entropy.shape}, expected "
@@ -233,8 +248,12 @@ def corpus_model(source, options: ExtractOptions, *, progress: bool) -> Iterator
     on the device and in the dtype of ``options``, or the model in memory where it lives, in its own
     dtype, put back as it was afterwards."""
     from qkspectra.models.in_memory import InMemoryModel, untouched
+    from qkspectra.models.transformer_lens import TransformerLensModel
 
-    if isinstance(source, InMemoryModel):
+    if isinstance(source, TransformerLensModel):  # run as it is (modes put back by its corpus pass)
+        source.check_tokenizer()
+        yield source.model, source.tokenizer
+    elif isinstance(source, InMemoryModel):
         source.check_tokenizer()
         with untouched(source.model) as model:
             yield model, source.tokenizer

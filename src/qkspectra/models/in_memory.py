@@ -7,7 +7,8 @@ model where it lives, in its own dtype. Nothing is written to disk and nothing i
 ``untouched`` switches the attention to SDPA (as a loaded model runs) and every module to
 evaluation mode, runs without gradients, and puts back the attention implementation, each
 module's mode and each parameter's ``requires_grad``. The functional test rewrites query and key
-weights, so it works on a copy (``functional_copy``), never on the caller's model.
+weights where the model is, then puts everything back exactly (``rewritten_in_place``); options asking
+for another device or dtype are refused (``check_placement``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ class InMemoryModel:
     def config(self) -> Any:
         return self.model.config
 
+    def adapter(self) -> Any:
+        """The architecture adapter of the model's config."""
+        from qkspectra.models.adapters import adapter_for
+
+        return adapter_for(self.config)
+
     def tensors(self) -> StateDictSource:
         """The model's tensors by their checkpoint names, read lazily (the state dict holds no copies)."""
         return StateDictSource(self.model.state_dict())
@@ -43,7 +50,11 @@ class InMemoryModel:
 
 
 def in_memory_model(model: Any, tokenizer: Any | None) -> InMemoryModel:
-    """Wrap a transformers model; QkspectraError if ``model`` is not one."""
+    """Wrap a transformers model (or a TransformerLens one, ``transformer_lens``); QkspectraError if ``model`` is neither."""
+    from qkspectra.models.transformer_lens import is_transformer_lens, transformer_lens_model
+
+    if is_transformer_lens(model):
+        return transformer_lens_model(model, tokenizer)
     config = getattr(model, "config", None)
     if not hasattr(model, "state_dict") or getattr(config, "model_type", None) is None:
         raise QkspectraError(f"model must be a bundled model name, a path, or a transformers model in memory; "
@@ -80,23 +91,59 @@ def untouched(model: Any) -> Iterator[Any]:
             parameter.requires_grad_(flag)
 
 
-def functional_copy(source: InMemoryModel) -> tuple[Any, Any]:
-    """(model, tokenizer) for the functional test: a copy the test may rewrite, on the CPU.
+@contextlib.contextmanager
+def rewritten_in_place(source: InMemoryModel) -> Iterator[tuple[Any, Any]]:
+    """(model, tokenizer) for the functional test to rewrite where the model lives, in its own dtype;
+    everything put back exactly afterwards, also when the test fails midway.
 
-    Encoders are copied without a task head (the test compares their final hidden states);
-    causal language models with their head (it compares next-token losses).
+    Encoders are given without their task head (the test compares final hidden states); causal
+    language models with it (next-token losses). No copy of the model is made: the test writes into
+    copies of the parameters it changes (``reconstruction.writing.ModelParameters``) and into the
+    key/value projections it rebuilds with one head per query head; here every module's parameters,
+    buffers, submodules and attributes, and the config's fields, are noted (references, no tensors
+    copied) and put back after, with the attention implementation, modes and ``requires_grad``
+    (``untouched``). The original tensors are never written, so they come back bit for bit.
     """
-    import copy
-
-    import torch
-
     from qkspectra.models.supported import ENCODER_MODEL_TYPES
 
     source.check_tokenizer()
-    model = source.model.base_model if source.config.model_type in ENCODER_MODEL_TYPES else source.model
-    # Tensors are copied straight to the CPU (the functional test's device): a model on an
-    # accelerator is never held twice there.
-    memo: dict[int, Any] = {id(p): torch.nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=p.requires_grad)
-                            for p in model.parameters()}
-    memo.update({id(b): b.detach().to("cpu", copy=True) for b in model.buffers()})
-    return copy.deepcopy(model, memo), source.tokenizer
+    whole = source.model
+    model = whole.base_model if source.config.model_type in ENCODER_MODEL_TYPES else whole
+    modules = [(module, dict(module.__dict__), dict(module._parameters), dict(module._buffers), dict(module._modules))
+               for module in whole.modules()]
+    config = dict(whole.config.__dict__)
+    with untouched(whole):
+        try:
+            yield model, source.tokenizer
+        finally:
+            for module, attributes, parameters, buffers, children in modules:
+                module.__dict__.clear()
+                module.__dict__.update(attributes)
+                for held, noted in ((module._parameters, parameters), (module._buffers, buffers),
+                                    (module._modules, children)):
+                    held.clear()
+                    held.update(noted)
+            whole.config.__dict__.clear()
+            whole.config.__dict__.update(config)
+
+
+def check_placement(source: InMemoryModel, device: str, dtype: str | None) -> None:
+    """QkspectraError (one line) if ``device`` or ``dtype`` asks for another place or precision than the
+    model's own: a model in memory is read and run where it is, in its dtype, never moved or cast."""
+    import torch
+
+    from qkspectra.models.device import check_placement_names
+
+    check_placement_names(device, dtype)
+    parameter = next((p for p in source.model.parameters() if p.is_floating_point()), None)
+    if parameter is None:
+        return
+    own_dtype = str(parameter.dtype).removeprefix("torch.")
+    if device != "auto":
+        wanted, own = torch.device(device), parameter.device  # "cuda" is "cuda:0"
+        if (wanted.type, wanted.index or 0) != (own.type, own.index or 0):
+            raise QkspectraError(f"{option('device')}={device!r}, but the model in memory is on {parameter.device}; "
+                                 f"it runs where it is: move it (model.to(...)) or leave {option('device')} unset")
+    if dtype is not None and dtype != own_dtype:
+        raise QkspectraError(f"{option('dtype')}={dtype!r}, but the model in memory is {own_dtype}; it runs in its "
+                             f"own dtype: cast it (model.to(...)) or leave {option('dtype')} unset")

@@ -37,6 +37,8 @@ class Subject:
 
     @cached_property
     def adapter(self) -> AttentionAdapter:
+        if self.in_memory:
+            return self.model.adapter()
         from qkspectra.models.adapters import adapter_for
 
         return adapter_for(self.source.config)

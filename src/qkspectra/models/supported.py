@@ -3,8 +3,8 @@
 ``VERIFIED_GENERIC_TYPES`` lists the model types on which the test suite checks the generic reader
 (``tests/test_generic.py`` builds a tiny random checkpoint of each and compares with its own eager
 attention); any other type is still tried, and read only if the reader proves itself on it.
-``supported_models_markdown()`` renders the README's list; ``scripts/update_readme_models.py``
-writes it between the README's markers, and a test checks that the README is current.
+``supported_models_markdown()`` renders the list in docs/models.md; ``scripts/update_model_docs.py``
+writes it between that page's markers, and a test checks that the page is current.
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ REFUSED = ("soft-capped logits (gemma2's attn_logit_softcapping)", "ALiBi (bloom
            "relative-position terms (t5, deberta)", "learned attention sinks (gpt_oss)",
            "fused query/key projections without a hand-written adapter (codegen, ...)")
 
-README_START = "<!-- supported-model-types:start (scripts/update_readme_models.py) -->"
-README_END = "<!-- supported-model-types:end -->"
+MODELS_DOC_START = "<!-- supported-model-types:start (scripts/update_model_docs.py) -->"
+MODELS_DOC_END = "<!-- supported-model-types:end -->"
 
 
 def supported_models_markdown() -> str:
-    """The README's list of supported model types, from the adapter registry and the verified generic types."""
+    """The list of supported model types in docs/models.md, from the adapter registry and the verified generic types."""
     from qkspectra.models.adapters import ADAPTERS
 
     hand_written = ", ".join(f"`{name}`" for name in sorted(ADAPTERS))
@@ -59,7 +59,7 @@ def supported_models_markdown() -> str:
     ])
 
 
-def replace_readme_section(readme: str) -> str:
-    """``readme`` with the text between its markers replaced by ``supported_models_markdown()``."""
-    start, end = readme.index(README_START) + len(README_START), readme.index(README_END)
-    return readme[:start] + "\n" + supported_models_markdown() + "\n" + readme[end:]
+def replace_models_section(page: str) -> str:
+    """``page`` with the text between its markers replaced by ``supported_models_markdown()``."""
+    start, end = page.index(MODELS_DOC_START) + len(MODELS_DOC_START), page.index(MODELS_DOC_END)
+    return page[:start] + "\n" + supported_models_markdown() + "\n" + page[end:]

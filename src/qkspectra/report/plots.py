@@ -25,6 +25,7 @@ from matplotlib.ticker import FormatStrFormatter, NullLocator
 
 from qkspectra.analysis.seed import PARTIAL_BELOW, SUPPORTED_BELOW, spectral_shape
 from qkspectra.geometry import Geometry
+from qkspectra.report.evidence_plot import NO_LAYERED_VERDICT, evidence_figure, evidence_panels
 from qkspectra.report.readers import strategies
 
 # colour, marker, line style: strategies sharing an anchor draw on top of each other, so they differ in all three
@@ -50,6 +51,21 @@ class HeadSpread:
     mean: np.ndarray
     low: np.ndarray
     high: np.ndarray
+
+
+def fitted_residual(residual: np.ndarray, anchor: Mapping[str, Any]) -> np.ndarray:
+    """residual: (L, H) -> the mean over heads of each fitted layer, (L,), NaN at the anchor layers.
+
+    anchor: a strategy's ``anchor`` section; ``layers`` (L,) names each layer's anchor layer, and a
+    layer is fitted when that is another layer (as ``seed.Anchor.fitted``).
+    """
+    L = residual.shape[0]
+    layers = anchor.get("layers")
+    if isinstance(layers, list) and len(layers) == L:
+        fitted = np.asarray(layers) != np.arange(L)  # (L,)
+    else:  # a document without the per-layer anchors: its anchor layers
+        fitted = ~np.isin(np.arange(L), anchor["group_anchors"])
+    return np.where(fitted, residual.mean(axis=1), np.nan)
 
 
 def head_spread(x: np.ndarray) -> HeadSpread:
@@ -79,7 +95,8 @@ def schedule_figure(
     """The temperature schedule over depth, and how well each anchor reconstructs it.
 
     T: per strategy, T over heads (mean line, interquartile band), each (L,).
-    residual: per strategy, the mean rescale residual of each layer, (L,).
+    residual: per strategy, the mean rescale residual of each fitted layer, (L,), NaN at its anchor layers
+        (they fit themselves, residual 0 by construction; ``fitted_residual``), which the curve leaves out.
     anchors: per strategy, its anchor layer(s), marked on the T curve.
     """
     fig = Figure(figsize=(10, 7.2), layout="constrained")
@@ -96,12 +113,13 @@ def schedule_figure(
     ax_t.set_ylabel("temperature T (mean over heads;\nband: 25th-75th percentile)")
     ax_t.legend(fontsize=8, title="★ = anchor layer", title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax_t.grid(alpha=0.3)
-    ax_r.axhline(SUPPORTED_BELOW, color="green", linewidth=0.8, linestyle="--", label="supported below 0.10")
-    ax_r.axhline(PARTIAL_BELOW, color="orange", linewidth=0.8, linestyle="--", label="partial below 0.30")
-    ax_r.set_ylabel("mean rescale residual\n||σ - Tσ_anchor|| / ||σ||")
+    ax_r.axhline(SUPPORTED_BELOW, color="green", linewidth=0.8, linestyle="--", label=f"supported below {SUPPORTED_BELOW:.2f}")
+    ax_r.axhline(PARTIAL_BELOW, color="orange", linewidth=0.8, linestyle="--", label=f"partial below {PARTIAL_BELOW:.2f}")
+    ax_r.set_ylabel("mean rescale residual\n||σ - Tσ_anchor|| / ||σ||\n(fitted layers)")
     ax_r.set_xlabel("layer")
     ax_r.set_ylim(bottom=0)
-    ax_r.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax_r.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="anchor layers left out\n(residual 0 by construction)",
+                title_fontsize=8)
     ax_r.grid(alpha=0.3)
     ax_r.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(f"Temperature schedule over depth\n{title}", fontsize=11)
@@ -333,18 +351,25 @@ class FigureSet:
 def report_figures(document: Mapping[str, Any], geometry: Geometry | None, *, title: str) -> FigureSet:
     """Every figure the document (and the geometry, when given) supports; ``title`` names the run.
 
-    The spectral-shape and entropy plots need the per-head spectra and entropies of the
-    geometry; without it they are skipped, with the reason.
+    The first is the evidence at a glance (``evidence_plot``; from the document alone, skipped when it
+    has no layered verdict). The spectral-shape and entropy plots need the per-head spectra and
+    entropies of the geometry; without it they are skipped, with the reason.
     """
     per = strategies(document)
     figures: dict[str, Figure] = {}
     skipped: dict[str, str] = {}
 
+    verdict = document.get("verdict") or {}
+    if verdict.get("layers"):
+        figures["evidence"] = evidence_figure(evidence_panels(document), str(verdict.get("overall") or "n/a"), title)
+    else:
+        skipped["evidence"] = NO_LAYERED_VERDICT
+
     T = {name: np.asarray(s["rescale"]["T"], dtype=float) for name, s in per.items()}  # (L, H) each
     R = {name: np.asarray(s["rescale"]["residual"], dtype=float) for name, s in per.items()}  # (L, H) each
     figures["schedule"] = schedule_figure(
         {name: head_spread(t) for name, t in T.items()},
-        {name: r.mean(axis=1) for name, r in R.items()},
+        {name: fitted_residual(r, per[name]["anchor"]) for name, r in R.items()},
         {name: list(s["anchor"]["group_anchors"]) for name, s in per.items()},
         title,
     )

@@ -12,13 +12,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qkspectra.analysis.seed import VERDICT_TEXT, seed_rule
-from qkspectra.analysis.verdict import CHOICE_RULE
+from qkspectra.analysis.nulls import NULL_LABELS, SHAPE_INVARIANCE
+from qkspectra.analysis.verdict import CHOICE_RULE, stability_against_nulls
 from qkspectra.report.layout import Paragraph, Plot, Section, Table, fmt
 from qkspectra.report.readers import best_strategy, strategies
 
 FIGURE_CAPTIONS = {
+    "evidence": "The evidence at a glance: each layer of the verdict, coloured by its code, with the figure it is decided "
+    "on against its thresholds: the spectral fit's mean residual over the fitted layers (the seed's rule), the real "
+    "spectra against each null (mean ± 1 and ± 2 std of its draws; p-values), the lowest operator residual and the "
+    "smallest change of the model (log scale; grey: the control) among the strategies the verdict compares.",
     "schedule": "Mean temperature T per layer (band: interquartile range over heads) for every anchor strategy, "
-    "and the mean rescale residual of each layer. The hypothesis predicts a smooth schedule with small residuals.",
+    "and the mean rescale residual of each fitted layer (anchor layers, which fit themselves with residual 0, are left "
+    "out). The hypothesis predicts a smooth schedule with small residuals.",
     "temperature_heatmap": "T of every head (layer × head), one panel per anchor strategy.",
     "residual_heatmap": "Rescale residual ||σ − Tσ_anchor|| / ||σ|| of every head, one panel per anchor strategy.",
     "spectral_shapes": "Each head's spectral shape σ_k/σ_1 at every layer (colour = depth). Overlapping lines mean the "
@@ -47,18 +53,31 @@ def _mean(rows: Sequence[Sequence[float]] | None) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _shape_comparisons(document: Mapping[str, Any]) -> list[tuple[str, float, float]]:
+    """(null label, null mean, p-value) of the shape cosine for each available null in the document."""
+    out = []
+    for name, entry in (document.get("null") or {}).items():
+        f = (entry.get("figures") or {}).get(SHAPE_INVARIANCE) if isinstance(entry, Mapping) and entry.get("available") else None
+        if f is not None and f.get("p_value") is not None:
+            out.append((NULL_LABELS.get(name, name), f["null_mean"], f["p_value"]))
+    return out
+
+
 def _verdict_style(code: Any) -> str | None:
     return f"verdict-{code}" if code in ("supported", "partial", "rejected") else None
 
 
-def verdict_section(document: Mapping[str, Any]) -> Section:
-    """qkspectra's one verdict: the layered verdict's overall code and summary, and its layers."""
+def verdict_section(document: Mapping[str, Any], figures: Sequence[str] = ()) -> Section:
+    """qkspectra's one verdict: the layered verdict's overall code and summary, the evidence at a glance (when
+    ``figures`` has it) and its layers."""
     blocks: list[Paragraph | Table | Plot] = []
     verdict = document.get("verdict") or {}
     overall, summary, layers = verdict.get("overall"), verdict.get("summary"), verdict.get("layers")
     if overall or summary:
         head = f"Overall: {str(overall).upper()}. " if overall else ""
         blocks.append(Paragraph(head + str(summary or ""), _verdict_style(overall)))
+    if "evidence" in figures:
+        blocks.append(Plot("evidence", FIGURE_CAPTIONS["evidence"]))
     if layers:
         blocks.append(
             Table(
@@ -101,6 +120,9 @@ def seed_section(document: Mapping[str, Any]) -> Section:
                 f"strategies compared {CHOICE_RULE}): {VERDICT_TEXT[seed_rule(fitted)]}"
             )
         )
+    if len(per) > 1:
+        blocks.append(Table(("strategy", "mean resid (all, seed)", "the seed's rule"),
+                            tuple((name, fmt(s["rescale"]["mean_residual"]), s["verdict"]["code"]) for name, s in per.items())))
     return Section("Reproducing the seed", tuple(blocks), "seed")
 
 
@@ -124,13 +146,11 @@ def comparison_section(document: Mapping[str, Any]) -> Section:
                 fmt(rs.get("frac_below_0_20_fitted"), 3),
                 fmt(s["entropy"]["corr_T_entropy"], 3, signed=True),
                 fmt(s["cross_head"]["single_spectrum"]["mean_residual"]),
-                s["verdict"]["code"],
             )
         )
     table = Table(
         ("strategy", "anchor layer(s)", "anchors", "fitted layers", "mean resid (fitted)", "mean resid (all, seed)",
-         "max resid", "frac < 0.10 (fitted)", "frac < 0.20 (fitted)", "corr(T, entropy)", "one-spectrum resid",
-         "seed's verdict"),
+         "max resid", "frac < 0.10 (fitted)", "frac < 0.20 (fitted)", "corr(T, entropy)", "one-spectrum resid"),
         tuple(rows),
     )
     return Section("Anchor strategies side by side", (table,), "strategies")
@@ -165,6 +185,7 @@ def _shape_section(document: Mapping[str, Any], figures: Sequence[str]) -> Secti
             Paragraph(
                 f"Per-head mean pairwise cosine of shape across layers: mean {fmt(si['mean'])}, std {fmt(si['std'])}, "
                 f"min {fmt(si['min'])}, max {fmt(si['max'])} — {si['label']}."
+                + (f" Held {against}." if (against := stability_against_nulls(_shape_comparisons(document))) else "")
             )
         )
         blocks.append(Table(("head", "mean cos across layers"), tuple((str(h), fmt(c)) for h, c in enumerate(si["per_head_mean_cos"]))))
@@ -376,7 +397,7 @@ def report_sections(document: Mapping[str, Any], figures: Sequence[str], notes: 
         _functional_section(document),
     )
     return [
-        verdict_section(document),
+        verdict_section(document, figures),
         comparison_section(document),
         _schedule_section(document, figures),
         _shape_section(document, figures),

@@ -1,9 +1,12 @@
-"""The terminal report: the seed's sections with its figures at its precision, plus ours.
+"""The terminal report: the seed's sections with its figures at its precision, plus ours, then the one verdict.
 
 Every line the seed analysis prints appears here unchanged (for the seed's
-anchors last, middle and best); lines the seed lacks are added beside them:
-with null baselines, a "null (NAME): mean ± std, p = ..." line under each figure
-they qualify and bootstrap intervals under the correlations.
+anchors last, middle and best), under a heading that says it reproduces the seed
+and that the seed's verdict is not qkspectra's; lines the seed lacks are added
+beside them: with null baselines, a "null (NAME): mean ± std, p = ..." line under
+each figure they qualify, bootstrap intervals under the correlations, and the
+stability label held against the nulls. qkspectra's verdict, the layered one,
+comes last (``render_layered_verdict``).
 """
 
 from __future__ import annotations
@@ -15,12 +18,17 @@ import numpy as np
 from qkspectra.analysis.bootstrap import BootstrapResult, Interval
 from qkspectra.analysis.seed import NO_FITTED_LAYER, Analysis, Correlation
 from qkspectra.analysis.nulls import CROSS_HEAD, NULL_LABELS, RESIDUAL_FITTED_PREFIX, RESIDUAL_PREFIX, SHAPE_INVARIANCE, NullBaseline
-from qkspectra.analysis.verdict import LayeredVerdict
+from qkspectra.analysis.verdict import LayeredVerdict, stability_against_nulls
 
 EXPECTED_SIGN = "(negative expected: larger T → sharper → lower entropy)"
+SEED_HEADING = "=== Reproducing the seed: its experiments, its summary and its verdict ==="
+SEED_NOT_THE_VERDICT = (
+    "  The seed's verdict below is not qkspectra's: it applies the seed's rule to the spectra's residual over all "
+    "layers, without chance or operators. qkspectra's verdict is the layered verdict at the end."
+)
 NO_NULL_LINE = (
-    "No null baseline was computed, so the verdict above is not compared with chance "
-    "(add --null for null baselines, bootstrap intervals and the layered verdict)."
+    "No null baseline was computed, so no layer of the verdict above is compared with chance "
+    "(add --null for null baselines, bootstrap intervals and the spectral_vs_null layer)."
 )
 
 
@@ -86,7 +94,7 @@ def render_report(
     g = a.geometry
     si, rs, ch = a.shape_invariance, a.rescale, a.cross_head
     L = g.num_layers
-    out: list[str] = [f"Loaded sigma: shape {g.singular_values.shape}, max rank {g.max_rank}"]
+    out: list[str] = [SEED_HEADING, SEED_NOT_THE_VERDICT, "", f"Loaded sigma: shape {g.singular_values.shape}, max rank {g.max_rank}"]
 
     out += ["", "=== (1) Spectral shape invariance across layers ==="]
     out.append("  per-head mean pairwise cosine of shape across layers:")
@@ -161,11 +169,30 @@ def render_report(
         out.append(f"  spectral shape stability across layers: {_na(si.reason)}")
     else:
         out.append(f"  spectral shape is {si.label} across layers (per-head mean pairwise cos = {si.mean:.3f})")
+        against = stability_against_nulls(_shape_comparisons(nulls))
+        if against:
+            out.append(f"    {against}")
     out.append(f"  scalar-rescale fit residual: mean {rs.mean_residual:.3f}")
     if rs.mean_residual_fitted is not None:
         out.append(f"  over the fitted layers only: mean {rs.mean_residual_fitted:.3f}")
-    out += ["", f"  {a.verdict_text}"]
+    out += ["", "  the seed's verdict (not qkspectra's; see the layered verdict):", f"  {a.verdict_text}"]
     return "\n".join(out) + "\n"
+
+
+def _shape_comparisons(nulls: dict[str, NullBaseline] | None) -> list[tuple[str, float, float]]:
+    """(null label, null mean, p-value) of the shape cosine for each available null."""
+    out = []
+    for name, null in (nulls or {}).items():
+        f = null.figures.get(SHAPE_INVARIANCE)
+        if null.available and f is not None and f.p_value is not None:
+            out.append((NULL_LABELS.get(name, name), f.null_mean, f.p_value))
+    return out
+
+
+def render_seed_strategies(analyses: dict[str, Analysis]) -> str:
+    """The seed's rule on every strategy's all-layer mean residual: part of the seed's reproduction, not the verdict."""
+    parts = ", ".join(f"{name} {a.verdict_code} ({a.rescale.mean_residual:.4f})" for name, a in analyses.items())
+    return f"  the seed's rule on each strategy's mean residual over all layers (not qkspectra's verdict): {parts}\n"
 
 
 def render_comparison(analyses: dict[str, Analysis]) -> str:
@@ -173,7 +200,7 @@ def render_comparison(analyses: dict[str, Analysis]) -> str:
     out = ["", "=== Anchor strategies side by side ==="]
     out.append(
         f"  {'strategy':<8}  {'anchor layer(s)':<18}  {'anchors':>7}  {'fitted':>6}  {'mean resid':>10}  {'fitted resid':>12}  "
-        f"{'max resid':>10}  {'frac<0.10':>9}  {'corr(T,ent)':>11}  verdict"
+        f"{'max resid':>10}  {'frac<0.10':>9}  {'corr(T,ent)':>11}"
     )
     for name, a in analyses.items():
         layers = ",".join(str(x) for x in a.anchor.group_anchors)
@@ -183,7 +210,7 @@ def render_comparison(analyses: dict[str, Analysis]) -> str:
         out.append(
             f"  {name:<8}  {layers:<18}  {a.anchor.num_anchor_layers:>7}  {a.anchor.num_fitted_layers:>6}  "
             f"{a.rescale.mean_residual:>10.4f}  {'n/a' if fitted is None else f'{fitted:.4f}':>12}  "
-            f"{a.rescale.max_residual:>10.4f}  {a.rescale.frac_below(0.10):>9.3f}  {corr:>11}  {a.verdict_code}"
+            f"{a.rescale.max_residual:>10.4f}  {a.rescale.frac_below(0.10):>9.3f}  {corr:>11}"
         )
     out.append("  (mean resid and frac: over all layers, as the seed; fitted resid: over the fitted layers only)")
     return "\n".join(out) + "\n"

@@ -25,6 +25,33 @@ from qkspectra.errors import QkspectraError
 from qkspectra.threads import worker_count
 
 
+class ClusterLost(QkspectraError):
+    """The connection to the scheduler was lost while tasks ran: not bad input, so the command line exits 1."""
+
+    exit_status = 1
+
+
+def lost_scheduler(error: BaseException) -> bool:
+    """Whether ``error`` says the client lost its scheduler (a closed comm, a refused or timed-out reconnection)."""
+    from distributed.comm.core import CommClosedError
+
+    return isinstance(error, (CommClosedError, ConnectionError, TimeoutError)) or type(error).__name__ == "CancelledError"
+
+
+@contextlib.contextmanager
+def quiet_client_logs() -> Iterator[None]:
+    """The client's own error logs (tracebacks of lost connections) kept off the terminal: qkspectra reports in one line."""
+    names = ["distributed", *(n for n in logging.root.manager.loggerDict if n.startswith("distributed."))]
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def require_distributed():
     try:
         import distributed
@@ -45,7 +72,7 @@ def connect(scheduler: str | None = None, workers: int | None = None) -> Iterato
         except (OSError, ValueError, TypeError) as e:  # unreachable (timed out), refused, or not an address
             message = " ".join(str(e).split()) or type(e).__name__
             raise QkspectraError(f"--scheduler {scheduler}: cannot reach a Dask scheduler there ({message})") from None
-        with client:
+        with quiet_client_logs(), client:  # quiet until the client has closed
             yield client
         return
     workers = worker_count() if workers is None else workers  # one worker process per core

@@ -7,7 +7,9 @@
 
 A finished run of the same cache key and options is reused; others run in ``DIR/.partial/<name>/``
 and are renamed into place once complete. One model's failure (bad path, unsupported type, corrupt
-weights, out of memory, a lost worker) is recorded with its one-line error; the others finish.
+weights, out of memory, a lost worker) is recorded with its one-line error; the others finish (Dask
+runs a lost worker's task again on another). A lost scheduler stops the sweep (``ClusterLost``, no
+sweep.json): the finished models' folders stay, and the same command resumes from them.
 On a cluster, every worker needs qkspectra installed and the models and DIR readable and writable.
 """
 
@@ -271,8 +273,11 @@ def run_model(model: SweepModel, out_dir: str, settings: RunSettings) -> dict[st
 # ----------------------------------------------------------------------------
 
 
-def one_line(error: BaseException) -> str:
+def one_line(error: BaseException | None) -> str:
     """An exception as the one line a sweep records: qkspectra's own message, else the type and message."""
+    if type(error).__name__ == "KilledWorker":  # Dask's: every worker that ran the task died (memory limit, killed)
+        return ("the worker running it died each time it was tried (it ran out of its memory limit, was killed or "
+                "crashed); the other models went on")
     text = str(error) if isinstance(error, QkspectraError) else f"{type(error).__name__}: {error}"
     return " ".join(text.split())[:1000]
 
@@ -314,7 +319,7 @@ def run_sweep(
     models' folders stay for the next sweep to reuse; on a local cluster the unfinished runs'
     partial folders are removed.
     """
-    from qkspectra.workflow.cluster import connect, describe, require_distributed
+    from qkspectra.workflow.cluster import ClusterLost, connect, describe, lost_scheduler, require_distributed
     from qkspectra.extract.extraction import check_options
     from qkspectra.report.sweep_page import check_sweep_outputs, write_sweep_report
 
@@ -336,19 +341,31 @@ def run_sweep(
             say(f"{len(models)} models on {engine['workers']} workers of {where}")
             futures = {client.submit(run_model, m, str(out_dir), settings, pure=False,
                                      key=f"qkspectra-run-{m.name}-{os.urandom(4).hex()}"): m for m in models}
+
+            def lost() -> ClusterLost:
+                return ClusterLost(f"lost the Dask scheduler {scheduler} after {len(records)} of {len(models)} models; the "
+                                   "finished models' run folders are kept: run the same command again, on a running scheduler, to go on")
+
             try:
                 for future in require_distributed().as_completed(futures, loop=client.loop):
+                    if future.status not in ("finished", "error"):  # cancelled by no one here: the scheduler is gone
+                        raise lost()
                     records[futures[future].name] = _record(futures[future], future)
                     say(_progress_line(records[futures[future].name], len(records), len(models)))
                     future.release()
-            except BaseException:
+            except ClusterLost:
+                raise
+            except BaseException as e:
+                if scheduler is not None and lost_scheduler(e):
+                    raise lost() from None
                 interrupted = True
                 client.cancel(list(futures), force=True)
                 raise
     finally:
         if interrupted and scheduler is None:  # the local workers have stopped with their cluster
             _remove_partial_runs(out_dir, [m for m in models if m.name not in records])
-    _remove_partial_runs(out_dir, [])  # the folder of partial runs, when none is left in it
+    # a failed model's task is over wherever it ran: its partial run goes, then the folder of partial runs when empty
+    _remove_partial_runs(out_dir, [m for m in models if records.get(m.name, {}).get("status") == "failed"])
     document = {
         "qkspectra_version": __version__,
         "schema_version": SWEEP_SCHEMA_VERSION,

@@ -8,7 +8,9 @@ compares each rewritten model with the original (``passes``). See docs/method/fu
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,6 +36,7 @@ from qkspectra.extract.corpus import DEFAULT_FUNCTIONAL_TOKENS
 from qkspectra.extract.extraction import ExtractOptions
 from qkspectra.extract.linearised_norm import NormRMS
 from qkspectra.geometry import Geometry
+from qkspectra.models.adapters import AttentionAdapter
 from qkspectra.models.device import Placement
 from qkspectra.models.supported import ENCODER_MODEL_TYPES
 
@@ -143,25 +146,41 @@ def _operator_k(rank_k_section: dict[str, Any], strategy: str, shape: tuple[int,
     return k
 
 
-def load_functional_model(model: str | InMemoryModel | Subject, *, progress: bool = False,
-                          placement: Placement = Placement("cpu", "float32")):
-    """(model, tokenizer): a causal LM with its head, or the bare encoder, SDPA attention, in ``placement``.
-
-    A model in memory gives a copy (the test rewrites its weights), in its own dtype and attention.
-    """
-    from qkspectra.models.subject import subject_of
-
-    subject = subject_of(model, progress=progress)
-    if subject.in_memory:
-        from qkspectra.models.in_memory import functional_copy
-
-        return functional_copy(subject.model)
+def load_functional_model(source, *, progress: bool = False, placement: Placement = Placement("cpu", "float32")):
+    """(model, tokenizer) of a model's folder: a causal LM with its head, or the bare encoder, SDPA attention,
+    in ``placement``."""
     from qkspectra.models import load_model
 
-    source = subject.source
     causal = source.config.model_type not in ENCODER_MODEL_TYPES + tuple(REFUSED_MODEL_TYPES)
     return load_model(source, attn_implementation="sdpa", progress=progress, placement=placement,
                       model_class="AutoModelForCausalLM" if causal else "AutoModel")
+
+
+@contextlib.contextmanager
+def functional_model(subject: Subject, options: ExtractOptions) -> Iterator[tuple[nn.Module, Any, AttentionAdapter]]:
+    """(model, tokenizer, adapter of its layers as stored) for the functional test to rewrite.
+
+    A model in memory is rewritten where it lives, in its own dtype, and put back exactly afterwards
+    (``in_memory.rewritten_in_place``); its layers are read with an adapter of a copy of its config
+    (expanding key/value heads edits the model's config until it is put back). Otherwise the model is
+    loaded from its folder on the device and in the dtype of ``options``.
+    """
+    from qkspectra.models.transformer_lens import TransformerLensModel
+
+    if isinstance(subject.model, TransformerLensModel):
+        raise QkspectraError("the functional test does not yet support TransformerLens models; pass functional=False")
+    if subject.in_memory:
+        from qkspectra.models.adapters import adapter_for
+        from qkspectra.models.in_memory import check_placement, rewritten_in_place
+
+        check_placement(subject.model, options.device, options.dtype)
+        with rewritten_in_place(subject.model) as (model, tokenizer):
+            yield model, tokenizer, adapter_for(copy.deepcopy(subject.model.config))
+        return
+    from qkspectra.models.device import resolve_placement
+
+    placement = resolve_placement(options.device, options.dtype)
+    yield (*load_functional_model(subject.source, progress=not options.quiet, placement=placement), subject.adapter)
 
 
 def functional_evidence(model: str | InMemoryModel | Subject, geometry: Geometry, anchors: dict[str, Anchor],
@@ -172,24 +191,22 @@ def functional_evidence(model: str | InMemoryModel | Subject, geometry: Geometry
     geometry must come from this model with the same ``options.fold_ln`` (its spectra are checked against
     the checkpoint's); anchors as for ``operator_evidence``; rank_k_section from ``rank_k_evidence`` with
     factors. options: the extraction's (its corpus and seq_len, the device and dtype the model runs in,
-    quiet); max_tokens: the corpus tokens of the test.
+    quiet); max_tokens: the corpus tokens of the test. A model in memory is rewritten where it is and
+    left as it was (``functional_model``).
     """
     from qkspectra.extract.corpus import default_seq_len, load_windows
-    from qkspectra.models.device import resolve_placement
     from qkspectra.models.subject import subject_of
 
     fold_ln, progress = options.fold_ln, not options.quiet
-    placement = resolve_placement(options.device, options.dtype)
     release_freed_memory()  # what the analysis before freed, before the model comes in
     subject = subject_of(model, progress=progress)
-    source, adapter = subject.source, subject.adapter
     norm_rms = geometry_norm_rms(geometry)
-    # the checkpoint, not its cast, one layer at a time: checked against the geometry and for what can be
-    # written, then the original layers of the test (no copy of the model's beside it)
-    layers = ModelLayers(adapter, subject.tensors(), check=writable_check(source.config.model_type))
-    check_against_geometry(LayerwiseFactors(layers, fold_ln=fold_ln, norm_rms=norm_rms, cache_size=1), geometry)
-    torch_model, tokenizer = load_functional_model(subject, progress=progress, placement=placement)
-    windows = load_windows(tokenizer, corpus=options.corpus, seq_len=options.seq_len or default_seq_len(torch_model),
-                           max_tokens=max_tokens, window_per_line=False).windows
-    return reconstruction_effects(torch_model, windows, geometry.singular_values, anchors, rank_k_section, fold_ln=fold_ln,
-                                  norm_rms=norm_rms, progress=progress, layers=layers)
+    with functional_model(subject, options) as (torch_model, tokenizer, adapter):
+        # the checkpoint (or the model in memory as it was), not its cast, one layer at a time: checked against
+        # the geometry and for what can be written, then the original layers of the test (no copy of the model's)
+        layers = ModelLayers(adapter, subject.tensors(), check=writable_check(subject.source.config.model_type))
+        check_against_geometry(LayerwiseFactors(layers, fold_ln=fold_ln, norm_rms=norm_rms, cache_size=1), geometry)
+        windows = load_windows(tokenizer, corpus=options.corpus, seq_len=options.seq_len or default_seq_len(torch_model),
+                               max_tokens=max_tokens, window_per_line=False).windows
+        return reconstruction_effects(torch_model, windows, geometry.singular_values, anchors, rank_k_section,
+                                      fold_ln=fold_ln, norm_rms=norm_rms, progress=progress, layers=layers)

@@ -20,22 +20,42 @@ from qkspectra.models.tensors import StateDictSource
 
 
 class ModelParameters:
-    """Read and overwrite a model's parameters by their checkpoint names (prefix found by the adapter)."""
+    """Read and overwrite a model's parameters by their checkpoint names (prefix found by the adapter).
+
+    Copy on write: the first write to a parameter puts a copy of it (same dtype, device and
+    ``requires_grad``) in its module's place and writes there; the original tensor is never changed,
+    so whoever holds it (the caller of a model in memory, ``in_memory.rewritten_in_place``) keeps it
+    bit for bit. Only the parameters written are copied.
+    """
 
     def __init__(self, model: nn.Module, adapter: AttentionAdapter):
+        self.model = model
         self.parameters = dict(model.named_parameters())
         self.adapter = adapter
         self.tensors = StateDictSource(self.parameters)
+        self.copied: set[str] = set()
 
     def get(self, name: str) -> np.ndarray:
         return self.tensors.get(self.adapter.prefixed(self.tensors, name))
 
     def set(self, name: str, value: np.ndarray) -> None:
-        parameter = self.parameters[self.adapter.prefixed(self.tensors, name)]
+        full = self.adapter.prefixed(self.tensors, name)
+        parameter = self.parameters[full]
         if parameter.shape != value.shape:
             raise QkspectraError(f"cannot write {name}: shape {value.shape}, the model has {tuple(parameter.shape)}")
+        if full not in self.copied:
+            parameter = self._own_copy(full, parameter)
         with torch.no_grad():
             parameter.copy_(torch.from_numpy(np.ascontiguousarray(value)))
+
+    def _own_copy(self, full: str, original: nn.Parameter) -> nn.Parameter:
+        """A copy of ``original`` put in its place in the model (its module's parameter ``full``)."""
+        module_name, _, leaf = full.rpartition(".")
+        copy = nn.Parameter(original.detach().clone(), requires_grad=original.requires_grad)
+        setattr(self.model.get_submodule(module_name), leaf, copy)
+        self.parameters[full] = copy
+        self.copied.add(full)
+        return copy
 
 
 def expand_kv_heads_in_place(model: nn.Module, adapter: AttentionAdapter | None = None) -> AttentionAdapter:
