@@ -15,6 +15,7 @@ from qkspectra.analysis.document import AnalysisOptions, build_analysis_document
 from qkspectra.analysis.entropy_links import (
     DESCRIPTORS,
     NO_DYNAMIC,
+    SAME_CONTEXT,
     TARGETS,
     LinkOptions,
     context_fit,
@@ -240,6 +241,9 @@ def test_context_of_a_geometry():
     assert context_fits(position_geometry())["without_first"] == (
         "the geometry's dynamic rows have no entropy_without_first_by_position_per_head")
     g = position_geometry()
+    encoder = Geometry(g.singular_values, g.entropy, metadata=g.metadata, entropy_by_position=g.entropy_by_position,
+                       log_keys_by_position=np.full_like(g.log_keys_by_position, np.log(512)) * (1 + 1e-15))
+    assert context_fits(encoder)["entropy"] == SAME_CONTEXT and context_fits(encoder)["without_first"] == SAME_CONTEXT
     assert context_fits(Geometry(g.singular_values, None))["entropy"] == NO_DYNAMIC
     assert "entropy_by_position" in context_fits(Geometry(g.singular_values, g.entropy))["entropy"]
 

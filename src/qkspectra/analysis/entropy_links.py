@@ -36,6 +36,8 @@ NO_DYNAMIC = "the geometry has no dynamic (entropy) section"
 NORMALISED_KEY = "mean_normalized_entropy_per_head"
 WITHOUT_FIRST_KEY = "mean_attention_entropy_without_first_per_head"
 WITHOUT_FIRST_BY_POSITION_KEY = "entropy_without_first_by_position_per_head"
+SAME_CONTEXT = ("every position bucket's queries see the same number of keys (an encoder whose windows all have one "
+                "length): there is no context length to read the entropy against")
 _BOOTSTRAP_STREAM, _PERMUTATION_STREAM, _WITHIN_STREAM = 11, 12, 13  # nulls.py uses 1 and 2
 _BLOCK_ELEMENTS = 1 << 20  # draws are processed in blocks of about this many (draw, pair) elements
 _FLAT = 1e-12  # relative: a variance (or within-layer spread) below this counts as none
@@ -354,6 +356,10 @@ def context_fits(geometry: Geometry) -> dict[str, ContextFit | str]:
     if weights is None or (weights.ndim == 2 and weights.shape[0] != geometry.num_layers):
         why = weighting if weights is None else "metadata.queries_by_position has the wrong number of layers"
         return {"entropy": why, "without_first": why, "weighting": None}
+    seen = np.isfinite(log_keys) & (np.broadcast_to(weights, log_keys.shape) > 0)  # (L, b)
+    spread = np.where(seen, log_keys, -np.inf).max(-1) - np.where(seen, log_keys, np.inf).min(-1)  # (L,)
+    if not (spread > _FLAT * np.abs(np.where(seen, log_keys, 0.0)).max(initial=0.0)).any():
+        return {"entropy": SAME_CONTEXT, "without_first": SAME_CONTEXT, "weighting": weighting}
     out: dict[str, ContextFit | str | None] = {"weighting": weighting}
     out["entropy"] = context_fit(geometry.entropy_by_position, log_keys, weights)
     without = dynamic_per_head(geometry, "entropy_without_first_by_position", WITHOUT_FIRST_BY_POSITION_KEY)
