@@ -12,9 +12,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from qkspectra.analysis.bootstrap import BootstrapOptions, BootstrapResult, bootstrap_correlations
+from qkspectra.analysis.entropy_links import (
+    TEMPERATURE_STRATEGIES,
+    LinkOptions,
+    context_fits,
+    entropy_targets,
+    link_table,
+    spectrum_descriptors,
+)
 from qkspectra.analysis.nulls import NullBaseline, NullOptions, null_baselines
-from qkspectra.analysis.results import result_document
-from qkspectra.analysis.seed import Analysis, analyze_all
+from qkspectra.analysis.results import context_dict, descriptors_dict, result_document
+from qkspectra.analysis.seed import Analysis, analyze, analyze_all
 from qkspectra.analysis.verdict import LayeredVerdict, layered_verdict
 from qkspectra.errors import QkspectraError
 from qkspectra.geometry import Geometry
@@ -30,6 +38,7 @@ class AnalysisOptions:
     groups: int | None = None  # layer groups of the group anchor; None: round(sqrt(layers))
     nulls: NullOptions | None = NullOptions()
     bootstrap: BootstrapOptions | None = BootstrapOptions()
+    entropy_links: LinkOptions | None = LinkOptions()  # the descriptors table and the context fits
 
 
 @dataclass(frozen=True)
@@ -44,11 +53,14 @@ class Evidence:
     operator: dict[str, Any] | None = None
     rank_k: dict[str, Any] | None = None
     functional: dict[str, Any] | None = None
+    descriptors: dict[str, Any] | None = None
+    context: dict[str, Any] | None = None
 
     def document(self) -> dict[str, Any]:
         """The JSON-ready document (``analysis.json``)."""
         doc = result_document(self.analyses, self.primary, nulls=self.nulls, bootstrap=self.bootstrap, verdict=self.verdict)
-        for key, value in (("operator", self.operator), ("rank_k", self.rank_k), ("functional", self.functional)):
+        for key, value in (("descriptors", self.descriptors), ("context", self.context), ("operator", self.operator),
+                           ("rank_k", self.rank_k), ("functional", self.functional)):
             if value is not None:
                 doc[key] = value
         return doc
@@ -62,6 +74,22 @@ def operator_missing_reason(geometry: Geometry) -> str:
     if path is not None and path.is_file():
         return f"operator test not requested (the factors file {path.name} is beside the geometry)"
     return NO_FACTORS
+
+
+def entropy_link_sections(
+    geometry: Geometry, analyses: dict[str, Analysis], options: LinkOptions, seed: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``descriptors`` and ``context`` of the document (see ``entropy_links``).
+
+    T_last, T_middle, T_best come from ``analyses``; a strategy missing there is analysed here.
+    """
+    descriptors = spectrum_descriptors(geometry.singular_values)  # name -> (L, H)
+    for name in TEMPERATURE_STRATEGIES:
+        a = analyses[name] if name in analyses else analyze(geometry, name)
+        descriptors[f"T_{name}"] = a.rescale.T
+    table = link_table(descriptors, entropy_targets(geometry), options, seed)
+    pairs = geometry.num_layers * geometry.num_heads
+    return descriptors_dict(table, options, seed, pairs), context_dict(context_fits(geometry))
 
 
 def fitter_beside(geometry: Geometry, *, map: Any = None):
@@ -120,11 +148,17 @@ def gather_evidence(
         operator_missing = operator_missing_reason(geometry)
     nulls = None if options.nulls is None else null_baselines(geometry, analyses, options.nulls)
     intervals = None if options.bootstrap is None else bootstrap_correlations(analyses, options.bootstrap)
+    descriptors = context = None
+    if options.entropy_links is not None:
+        seed = options.entropy_links.seed
+        if seed is None:
+            seed = 0 if options.bootstrap is None else options.bootstrap.seed
+        descriptors, context = entropy_link_sections(geometry, analyses, options.entropy_links, seed)
     verdict = layered_verdict(
         analyses[primary], nulls, operator, functional, strategy=primary,
         operator_missing=operator_missing, functional_missing=functional_missing,
     )
-    return Evidence(analyses, primary, nulls, intervals, verdict, operator, rank_k, functional)
+    return Evidence(analyses, primary, nulls, intervals, verdict, operator, rank_k, functional, descriptors, context)
 
 
 def build_analysis_document(

@@ -10,6 +10,9 @@ import numpy as np
 from qkspectra.version import __version__
 from qkspectra.analysis.seed import NO_FITTED_LAYER, Analysis, Correlation
 from qkspectra.analysis.bootstrap import BootstrapResult, Interval
+from qkspectra.analysis.entropy_links import CONFIDENCE as LINK_CONFIDENCE
+from qkspectra.analysis.entropy_links import METHOD as LINK_METHOD
+from qkspectra.analysis.entropy_links import ContextFit, Link, LinkOptions
 from qkspectra.analysis.nulls import NullBaseline
 from qkspectra.analysis.verdict import LayeredVerdict
 from qkspectra.geometry import Geometry
@@ -193,3 +196,69 @@ def result_document(
         doc["bootstrap"] = None if bootstrap is None else bootstrap_dict(bootstrap)
         doc["verdict"].update(layered_verdict_dict(verdict))
     return doc
+
+
+def _nullable(x: np.ndarray) -> list:
+    """An array as nested lists, None where it is nan."""
+    return np.where(np.isnan(x), None, x).tolist()
+
+
+def _ends(low: float | None, high: float | None) -> list[float] | None:
+    return None if low is None else [low, high]
+
+
+def link_dict(link: Link) -> dict[str, Any]:
+    """One cell of ``descriptors``: descriptor against target."""
+    return {
+        "pearson": link.pearson,
+        "spearman": link.spearman,
+        "pearson_ci95": None if link.pearson_ci95 is None else _ends(*link.pearson_ci95),
+        "spearman_ci95": None if link.spearman_ci95 is None else _ends(*link.spearman_ci95),
+        "p_permutation": link.p_permutation,
+        "within_layer_spearman": link.within_layer_spearman,
+        "within_layer_p_permutation": link.within_layer_p_permutation,
+        "degenerate_draws": link.degenerate_draws,
+        "reason": link.reason,
+    }
+
+
+def descriptors_dict(table: dict[str, dict[str, Link]], options: LinkOptions, seed: int, pairs: int) -> dict[str, Any]:
+    """``descriptors``: ``settings`` and ``<descriptor>.<target>`` = ``link_dict``."""
+    settings = {"bootstrap_draws": options.bootstrap_draws, "permutations": options.permutations, "seed": seed,
+                "confidence": LINK_CONFIDENCE, "pairs": pairs, "method": LINK_METHOD}
+    return {"settings": settings, **{d: {t: link_dict(link) for t, link in row.items()} for d, row in table.items()}}
+
+
+def _summary(values: np.ndarray, reduce) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(reduce(finite)) if finite.size else None
+
+
+def context_fit_dict(fit: ContextFit | str) -> dict[str, Any]:
+    """One context fit (or the reason it is n/a): per head, per layer and over all heads."""
+    if isinstance(fit, str):
+        return {"entropy_slope_per_head": None, "r2_per_head": None, "buckets_used_per_head": None,
+                "per_layer": None, "median_slope": None, "mean_r2": None, "reason": fit}
+    no_slope, no_r2 = int(np.isnan(fit.slope).sum()), int(np.isnan(fit.r2).sum())
+    reason = None
+    if no_slope or no_r2:
+        reason = (f"slope undefined for {no_slope} heads (fewer than two usable buckets, or one log(keys) value); "
+                  f"R^2 undefined for {no_r2} heads (those, and heads whose entropy is the same in every bucket)")
+    return {
+        "entropy_slope_per_head": _nullable(fit.slope),
+        "r2_per_head": _nullable(fit.r2),
+        "buckets_used_per_head": fit.buckets_used.tolist(),
+        "per_layer": {
+            "median_slope": [_summary(row, np.median) for row in fit.slope],
+            "mean_r2": [_summary(row, np.mean) for row in fit.r2],
+        },
+        "median_slope": _summary(fit.slope, np.median),
+        "mean_r2": _summary(fit.r2, np.mean),
+        "reason": reason,
+    }
+
+
+def context_dict(fits: dict[str, Any]) -> dict[str, Any]:
+    """``context``: the fit of the entropy at the top, ``weighting``, and ``without_first``."""
+    return {**context_fit_dict(fits["entropy"]), "weighting": fits["weighting"],
+            "without_first": context_fit_dict(fits["without_first"])}
