@@ -564,4 +564,16 @@ def test_displays_are_short(tiny_in_memory):
         html = shown._repr_html_()
         assert html.startswith("<div") and "<script" not in html and len(html) < 20_000
     assert repr(g).startswith("<Geometry ") and "3 layers × 4 heads" in repr(g) and "max rank 8" in repr(g)
-    assert repr(a).startswith("<Analysis ") and "anchor group" in repr(a) and "seed's verdict" in repr(a)
+    assert repr(a).startswith("<Analysis ") and "anchor group" in repr(a) and "(spectral layer only)" in repr(a) and "seed" not in repr(a)
+
+
+def test_an_analysis_carries_the_one_verdict_not_the_seeds():
+    from pathlib import Path
+
+    path = Path(__file__).parent / "data" / "golden" / "minilm_like.json"
+    a = qkspectra.analyze(path)
+    assert a.verdict.overall == "partial" and a.verdict.layers["spectral"].code == "partial"  # never "supported" alone
+    assert a.verdict.layers["spectral_vs_null"].code == a.verdict.layers["operator"].code == "n/a"
+    assert a.verdict_code == "supported"  # the seed's rule on its all-layer residual, kept for reproduction
+    assert "verdict partial" in repr(a) and "supported" not in repr(a) and "supported" not in a._repr_html_()
+    assert {a.verdict.overall for a in qkspectra.analyze_all(path).values()} == {"partial"}

@@ -209,7 +209,14 @@ def analyze(geometry: Geometry | str | os.PathLike, anchor: str | int = "last", 
     if anchor == "all":
         raise QkspectraError("anchor 'all' gives one analysis per strategy: use analyze_all(geometry), "
                              "a dict strategy -> Analysis (analyze returns one Analysis)")
-    return analyze_one(geometry_argument(geometry), anchor, groups=groups)
+    return _with_verdict(analyze_one(geometry_argument(geometry), anchor, groups=groups))
+
+
+def _with_verdict(analysis: Analysis) -> Analysis:
+    """The analysis with qkspectra's verdict as far as the spectra can judge it (``verdict.spectral_verdict``)."""
+    from qkspectra.analysis.verdict import spectral_verdict
+
+    return dataclasses.replace(analysis, verdict=spectral_verdict(analysis))
 
 
 def analyze_all(geometry: Geometry | str | os.PathLike, *, groups: int | None = None) -> dict[str, Analysis]:
@@ -219,4 +226,5 @@ def analyze_all(geometry: Geometry | str | os.PathLike, *, groups: int | None = 
     """
     from qkspectra.analysis.seed import analyze_all as analyze_every
 
-    return analyze_every(geometry_argument(geometry), groups=checked("groups", groups, int | None))
+    analyses = analyze_every(geometry_argument(geometry), groups=checked("groups", groups, int | None))
+    return {name: _with_verdict(a) for name, a in analyses.items()}

@@ -16,6 +16,8 @@ docs/method/seed.md); where the seed would print nan, the figure is None with a 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 import numbers
 from dataclasses import dataclass
@@ -24,6 +26,9 @@ import numpy as np
 
 from qkspectra.errors import QkspectraError, option
 from qkspectra.geometry import Geometry
+
+if TYPE_CHECKING:
+    from qkspectra.analysis.verdict import LayeredVerdict
 
 TINY = 1e-20  # the seed's guard for norms and denominators
 TIE = 1e-12  # anchor scores within this relative distance of the best count as equal
@@ -316,7 +321,12 @@ class CrossHead:
 
 @dataclass(frozen=True)
 class Analysis:
-    """Everything the seed's experiments compute for one anchor strategy."""
+    """Everything the seed's experiments compute for one anchor strategy.
+
+    verdict: qkspectra's layered verdict as far as the spectra alone can judge it (its spectral layer;
+    the others n/a with what they need), set by ``qkspectra.analyze``; None from the seed's own path.
+    verdict_code, verdict_text: the seed's verdict, kept to reproduce the seed; not qkspectra's.
+    """
 
     geometry: Geometry
     shape_invariance: ShapeInvariance
@@ -325,6 +335,7 @@ class Analysis:
     corr_T_entropy: Correlation | None
     corr_opnorm_entropy: Correlation | None
     cross_head: CrossHead
+    verdict: "LayeredVerdict | None" = None
 
     @property
     def verdict_code(self) -> str:
@@ -346,12 +357,12 @@ class Analysis:
             ("mean residual (fitted layers)", "n/a" if fitted is None else f"{fitted:.4g} over {a.num_fitted_layers} layers"),
             ("mean residual (all layers, the seed's)", f"{rs.mean_residual:.4g}"),
             ("entropy", "yes" if g.entropy is not None else "no (static only)"),
-            ("seed's verdict", self.verdict_code),
+            ("verdict", "n/a" if self.verdict is None else f"{self.verdict.overall} (spectral layer only)"),
         ]
 
     def __repr__(self) -> str:
         model, shape, anchor, fitted, every, _, code = (value for _, value in self._summary())
-        return f"<Analysis {model} ({shape}), anchor {anchor}: mean residual {fitted} (all layers {every}); seed's verdict {code}>"
+        return f"<Analysis {model} ({shape}), anchor {anchor}: mean residual {fitted} (all layers {every}); verdict {code}>"
 
     def _repr_html_(self) -> str:
         """Jupyter's display: the anchor and the headline figures as a small table."""
