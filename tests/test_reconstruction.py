@@ -211,13 +211,13 @@ def test_fast_path_equals_float64_attention_maps(kernel, monkeypatch):
     operator-reconstructed model, computed densely here."""
     import copy
 
-    import qkspectra.extract.entropy
+    import qkspectra.extract.streamed_entropy
     import qkspectra.analysis.reconstruction.divergence
 
     if kernel == "blocked":
-        for module in (qkspectra.extract.entropy, qkspectra.analysis.reconstruction.divergence):
+        for module in (qkspectra.extract.streamed_entropy, qkspectra.analysis.reconstruction.divergence):
             monkeypatch.setattr(module, "FUSED_KERNEL_DEVICES", ())
-        monkeypatch.setattr(qkspectra.extract.entropy, "KEYS_PER_BLOCK", 4)
+        monkeypatch.setattr(qkspectra.extract.streamed_entropy, "KEYS_PER_BLOCK", 4)
 
     from qkspectra.analysis.reconstruction.layers import factors_of_layers, model_layers
     from qkspectra.analysis.reconstruction.targets import operator_target

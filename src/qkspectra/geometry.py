@@ -47,6 +47,13 @@ class Geometry:
             over the queries at 1-based positions 2^b .. 2^(b+1) - 1; None when the rows lack it.
         log_keys_by_position: ndarray of shape (L, buckets), the mean log of the number of keys
             those queries see; None likewise.
+        entropy_without_first: ndarray of shape (L, H), float64, each head's mean entropy of the
+            attention renormalised over the visible keys other than the window's first position,
+            over the queries that see at least two keys (NaN where the file says null: none
+            does); None when the rows lack it.
+        entropy_without_first_by_position: ndarray of shape (L, H, buckets), float64, the same by
+            position bucket (NaN for a bucket without such queries, e.g. position 1 of a causal
+            model); None when the rows lack it.
     """
 
     singular_values: np.ndarray
@@ -56,6 +63,8 @@ class Geometry:
     document: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     entropy_by_position: np.ndarray | None = None
     log_keys_by_position: np.ndarray | None = None
+    entropy_without_first: np.ndarray | None = None
+    entropy_without_first_by_position: np.ndarray | None = None
 
     @property
     def num_layers(self) -> int:
@@ -169,6 +178,8 @@ def _parse_json(raw: bytes, src: str) -> Any:
 
 POSITION_KEY = "entropy_by_position_per_head"  # optional dynamic-row keys written by extract
 LOG_KEYS_KEY = "log_visible_keys_by_position"
+WITHOUT_FIRST_KEY = "mean_attention_entropy_without_first_per_head"  # optional, null where undefined
+WITHOUT_FIRST_POSITION_KEY = "entropy_without_first_by_position_per_head"
 
 
 def parse_geometry(data: Any, *, source: str = "<memory>") -> Geometry:
@@ -191,7 +202,7 @@ def parse_geometry(data: Any, *, source: str = "<memory>") -> Geometry:
                          "zero (the seed's guard), so a geometry this small changes the result; multiply every "
                          "value by a power of ten")
 
-    entropy = by_position = log_keys = None
+    entropy = by_position = log_keys = without_first = without_first_by_position = None
     if "dynamic" in data:
         dynamic = v.rows(data, "dynamic", num_layers, "num_layers")
         entropy = np.stack(
@@ -199,12 +210,20 @@ def parse_geometry(data: Any, *, source: str = "<memory>") -> Geometry:
         )  # (L, H)
         if isinstance(dynamic[0], dict) and POSITION_KEY in dynamic[0]:
             by_position, log_keys = v.position_rows(dynamic, num_heads)
+        if isinstance(dynamic[0], dict) and WITHOUT_FIRST_KEY in dynamic[0]:
+            without_first = np.stack([v.optional_entropies(row, f"dynamic[{L}]", WITHOUT_FIRST_KEY, num_heads)
+                                      for L, row in enumerate(dynamic)])  # (L, H)
+        if isinstance(dynamic[0], dict) and WITHOUT_FIRST_POSITION_KEY in dynamic[0]:
+            buckets = None if by_position is None else by_position.shape[2]
+            without_first_by_position = v.optional_position_rows(dynamic, num_heads, buckets)  # (L, H, buckets)
 
     metadata = data.get("metadata", {})
     if not isinstance(metadata, dict):
         v.fail("metadata", f"expected an object, found {_kind(metadata)}")
     return Geometry(singular_values=sigma, entropy=entropy, metadata=metadata, source=source, document=data,
-                    entropy_by_position=by_position, log_keys_by_position=log_keys)
+                    entropy_by_position=by_position, log_keys_by_position=log_keys,
+                    entropy_without_first=without_first,
+                    entropy_without_first_by_position=without_first_by_position)
 
 
 def _kind(x: Any) -> str:
@@ -373,6 +392,40 @@ class _Validator:
             self._first(~np.isfinite(keys) | (keys < 0), where, lambda x: f"not a finite number >= 0: {x}", keys)
             log_keys.append(keys)
         return np.stack(by_position), np.stack(log_keys)
+
+    def _entropies_or_null(self, values: list, path: str) -> np.ndarray:
+        """(n,) float64 of a list of entropies in nats, each finite and >= 0 or null (NaN)."""
+        for i, x in enumerate(values):
+            if x is not None and (type(x) not in _NUMBER_TYPES or (type(x) is int and abs(x) > 1e300)):
+                self.fail(f"{path}[{i}]", f"expected a number or null, found {_describe(x)}")
+        entropies = np.array([np.nan if x is None else x for x in values], dtype=np.float64)  # (n,)
+        nulls = np.array([x is None for x in values])
+        self._first(~nulls & (~np.isfinite(entropies) | (entropies < 0)), path,
+                    lambda x: f"not a finite entropy >= 0 or null: {x}", entropies)
+        return entropies
+
+    def optional_entropies(self, row: Any, path: str, key: str, num_heads: int) -> np.ndarray:
+        """One layer's per-head entropies (H,) under ``key``, null (NaN) where undefined; present in
+        the first row, so required in every row."""
+        return self._entropies_or_null(self._row_list(row, path, key, num_heads), f"{path}.{key}")
+
+    def optional_position_rows(self, dynamic: list, num_heads: int, buckets: int | None) -> np.ndarray:
+        """Every layer's entropy without the first position by bucket (L, H, buckets), null (NaN) where no
+        query of a bucket sees two keys; ``buckets`` those of entropy_by_position_per_head, if present."""
+        key = WITHOUT_FIRST_POSITION_KEY
+        layers = []
+        for L, row in enumerate(dynamic):
+            heads = self._row_list(row, f"dynamic[{L}]", key, num_heads)
+            if buckets is None:
+                buckets = len(heads[0]) if isinstance(heads[0], list) and heads[0] else -1
+            values = []
+            for h, bucket_values in enumerate(heads):
+                where = f"dynamic[{L}].{key}[{h}]"
+                if not isinstance(bucket_values, list) or len(bucket_values) != buckets:
+                    self.fail(where, f"expected a list of {max(buckets, 1)} position buckets, found {_describe(bucket_values)}")
+                values.append(self._entropies_or_null(bucket_values, where))
+            layers.append(np.stack(values))  # (H, buckets)
+        return np.stack(layers)
 
     def _first(self, bad: np.ndarray, path: str, what, values: np.ndarray) -> None:
         if bad.any():

@@ -35,7 +35,9 @@ FACTOR_CONVENTION = (
 POSITION_LIMIT_FIELDS = ("max_position_embeddings", "n_positions")
 POSITION_BUCKETS = ("entropy_by_position_per_head[h][b]: mean entropy of the queries at 1-based positions "
                     "2^b .. 2^(b+1) - 1 of their window (1, 2-3, 4-7, ...); log_visible_keys_by_position[b]: "
-                    "the mean log of the number of keys those queries see (the entropy of uniform attention)")
+                    "the mean log of the number of keys those queries see (the entropy of uniform attention); "
+                    "entropy_without_first_by_position_per_head[h][b]: the mean entropy without the window's first "
+                    "position of the queries of bucket b that see at least two keys (null where none does)")
 
 
 MAX_TOKENS_LIMIT = 10**12  # far beyond any corpus pass; keeps every count a 64-bit integer
@@ -201,6 +203,10 @@ def run_extraction(
                     "mean_sink_mass_per_head": stats.mean_sink_mass[layer].tolist(),
                     "entropy_by_position_per_head": stats.entropy_by_position[layer].tolist(),
                     "log_visible_keys_by_position": stats.log_keys_by_position[layer].tolist(),
+                    # NaN (written null) where no query sees two keys
+                    "mean_attention_entropy_without_first_per_head": stats.mean_entropy_without_first[layer].tolist(),
+                    "entropy_without_first_by_position_per_head":
+                        stats.entropy_without_first_by_position[layer].tolist(),
                 }
                 for layer in range(adapter.num_layers)
             ]

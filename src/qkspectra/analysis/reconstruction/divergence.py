@@ -2,7 +2,7 @@
 
 No attention map is formed: on the CPU both come from torch's fused attention kernel
 (``attention_change``), elsewhere from blocks of logits with an online log-sum-exp (``logit_kl``,
-through ``extract.entropy.logit_blocks``). See docs/method/functional_test.md.
+through ``extract.streamed_entropy.logit_blocks``). See docs/method/functional_test.md.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from qkspectra.extract.capture import AttentionCall, VisibleKeys
-from qkspectra.extract.entropy import (
+from qkspectra.extract.streamed_entropy import (
     FUSED_KERNEL_DEVICES,
     HIDDEN_LOGIT,
     START_LOGIT,
@@ -27,7 +27,7 @@ def logit_kl(reference: tuple[torch.Tensor, torch.Tensor], changed: tuple[torch.
     reference, changed: (queries (B, H, query_pos, d_head), keys (B, H, key_pos, d_head)) float32, scale included
     returns kl (B, H, query_pos), entropy (B, H, query_pos), float32; 0 for queries that see no key
 
-    Online over key blocks (see ``extract.entropy``): for p0 the running max m0 and sum l0, and
+    Online over key blocks (see ``extract.streamed_entropy``): for p0 the running max m0 and sum l0, and
     a = sum_j exp(s0_j - m0)(s0_j - s_j) (rescaled by exp(-d) when m0 grows by d); for p the
     running m, l, u of the entropy. Then KL = a / l0 - (m0 + log l0) + (m + log l).
     """
@@ -72,7 +72,7 @@ def attention_change(original: AttentionCall, original_entropy: torch.Tensor,
     original_entropy: (B, H, query_pos) the entropy of p0. On the CPU from torch's fused attention
     kernel: with s0, s the two calls' logits, KL = sum_j p0_j (s0_j - s_j) - lse0 + lse
     = -H(p0) - E_p0[s] + lse, E_p0[s] = scale q . (sum_j p0_j k_j) (the original attention with
-    the changed keys as values), and lse, H(p) as in ``extract.entropy.flash_entropy``; elsewhere
+    the changed keys as values), and lse, H(p) as in ``extract.streamed_entropy.flash_entropy``; elsewhere
     from blocks of logits (``logit_kl``). Both calls' keys are centred (``centred``), the changed
     ones alike as keys and as values, which leaves KL and entropy unchanged. 0 for queries that see no key.
     """

@@ -19,7 +19,8 @@ from torch import nn
 from qkspectra.analysis.reconstruction.divergence import attention_change
 from qkspectra.analysis.seed import TINY
 from qkspectra.extract.capture import AttentionCall, AttentionCapture
-from qkspectra.extract.entropy import call_entropy, forward_inputs, pad_windows, split_for_sliding_window, window_batches
+from qkspectra.extract.entropy import forward_inputs, pad_windows, split_for_sliding_window, window_batches
+from qkspectra.extract.streamed_entropy import call_entropy
 from qkspectra.models.adapters import AttentionAdapter
 from qkspectra.models.modules import attention_modules
 from qkspectra.models.supported import ENCODER_MODEL_TYPES
