@@ -225,7 +225,7 @@ def position_geometry(without_first: bool = False) -> Geometry:
                "log_visible_keys_by_position": LOG_KEYS.tolist()}
         if without_first:
             row["mean_attention_entropy_without_first_per_head"] = rng.uniform(1, 3, H).tolist()
-            row["entropy_without_first_by_position_per_head"] = [[0.0, *np.log([1.5, 4.5, 10.5, 22.5, 46.5])]] * H
+            row["entropy_without_first_by_position_per_head"] = [[0.0, *np.log([1.5, 4.5, 10.5, 22.5, 46.5]).tolist()]] * H
         doc["dynamic"].append(row)
     return parse_geometry(doc)
 

@@ -63,6 +63,11 @@ class Extraction:
     factors: dict[str, np.ndarray] | None  # W_Q (L, H, d_model, d_head), W_K (L, H_kv, ...), b_Q, b_K; None if streamed
 
 
+def nan_as_null(values: Any) -> list[float | None]:
+    """A 1-D array as a list, NaN as None: the document holds null, in memory as in the file."""
+    return [None if x != x else x for x in values.tolist()]
+
+
 def geometry_document(model: str | InMemoryModel, *, options: ExtractOptions = ExtractOptions()) -> dict:
     """The geometry document (a dict) of ``model`` (bundled name, model folder, .gguf file or a model in memory); factors are not kept."""
     return run_extraction(model, options=options, factor_sink=lambda index, layer: None).geometry
@@ -203,10 +208,10 @@ def run_extraction(
                     "mean_sink_mass_per_head": stats.mean_sink_mass[layer].tolist(),
                     "entropy_by_position_per_head": stats.entropy_by_position[layer].tolist(),
                     "log_visible_keys_by_position": stats.log_keys_by_position[layer].tolist(),
-                    # NaN (written null) where no query sees two keys
-                    "mean_attention_entropy_without_first_per_head": stats.mean_entropy_without_first[layer].tolist(),
+                    # null where no query sees two keys
+                    "mean_attention_entropy_without_first_per_head": nan_as_null(stats.mean_entropy_without_first[layer]),
                     "entropy_without_first_by_position_per_head":
-                        stats.entropy_without_first_by_position[layer].tolist(),
+                        [nan_as_null(row) for row in stats.entropy_without_first_by_position[layer]],
                 }
                 for layer in range(adapter.num_layers)
             ]
