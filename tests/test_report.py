@@ -253,3 +253,17 @@ def test_the_run_line_names_model_and_options():
     )
     document["input"].update(has_entropy=False, metadata={})
     assert describe_run(document) == "geometry.json · 30 layers × 9 heads · static only"
+
+
+def test_report_takes_a_run_folder(tmp_path, document):
+    import json as _json
+
+    from qkspectra.cli import main
+
+    (tmp_path / "analysis.json").write_text(_json.dumps(document))
+    main(["report", str(tmp_path), "-q"])  # the folder's analysis.json
+    assert (tmp_path / "report.html").is_file()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path / "empty")])
+    assert exit_info.value.code == 2

@@ -10,7 +10,7 @@ import typer
 from qkspectra.cli.app import app
 from qkspectra.errors import QkspectraError
 
-ANALYSIS_HELP = ("analysis.json written by `qkspectra run` or `qkspectra analyze --json` (the geometry file it was "
+ANALYSIS_HELP = ("A run folder, or an analysis.json written by `qkspectra run` or `qkspectra analyze --json` (the geometry file it was "
                  "computed from, beside it, adds the per-head plots).")
 OUT_HELP = "Output folder (default: the folder of analysis.json)."
 NOT_ANALYSIS = "not an analysis document (write one with `qkspectra run` or `qkspectra analyze --json`)"
@@ -26,14 +26,14 @@ def _inputs(path: Path) -> tuple[dict[str, Any], Any]:
 
     from qkspectra.geometry import load_geometry
     from qkspectra.report.readers import check_analysis
-    from qkspectra.workflow.runner import GEOMETRY_FILE
+    from qkspectra.workflow.runner import ANALYSIS_FILE, GEOMETRY_FILE
 
     try:
         document = orjson.loads(path.read_bytes())
     except FileNotFoundError:
         raise QkspectraError(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise QkspectraError(f"{path}: is a folder; give its analysis.json") from None
+        raise QkspectraError(f"{path}: a folder without {ANALYSIS_FILE}; give a run folder or an analysis.json") from None
     except orjson.JSONDecodeError as e:
         raise QkspectraError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(document, dict) or not all(isinstance(document.get(key), dict) for key in ("input", "rescale", "anchor")):
@@ -63,6 +63,10 @@ def _rebuild(path: Path, out: Path | None, quiet: bool, write: Callable[..., Any
     from qkspectra.atomic import refuse_overwriting_inputs
     from qkspectra.report.run_page import report_paths, write_plots
 
+    from qkspectra.workflow.runner import ANALYSIS_FILE
+
+    if path.is_dir() and (path / ANALYSIS_FILE).is_file():  # a run folder: its analysis.json
+        path = path / ANALYSIS_FILE
     document, geometry = _inputs(path)
     out_dir = path.parent if out is None else out
     inputs = [path] + ([Path(geometry.source)] if geometry is not None else [])
@@ -83,7 +87,7 @@ def _rebuild(path: Path, out: Path | None, quiet: bool, write: Callable[..., Any
             typer.echo(f"qkspectra: {line}", err=True)
 
 
-@app.command(epilog="Example: qkspectra report minilm/analysis.json (beside its geometry.json)")
+@app.command(epilog="Examples: qkspectra report minilm  |  qkspectra report minilm/analysis.json (beside its geometry.json)")
 def report(
     path: Annotated[Path, typer.Argument(help=ANALYSIS_HELP, show_default=False)],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help=OUT_HELP, show_default=False)] = None,
