@@ -21,7 +21,7 @@ QUICKSTART = ROOT / "examples" / "quickstart.ipynb"
 NOTEBOOKS = sorted((ROOT / "examples").glob("*.ipynb"))
 IDS = [path.name for path in NOTEBOOKS]
 NO_RESULT = {"print": "stdout", "shutil.rmtree": None}  # calls that show no value: what they show instead
-MACHINE_PATH = re.compile(r"(/tmp/|/home/|/root/|/work/|/Users/|site-packages|[A-Z]:\\\\)")
+MACHINE_PATH = re.compile(r"(/tmp/|/home/|/root/|/usr/|/opt/|/Users/|site-packages|[A-Z]:\\\\)")
 
 
 def runner():
