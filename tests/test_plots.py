@@ -30,9 +30,10 @@ def test_every_figure_with_a_geometry_labelled_and_titled(golden):
     document, geometry = golden
     figures = report_figures(document, geometry, title=TITLE)
     assert list(figures.figures) == [
-        "evidence", "schedule", "temperature_heatmap", "residual_heatmap", "spectral_shapes", "entropy_scatter", "cross_head",
+        "evidence", "schedule", "temperature_heatmap", "residual_heatmap", "spectral_shapes", "entropy_scatter",
+        "entropy_descriptors", "cross_head",
     ]
-    assert figures.skipped == {}
+    assert figures.skipped == {"context_slopes": document["context"]["reason"]}  # no position keys in the golden file
     for name, fig in figures.figures.items():
         assert TITLE in fig.get_suptitle(), name
         for ax in visible_axes(fig):
@@ -66,15 +67,16 @@ def test_entropy_scatter_titles_carry_the_correlations(golden):
 def test_without_geometry_the_per_head_plots_are_left_out_with_a_reason(golden):
     document, _ = golden
     figures = report_figures(document, None, title=TITLE)
-    assert set(figures.skipped) == {"spectral_shapes", "entropy_scatter"}
-    assert all("geometry file" in reason for reason in figures.skipped.values())
+    assert set(figures.skipped) == {"spectral_shapes", "entropy_scatter", "entropy_descriptors", "context_slopes"}
+    assert all("geometry file" in reason for name, reason in figures.skipped.items() if name != "context_slopes")
     assert "schedule" in figures.figures
 
 
 def test_static_only_geometry_has_no_entropy_plot():
     geometry = load_geometry(GOLDEN / "no_dynamic.json")
     figures = report_figures(build_analysis_document(geometry), geometry, title="x")
-    assert figures.skipped == {"entropy_scatter": "the geometry has no dynamic (entropy) section"}
+    no_dynamic = "the geometry has no dynamic (entropy) section"
+    assert figures.skipped == {"entropy_scatter": no_dynamic, "entropy_descriptors": no_dynamic, "context_slopes": no_dynamic}
 
 
 @pytest.mark.parametrize("name", ["one_layer", "one_head", "zero_heads"])
@@ -95,8 +97,9 @@ def test_a_deep_wide_model_plots_with_readable_axes():
         "static": [{"metric_singvals_per_head": layer.tolist()} for layer in sigma],
         "dynamic": [{"mean_attention_entropy_per_head": layer.tolist()} for layer in rng.uniform(1, 4, (L, H))],
     })
-    figures = report_figures(build_analysis_document(geometry, AnalysisOptions(nulls=None, bootstrap=None)), geometry, title="deep")
-    assert figures.skipped == {}
+    document = build_analysis_document(geometry, AnalysisOptions(nulls=None, bootstrap=None))
+    figures = report_figures(document, geometry, title="deep")
+    assert figures.skipped == {"context_slopes": document["context"]["reason"]}
     for name, fig in figures.figures.items():
         assert png_bytes(fig).startswith(b"\x89PNG"), name
     heatmap = figures.figures["temperature_heatmap"]

@@ -21,7 +21,8 @@ from qkspectra.report.sections import report_sections
 GOLDEN = Path(__file__).parent / "data" / "golden"
 # a 1 x 1 PNG: the renderers only embed bytes, so the layout tests need no real plot
 PIXEL = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNk+A8AAQUBAScY42YAAAAASUVORK5CYII=")
-PLOT_NAMES = ("evidence", "schedule", "temperature_heatmap", "residual_heatmap", "spectral_shapes", "entropy_scatter", "cross_head")
+PLOT_NAMES = ("evidence", "schedule", "temperature_heatmap", "residual_heatmap", "spectral_shapes", "entropy_scatter",
+              "entropy_descriptors", "cross_head")
 OPTIONAL_TITLES = ("Null baselines", "Bootstrap confidence intervals", "Operator-level reconstruction", "Rank-k correction",
                    "Functional reconstruction")
 

@@ -195,10 +195,13 @@ def test_sweep_json_holds_the_key_figures(sweeps):
     assert figures["operator_residual_best"] == min(single)  # group (more anchors) never chosen
     assert figures["null_p_values"]["shuffle"]["mean_residual.last"] == analysis["null"]["shuffle"]["figures"]["mean_residual.last"]["p_value"]
     assert len(figures["schedule"]["mean_T"]) == 2 and step2["labels"] == {"step": 20}
+    # static only: no entropy, so no descriptor link, no context slope, no sink mass (null, shown as n/a)
+    assert (figures["entropy_link_best"], figures["median_context_slope"], figures["mean_sink_mass"]) == (None, None, None)
     assert {"python", "numpy", "qkspectra", "torch"} <= result.document["engine"]["versions"].keys()
     assert {p.name for p in (result.out_dir / "plots").iterdir()} == {"sweep_schedules.png", "sweep_verdicts.png", "sweep_against_step.png"}
     page = (result.out_dir / "sweep.html").read_text()
     assert 'href="step2/report.html"' in page and "http" not in page.replace("http-equiv", "")
+    assert "strongest within-layer descriptor of entropy" in page and "mean sink mass" in page
 
 
 def test_a_sweeps_run_equals_a_single_run(sweeps, checkpoints, tmp_path):

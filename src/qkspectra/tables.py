@@ -6,10 +6,12 @@
     model_table(sweep_document)      one row per model of a sweep: its labels and key figures
 
 Every value is read from the document (``analysis.json``, ``sweep.json``) or the geometry as it is,
-never recomputed, except the per-layer means of the operator residuals (means over heads of
-the document's own arrays). Columns named ``*_{strategy}`` come once per anchor strategy the document
-holds (last, middle, best, group); sections the document lacks (no entropy, no factors, no functional
-test) leave their columns out. Every column is described in docs/tables.md.
+never recomputed, except op_norm ... effective_rank for a geometry file without them (from its
+singular values, as the descriptors table computes them) and the per-layer means of the operator
+residuals, the entropy without the first position and the sink mass (means over heads of the
+document's or the geometry's own arrays). Columns named ``*_{strategy}`` come once per anchor
+strategy the document holds (last, middle, best, group); sections the document lacks (no entropy,
+no context, no factors, no functional test) leave their columns out. Every column is described in docs/tables.md.
 
 pandas is imported only when a table is made (the ``notebook`` extra: pip install 'qkspectra[notebook]').
 """
@@ -37,7 +39,13 @@ GEOMETRY_STATISTICS = {  # static row key -> column
 DYNAMIC_FIGURES = {  # dynamic row key -> column
     "mean_attention_entropy_per_head": "entropy",
     "mean_normalized_entropy_per_head": "normalized_entropy",
+    "mean_attention_entropy_without_first_per_head": "entropy_without_first",
     "mean_sink_mass_per_head": "sink_mass",
+}
+CONTEXT_FIGURES = {  # key of context (and context.without_first) -> column
+    "entropy_slope_per_head": "context_slope",
+    "r2_per_head": "context_r2",
+    "buckets_used_per_head": "context_buckets",
 }
 OPERATOR_FIGURES = {  # key of operator.{strategy} -> column prefix
     "T": "operator_T",
@@ -84,6 +92,27 @@ def _per_head(values: Any, shape: tuple[int, int]) -> np.ndarray | None:
     return array.reshape(-1) if array.shape == shape else None
 
 
+def _nan_for_none(values: np.ndarray) -> np.ndarray:
+    """A flat array with None (null in the file) as NaN, float; other arrays as they are."""
+    if values.dtype != object:
+        return values
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+def _in_order(columns: dict[str, Any], first: list[str]) -> dict[str, Any]:
+    """columns with the names in ``first`` (those present) first, in that order."""
+    return {**{name: columns[name] for name in first if name in columns}, **columns}
+
+
+def _context_fits(document: Mapping[str, Any]) -> list[tuple[Mapping[str, Any], str]]:
+    """(fit, column suffix) of ``context`` ("") and ``context.without_first`` ("_without_first"), those present."""
+    context = document.get("context")
+    if not isinstance(context, Mapping):
+        return []
+    without = context.get("without_first")
+    return [(context, ""), *([(without, "_without_first")] if isinstance(without, Mapping) else [])]
+
+
 def head_columns(document: Mapping[str, Any], geometry: Geometry | None = None) -> dict[str, np.ndarray]:
     """The columns of ``head_table`` as arrays of length L * H, in (layer, head) order."""
     L, H = document["input"]["num_layers"], document["input"]["num_heads"]
@@ -94,7 +123,14 @@ def head_columns(document: Mapping[str, Any], geometry: Geometry | None = None) 
             if len(rows) == L and all(key in row for row in rows):
                 values = _per_head([row[key] for row in rows], (L, H))
                 if values is not None:
-                    columns[column] = values
+                    columns[column] = _nan_for_none(values)
+    missing = [column for column in GEOMETRY_STATISTICS.values() if column not in columns]
+    if missing and geometry is not None:  # a file without them: from its spectra, as the descriptors table has them
+        from qkspectra.analysis.entropy_links import spectrum_descriptors
+
+        computed = spectrum_descriptors(np.asarray(geometry.singular_values, dtype=np.float64))
+        columns.update({column: computed[column].reshape(-1) for column in missing})
+        columns = _in_order(columns, ["layer", "head", *GEOMETRY_STATISTICS.values()])
     if "entropy" not in columns and geometry is not None and geometry.entropy is not None:
         columns["entropy"] = geometry.entropy.reshape(-1)
     for name, s in _strategies(document).items():
@@ -109,6 +145,11 @@ def head_columns(document: Mapping[str, Any], geometry: Geometry | None = None) 
             values = _per_head(entry.get(key), (L, H))
             if values is not None:
                 columns[f"{prefix}_{name}"] = values
+    for fit, suffix in _context_fits(document):
+        for key, column in CONTEXT_FIGURES.items():
+            values = _per_head(fit.get(key), (L, H))
+            if values is not None:
+                columns[column + suffix] = _nan_for_none(values)
     for name, entry in _sections(document, "rank_k").items():
         for kind in ("spectral", "operator"):
             values = _per_head((entry.get(kind) or {}).get("k"), (L, H))
@@ -137,12 +178,31 @@ def _layer_mean(values: Any, L: int, H: int) -> np.ndarray | None:
     return None if flat is None or flat.dtype == object else flat.reshape(L, H).mean(axis=1)
 
 
+def _layer_nanmean(x: np.ndarray) -> np.ndarray:
+    """(L, H) -> the mean over each layer's defined (non-NaN) heads, (L,); NaN for a layer with none."""
+    count = np.isfinite(x).sum(axis=1)
+    return np.where(count > 0, np.nansum(x, axis=1) / np.maximum(count, 1), np.nan)
+
+
 def layer_columns(document: Mapping[str, Any], geometry: Geometry | None = None) -> dict[str, np.ndarray]:
     """The columns of ``layer_table`` as arrays of length L."""
     L, H = document["input"]["num_layers"], document["input"]["num_heads"]
     columns: dict[str, Any] = {"layer": np.arange(L)}
     if geometry is not None and geometry.entropy is not None:
         columns["mean_entropy"] = geometry.entropy.mean(axis=1)
+    dynamic = _rows(geometry, "dynamic")
+    for key, column in (("mean_attention_entropy_without_first_per_head", "mean_entropy_without_first"),
+                        ("mean_sink_mass_per_head", "mean_sink_mass")):
+        present = len(dynamic) == L and all(key in row for row in dynamic)
+        values = _per_head([row[key] for row in dynamic], (L, H)) if present else None
+        if values is not None:
+            columns[column] = _layer_nanmean(_nan_for_none(values).astype(np.float64).reshape(L, H))
+    for fit, suffix in _context_fits(document):
+        per_layer = fit.get("per_layer") or {}
+        for key, column in (("median_slope", "context_median_slope"), ("mean_r2", "context_mean_r2")):
+            values = per_layer.get(key)
+            if isinstance(values, list) and len(values) == L:
+                columns[column + suffix] = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
     folded = ((geometry.metadata if geometry is not None else None) or document["input"].get("metadata") or {}).get("norm_folded_per_layer")
     if isinstance(folded, list) and len(folded) == L:
         columns["norm_folded"] = np.asarray(folded)
@@ -261,6 +321,11 @@ def _model_figures(f: Mapping[str, Any], timings: Mapping[str, Any]) -> dict[str
     for null, values in (f.get("null_p_values") or {}).items():
         for figure, p in values.items():
             figures[f"p_{null}_{figure.replace('.', '_')}"] = p
+    best = f.get("entropy_link_best") or {}
+    figures["entropy_link_best_descriptor"] = best.get("descriptor")
+    figures["entropy_link_best_within_layer_spearman"] = best.get("within_layer_spearman")
+    figures["median_context_slope"] = f.get("median_context_slope")
+    figures["mean_sink_mass"] = f.get("mean_sink_mass")
     figures["total_s"] = timings.get("total_s")
     return figures
 

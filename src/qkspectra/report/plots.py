@@ -25,6 +25,7 @@ from matplotlib.ticker import FormatStrFormatter, NullLocator
 
 from qkspectra.analysis.seed import PARTIAL_BELOW, SUPPORTED_BELOW, spectral_shape
 from qkspectra.geometry import Geometry
+from qkspectra.report.entropy_plots import entropy_link_figures
 from qkspectra.report.evidence_plot import NO_LAYERED_VERDICT, evidence_figure, evidence_panels
 from qkspectra.report.readers import strategies
 
@@ -353,7 +354,9 @@ def report_figures(document: Mapping[str, Any], geometry: Geometry | None, *, ti
 
     The first is the evidence at a glance (``evidence_plot``; from the document alone, skipped when it
     has no layered verdict). The spectral-shape and entropy plots need the per-head spectra and
-    entropies of the geometry; without it they are skipped, with the reason.
+    entropies of the geometry; without it they are skipped, with the reason. What predicts a head's
+    entropy (``entropy_plots``): the descriptor scatter needs the geometry, the context-slope map the
+    document's ``context`` alone.
     """
     per = strategies(document)
     figures: dict[str, Figure] = {}
@@ -402,6 +405,9 @@ def report_figures(document: Mapping[str, Any], geometry: Geometry | None, *, ti
     if geometry is not None and geometry.entropy_by_position is not None:
         figures["entropy_by_position"] = entropy_by_position_figure(
             geometry.entropy_by_position, geometry.log_keys_by_position, title)
+    links, left_out = entropy_link_figures(document, geometry, title=title)  # what predicts a head's entropy
+    figures.update(links)
+    skipped.update(left_out)
 
     per_layer_cos = next(iter(per.values()))["cross_head"]["per_layer_mean_cos"]
     figures["cross_head"] = cross_head_figure(

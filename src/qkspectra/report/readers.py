@@ -115,3 +115,17 @@ def best_strategy(per: Mapping[str, Mapping[str, Any]]) -> str | None:
     }
     eligible = eligible_strategies(entries)
     return min(eligible, key=lambda name: eligible[name]["value"]) if eligible else None
+
+
+def ranked_descriptors(document: Mapping[str, Any], target: str = "entropy") -> list[tuple[str, Mapping[str, Any]]]:
+    """Each descriptor of ``descriptors`` with its cell against ``target``, the strongest |within-layer Spearman|
+    first; those without one (null) after, in the document's order. Empty without the section."""
+    table = document.get("descriptors") or {}
+    cells = [(name, row.get(target) or {}) for name, row in table.items()
+             if name != "settings" and isinstance(row, Mapping)]
+
+    def strength(item: tuple[str, Mapping[str, Any]]) -> tuple[bool, float]:
+        w = item[1].get("within_layer_spearman")
+        return (w is None, 0.0 if w is None else -abs(w))
+
+    return sorted(cells, key=strength)

@@ -3,7 +3,7 @@
 ``report_sections(document, figures, notes)`` gives the whole report with every number already
 formatted; ``run_page`` typesets it as HTML, Markdown and terminal text. Sections beyond the seed
 (null baselines, bootstrap, operator-level, rank-k and functional reconstruction, the layered
-verdict) appear when their keys are in the document.
+verdict, what predicts a head's entropy: ``entropy_section``) appear when their keys are in the document.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 from qkspectra.analysis.seed import VERDICT_TEXT, seed_rule
 from qkspectra.analysis.nulls import NULL_LABELS, SHAPE_INVARIANCE
 from qkspectra.analysis.verdict import CHOICE_RULE, stability_against_nulls
+from qkspectra.report.entropy_section import ENTROPY_LINK_CAPTIONS, entropy_links_section
 from qkspectra.report.layout import Paragraph, Plot, Section, Table, fmt
 from qkspectra.report.readers import best_strategy, strategies
 
@@ -33,6 +34,7 @@ FIGURE_CAPTIONS = {
     "colour = layer.",
     "entropy_by_position": "Each layer's attention entropy against query position (log2 buckets; thin lines: heads, "
     "thick: their mean), beside the log of the number of keys the queries see (uniform attention).",
+    **ENTROPY_LINK_CAPTIONS,
     "cross_head": "Mean pairwise shape cosine between the heads of each layer, and the residual when every head is "
     "fit to one spectrum.",
     "rank_k": "Mean residual over the fitted layers of scalar rescale plus a rank-k correction, against k.",
@@ -403,6 +405,7 @@ def report_sections(document: Mapping[str, Any], figures: Sequence[str], notes: 
         _shape_section(document, figures),
         _rescale_section(document, figures),
         _entropy_section(document, figures),
+        *(s for s in (entropy_links_section(document, figures),) if s is not None),
         _cross_head_section(document, figures),
         seed_section(document),
         *(s for s in optional if s is not None),

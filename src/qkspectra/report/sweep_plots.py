@@ -16,7 +16,15 @@ from matplotlib import colormaps
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-from qkspectra.report.sweep_readers import HEADLINE, VERDICT_COLUMNS, headline_figures, numeric_labels, plot_name, verdict_codes
+from qkspectra.report.sweep_readers import (
+    HEADLINE,
+    TEXT_HEADLINE,
+    VERDICT_COLUMNS,
+    headline_figures,
+    numeric_labels,
+    plot_name,
+    verdict_codes,
+)
 
 CODE_VALUES = {"rejected": 0, "partial": 1, "supported": 2, "n/a": 3}
 CODE_COLOURS = ("#e8a09a", "#f5cf85", "#8fd19e", "#e6e9ee")  # in CODE_VALUES order, as report.html's verdict boxes
@@ -104,6 +112,7 @@ def sweep_figures(document: Mapping[str, Any], *, title: str) -> dict[str, Figur
         keep = np.isfinite(x)
         if not keep.any():
             continue
-        values = {name: np.array([_number(scalars[m["name"]][name]) for m in ran])[keep] for name in HEADLINE}  # (M',) each
+        values = {name: np.array([_number(scalars[m["name"]][name]) for m in ran])[keep]
+                  for name in HEADLINE if name not in TEXT_HEADLINE}  # (M',) each
         figures[plot_name(label)] = figures_against_label_figure(label, x[keep], values, title)
     return figures

@@ -21,7 +21,12 @@ HEADLINE: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "operator residual (best, fitted layers)": lambda f: f["operator_residual_best"],
     "functional change (best)": lambda f: f["functional_change_best"],
     "corr(T, entropy) (last)": lambda f: f["corr_T_entropy"].get("last"),
+    "strongest within-layer descriptor of entropy": lambda f: (f.get("entropy_link_best") or {}).get("descriptor"),
+    "its within-layer Spearman": lambda f: (f.get("entropy_link_best") or {}).get("within_layer_spearman"),
+    "median context slope": lambda f: f.get("median_context_slope"),
+    "mean sink mass": lambda f: f.get("mean_sink_mass"),
 }
+TEXT_HEADLINE = ("strongest within-layer descriptor of entropy",)  # names, not numbers: no plot against a label
 
 
 def headline_figures(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
 from qkspectra.version import __version__
@@ -157,8 +158,32 @@ def _lowest(values: list[Any]) -> float | None:
     return min(numbers) if numbers else None
 
 
-def key_figures(document: Mapping[str, Any]) -> dict[str, Any]:
-    """What the comparison shows of one ``analysis.json``.
+def entropy_link_best(document: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The descriptor with the strongest |within-layer Spearman| against the mean entropy:
+    ``{descriptor, target, within_layer_spearman}``; None without ``descriptors`` or without any such figure."""
+    from qkspectra.report.readers import ranked_descriptors
+
+    ranked = ranked_descriptors(document, "entropy")
+    if not ranked or ranked[0][1].get("within_layer_spearman") is None:
+        return None
+    name, cell = ranked[0]
+    return {"descriptor": name, "target": "entropy", "within_layer_spearman": cell["within_layer_spearman"]}
+
+
+def mean_sink_mass(geometry: Any) -> float | None:
+    """The mean over every (layer, head) of the geometry's ``mean_sink_mass_per_head``; None without it."""
+    from qkspectra.analysis.entropy_links import dynamic_per_head
+
+    if geometry is None:
+        return None
+    mass = dynamic_per_head(geometry, "sink_mass", "mean_sink_mass_per_head")  # (L, H) or None
+    if mass is None or mass.ndim != 2 or not mass.size or not np.isfinite(mass).all():
+        return None
+    return float(mass.mean())
+
+
+def key_figures(document: Mapping[str, Any], geometry: Any = None) -> dict[str, Any]:
+    """What the comparison shows of one ``analysis.json`` (and the geometry it came from, when given).
 
     verdict: the seed's code, the overall code and each layer's code and evidence;
     spectral_residual (over each strategy's fitted layers), spectral_residual_all_layers (the
@@ -167,7 +192,9 @@ def key_figures(document: Mapping[str, Any]) -> dict[str, Any]:
     functional_change: per strategy, the change of the operator reconstruction
     (``verdict.functional_change``); operator_residual_best, functional_change_best: the lowest
     among the strategies the verdict chooses from (``verdict.eligible_strategies``);
-    schedule: the mean T over heads per layer, with the seed's (last) anchor. None where absent.
+    schedule: the mean T over heads per layer, with the seed's (last) anchor; entropy_link_best (the
+    strongest within-layer descriptor of the entropy, ``entropy_link_best``), median_context_slope
+    (``context.median_slope``), mean_sink_mass (from the geometry, ``mean_sink_mass``). None where absent.
     """
     from qkspectra.analysis.verdict import eligible_strategies, functional_change
 
@@ -211,6 +238,9 @@ def key_figures(document: Mapping[str, Any]) -> dict[str, Any]:
             "anchor": document["anchor"]["strategy"],
             "mean_T": [sum(row) / len(row) for row in T],
         },
+        "entropy_link_best": entropy_link_best(document),
+        "median_context_slope": (document.get("context") or {}).get("median_slope"),
+        "mean_sink_mass": mean_sink_mass(geometry),
     }
 
 
@@ -242,6 +272,17 @@ def _finished_run(run_dir: Path, model: str, settings: RunSettings) -> dict[str,
         return None
 
 
+def _run_geometry(run_dir: Path) -> Any:
+    """The geometry of a finished run folder, or None where it cannot be read (its key figures then lack it)."""
+    from qkspectra.geometry import load_geometry
+    from qkspectra.workflow.runner import GEOMETRY_FILE
+
+    try:
+        return load_geometry(run_dir / GEOMETRY_FILE)
+    except (OSError, QkspectraError):
+        return None
+
+
 def run_model(model: SweepModel, out_dir: str, settings: RunSettings) -> dict[str, Any]:
     """One model's run into ``out_dir/<name>/`` (reused when finished with the same key); returns how it ran,
     its timings and its key figures. Raises on failure (the sweep records the one-line error)."""
@@ -252,7 +293,7 @@ def run_model(model: SweepModel, out_dir: str, settings: RunSettings) -> dict[st
     document = _finished_run(final, model.model, settings)
     if document is not None:
         return {"run": "reused", "timings": {"total_s": round(time.perf_counter() - clock, 3)},
-                "figures": key_figures(document)}
+                "figures": key_figures(document, _run_geometry(final))}
     staging = Path(out_dir) / PARTIAL_FOLDER / model.name
     if final.exists() and not staging.exists():  # an older run (other options): its extraction may still serve
         if not (final / RUN_FILE).is_file() and (not final.is_dir() or any(final.iterdir())):
@@ -265,7 +306,7 @@ def run_model(model: SweepModel, out_dir: str, settings: RunSettings) -> dict[st
     os.replace(staging, final)
     timings = orjson.loads((final / RUN_FILE).read_bytes()).get("timings") or {}
     return {"run": "performed", "timings": {**timings, "total_s": round(time.perf_counter() - clock, 3)},
-            "figures": key_figures(result.document)}
+            "figures": key_figures(result.document, result.geometry)}
 
 
 # ----------------------------------------------------------------------------
