@@ -106,3 +106,14 @@ def test_bundled_gguf_streamed_equals_the_cached_copy(name):
     adapter = adapter_for(source.config)
     streamed = GGUFTensorSource(read_gguf(source.gguf_file))
     np.testing.assert_array_equal(singular_values(adapter, streamed), singular_values(adapter, open_tensors(source.folder)))
+
+
+@pytest.mark.slow
+def test_a_bfloat16_run_caches_the_whole_model_in_bfloat16(smollm2_source):
+    from safetensors import safe_open
+
+    folder = smollm2_source.weights_folder("bfloat16")
+    assert folder.name.endswith("-bfloat16") and folder != smollm2_source.folder
+    with safe_open(folder / "model.safetensors", framework="pt") as f:
+        assert {str(f.get_slice(name).get_dtype()) for name in f.keys()} == {"BF16"}
+    assert (folder / "model.safetensors").stat().st_size < 0.6 * (smollm2_source.folder / "model.safetensors").stat().st_size
