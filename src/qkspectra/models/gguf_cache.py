@@ -2,10 +2,11 @@
 
 Cache folder: ``$QKSPECTRA_CACHE`` if that environment variable is set, else
 ``~/.cache/qkspectra/models``. Each GGUF file gets its own subfolder
-``<gguf stem>-<key>``, where ``key`` is the first 16 hex digits of the sha256 of the
+``<gguf stem>-<key>`` (``<gguf stem>-<key>-<dtype>`` for a bfloat16 or float16 copy), where ``key`` is the first 16 hex digits of the sha256 of the
 file's absolute path, size and modification time; editing or replacing the GGUF file
 therefore produces a new entry. The subfolder is an ordinary Hugging Face model folder
-(``config.json``, float32 ``model.safetensors``, tokenizer files) plus
+(``config.json``, ``model.safetensors`` in the run's dtype, float32 by default: a bfloat16 run
+stores half the bytes; tokenizer files) plus
 ``qkspectra_source.json`` saying where it came from. It is written to a temporary folder
 beside it and renamed into place, so an interrupted conversion leaves no half-written
 entry; later runs load it in about a second. Delete the folder to reclaim the space.
@@ -34,21 +35,21 @@ def model_cache_root() -> Path:
     return Path.home() / ".cache" / "qkspectra" / "models"
 
 
-def gguf_cache_folder(gguf_path: Path) -> Path:
-    """The cache subfolder for ``gguf_path`` (which may not exist yet)."""
+def gguf_cache_folder(gguf_path: Path, dtype: str = "float32") -> Path:
+    """The cache subfolder for ``gguf_path`` dequantised to ``dtype`` (which may not exist yet)."""
     gguf_path = gguf_path.resolve()
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return model_cache_root() / f"{gguf_path.stem}-{key}"
+    return model_cache_root() / (f"{gguf_path.stem}-{key}" if dtype == "float32" else f"{gguf_path.stem}-{key}-{dtype}")
 
 
 def is_complete(folder: Path) -> bool:
     return (folder / SOURCE_RECORD).is_file() and (folder / "config.json").is_file()
 
 
-def cached_gguf_folder(gguf_path: Path, *, progress: bool = True) -> Path:
-    """Hugging Face folder holding the dequantised ``gguf_path``, converting it on first use."""
-    folder = gguf_cache_folder(gguf_path)
+def cached_gguf_folder(gguf_path: Path, *, dtype: str = "float32", progress: bool = True) -> Path:
+    """Hugging Face folder holding ``gguf_path`` dequantised to ``dtype``, converting it on first use."""
+    folder = gguf_cache_folder(gguf_path, dtype)
     if is_complete(folder):
         return folder
     try:
@@ -58,7 +59,7 @@ def cached_gguf_folder(gguf_path: Path, *, progress: bool = True) -> Path:
         raise QkspectraError(f"cannot use the model cache {folder.parent} (set by QKSPECTRA_CACHE or the default "
                              f"~/.cache/qkspectra/models): {e.strerror or e}") from None
     try:
-        _convert(gguf_path.resolve(), staging, progress=progress)
+        _convert(gguf_path.resolve(), staging, dtype=dtype, progress=progress)
         try:
             os.rename(staging, folder)
         except OSError:
@@ -69,17 +70,19 @@ def cached_gguf_folder(gguf_path: Path, *, progress: bool = True) -> Path:
     return folder
 
 
-def _convert(gguf_path: Path, out: Path, *, progress: bool) -> None:
+def _convert(gguf_path: Path, out: Path, *, dtype: str = "float32", progress: bool) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qkspectra.errors import first_line
+    from qkspectra.models.gguf_tensors import read_layout
     from qkspectra.models.offline import transformers_quiet
 
+    read_layout(gguf_path)  # a truncated or damaged file said in one line, before transformers' reader fails on it
     with transformers_quiet(progress=progress):
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
+                gguf_path.parent, gguf_file=gguf_path.name, dtype=getattr(torch, dtype), local_files_only=True
             )
             tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
         except Exception as e:  # the gguf reader fails in its own ways on damaged files (struct.error, ...)
@@ -91,6 +94,6 @@ def _convert(gguf_path: Path, out: Path, *, progress: bool) -> None:
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
     stat = gguf_path.stat()
-    record = {"gguf_file": str(gguf_path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "dtype": "float32"}
+    record = {"gguf_file": str(gguf_path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "dtype": dtype}
     (out / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 

@@ -24,21 +24,22 @@ def load_model(source: ModelSource | str, *, attn_implementation: str = "eager",
 
     if isinstance(source, str):
         source = resolve_model(source, progress=progress)
+    folder = source.weights_folder(placement.dtype)  # a GGUF: dequantised into the run's dtype, once
     with transformers_quiet(progress=progress):
         try:
             model = getattr(transformers, model_class).from_pretrained(
-                source.folder, dtype=torch_dtype(placement.dtype), attn_implementation=attn_implementation,
+                folder, dtype=torch_dtype(placement.dtype), attn_implementation=attn_implementation,
                 device_map={"": placement.device}, local_files_only=True,
             )
         except Exception as e:  # damaged files fail in the loaders' own ways (SafetensorError, ...)
-            raise QkspectraError(f"cannot load the weights of {source.folder}: {first_line(e)}") from e
-        if not any((source.folder / name).is_file() for name in TOKENIZER_FILES):
+            raise QkspectraError(f"cannot load the weights of {folder}: {first_line(e)}") from e
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
             # transformers would build a near-empty tokenizer and read every word as unknown
-            raise QkspectraError(f"{source.folder} has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+            raise QkspectraError(f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...); "
                                  f"the corpus pass needs one ({option('static_only')} does not)")
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(source.folder, local_files_only=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
         except Exception as e:
-            raise QkspectraError(f"cannot load the tokenizer of {source.folder}: {first_line(e)}") from e
+            raise QkspectraError(f"cannot load the tokenizer of {folder}: {first_line(e)}") from e
     model.eval()
     return model, tokenizer

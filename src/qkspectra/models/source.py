@@ -4,7 +4,9 @@ MODEL is one of
   * the name of a bundled model (``minilm``, the default, ``smollm2`` or ``gemma3``; see ``bundled``),
   * a local Hugging Face model folder (``config.json`` plus safetensors weights,
     single-file or sharded with ``model.safetensors.index.json``, plus tokenizer files),
-  * a local ``.gguf`` file, dequantised once into the cache described in ``gguf_cache``.
+  * a local ``.gguf`` file: its header checked and its config read from the metadata at once; its tensors
+    read one at a time, dequantised on demand (``gguf_tensors``), for the static pass; dequantised whole
+    into the cache described in ``gguf_cache`` (in the run's dtype) only when a run loads the model.
 Nothing is ever fetched from the Hugging Face hub.
 """
 
@@ -22,11 +24,29 @@ from qkspectra.models.gguf_cache import cached_gguf_folder
 
 @dataclass(frozen=True)
 class ModelSource:
-    folder: Path  # Hugging Face folder the weights are read from (the cache entry for GGUF)
+    path: Path  # the Hugging Face folder, or the .gguf file
     model_id: str  # what the user named: bundled name, folder or .gguf path
     kind: str  # "bundled", "folder" or "gguf"
     description: str  # one human-readable line
     config: Any = field(repr=False, compare=False)  # transformers PretrainedConfig
+    progress: bool = field(default=True, repr=False, compare=False)  # progress bars while a GGUF is converted
+
+    @property
+    def gguf_file(self) -> Path | None:
+        """The .gguf file the model is read from, or None for a folder."""
+        return self.path if self.path.suffix.lower() == ".gguf" else None
+
+    @property
+    def folder(self) -> Path:
+        """The Hugging Face folder of the whole model (for a GGUF, the float32 cache entry, converted on first use)."""
+        return self.weights_folder()
+
+    def weights_folder(self, dtype: str = "float32") -> Path:
+        """The Hugging Face folder to load the whole model from in ``dtype``: the folder itself, or for a
+        GGUF the cache entry dequantised into ``dtype`` (converted on first use)."""
+        if self.gguf_file is None:
+            return self.path
+        return cached_gguf_folder(self.path, dtype=dtype, progress=self.progress)
 
 
 def resolve_model(name_or_path: str, *, progress: bool = True) -> ModelSource:
@@ -37,10 +57,10 @@ def resolve_model(name_or_path: str, *, progress: bool = True) -> ModelSource:
         version = bundled_model_version(name_or_path)
         package = f"{bundled.distribution} {version}" if version else bundled.distribution
         description = f"bundled model {bundled.name}: {bundled.upstream} (package {package})"
-        folder = cached_gguf_folder(path, progress=progress) if path.suffix == ".gguf" else path
         if path.suffix == ".gguf":
             description += f", {path.name} dequantised to float32"
-        return ModelSource(folder, name_or_path, "bundled", description, load_config(folder))
+            return ModelSource(path, name_or_path, "bundled", description, gguf_config(path), progress)
+        return ModelSource(path, name_or_path, "bundled", description, load_config(path))
     path = Path(name_or_path).expanduser()
     if not path.exists():
         known = ", ".join(BUNDLED_MODELS)
@@ -48,9 +68,8 @@ def resolve_model(name_or_path: str, *, progress: bool = True) -> ModelSource:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise QkspectraError(f"{path} is a file but not a .gguf file; give a model folder or a .gguf file")
-        folder = cached_gguf_folder(path, progress=progress)
-        description = f"GGUF file {path.resolve()} dequantised to float32 (cached in {folder})"
-        return ModelSource(folder, name_or_path, "gguf", description, load_config(folder))
+        description = f"GGUF file {path.resolve()} dequantised to float32"
+        return ModelSource(path, name_or_path, "gguf", description, gguf_config(path), progress)
     description = f"model folder {path.resolve()}"
     return ModelSource(path, name_or_path, "folder", description, load_config(path))
 
@@ -77,6 +96,13 @@ def model_input_paths(name_or_path: str) -> list[Path]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         shards = set()
     return [path / name for name in named] + [path / shard for shard in sorted(shards) if isinstance(shard, str)]
+
+
+def gguf_config(path: Path) -> Any:
+    """The transformers config of the GGUF file ``path``, from its metadata (the file checked for truncation first)."""
+    from qkspectra.models.gguf_tensors import read_gguf
+
+    return read_gguf(path).config
 
 
 def load_config(folder: Path) -> Any:

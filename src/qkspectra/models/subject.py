@@ -47,6 +47,12 @@ class Subject:
         """The model's tensors by checkpoint name, read lazily: from its safetensors files, or from the model in memory."""
         if self.in_memory:
             return self.model.tensors()
+        if self.source.gguf_file is not None:
+            from qkspectra.models.gguf_tensors import GGUFTensorSource, read_gguf
+
+            model = read_gguf(self.source.gguf_file)
+            if model.streamable:  # tensor by tensor, each dequantised when read
+                return GGUFTensorSource(model)
         from qkspectra.models.tensors import open_tensors
 
         return open_tensors(self.source.folder)
