@@ -63,6 +63,8 @@ class ReferenceFitter:
         self.W_Q, self.W_K = W_Q, W_K
         self.k = min(subspace_dim, W_Q.shape[-1], W_Q.shape[-2])
         self.r = min(W_Q.shape[-2], 2 * W_Q.shape[-1])
+        self._held: dict[int, tuple] = {}  # the layers of the last fit
+        self._anchor = -1
         self.norm_sq = np.stack([np.einsum("hmn,hmn->h", M, M) for M in map(self.operators, range(W_Q.shape[0]))])
 
     def operators(self, layer: int) -> np.ndarray:
@@ -71,9 +73,12 @@ class ReferenceFitter:
 
     def layer(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The layer's operators and their top-k left and right singular bases (H, d_model, k)."""
-        M = self.operators(layer)
-        U, _, Vt = np.linalg.svd(M)
-        return M, U[..., : self.k], np.swapaxes(Vt, -1, -2)[..., : self.k]
+        if layer not in self._held:
+            M = self.operators(layer)
+            U, _, Vt = np.linalg.svd(M)
+            self._held = {key: value for key, value in self._held.items() if key == self._anchor}  # at most two
+            self._held[layer] = (M, U[..., : self.k], np.swapaxes(Vt, -1, -2)[..., : self.k])
+        return self._held[layer]
 
     def _against(self, M_L: np.ndarray, M_a: np.ndarray, heads: np.ndarray):
         """T, residual and difference singular values of each head h of M_L (H, d_model, d_model) against
@@ -93,8 +98,9 @@ class ReferenceFitter:
         return T, residual, singvals
 
     def fit(self, layer: int, anchor: int) -> ReferenceFit:
-        (M_L, left_L, right_L) = self.layer(layer)
-        (M_a, left_a, right_a) = self.layer(anchor) if anchor != layer else (M_L, left_L, right_L)
+        self._anchor = anchor
+        M_a, left_a, right_a = self.layer(anchor)
+        M_L, left_L, right_L = self.layer(layer)
         H = M_L.shape[0]
         inner = np.einsum("hmn,gmn->hg", M_L, M_a)  # (H, H)
         norms = np.sqrt(self.norm_sq[layer][:, None] * self.norm_sq[anchor][None, :])
