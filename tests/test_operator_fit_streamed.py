@@ -194,3 +194,27 @@ def test_operator_device_named_but_missing_is_one_line(monkeypatch):
     monkeypatch.setenv("QKSPECTRA_OPERATOR_DEVICE", "cpu")
     assert factored.product_device() is None
     factored.product_device.cache_clear()
+
+
+def test_operator_section_equals_the_dense_reference(tmp_path):
+    """The ``operator`` section from a factors file (float32 on disk) against the dense numpy reference
+    (``operator_reference``, which imports nothing from qkspectra), for two anchor strategies, to 1e-12."""
+    W_Q, W_K = random_gqa(5)
+    save_factors(tmp_path / "f.safetensors", W_Q, W_K)
+    W_Q, W_K = W_Q.astype(np.float32).astype(np.float64), W_K.astype(np.float32).astype(np.float64)
+    anchors = {"last": Anchor("last", np.full(4, 3), ((0, 4),)),
+               "group": Anchor("group", np.array([1, 1, 3, 3]), ((0, 2), (2, 4)))}
+    section = operator_evidence(tmp_path / "f.safetensors", anchors, subspace_dim=4)
+    reference = ReferenceFitter(W_Q, np.repeat(W_K, 3, axis=1), subspace_dim=4)
+    for name, anchor in anchors.items():
+        fits = [reference.fit(layer, int(a)) for layer, a in enumerate(anchor.layers)]
+        ours = section[name]
+        assert ours["matched_head"] == [fit.matched_head.tolist() for fit in fits]
+        for key, field in (("T", "T"), ("residual", "residual"), ("matched_T", "matched_T"),
+                           ("matched_residual", "matched_residual"), ("principal_angles_deg_mean", "angles_deg_mean")):
+            atol = 1e-5 if field.startswith("angles") else 1e-12
+            np.testing.assert_allclose(ours[key], [getattr(fit, field) for fit in fits], rtol=0, atol=atol, err_msg=key)
+        residual = np.array([fit.residual for fit in fits])
+        assert abs(ours["mean_residual"] - residual.mean()) < 1e-12
+        assert abs(ours["mean_residual_fitted"] - residual[anchor.fitted].mean()) < 1e-12
+        assert ours["subspace_dim"] == 4
