@@ -174,10 +174,11 @@ def pad_windows(windows: list[list[int]], pad_id: int,
 class _MaskWeights(NamedTuple):
     """Per-query weights of one batch under one attention mask (float64, on the CPU)."""
 
-    several: torch.Tensor  # (B, query_pos) 1 for real queries that see n_i >= 2 keys
-    normalized: torch.Tensor  # (B, query_pos) 1 / log(n_i) for those queries, else 0
-    several_by_position: torch.Tensor  # (B, query_pos, buckets) their one-hot position buckets
-    several_count: float  # their number
+    normalized: torch.Tensor  # (B, query_pos) 1 / log(n_i) for real queries seeing n_i >= 2 keys, else 0
+    means: torch.Tensor  # (3, B, query_pos) of (entropy, sink mass, entropy without the first): real
+    #                      queries, real queries, real queries seeing >= 2 keys
+    by_position: torch.Tensor  # (2, B, query_pos, buckets) of (entropy, entropy without the first): one-hot buckets
+    several_count: float  # the number of real queries seeing >= 2 keys
     several_by_bucket: torch.Tensor  # (buckets,) their number in each position bucket
     log_keys: torch.Tensor  # (buckets,) the sum of log(n_i) over the real queries of each position bucket
 
@@ -224,7 +225,9 @@ class EntropyAccumulator:
             several_by_position = self.bucket_weight * (num_visible > 1)[..., None]  # (B, query_pos, buckets)
             log_keys = torch.einsum("bq,bqn->n", num_visible.clamp(min=1).log().expand_as(self.query_weight),
                                     self.bucket_weight)  # (buckets,)
-            weights = _MaskWeights(several, several / num_visible.clamp(min=2).log(), several_by_position,
+            weights = _MaskWeights(several / num_visible.clamp(min=2).log(),
+                                   torch.stack([self.query_weight, self.query_weight, several]),
+                                   torch.stack([self.bucket_weight, several_by_position]),
                                    float(several.sum()), several_by_position.sum(dim=(0, 1)), log_keys)
             # the mask is held so that its id stays unique while it is cached
             self.weights_by_mask[cache_key] = (visible.source, weights)
@@ -235,19 +238,20 @@ class EntropyAccumulator:
         layer = call.layer
         if call.queries.shape[1] != self.entropy_sum.shape[1]:
             raise QkspectraError(f"layer {layer} has {call.queries.shape[1]} heads, expected {self.entropy_sum.shape[1]}")
-        statistics = call_statistics(call, self.first_key)  # (B, H, query_pos) each
-        entropy, sink, without_first = (x.cpu().to(torch.float64) for x in (
-            statistics.entropy, statistics.sink_mass, statistics.entropy_without_first))
+        # (3, B, H, query_pos): entropy, sink mass, entropy without the first
+        stacked = call_statistics(call, self.first_key).stacked.cpu().to(torch.float64)
         weights = self._mask_weights(call.visible)
-        self.log_keys_sum[layer] += weights.log_keys
-        self.entropy_sum[layer] += torch.einsum("bhq,bq->h", entropy, self.query_weight)
-        self.normalized_sum[layer] += torch.einsum("bhq,bq->h", entropy, weights.normalized)
-        self.sink_sum[layer] += torch.einsum("bhq,bq->h", sink, self.query_weight)
-        self.bucket_sum[layer] += torch.einsum("bhq,bqn->hn", entropy, self.bucket_weight)
+        means = torch.einsum("sbhq,sbq->sh", stacked, weights.means)  # (3, H)
+        by_position = torch.einsum("sbhq,sbqn->shn", stacked[0::2], weights.by_position)  # (2, H, buckets)
+        self.entropy_sum[layer] += means[0]
+        self.sink_sum[layer] += means[1]
+        self.without_first_sum[layer] += means[2]
+        self.normalized_sum[layer] += torch.einsum("bhq,bq->h", stacked[0], weights.normalized)
+        self.bucket_sum[layer] += by_position[0]
+        self.without_first_bucket_sum[layer] += by_position[1]
         self.normalized_count[layer] += weights.several_count
-        self.without_first_sum[layer] += torch.einsum("bhq,bq->h", without_first, weights.several)
-        self.without_first_bucket_sum[layer] += torch.einsum("bhq,bqn->hn", without_first, weights.several_by_position)
         self.several_bucket_count[layer] += weights.several_by_bucket
+        self.log_keys_sum[layer] += weights.log_keys
 
     def stats(self, num_windows: int) -> EntropyStats:
         return EntropyStats(

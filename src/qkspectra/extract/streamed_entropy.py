@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.nn.functional import softplus
+from torch.nn.functional import logsigmoid
 
 from qkspectra.errors import QkspectraError
 from qkspectra.extract.capture import AttentionCall, VisibleKeys
@@ -40,12 +40,25 @@ _flash_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 @dataclass(frozen=True)
 class QueryStatistics:
-    """One attention call's statistics per query, each (B, H, query_pos) float32."""
+    """One attention call's statistics per query, float32, stacked in one tensor (the pass sums them at once)."""
 
-    entropy: torch.Tensor  # H_i in nats; 0 for a query that sees no key
-    sink_mass: torch.Tensor  # p_i0, the probability on the window's first real token; 0 where not visible
-    entropy_without_first: torch.Tensor  # H'_i over the visible keys other than the first, renormalised;
-    #                                      0 for a query that sees no other key
+    stacked: torch.Tensor  # (3, B, H, query_pos): entropy, sink mass, entropy without the first
+
+    @property
+    def entropy(self) -> torch.Tensor:
+        """(B, H, query_pos) H_i in nats; 0 for a query that sees no key."""
+        return self.stacked[0]
+
+    @property
+    def sink_mass(self) -> torch.Tensor:
+        """(B, H, query_pos) p_i0, the probability on the window's first real token; 0 where not visible."""
+        return self.stacked[1]
+
+    @property
+    def entropy_without_first(self) -> torch.Tensor:
+        """(B, H, query_pos) H'_i over the visible keys other than the first, renormalised; 0 for a query
+        that sees no other key."""
+        return self.stacked[2]
 
 
 def entropy_from_probs(probs: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -106,29 +119,37 @@ def first_key_visibility(visible: VisibleKeys, first_key: torch.Tensor) -> tuple
 
 
 def with_first_key(lse_other: torch.Tensor, entropy_other: torch.Tensor, first_logit: torch.Tensor,
-                   sees_first: torch.Tensor, sees_other: torch.Tensor) -> QueryStatistics:
+                   out: torch.Tensor, sees: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   first_scale: float = 1.0) -> None:
     """The statistics of the whole softmax from those of the softmax over the keys other than the first.
 
-    lse_other:     (B, H, query_pos) log sum_{j != first} exp(s_ij) over the visible keys other than the first
-    entropy_other: (B, H, query_pos) H'_i, the entropy of the softmax over those keys
-    first_logit:   (B, H, query_pos) s_i0, the first key's logit
-    sees_first, sees_other: (B, query_pos) bool (``first_key_visibility``); where False, the matching
-                   inputs above may be anything (e.g. the fused kernel's output for a row it saw nothing of)
+    lse_other:     (B, H, q) log sum_{j != first} exp(s_ij) over the visible keys other than the first
+    entropy_other: (B, H, q) H'_i, the entropy of the softmax over those keys
+    first_logit:   (B, H, q) s_i0 / first_scale, the first key's logit
+    out:           (3, B, H, q) float32, written: H_i, p_i0, H'_i (``QueryStatistics``)
+    sees:          None when every query sees both the first key and another one; else (sees_first,
+                   sees_other), (B, q) bool (``first_key_visibility``): where False, the matching inputs
+                   above may be anything (e.g. the fused kernel's output for a row it saw nothing of)
 
     The first key joins as the second part of a two-part mixture. With d_i = lse'_i - s_i0:
-    log p_i0 = -softplus(d_i), log(1 - p_i0) = -softplus(-d_i), both exact in float32 whatever p_i0
+    log(1 - p_i0) = logsigmoid(d_i), log p_i0 = logsigmoid(-d_i), both exact in float32 whatever p_i0
     (no 1 - p_i0 is ever formed), and H_i = p_i0 (-log p_i0) + (1 - p_i0) (H'_i - log(1 - p_i0)),
-    a sum of terms >= 0.
+    a sum of terms >= 0. A query that sees no first key gets d_i = +1e30 (p_i0 = 0, H_i = H'_i), one that
+    sees only the first d_i = -1e30 (p_i0 = 1, H_i = 0); every term stays finite (0 x 1e30 = 0).
+    Few whole-size operations: each costs a pass over B H q values, and a thread synchronisation.
     """
-    sees_first, sees_other = sees_first[:, None], sees_other[:, None]  # (B, 1, query_pos)
-    entropy_other = torch.where(sees_other, entropy_other.clamp(min=0.0), 0.0)
-    gap = torch.where(sees_other, lse_other, START_LOGIT) - torch.where(sees_first, first_logit, START_LOGIT)
-    log_first, log_other = -softplus(gap), -softplus(-gap)  # log p_i0, log(1 - p_i0)
-    first = torch.exp(log_first)  # (B, H, query_pos)
-    entropy = first * -log_first + torch.exp(log_other) * (entropy_other - log_other)
-    return QueryStatistics(entropy=torch.where(sees_first | sees_other, entropy, 0.0),
-                           sink_mass=torch.where(sees_first, first, 0.0),
-                           entropy_without_first=entropy_other)
+    entropy, first, without_first = out  # (B, H, q) each
+    torch.clamp(entropy_other, min=0.0, out=without_first)
+    gap = torch.sub(lse_other, first_logit, alpha=first_scale)  # d_i
+    if sees is not None:
+        sees_first, sees_other = sees
+        without_first.masked_fill_(~sees_other[:, None], 0.0)
+        alone = torch.where(sees_first, START_LOGIT, -START_LOGIT)[:, None]  # (B, 1, q) d_i where a part is missing
+        gap = torch.where((sees_first & sees_other)[:, None], gap, alone)
+    log_other = logsigmoid(gap)  # log(1 - p_i0)
+    log_first = logsigmoid(gap.neg_())  # log p_i0
+    torch.exp(log_first, out=first)
+    torch.sub(without_first, log_other, out=entropy).mul_(log_other.exp_()).addcmul_(first, log_first, value=-1.0)
 
 
 def logit_statistics(queries: torch.Tensor, keys: torch.Tensor, visible: VisibleKeys,
@@ -178,8 +199,10 @@ def logit_statistics(queries: torch.Tensor, keys: torch.Tensor, visible: Visible
     first_keys_per_head = keys[torch.arange(B, device=keys.device), :, first_key]  # (B, H_kv, d_head)
     first_logit = torch.einsum("bkgqd,bkd->bkgq", grouped, first_keys_per_head)  # (B, H_kv, G, query_pos)
     shape = (B, H, num_queries)
-    return with_first_key(lse.reshape(shape), entropy.reshape(shape), first_logit.reshape(shape),
-                          *first_key_visibility(visible, first_key))
+    out = queries.new_empty((3,) + shape)
+    with_first_key(lse.reshape(shape), entropy.reshape(shape), first_logit.reshape(shape), out,
+                   first_key_visibility(visible, first_key))
+    return QueryStatistics(out)
 
 
 def _hide_first_keys(logits: torch.Tensor, first_keys: list[int], cols: slice) -> None:
@@ -201,27 +224,16 @@ def softmax_moments(queries: torch.Tensor, keys: torch.Tensor, values: torch.Ten
 
     torch's fused CPU attention kernel (the one SDPA uses: blocks of logits with an online
     softmax, never a whole map), which also returns the log-sum-exp. A mask is handed to it as
-    an additive float mask a block of query rows at a time, so at most LOGITS_PER_BLOCK entries;
-    without a mask, a hidden first key is sliced off instead (a causal query 0 then sees nothing).
+    an additive float mask a block of query rows at a time, so at most LOGITS_PER_BLOCK entries.
     """
     num_queries, num_keys = queries.shape[-2], keys.shape[-2]
+    if visible.mask is None and hidden_key is not None:
+        visible = _explicit(visible)
     if visible.mask is None:
         if visible.causal and visible.offset != 0:
             raise QkspectraError("a causal attention call with more keys than queries needs an explicit mask")
-        if hidden_key is None:
-            weighted, lse = _flash_attention(queries, keys, values, 0.0, is_causal=visible.causal, scale=scale)
-            return lse, weighted
-        if not bool((hidden_key == 0).all()):
-            visible = _explicit(visible)
-        else:
-            lse = queries.new_zeros(queries.shape[:-1])
-            weighted = queries.new_zeros(queries.shape[:-1] + values.shape[-1:])
-            first = 1 if visible.causal else 0  # causal: query i >= 1 sees keys 1..i, as a square causal call
-            if num_keys > 1 and num_queries > first:
-                weighted[..., first:, :], lse[..., first:] = _flash_attention(
-                    queries[..., first:, :], keys[..., 1:, :], values[..., 1:, :], 0.0, is_causal=visible.causal,
-                    scale=scale)
-            return lse, weighted
+        weighted, lse = _flash_attention(queries, keys, values, 0.0, is_causal=visible.causal, scale=scale)
+        return lse, weighted
     B = queries.shape[0]
     batch = visible.mask.shape[0]
     if hidden_key is not None and batch == 1 and not bool((hidden_key == hidden_key[0]).all()):
@@ -269,14 +281,29 @@ def flash_statistics(queries: torch.Tensor, keys: torch.Tensor, scale: float, vi
     the first key joins at the end (``with_first_key``). The keys are first centred (their mean over
     positions subtracted): every logit of a query moves by the same amount, so p is unchanged, and
     lse'_i and scale q_i . kbar'_i lose their common offset (a key bias adds one), which float32 would
-    otherwise cancel at the expense of the entropy.
+    otherwise cancel at the expense of the entropy. Without a mask, and the first key at 0 in every
+    window, the first key is sliced off rather than masked: a causal call then runs on queries 1..
+    and keys 1.. (query 0 sees the first key alone: H = 0, p_i0 = 1, H' = 0).
     """
     keys = centred(keys)  # (B, H, key_pos, d_head)
-    lse_other, mean_key_other = softmax_moments(queries, keys, keys, scale, visible, hidden_key=first_key)
-    entropy_other = torch.linalg.vecdot(queries, mean_key_other).mul_(-scale).add_(lse_other)  # (B, H, query_pos)
     batch = torch.arange(queries.shape[0], device=queries.device)
-    first_logit = torch.linalg.vecdot(queries, keys[batch, :, first_key].unsqueeze(-2)).mul_(scale)
-    return with_first_key(lse_other, entropy_other, first_logit, *first_key_visibility(visible, first_key))
+    first_logit = torch.linalg.vecdot(queries, keys[batch, :, first_key].unsqueeze(-2))  # (B, H, query_pos) / scale
+    out = queries.new_empty((3,) + queries.shape[:-1])  # (3, B, H, query_pos)
+    if visible.mask is not None or bool(first_key.any()) or keys.shape[-2] < 2:
+        lse, mean_key = softmax_moments(queries, keys, keys, scale, visible, hidden_key=first_key)
+        entropy = torch.sub(lse, torch.linalg.vecdot(queries, mean_key), alpha=scale)  # (B, H, query_pos)
+        with_first_key(lse, entropy, first_logit, out, first_key_visibility(visible, first_key), scale)
+        return QueryStatistics(out)
+    if visible.causal and visible.offset != 0:
+        raise QkspectraError("a causal attention call with more keys than queries needs an explicit mask")
+    start = 1 if visible.causal else 0  # the first query that sees a key other than the first
+    covered = queries[..., start:, :]
+    mean_key, lse = _flash_attention(covered, keys[..., 1:, :], keys[..., 1:, :], 0.0, is_causal=visible.causal,
+                                     scale=scale)  # (B, H, query_pos - start, d_head), (B, H, query_pos - start)
+    entropy = torch.sub(lse, torch.linalg.vecdot(covered, mean_key), alpha=scale)
+    with_first_key(lse, entropy, first_logit[..., start:], out[..., start:], None, scale)
+    out[..., :start] = torch.tensor([0.0, 1.0, 0.0])[:, None, None, None]  # query 0 of a causal call
+    return QueryStatistics(out)
 
 
 def flash_entropy(queries: torch.Tensor, keys: torch.Tensor, scale: float, visible: VisibleKeys,
