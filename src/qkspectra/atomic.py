@@ -6,8 +6,10 @@ A write that the file system refuses (a folder in the way, no permission, disk f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -83,22 +85,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         except OSError as e:
             raise write_error(path, e) from None
         return path
+    with _replacing(path) as (fd, tmp):
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    return path
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[tuple[int, str]]:
+    """(fd, name) of a temporary file beside ``path``, renamed onto it (with a plain open()'s permissions)
+    when the block succeeds and removed when it fails; OSError as ``write_error``."""
     make_folder(path.parent, for_file=path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise write_error(path, e) from None
     try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # the permissions a plain open() would give
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        yield fd, tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise write_error(path, e) from None
         raise
-    return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -119,19 +129,7 @@ def atomic_copy(source: str | os.PathLike, target: str | os.PathLike) -> Path:
     import shutil
 
     target = Path(target)
-    make_folder(target.parent, for_file=target)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as e:
-        raise write_error(target, e) from None
-    try:
+    with _replacing(target) as (fd, tmp):
         os.close(fd)
         shutil.copyfile(source, tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, target)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise write_error(target, e) from None
-        raise
     return target
