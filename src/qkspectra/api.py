@@ -71,13 +71,16 @@ def checked(name: str, value: Any, hint: Any) -> Any:
 
 
 def model_argument(model: Any, tokenizer: Any | None):
-    """A name or path as a string, or a model in memory wrapped as ``InMemoryModel``."""
+    """A name or path as a string, or a model in memory (transformers or TransformerLens) wrapped as ``InMemoryModel``."""
     if isinstance(model, (str, os.PathLike)):
         if tokenizer is not None:
             raise QkspectraError("tokenizer goes with a model in memory; a bundled name or a path brings its own")
         return os.fspath(model)
     from qkspectra.models.in_memory import in_memory_model
+    from qkspectra.models.transformer_lens import is_transformer_lens, transformer_lens_model
 
+    if is_transformer_lens(model):
+        return transformer_lens_model(model, tokenizer)
     return in_memory_model(model, tokenizer)
 
 

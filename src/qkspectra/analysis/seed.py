@@ -16,7 +16,7 @@ docs/method/seed.md); where the seed would print nan, the figure is None with a 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import math
 import numbers
@@ -26,9 +26,6 @@ import numpy as np
 
 from qkspectra.errors import QkspectraError, option
 from qkspectra.geometry import Geometry
-
-if TYPE_CHECKING:
-    from qkspectra.analysis.verdict import LayeredVerdict
 
 TINY = 1e-20  # the seed's guard for norms and denominators
 TIE = 1e-12  # anchor scores within this relative distance of the best count as equal
@@ -335,7 +332,7 @@ class Analysis:
     corr_T_entropy: Correlation | None
     corr_opnorm_entropy: Correlation | None
     cross_head: CrossHead
-    verdict: "LayeredVerdict | None" = None
+    verdict: Any = None  # an analysis.verdict.LayeredVerdict, set by qkspectra.analyze
 
     @property
     def verdict_code(self) -> str:

@@ -50,11 +50,7 @@ class InMemoryModel:
 
 
 def in_memory_model(model: Any, tokenizer: Any | None) -> InMemoryModel:
-    """Wrap a transformers model (or a TransformerLens one, ``transformer_lens``); QkspectraError if ``model`` is neither."""
-    from qkspectra.models.transformer_lens import is_transformer_lens, transformer_lens_model
-
-    if is_transformer_lens(model):
-        return transformer_lens_model(model, tokenizer)
+    """Wrap a transformers model; QkspectraError if ``model`` is not one (a TransformerLens model: ``transformer_lens``)."""
     config = getattr(model, "config", None)
     if not hasattr(model, "state_dict") or getattr(config, "model_type", None) is None:
         raise QkspectraError(f"model must be a bundled model name, a path, or a transformers model in memory; "
