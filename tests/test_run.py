@@ -16,7 +16,7 @@ from qkspectra.workflow.runner import RunSettings, cache_key, default_out_dir, m
 
 OPTIONS = ExtractOptions(max_tokens=256, seq_len=64, quiet=True)
 CLI_OPTIONS = ["--max-tokens", "256", "--seq-len", "64", "--quiet"]
-PLOTS = {"evidence", "schedule", "temperature_heatmap", "residual_heatmap", "spectral_shapes", "entropy_scatter", "entropy_by_position",
+PLOTS = {"evidence", "schedule", "temperature_heatmap", "residual_heatmap", "spectral_shapes", "entropy_scatter", "entropy_by_position", "entropy_descriptors",
          "cross_head", "rank_k"}
 
 
