@@ -153,11 +153,6 @@ def sweep_models(models: Sequence[str] = (), models_file: str | os.PathLike | No
 # ----------------------------------------------------------------------------
 
 
-def _lowest(values: list[Any]) -> float | None:
-    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return min(numbers) if numbers else None
-
-
 def entropy_link_best(document: Mapping[str, Any]) -> dict[str, Any] | None:
     """The descriptor with the strongest |within-layer Spearman| against the mean entropy:
     ``{descriptor, target, within_layer_spearman}``; None without ``descriptors`` or without any such figure."""
@@ -191,12 +186,13 @@ def key_figures(document: Mapping[str, Any], geometry: Any = None) -> dict[str, 
     figure; operator_residual: per strategy, same head and matched head, over the fitted layers;
     functional_change: per strategy, the change of the operator reconstruction
     (``verdict.functional_change``); operator_residual_best, functional_change_best: the lowest
-    among the strategies the verdict chooses from (``verdict.eligible_strategies``);
+    among the strategies the verdict chooses from, as the verdict finds them (``verdict.best_operator_residual``,
+    ``verdict.smallest_functional_change``: the change measured, before the control's rounding);
     schedule: the mean T over heads per layer, with the seed's (last) anchor; entropy_link_best (the
     strongest within-layer descriptor of the entropy, ``entropy_link_best``), median_context_slope
     (``context.median_slope``), mean_sink_mass (from the geometry, ``mean_sink_mass``). None where absent.
     """
-    from qkspectra.analysis.verdict import eligible_strategies, functional_change
+    from qkspectra.analysis.verdict import best_operator_residual, functional_change, smallest_functional_change
 
     per = dict(document["strategies"]) if "strategies" in document else {document["anchor"]["strategy"]: document}
     verdict = document["verdict"]
@@ -204,6 +200,7 @@ def key_figures(document: Mapping[str, Any], geometry: Any = None) -> dict[str, 
     functional = document.get("functional") or {}
     replaced = {name: entry for name, entry in functional.items() if isinstance(entry, Mapping) and "operator" in entry}
     operator = {name: entry for name, entry in (document.get("operator") or {}).items() if isinstance(entry, Mapping)}
+    operator_best, functional_best = best_operator_residual(operator), smallest_functional_change(functional)  # the verdict's figures
     T = document["rescale"]["T"]  # (L, H)
     return {
         "num_layers": len(T),
@@ -226,13 +223,8 @@ def key_figures(document: Mapping[str, Any], geometry: Any = None) -> dict[str, 
             for name, entry in operator.items()
         },
         "functional_change": {name: functional_change(entry.get("operator")) for name, entry in replaced.items()},
-        "operator_residual_best": _lowest(
-            [entry.get(key) for entry in eligible_strategies(operator).values()
-             for key in ("mean_residual_fitted", "matched_mean_residual_fitted")]
-        ),
-        "functional_change_best": _lowest(
-            [functional_change(entry.get("operator")) for entry in eligible_strategies(replaced, "replaced_layers").values()]
-        ),
+        "operator_residual_best": None if operator_best is None else operator_best[0],
+        "functional_change_best": None if functional_best is None else functional_best.measured,
         "corr_T_entropy": {name: s["entropy"]["corr_T_entropy"] for name, s in per.items()},
         "schedule": {
             "anchor": document["anchor"]["strategy"],
