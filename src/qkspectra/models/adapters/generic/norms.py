@@ -37,6 +37,17 @@ def norm_eps(module: Any, config: Any) -> float:
     return 1e-6
 
 
+def normalised(z: Any, *, centred: bool, eps: float) -> Any:
+    """n(z) = c / sqrt(mean(c ** 2) + eps) over the last dimension, c = z - mean(z) if ``centred`` else z.
+
+    z: (..., width) torch tensor -> (..., width), in z's dtype.
+    """
+    import torch
+
+    c = z - z.mean(-1, keepdim=True) if centred else z  # (..., width)
+    return c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps)
+
+
 def norm_recipe(module: Any, name: str, config: Any) -> NormRecipe | str:
     """How ``module`` applies its gain, probed on a random input; a line saying why not otherwise."""
     import torch
@@ -52,8 +63,7 @@ def norm_recipe(module: Any, name: str, config: Any) -> NormRecipe | str:
     w = weight.detach().double()
     b = 0.0 if bias is None else bias.detach().double()
     for centred in (False, True):
-        centre = z - z.mean(-1, keepdim=True) if centred else z
-        normal = centre * torch.rsqrt(centre.pow(2).mean(-1, keepdim=True) + eps)
+        normal = normalised(z, centred=centred, eps=eps)  # (3, width)
         for offset in (0.0, 1.0):
             if torch.allclose(normal * (offset + w) + b, out, rtol=1e-4, atol=1e-5):
                 return NormRecipe(name, offset, centred, bias is not None, eps)

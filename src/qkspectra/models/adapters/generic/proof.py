@@ -3,7 +3,10 @@
 ``tiny_config`` keeps the config's class and attention options with two layers of each kind and small
 widths; ``learn_and_verify`` builds that model, learns its norm recipes and rotary pairing, and checks
 that the extracted weights, biases, scale, norms and positions give the model's own eager attention
-probabilities to ``TOLERANCE`` on a random input.
+probabilities to ``TOLERANCE`` on a random input. The reproduction starts from each block's input before
+the norm that feeds its attention, normalised as the learned recipe says and read through the layer with
+that norm's gain and bias folded in (``extract.linearised_norm.fold_norm``, as the spectra read it), so
+the norm and its fold are part of what is proven.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 from qkspectra.errors import QkspectraError, first_line
 from qkspectra.models.adapters.generic.adapter import GenericAdapter
 from qkspectra.models.adapters.generic.layout import Layout, read_layout
-from qkspectra.models.adapters.generic.norms import norm_recipe
+from qkspectra.models.adapters.generic.norms import norm_recipe, normalised
 from qkspectra.models.adapters.generic.tables import (
     DROPOUT_FIELDS,
     EXPERT_COUNT_FIELDS,
@@ -96,6 +99,13 @@ def _input_norm(model: Any, layout: Layout, attention_inputs: list, outputs: dic
     return None
 
 
+def _first_input(inputs: dict, name: str):
+    """A forward pre-hook keeping in ``inputs[name]`` the first input the module is called with."""
+    def keep(module: Any, args: tuple, kwargs: dict) -> None:
+        inputs.setdefault(name, args[0] if args else kwargs.get("hidden_states"))
+    return keep
+
+
 def learn_and_verify(config: Any) -> tuple | str:
     """Build the tiny model, learn from it the norm recipes (input, query, key) and the rotary pairing, and check
     the reproduction: (layout, input norm, query norm, key norm, interleaved), or a line saying what failed."""
@@ -116,7 +126,7 @@ def learn_and_verify(config: Any) -> tuple | str:
         return layout
     norm_modules = {name: m for name, m in model.named_modules()
                     if "norm" in type(m).__name__.lower() or re.search(r"(^|\.)(ln_\w+|\w*norm\w*)$", name)}
-    attention_inputs, outputs, handles = [], {}, []
+    attention_inputs, outputs, norm_inputs, handles = [], {}, {}, []
     first = dict(model.named_modules())[layout.attention.format(0)]
     handles.append(first.register_forward_pre_hook(
         lambda m, args, kwargs: attention_inputs.append(kwargs.get("hidden_states", args[0] if args else None)),
@@ -124,6 +134,7 @@ def learn_and_verify(config: Any) -> tuple | str:
     for name, module in norm_modules.items():
         handles.append(module.register_forward_hook(
             lambda m, args, out, name=name: outputs.setdefault(name, out if torch.is_tensor(out) else None)))
+        handles.append(module.register_forward_pre_hook(_first_input(norm_inputs, name), with_kwargs=True))
     layer_inputs = []  # per layer: (2, TINY_SEQ_LEN, d_model)
     for index in range(len(layout.scales)):
         attention = dict(model.named_modules())[layout.attention.format(index)]
@@ -155,6 +166,10 @@ def learn_and_verify(config: Any) -> tuple | str:
         if isinstance(recipe, str):
             return recipe
         recipes.append(recipe)
+    if input_norm is not None:  # per layer: (2, TINY_SEQ_LEN, d_model), the block's input before that norm
+        layer_inputs = [norm_inputs.get(input_norm.format(index)) for index in range(len(layout.scales))]
+        if not all(torch.is_tensor(x) and x.shape == attention_inputs[0].shape for x in layer_inputs):
+            return f"cannot find the input of every layer's norm {input_norm}"
     tensors = StateDictSource(model.state_dict())
     failure = ""
     for interleaved in (False, True):  # the rotary pairing, learned like the norms' conventions
@@ -173,12 +188,20 @@ def learn_and_verify(config: Any) -> tuple | str:
 
 def _reproduction_failure(adapter: GenericAdapter, tensors: TensorSource, layer_inputs: list, attentions: tuple,
                           model_type: str) -> str | None:
-    """A line naming the first layer whose probabilities differ from the model's by more than TOLERANCE."""
+    """A line naming the first layer whose probabilities differ from the model's by more than TOLERANCE.
+
+    layer_inputs: per layer (batch, seq, d_model), the input of the norm ``adapter.input_norm`` (the
+    attention's own input where there is none); it is normalised as the recipe says and read through the
+    layer with the norm's gain and bias folded in.
+    """
+    from qkspectra.extract.linearised_norm import fold_norm
     from qkspectra.models.adapters.attention import attention_probabilities
 
+    recipe = adapter.input_norm
     for index, x in enumerate(layer_inputs):  # x: (batch, seq, d_model); attentions[index]: (batch, H, seq, seq)
-        layer = adapter.layer(tensors, index)
-        ours = attention_probabilities(layer, x.double(), causal=adapter.layout.causal)
+        x_hat = x.double() if recipe is None else normalised(x.double(), centred=recipe.centred, eps=recipe.eps)
+        layer = fold_norm(adapter.layer(tensors, index))
+        ours = attention_probabilities(layer, x_hat, causal=adapter.layout.causal)
         error = float((ours - attentions[index].double()).abs().max())
         if not error <= TOLERANCE:
             return (f"the generic reader does not reproduce a tiny {model_type}'s own attention "
