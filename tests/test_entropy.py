@@ -78,6 +78,10 @@ def tiny_model(kind: str, **overrides):
         # Falcon calls attention its own way: queries and keys rebuilt by its adapter (capture's fallback)
         "falcon": lambda: transformers.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                                     new_decoder_architecture=True, num_kv_heads=2, **common),
+        # GPT-Neo's "local" layer slides (8 tokens) inside its attention module, not in the mask it is handed
+        "gpt_neo": lambda: transformers.GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4, window_size=8,
+                                                     attention_types=[[["global", "local"], 1]], bos_token_id=101,
+                                                     eos_token_id=102, max_position_embeddings=512, **common),
         "persimmon": lambda: transformers.PersimmonConfig(  # LayerNorms on q and k, half the head rotated
             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, qk_layernorm=True,
             max_position_embeddings=512, hidden_dropout=0.0, attention_dropout=0.0, **common),
@@ -395,16 +399,17 @@ def test_batched_padded_pass_matches_output_attentions_line_by_line(kind, paddin
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-@pytest.mark.parametrize("kind", ["qwen3", "qwen3_sliding", "olmo2", "gemma3_text", "persimmon"])
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_sliding", "olmo2", "gemma3_text", "persimmon", "gpt_neo"])
 def test_query_key_norm_models_match_output_attentions(kind, padding_side, lines_corpus, kernel):
-    """Queries and keys through the models' q/k norms, per-layer sliding windows and rotary bases.
+    """Queries and keys through the models' q/k norms, per-layer sliding windows (GPT-Neo's applied inside
+    its attention module) and rotary bases.
 
     With per-layer windows the reference's visible-key counts (normalised entropy) do not apply;
     the entropy, sink mass and entropy by position come from the maps alone."""
     model = tiny_model(kind)
     reference = reference_stats(model, lines_corpus.windows, causal=True)
     stats = attention_entropy(sdpa(model), lines_corpus, batch_size=4, progress=False, padding_side=padding_side)
-    if kind in ("qwen3_sliding", "gemma3_text"):
+    if kind in ("qwen3_sliding", "gemma3_text", "gpt_neo"):
         reference = {key: reference[key] for key in ("mean_entropy", "mean_sink_mass", "entropy_by_position",
                                                      "mean_entropy_without_first", "entropy_without_first_by_position")}
     assert_matches_reference(stats, reference, lines_corpus.num_tokens)

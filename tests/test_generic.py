@@ -47,6 +47,8 @@ GENERIC_CASES = {
     "arcee": {},
     "apertus": {"head_dim": 12},
     "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "attention_multiplier": 0.3},
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]], "window_size": 4},
+    "gptj": {"rotary_dim": 6},
 }
 
 
@@ -93,6 +95,35 @@ def test_the_cases_cover_the_attention_options_the_issue_names():
     assert layers["granitemoe"].scale == 0.3  # attention_multiplier, not 1/sqrt(d_head)
     assert layers["granite"].scale == 1.0
     assert layers["phi"].rotary.rotary_dim == 6  # half of d_head 12
+
+
+def test_gpt_neo_and_gpt_j_positions_windows_and_scales():
+    neo = tiny_checkpoint("gpt_neo", **GENERIC_CASES["gpt_neo"])
+    gptj = tiny_checkpoint("gptj", **GENERIC_CASES["gptj"])
+    neo_layers = [adapter_for(neo.config).layer(StateDictSource(neo.state_dict()), i) for i in range(2)]
+    gptj_layer = adapter_for(gptj.config).layer(StateDictSource(gptj.state_dict()), 0)
+    assert [layer.sliding_window for layer in neo_layers] == [None, 4]  # "global", then "local" over 4 keys
+    assert [layer.scale for layer in neo_layers] == [1.0, 1.0]  # GPT-Neo's logit is q . k, unscaled
+    assert (gptj_layer.rotary.rotary_dim, gptj_layer.rotary.interleaved) == (6, True)  # rotate_every_two on 6 of 12
+    assert gptj_layer.scale == gptj.h[0].attn.scaling
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neo", "gptj"])
+def test_spectra_equal_a_dense_computation_from_the_models_own_modules(model_type):
+    """Singular values of s diag(g) W_Q^h W_K^h^T diag(g), from q_proj/k_proj and the ln_1 gain g, in float64."""
+    model = tiny_checkpoint(model_type, **GENERIC_CASES[model_type])
+    static = static_spectra(adapter_for(model.config), StateDictSource(model.state_dict()))  # folds ln_1's gain
+    assert static.norm_folded == [True, True]
+    for index, block in enumerate(model.h):
+        attention = block.attn.attention if model_type == "gpt_neo" else block.attn
+        scale = 1.0 if model_type == "gpt_neo" else attention.scaling  # GPT-Neo multiplies by nothing
+        gain = block.ln_1.weight.detach().double()  # (d_model,)
+        heads = attention.num_heads if model_type == "gpt_neo" else attention.num_attention_heads
+        W_Q = attention.q_proj.weight.detach().double().unflatten(0, (heads, -1))  # (H, d_head, d_model)
+        W_K = attention.k_proj.weight.detach().double().unflatten(0, (heads, -1))  # (H, d_head, d_model)
+        metric = scale * (gain[:, None] * W_Q.transpose(1, 2)) @ (W_K * gain)  # (H, d_model, d_model)
+        dense = torch.linalg.svdvals(metric)[:, :W_Q.shape[1]]  # (H, d_head)
+        np.testing.assert_allclose(static.rows[index]["metric_singvals_per_head"], dense.numpy(), rtol=1e-10)
 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "olmo2", "gemma3_text", "llama", "mistral", "qwen2"])

@@ -6,9 +6,10 @@ function registered here under ``CAPTURE``: it runs transformers' own SDPA atten
 (the model's outputs are those of ``attn_implementation="sdpa"``) and hands the call's queries,
 keys, logit scale and mask to a callback. Nothing is recomputed: the queries and keys are the
 model's own, after its projections, biases, query/key norms and rotary positions. Models that
-call attention their own way (Falcon) get a forward hook on each attention module instead, which
-rebuilds the queries and keys from the block's input with the adapter's pieces
-(``queries_and_keys``, proven equal to the model's own by the adapters' reproduction tests).
+call attention their own way (Falcon, GPT-Neo) get a forward hook on each attention module instead,
+which rebuilds the queries and keys from the block's input with the adapter's pieces
+(``queries_and_keys``, proven equal to the model's own by the adapters' reproduction tests) and
+adds the layer's sliding window to the mask the module is handed (GPT-Neo applies its own inside).
 """
 
 from __future__ import annotations
@@ -26,6 +27,20 @@ from qkspectra.models.modules import attention_modules
 
 CAPTURE = "qkspectra_capture"
 _RECORD = "_qkspectra_record"  # attribute set on each attention module while a capture is active
+
+
+def within_window(mask: torch.Tensor | None, causal: bool, num_queries: int, num_keys: int, window: int,
+                  device: torch.device) -> torch.Tensor:
+    """(B|1, 1, query_pos, key_pos) bool: the model's mask (as ``VisibleKeys`` reads it; None: every key, or
+    the causal ones) and the layer's sliding window, a query seeing only keys fewer than ``window`` places
+    from it (``attention.visible_keys``), counted in the padded sequence as the model's own window is."""
+    query = torch.arange(num_queries, device=device)[:, None] + num_keys - num_queries  # (query_pos, 1)
+    distance = query - torch.arange(num_keys, device=device)[None, :]  # (query_pos, key_pos)
+    band = (distance >= 0) & (distance < window) if causal else distance.abs() < window
+    if mask is None:
+        return band[None, None]
+    mask = mask[..., -num_queries:, :num_keys]
+    return (mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2) & band
 
 
 @dataclass(frozen=True)
@@ -241,8 +256,11 @@ class AttentionCapture:
             layer = self._next_layer()
             hidden = arguments["hidden_states"]
             queries, keys = queries_and_keys(self.layers[layer], hidden.to(torch.float32), self.positions)
-            visible = VisibleKeys(arguments.get("attention_mask"), getattr(module, "is_causal", False),
-                                  queries.shape[-2], keys.shape[-2], hidden.device)
+            causal, mask = getattr(module, "is_causal", False), arguments.get("attention_mask")
+            if self.layers[layer].sliding_window is not None:  # the module may apply it beyond its mask (GPT-Neo)
+                mask = within_window(mask, causal, queries.shape[-2], keys.shape[-2],
+                                     self.layers[layer].sliding_window, hidden.device)
+            visible = VisibleKeys(mask, causal, queries.shape[-2], keys.shape[-2], hidden.device)
             self.on_call(AttentionCall(layer, queries, keys, 1.0, visible))
 
         return record

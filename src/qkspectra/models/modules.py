@@ -11,13 +11,17 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The self-attention modules whose output transformers records as ``attentions``.
 
     Usually one per layer; a model that shares its layers (ALBERT) has one module run once per layer.
-    A model that records no outputs (Falcon) gives the modules whose class is named ``...Attention``,
-    if there is exactly one per layer.
+    A model that records no outputs (Falcon, GPT-Neo) gives the innermost modules whose class is named
+    ``...Attention`` (GPT-Neo's ``GPTNeoSelfAttention``, not the ``GPTNeoAttention`` that wraps it), if
+    there is exactly one per layer.
     """
     specs = getattr(model, "_can_record_outputs", None) or {}
     specs = specs.get("attentions")
     if specs is None:
-        modules = [module for module in model.modules() if type(module).__name__.endswith("Attention")]
+        named = [module for module in model.modules() if type(module).__name__.endswith("Attention")]
+        ids = {id(module) for module in named}
+        modules = [module for module in named  # those holding no other attention module
+                   if not any(id(inner) in ids for inner in list(module.modules())[1:])]
         if len(modules) != model.config.num_hidden_layers:
             raise QkspectraError(f"{type(model).__name__} does not say which modules compute its attention maps")
         return modules

@@ -20,6 +20,9 @@ VERIFIED_GENERIC_TYPES: dict[str, str] = {
     "exaone4": "per-head q/k norm, post-norm block (nothing to fold)",
     "gemma": "(1 + w) norm gains",
     "glm": "partial interleaved rotary, q/k biases",
+    "gpt_neo": "no logit scale at all (no `scaling` attribute), alternating global and local (windowed) layers, "
+               "attention module wrapped in another",
+    "gptj": "interleaved rotary on part of each head (rotary_dim, no rope_parameters), parallel block",
     "granite": "no logit scale at all (attention_multiplier 1)",
     "granitemoe": "mixture of experts, logit scale 0.3",
     "helium": "interleaved rotary",

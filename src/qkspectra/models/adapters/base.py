@@ -39,7 +39,7 @@ class RotaryEmbedding:
     rotary_dim: int
     base: float
     rope_type: str
-    interleaved: bool = False  # pairs (2i, 2i + 1) instead of (i, i + rotary_dim/2) (Cohere, GLM, Helium)
+    interleaved: bool = False  # pairs (2i, 2i + 1) instead of (i, i + rotary_dim/2) (Cohere, GLM, Helium, GPT-J)
     inv_freq: tuple[float, ...] | None = None  # the pairs' frequencies where rope_type rescales them (linear, llama3)
 
 
@@ -291,14 +291,17 @@ def rotary_from_config(config: Any, head_dim: int, layer_type: str | None = None
             f"{config.model_type} config sets rope attention_factor={params['attention_factor']}, which rescales "
             "the logits and is not modelled by qkspectra"
         )
-    rotary_dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    rotary_dim = getattr(config, "rotary_dim", None)  # GPT-J's field, where rope_parameters has no factor
+    if "partial_rotary_factor" in params or not isinstance(rotary_dim, int):
+        rotary_dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
     inv_freq = None
     if rope_type in ("linear", "llama3"):  # "dynamic" changes nothing within the position table
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         frequencies, _ = ROPE_INIT_FUNCTIONS[rope_type](config, None, layer_type=layer_type)
         inv_freq = tuple(float(f) for f in frequencies)
-    return RotaryEmbedding(rotary_dim=rotary_dim, base=float(params["rope_theta"]), rope_type=rope_type,
+    # GPT-J has no rope_parameters and fixes the base at RoPE's original 10000 in its code
+    return RotaryEmbedding(rotary_dim=rotary_dim, base=float(params.get("rope_theta", 10000.0)), rope_type=rope_type,
                            inv_freq=inv_freq)
 
 

@@ -34,11 +34,14 @@ class GenericAdapter(AttentionAdapter):
 
     def __init__(self, config: Any, layout: Layout, input_norm: NormRecipe | None,
                  query_norm: NormRecipe | None, key_norm: NormRecipe | None, verified_on: str,
-                 interleaved: bool = False):
+                 interleaved: bool = False, scale_exponent: float = 0.5):
         self.config = config
         self.model_type = config.model_type
         self.layout, self.input_norm, self.query_norm, self.key_norm = layout, input_norm, query_norm, key_norm
         self.verified_on = verified_on
+        # logit scale of the layers whose module exposes none: d_head ** -scale_exponent, the exponent learned
+        # on the tiny model (0: no scale at all, as GPT-Neo's; 1/2: 1 / sqrt(d_head))
+        self.scale_exponent = scale_exponent
         self.num_layers = len(layout.scales)
         self.num_heads, self.num_kv_heads = layout.num_heads, layout.num_kv_heads
         self.d_model, self.d_head = layout.d_model, layout.d_head
@@ -103,7 +106,7 @@ class GenericAdapter(AttentionAdapter):
             W_K=heads_from_linear(self.read(tensors, f"{attention}.{layout.key}.weight", (H_kv * dh, d)), H_kv),
             b_Q=heads_from_bias(self.read_optional(tensors, f"{attention}.{layout.query}.bias", (H * dh,)), H),
             b_K=heads_from_bias(self.read_optional(tensors, f"{attention}.{layout.key}.bias", (H_kv * dh,)), H_kv),
-            scale=layout.scales[index],
+            scale=layout.scales[index] if layout.scales[index] is not None else dh ** -self.scale_exponent,
             norm_gain=norm_gain,
             norm_bias=norm_bias,
             rotary=self.rotary_by_type.get(layout.layer_types[index]),
@@ -114,5 +117,6 @@ class GenericAdapter(AttentionAdapter):
 
 
 def _has_rotary(config: Any) -> bool:
-    params = getattr(config, "rope_parameters", None)
+    """Rotary positions: ``rope_parameters``, or (GPT-J) a ``rotary_dim`` without them."""
+    params = getattr(config, "rope_parameters", None) or isinstance(getattr(config, "rotary_dim", None), int)
     return bool(params) and getattr(config, "position_embedding_type", "rope") in ("rope", "rotary", None)

@@ -1,9 +1,9 @@
 """The attention layout of a model, read from its own modules (built on the meta device for a real config).
 
 The attention modules are those transformers records (``_can_record_outputs``); each must have separate
-query and key ``nn.Linear`` children (``tables.QUERY_NAMES``/``KEY_NAMES``) and a float ``scaling``, the
-logit scale it applies (which already carries ``attention_multiplier``, ``query_pre_attn_scalar`` or the
-absence of any scale).
+query and key ``nn.Linear`` children (``tables.QUERY_NAMES``/``KEY_NAMES``) and usually a float ``scaling``,
+the logit scale it applies (which already carries ``attention_multiplier``, ``query_pre_attn_scalar`` or the
+absence of any scale); where a module has none (GPT-Neo), the proof learns the scale on the tiny model.
 """
 
 from __future__ import annotations
@@ -13,7 +13,15 @@ from typing import Any
 
 from qkspectra.errors import QkspectraError
 from qkspectra.models.adapters.generic.refusals import class_refusal
-from qkspectra.models.adapters.generic.tables import KEY_NAMES, KEY_NORM_NAMES, QUERY_NAMES, QUERY_NORM_NAMES
+from qkspectra.models.adapters.generic.tables import (
+    KEY_NAMES,
+    KEY_NORM_NAMES,
+    LAYER_KIND_FIELDS,
+    QUERY_NAMES,
+    QUERY_NORM_NAMES,
+    WINDOW_FIELDS,
+    WINDOWED_LAYER_KINDS,
+)
 
 
 @dataclass(frozen=True)
@@ -29,7 +37,7 @@ class Layout:
     num_kv_heads: int
     d_head: int
     d_model: int
-    scales: tuple[float, ...]  # per layer
+    scales: tuple[float | None, ...]  # per layer; None where the module exposes no `scaling` (learned by the proof)
     windows: tuple[int | None, ...]  # per layer
     layer_types: tuple[str | None, ...]  # per layer
     causal: bool
@@ -81,29 +89,28 @@ def read_layout(model: Any) -> Layout | str:
     if query is None or key is None or not all(isinstance(getattr(first, n), nn.Linear) for n in (query, key)):
         return (f"{type(first).__name__} has no separate query and key linear maps (looked for "
                 f"{'/'.join(QUERY_NAMES[:3])}, ...)")
-    if not all(isinstance(getattr(m, "scaling", None), (int, float)) for m in modules):
-        return f"{type(first).__name__} does not expose its logit scale (a float `scaling` attribute)"
     q, k = getattr(first, query), getattr(first, key)
     num_heads = getattr(first, "num_heads", None) or getattr(config, "num_attention_heads", None)
     d_head = getattr(first, "head_dim", None) or (q.out_features // num_heads if num_heads else None)
     if not isinstance(num_heads, int) or not isinstance(d_head, int) or num_heads * d_head != q.out_features \
             or k.out_features % d_head:
         return f"cannot tell the head shapes of {type(first).__name__} ({q.out_features} query features)"
-    # Sliding windows: the module's own, else the config's for "sliding_attention" layers, else (configs
-    # without layer types, as Mistral's) the config's for every layer.
-    layer_types = getattr(config, "layer_types", None)
-    window = getattr(config, "sliding_window", None)
+    # Sliding windows: the module's own, else the config's for "sliding_attention" (GPT-Neo: "local") layers,
+    # else (configs without layer kinds, as Mistral's) the config's for every layer.
+    layer_types = next((getattr(config, f) for f in LAYER_KIND_FIELDS if getattr(config, f, None)), None)
+    window = next((getattr(config, f) for f in WINDOW_FIELDS if isinstance(getattr(config, f, None), int)), None)
     windows = []
     for index, module in enumerate(modules):
         own = getattr(module, "sliding_window", None)
-        sliding = layer_types is None or layer_types[index] == "sliding_attention"
+        sliding = layer_types is None or layer_types[index] in WINDOWED_LAYER_KINDS
         windows.append(own if isinstance(own, int) else window if sliding and isinstance(window, int) else None)
     layer_types = layer_types or [None] * num_layers
     return Layout(
         attention=template, query=query, key=key,
         query_norm=child_named(first, QUERY_NORM_NAMES), key_norm=child_named(first, KEY_NORM_NAMES),
         num_heads=num_heads, num_kv_heads=k.out_features // d_head, d_head=d_head, d_model=q.in_features,
-        scales=tuple(float(m.scaling) for m in modules), windows=tuple(windows),
+        scales=tuple(float(m.scaling) if isinstance(getattr(m, "scaling", None), (int, float)) else None
+                     for m in modules), windows=tuple(windows),
         layer_types=tuple(layer_types[:num_layers]), causal=bool(getattr(first, "is_causal", False)),
         query_bias=q.bias is not None, key_bias=k.bias is not None,
     )

@@ -1,8 +1,9 @@
 """The tiny-model proof: a random model of the same config class that the generic reader must reproduce.
 
 ``tiny_config`` keeps the config's class and attention options with two layers of each kind and small
-widths; ``learn_and_verify`` builds that model, learns its norm recipes and rotary pairing, and checks
-that the extracted weights, biases, scale, norms and positions give the model's own eager attention
+widths (a ``rotary_dim`` keeps its fraction of the head); ``learn_and_verify`` builds that model, learns
+its norm recipes, rotary pairing and (where its modules expose none) logit scale, and checks that the
+extracted weights, biases, scale, norms and positions give the model's own eager attention
 probabilities to ``TOLERANCE`` on a random input. The reproduction starts from each block's input before
 the norm that feeds its attention, normalised as the learned recipe says and read through the layer with
 that norm's gain and bias folded in (``extract.linearised_norm.fold_norm``, as the spectra read it), so
@@ -12,6 +13,7 @@ the norm and its fold are part of what is proven.
 from __future__ import annotations
 
 import copy
+import itertools
 import re
 from typing import Any
 
@@ -24,10 +26,12 @@ from qkspectra.models.adapters.generic.tables import (
     EXPERT_COUNT_FIELDS,
     EXPERTS_PER_TOKEN_FIELDS,
     FEED_FORWARD_WIDTH_FIELDS,
+    WINDOW_FIELDS,
 )
 from qkspectra.models.tensors import StateDictSource, TensorSource
 
 TOLERANCE = 1e-5  # on attention probabilities
+SCALE_EXPONENTS = (0.5, 0.0)  # s = d_head ** -exponent where the module exposes no scale: 1/sqrt(d_head), or none
 TINY_SEQ_LEN = 12
 TINY_SLIDING_WINDOW = 5
 TINY_VOCAB = 128
@@ -60,11 +64,20 @@ def tiny_config(config: Any) -> Any:
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if isinstance(values.get(name), int):
             values[name] = min(values[name], TINY_VOCAB - 1)
-    put("sliding_window", TINY_SLIDING_WINDOW)
+    for name in WINDOW_FIELDS:
+        put(name, TINY_SLIDING_WINDOW)
+    rotary_dim = values.get("rotary_dim")
+    if isinstance(rotary_dim, int):  # GPT-J's: the same fraction of the tiny model's 16-coordinate heads
+        real_d_head = getattr(config, "head_dim", None) or config.hidden_size // real_heads
+        values["rotary_dim"] = max(2, 2 * round(8 * rotary_dim / real_d_head))
     layer_types = values.get("layer_types")
     if layer_types:
         values["layer_types"] = list(dict.fromkeys(layer_types)) * 2  # every kind, twice, in order of appearance
         put("num_hidden_layers", len(values["layer_types"]))
+    elif values.get("attention_types"):  # GPT-Neo's runs of layer kinds: [[kinds, repeats], ...]
+        kinds = list(dict.fromkeys(config.attention_layers))
+        values["attention_types"], values["attention_layers"] = [[kinds, 2]], kinds * 2
+        put("num_hidden_layers", 2 * len(kinds))
     else:
         put("num_hidden_layers", 2)
     for name in ("max_window_layers",):
@@ -89,13 +102,15 @@ def _randomise(model: Any) -> None:
 
 
 def _input_norm(model: Any, layout: Layout, attention_inputs: list, outputs: dict) -> str | None:
-    """The module name (with {}) whose output is layer 0's attention input, if a norm's."""
-    parent = layout.attention.format(0).rsplit(".", 1)[0]
+    """The module name (with {}) whose output is layer 0's attention input, if a norm's in layer 0's block
+    (the attention module may sit deeper, as GPT-Neo's ``h.{}.attn.attention`` beside ``h.{}.ln_1``)."""
+    block = layout.attention.split("{}")[0] + "{}"
+    parent = block.format(0)
     for name, output in outputs.items():
         if name.startswith(parent + ".") and output.shape == attention_inputs[0].shape and \
                 bool((output == attention_inputs[0]).all()):
             relative = name[len(parent) + 1:]
-            return layout.attention.rsplit(".", 1)[0] + "." + relative
+            return block + "." + relative
     return None
 
 
@@ -107,8 +122,9 @@ def _first_input(inputs: dict, name: str):
 
 
 def learn_and_verify(config: Any) -> tuple | str:
-    """Build the tiny model, learn from it the norm recipes (input, query, key) and the rotary pairing, and check
-    the reproduction: (layout, input norm, query norm, key norm, interleaved), or a line saying what failed."""
+    """Build the tiny model, learn from it the norm recipes (input, query, key), the rotary pairing and (where its
+    modules expose none) the logit scale, and check the reproduction: (layout, input norm, query norm, key norm,
+    interleaved, scale exponent), or a line saying what failed."""
     import torch
     from transformers import AutoModel
 
@@ -172,17 +188,21 @@ def learn_and_verify(config: Any) -> tuple | str:
             return f"cannot find the input of every layer's norm {input_norm}"
     tensors = StateDictSource(model.state_dict())
     failure = ""
-    for interleaved in (False, True):  # the rotary pairing, learned like the norms' conventions
-        adapter = GenericAdapter(tiny, layout, *recipes, verified_on=config.model_type, interleaved=interleaved)
+    # the rotary pairing and, where a module exposes no scale, the scale's exponent, learned like the norms'
+    for interleaved, scale_exponent in itertools.product((False, True), SCALE_EXPONENTS):
+        adapter = GenericAdapter(tiny, layout, *recipes, verified_on=config.model_type, interleaved=interleaved,
+                                 scale_exponent=scale_exponent)
         if interleaved and not adapter.rotary_by_type:
             break
+        if scale_exponent != SCALE_EXPONENTS[0] and None not in layout.scales:
+            continue
         try:
             adapter.check_dimensions()
             failure = _reproduction_failure(adapter, tensors, layer_inputs, attentions, config.model_type)
         except QkspectraError as e:
             return f"reading a tiny {config.model_type} failed ({e})"
         if failure is None:
-            return layout, *recipes, interleaved
+            return layout, *recipes, interleaved, scale_exponent
     return failure
 
 

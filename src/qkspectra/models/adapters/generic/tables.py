@@ -15,6 +15,12 @@ KEY_NORM_NAMES = ("k_norm", "key_layernorm", "k_layernorm", "key_norm", "k_ln")
 EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon", "variance_eps")
 CONFIG_EPS_FIELDS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")
 
+# Config fields listing each layer's kind (GPT-Neo's "global"/"local"), the kinds that see only a window of
+# keys, and the fields holding that window (the query itself included) for those kinds.
+LAYER_KIND_FIELDS = ("layer_types", "attention_layers")
+WINDOWED_LAYER_KINDS = ("sliding_attention", "local")
+WINDOW_FIELDS = ("sliding_window", "window_size")
+
 # Config fields the tiny model shrinks or switches off, by what they hold.
 FEED_FORWARD_WIDTH_FIELDS = ("intermediate_size", "ffn_dim", "n_inner", "moe_intermediate_size",
                              "shared_expert_intermediate_size", "ffn_hidden_size")
