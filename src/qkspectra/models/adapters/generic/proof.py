@@ -1,7 +1,8 @@
 """The tiny-model proof: a random model of the same config class that the generic reader must reproduce.
 
 ``tiny_config`` keeps the config's class and attention options with two layers of each kind and small
-widths; ``learn_and_verify`` builds that model, learns its norm recipes and rotary pairing, and checks
+widths (a clip of the queries and keys set where the tiny model reaches it); ``learn_and_verify`` builds
+that model, learns its norm recipes, rotary pairing and q/k norm order, and checks
 that the extracted weights, biases, scale, norms and positions give the model's own eager attention
 probabilities to ``TOLERANCE`` on a random input.
 """
@@ -9,14 +10,16 @@ probabilities to ``TOLERANCE`` on a random input.
 from __future__ import annotations
 
 import copy
+import itertools
 import re
 from typing import Any
 
 from qkspectra.errors import QkspectraError, first_line
-from qkspectra.models.adapters.generic.adapter import GenericAdapter
+from qkspectra.models.adapters.generic.adapter import GenericAdapter, clip_of
 from qkspectra.models.adapters.generic.layout import Layout, read_layout
 from qkspectra.models.adapters.generic.norms import norm_recipe
 from qkspectra.models.adapters.generic.tables import (
+    CLIP_FIELDS,
     DROPOUT_FIELDS,
     EXPERT_COUNT_FIELDS,
     EXPERTS_PER_TOKEN_FIELDS,
@@ -28,6 +31,7 @@ TOLERANCE = 1e-5  # on attention probabilities
 TINY_SEQ_LEN = 12
 TINY_SLIDING_WINDOW = 5
 TINY_VOCAB = 128
+TINY_CLIP = 1.0  # about half the tiny model's query/key coordinates (RMS about 1.6) lie beyond it
 
 
 def tiny_config(config: Any) -> Any:
@@ -66,6 +70,8 @@ def tiny_config(config: Any) -> Any:
         put("num_hidden_layers", 2)
     for name in ("max_window_layers",):
         put(name, 1)
+    for name in CLIP_FIELDS:  # a clip the tiny model's queries and keys reach, so the proof sees it bind
+        put(name, TINY_CLIP)
     for name in DROPOUT_FIELDS:
         if isinstance(values.get(name), float):
             values[name] = 0.0
@@ -97,8 +103,9 @@ def _input_norm(model: Any, layout: Layout, attention_inputs: list, outputs: dic
 
 
 def learn_and_verify(config: Any) -> tuple | str:
-    """Build the tiny model, learn from it the norm recipes (input, query, key) and the rotary pairing, and check
-    the reproduction: (layout, input norm, query norm, key norm, interleaved), or a line saying what failed."""
+    """Build the tiny model, learn from it the norm recipes (input, query, key), the rotary pairing and where the
+    q/k norms and the clip sit, and check the reproduction: (layout, input norm, query norm, key norm, order:
+    ``GenericAdapter``'s interleaved, qk_norm_after_rotary, clip_after_qk_norm), or a line saying what failed."""
     import torch
     from transformers import AutoModel
 
@@ -151,23 +158,28 @@ def learn_and_verify(config: Any) -> tuple | str:
         if name is None:
             recipes.append(None)
             continue
-        recipe = norm_recipe(dict(model.named_modules())[name.format(0)], name, tiny)
+        width = layout.d_model if name == input_norm else None  # q/k norms: their weight's shape says
+        recipe = norm_recipe(dict(model.named_modules())[name.format(0)], name, tiny, width)
         if isinstance(recipe, str):
             return recipe
         recipes.append(recipe)
     tensors = StateDictSource(model.state_dict())
     failure = ""
-    for interleaved in (False, True):  # the rotary pairing, learned like the norms' conventions
-        adapter = GenericAdapter(tiny, layout, *recipes, verified_on=config.model_type, interleaved=interleaved)
-        if interleaved and not adapter.rotary_by_type:
-            break
+    # the rotary pairing and the order of clip, q/k norms and rotary, learned like the norms' conventions
+    has_norms, has_clip = recipes[1] is not None or recipes[2] is not None, clip_of(tiny) is not None
+    for interleaved, after_rotary, clip_after in itertools.product(
+            (False, True), (False, True) if has_norms else (False,), (False, True) if has_norms and has_clip else (False,)):
+        order = {"interleaved": interleaved, "qk_norm_after_rotary": after_rotary, "clip_after_qk_norm": clip_after}
+        adapter = GenericAdapter(tiny, layout, *recipes, verified_on=config.model_type, **order)
+        if (interleaved or after_rotary) and not adapter.rotary_by_type:
+            continue
         try:
             adapter.check_dimensions()
             failure = _reproduction_failure(adapter, tensors, layer_inputs, attentions, config.model_type)
         except QkspectraError as e:
             return f"reading a tiny {config.model_type} failed ({e})"
         if failure is None:
-            return layout, *recipes, interleaved
+            return layout, *recipes, order
     return failure
 
 

@@ -15,6 +15,9 @@ KEY_NORM_NAMES = ("k_norm", "key_layernorm", "k_layernorm", "key_norm", "k_ln")
 EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon", "variance_eps")
 CONFIG_EPS_FIELDS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")
 
+# Config fields that clamp every query, key and value coordinate to [-c, c] after projection (OLMo).
+CLIP_FIELDS = ("clip_qkv",)
+
 # Config fields the tiny model shrinks or switches off, by what they hold.
 FEED_FORWARD_WIDTH_FIELDS = ("intermediate_size", "ffn_dim", "n_inner", "moe_intermediate_size",
                              "shared_expert_intermediate_size", "ffn_hidden_size")
