@@ -16,7 +16,7 @@ from transformers import CONFIG_MAPPING
 from qkspectra.errors import QkspectraError
 from qkspectra.extract.spectra import static_spectra
 from qkspectra.models.adapters import ADAPTERS, adapter_for
-from qkspectra.models.adapters.attention import attention_probabilities
+from qkspectra.models.adapters.attention import attention_probabilities, queries_and_keys
 from qkspectra.models.adapters.generic import generic_adapter
 from qkspectra.models.supported import VERIFIED_GENERIC_TYPES, replace_models_section
 from qkspectra.models.tensors import StateDictSource
@@ -49,6 +49,8 @@ GENERIC_CASES = {
     "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "attention_multiplier": 0.3},
     "gpt_neo": {"attention_types": [[["global", "local"], 1]], "window_size": 4},
     "gptj": {"rotary_dim": 6},
+    "olmo": {"clip_qkv": 0.5},
+    "hunyuan_v1_dense": {"head_dim": 12},
 }
 
 
@@ -124,6 +126,75 @@ def test_spectra_equal_a_dense_computation_from_the_models_own_modules(model_typ
         metric = scale * (gain[:, None] * W_Q.transpose(1, 2)) @ (W_K * gain)  # (H, d_model, d_model)
         dense = torch.linalg.svdvals(metric)[:, :W_Q.shape[1]]  # (H, d_head)
         np.testing.assert_allclose(static.rows[index]["metric_singvals_per_head"], dense.numpy(), rtol=1e-10)
+
+
+def test_norms_without_parameters_clips_and_norms_after_rotary_are_read_in_the_models_order():
+    """OLMo's LayerNorm has no parameters (gain 1, its code's eps 1e-5); clip_qkv clamps queries and keys after
+    the projection (OLMo) or after the q/k norms (OLMoE); HunYuan normalises the rotated queries and keys.
+    Each reproduces its own attention only in its own order, and the clips are reached."""
+    from dataclasses import replace
+
+    olmo = tiny_checkpoint("olmo")
+    adapter = adapter_for(olmo.config)
+    layer = adapter.layer(StateDictSource(olmo.state_dict()), 0)
+    assert (layer.norm_gain == 1).all() and layer.norm_bias is None and adapter.input_norm.eps == 1e-5
+    assert layer.clip is None
+    assert_reproduces_own_attention(olmo, adapter)
+    for model_type, extra, wrong in (
+            ("olmo", {"clip_qkv": 0.5}, {"clip": None}),
+            ("olmoe", {"num_experts": 4, "num_experts_per_tok": 2, "clip_qkv": 0.5}, {"clip_after_qk_norm": False}),
+            ("hunyuan_v1_dense", {"head_dim": 12}, {"qk_norm_after_rotary": False})):
+        model = tiny_checkpoint(model_type, **extra)
+        adapter = adapter_for(model.config)
+        layer = adapter.layer(StateDictSource(model.state_dict()), 0)
+        assert all(getattr(layer, field) != value for field, value in wrong.items())
+        assert_reproduces_own_attention(model, adapter)
+        if "clip_qkv" in extra:
+            unclipped = replace(layer, clip=None)
+            x = torch.randn(1, SEQ_LEN, adapter.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+            q, _ = queries_and_keys(unclipped, x, torch.arange(SEQ_LEN)[None])
+            assert (q.abs() > 0.5 * layer.scale).double().mean() > 0.1  # the clip is reached
+        with pytest.raises(AssertionError):  # the other order does not reproduce it
+            assert_reproduces_own_attention(model, _with_layers(adapter, **wrong))
+
+
+def _with_layers(adapter, **fields):
+    """The adapter with ``fields`` replaced in every layer it reads."""
+    from dataclasses import replace
+
+    class Changed(type(adapter)):
+        def layer(self, tensors, index):
+            return replace(super().layer(tensors, index), **fields)
+
+    changed = object.__new__(Changed)
+    changed.__dict__.update(adapter.__dict__)
+    return changed
+
+
+@pytest.mark.parametrize("model_type", ["olmo", "hunyuan_v1_dense"])
+def test_static_spectra_are_those_of_the_dense_metric_of_the_models_own_modules(model_type):
+    """float64 singular values of M_h = s * A W_Q[h] diag(g_q g_k / (r_Q r_K)) W_K[h]^T A, formed densely from
+    the modules' weights: A the input norm's gain (1 for OLMo's LayerNorm), r the RMS of queries and keys
+    for isotropic unit-RMS input to the norm's output (1 without q/k norms), any clip left out."""
+    model = tiny_checkpoint(model_type, **GENERIC_CASES[model_type])
+    rows = static_spectra(adapter_for(model.config), StateDictSource(model.state_dict())).rows
+    for index, block in enumerate(model.layers):
+        attention = block.self_attn
+        d_head, heads = attention.head_dim, model.config.num_attention_heads
+        gain = getattr(block.input_layernorm, "weight", None)
+        A = np.diag(np.ones(model.config.hidden_size) if gain is None else gain.detach().double().numpy())
+        W_Q = (A @ attention.q_proj.weight.detach().double().numpy().T).reshape(-1, heads, d_head)  # (d, H, d_head)
+        W_K = (A @ attention.k_proj.weight.detach().double().numpy().T).reshape(A.shape[0], -1, d_head)
+        W_K = np.repeat(W_K, heads // W_K.shape[1], axis=1)  # (d, H, d_head) one key head per query head
+        norms = [getattr(attention, name, None) for name in ("query_layernorm", "key_layernorm")]
+        g = np.ones(d_head) if norms[0] is None else \
+            norms[0].weight.detach().double().numpy() * norms[1].weight.detach().double().numpy()  # (d_head,)
+        r_Q = np.sqrt((W_Q**2).sum((0, 2)) / d_head) if norms[0] is not None else np.ones(heads)  # (H,)
+        r_K = np.sqrt((W_K**2).sum((0, 2)) / d_head) if norms[1] is not None else np.ones(heads)
+        for h in range(heads):
+            M = attention.scaling * (W_Q[:, h] * g) @ W_K[:, h].T / (r_Q[h] * r_K[h])  # (d_model, d_model)
+            dense = np.linalg.svd(M, compute_uv=False)[:d_head]
+            np.testing.assert_allclose(rows[index]["metric_singvals_per_head"][h], dense, rtol=1e-10)
 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "olmo2", "gemma3_text", "llama", "mistral", "qwen2"])

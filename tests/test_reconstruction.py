@@ -101,9 +101,28 @@ def tiny_gemma3_with_zero_gains():
     return model
 
 
+def tiny_generic(model_type: str, **extra):
+    """A causal LM read by the generic reader (OLMo: clipped queries and keys, LayerNorm without parameters;
+    HunYuan: q/k norms after the rotary embedding, with gains unequal on each rotary pair)."""
+    from transformers import AutoModelForCausalLM, CONFIG_MAPPING
+
+    torch.manual_seed(4)
+    config = CONFIG_MAPPING[model_type](num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                        hidden_size=32, intermediate_size=64, vocab_size=64, bos_token_id=0,
+                                        eos_token_id=0, pad_token_id=0, **extra)
+    model = sharpen(AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval())
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("query_layernorm.weight", "key_layernorm.weight")):
+                parameter.uniform_(0.5, 1.5)
+    return model
+
+
 @pytest.mark.parametrize("fold_ln", [True, False])
-@pytest.mark.parametrize("make_model", [tiny_llama, tiny_bert, tiny_gemma3, tiny_gemma3_with_zero_gains],
-                         ids=["llama-gqa-rope", "bert-encoder", "gemma3-qk-norm", "gemma3-zero-gains"])
+@pytest.mark.parametrize("make_model", [
+    tiny_llama, tiny_bert, tiny_gemma3, tiny_gemma3_with_zero_gains,
+    lambda: tiny_generic("olmo", clip_qkv=1.0), lambda: tiny_generic("hunyuan_v1_dense", head_dim=8)],
+    ids=["llama-gqa-rope", "bert-encoder", "gemma3-qk-norm", "gemma3-zero-gains", "olmo-clip", "hunyuan-qk-norm-after-rope"])
 def test_control_changes_nothing_and_reconstructions_do(make_model, fold_ln):
     section = effects(make_model(), fold_ln)
     control = section["control"]

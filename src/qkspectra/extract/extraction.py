@@ -136,7 +136,8 @@ def run_extraction(
                                   window_per_line=options.window_per_line, max_length=model_max_length(sized))
             adapter.check_sequence_length(max(map(len, corpus.windows)))
 
-        qk_norm = qk_norm_metadata(adapter.layer(tensors, 0), static_only=corpus is None)
+        first_layer = adapter.layer(tensors, 0)
+        qk_norm = qk_norm_metadata(first_layer, static_only=corpus is None)
         norm_rms = None
         if qk_norm is not None and corpus is not None:
             from qkspectra.extract.linearised_norm import measure_norm_rms
@@ -178,6 +179,7 @@ def run_extraction(
             "positions": adapter.describe_positions(),
             "rotary": None if adapter.rotary is None else asdict(adapter.rotary),
             "qk_norm": qk_norm,
+            "qk_clip": qk_clip_metadata(first_layer),
             "dtype": static.checkpoint_dtype,
             "computation_dtype": "float64",
             "factors_convention": FACTOR_CONVENTION,
@@ -244,12 +246,28 @@ def qk_norm_metadata(layer, *, static_only: bool) -> dict | None:
     if not layer.has_qk_norm:
         return None
     norm = layer.q_norm or layer.k_norm
+    after = layer.qk_norm_after_rotary
     return {
         "over": "each head" if norm.over == "head" else "the whole projection",
         "kind": "LayerNorm" if norm.centred else "RMSNorm",
         "metric": "s * (W_Q / r_Q) diag(g_q * g_k) (W_K / r_K)^T, r the RMS of what the norm normalises",
         "rms": RMS_SOURCES["isotropic" if static_only else "corpus"],
+        "order": "after the rotary embedding" if after else "before the rotary embedding",
+        **({"position": "the form of query and key at position 0; elsewhere the gains act on rotated "
+                        "coordinates (the same form at any offset only where g_q * g_k is equal on each rotary pair)"}
+           if after else {}),
         # rms_query (L, H) and rms_key (L, H_kv): the values used, added after the static pass
+    }
+
+
+def qk_clip_metadata(layer) -> dict | None:
+    """The clip of each query and key coordinate (``clip_qkv``), None for models without one."""
+    if layer.clip is None:
+        return None
+    return {
+        "bound": layer.clip,
+        "where": "after the query/key norms" if layer.clip_after_qk_norm else "after the projections",
+        "metric": "the bilinear form where no coordinate is clipped; entropies are the clipped model's own",
     }
 
 

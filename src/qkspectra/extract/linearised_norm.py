@@ -107,7 +107,8 @@ def linearise(layer: AttentionLayer, rms: tuple[np.ndarray | None, np.ndarray | 
     rms = isotropic_layer_rms(layer) if rms is None else rms
     W_Q, b_Q = _linearised(layer.W_Q, layer.b_Q, layer.q_norm, rms[0])
     W_K, b_K = _linearised(layer.W_K, layer.b_K, layer.k_norm, rms[1])
-    return replace(layer, W_Q=W_Q, W_K=W_K, b_Q=b_Q, b_K=b_K, q_norm=None, k_norm=None)
+    # the linearised form is bilinear: a clip of the queries and keys before the norms is not part of it
+    return replace(layer, W_Q=W_Q, W_K=W_K, b_Q=b_Q, b_K=b_K, q_norm=None, k_norm=None, clip=None)
 
 
 def delinearise(W: np.ndarray, b: np.ndarray | None, norm: QKNorm | None, rms: np.ndarray,

@@ -2,8 +2,9 @@
 
 From the block's input x (after its input norm; a layer folded by ``extract.linearised_norm.fold_norm``
 takes the normalised vector) ``queries_and_keys`` applies, in the model's order, the projections and
-biases, the query/key norms, the rotary embedding at the given positions and the logit scale (folded
-into the queries), so that ``q @ k.T`` is the pre-softmax logit; ``visible_keys`` is the causal and
+biases, the clip of each coordinate (``clip_qkv``), the query/key norms and the rotary embedding at the
+given positions (norms before or after it, as the layer says) and the logit scale (folded into the
+queries), so that ``q @ k.T`` is the pre-softmax logit; ``visible_keys`` is the causal and
 sliding-window mask. Everything runs in torch, in the dtype of x (float64 for exact checks); the
 layer's arrays may be numpy arrays or torch tensors already on x's device (as
 ``extract.capture.layer_as_torch`` makes them), and any slice of positions works. This is the one
@@ -80,9 +81,24 @@ def queries_and_keys(layer: AttentionLayer, x: torch.Tensor,
     Query head h reads key head h // (H / H_kv): q[b, h, i] . k[b, h // (H / H_kv), j] is the
     model's pre-softmax logit of query i and key j.
     """
-    q = apply_qk_norm(_project(x, layer.W_Q, layer.b_Q), layer.q_norm)
-    k = apply_qk_norm(_project(x, layer.W_K, layer.b_K), layer.k_norm)
-    return rotate(q, layer.rotary, positions) * layer.scale, rotate(k, layer.rotary, positions)
+    q = _formed(layer, _project(x, layer.W_Q, layer.b_Q), layer.q_norm, positions)
+    k = _formed(layer, _project(x, layer.W_K, layer.b_K), layer.k_norm, positions)
+    return q * layer.scale, k
+
+
+def _formed(layer: AttentionLayer, z: torch.Tensor, norm: QKNorm | None, positions: torch.Tensor) -> torch.Tensor:
+    """Projected queries or keys z (B, heads, T, d_head) clipped, normalised and rotated in the layer's order:
+    clip (before the norm, or after it with ``clip_after_qk_norm``), then norm and rotary (the norm first,
+    or the rotary first with ``qk_norm_after_rotary``)."""
+    clip = layer.clip is not None
+    if clip and not layer.clip_after_qk_norm:
+        z = z.clamp(-layer.clip, layer.clip)
+    if layer.qk_norm_after_rotary:
+        z = rotate(z, layer.rotary, positions)
+    z = apply_qk_norm(z, norm)
+    if clip and layer.clip_after_qk_norm:
+        z = z.clamp(-layer.clip, layer.clip)
+    return z if layer.qk_norm_after_rotary else rotate(z, layer.rotary, positions)
 
 
 def visible_keys(layer: AttentionLayer, query_positions: torch.Tensor, key_positions: torch.Tensor, *,

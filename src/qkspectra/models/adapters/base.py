@@ -45,7 +45,8 @@ class RotaryEmbedding:
 
 @dataclass(frozen=True, eq=False)
 class QKNorm:
-    """A norm on the queries (or keys) of a layer, applied after the projection, before positions.
+    """A norm on the queries (or keys) of a layer, applied after the projection, before positions
+    (after them where the layer says ``qk_norm_after_rotary``).
 
     For each group of coordinates it normalises (one head's d_head coordinates with ``over="head"``,
     all heads' together with ``over="projection"``), z -> gain * (z - c) / sqrt(mean((z - c)^2) + eps)
@@ -76,6 +77,9 @@ class AttentionLayer:
     q_norm: QKNorm | None = None  # norm on the queries after projection (per head or whole projection)
     k_norm: QKNorm | None = None  # norm on the keys, one gain row per key head
     sliding_window: int | None = None  # a query sees only the last sliding_window keys (itself included)
+    clip: float | None = None  # each query and key coordinate clamped to [-clip, clip] after projection (clip_qkv)
+    clip_after_qk_norm: bool = False  # the clip applied to the normalised queries and keys (OLMoE), not before the norm
+    qk_norm_after_rotary: bool = False  # q/k norms applied to the rotated queries and keys (HunYuan), not before
 
     @property
     def has_qk_norm(self) -> bool:

@@ -23,6 +23,7 @@ from qkspectra.models.adapters.base import (
 )
 from qkspectra.models.adapters.generic.layout import Layout
 from qkspectra.models.adapters.generic.norms import NormRecipe
+from qkspectra.models.adapters.generic.tables import CLIP_FIELDS
 from qkspectra.models.tensors import TensorSource
 
 
@@ -34,8 +35,11 @@ class GenericAdapter(AttentionAdapter):
 
     def __init__(self, config: Any, layout: Layout, input_norm: NormRecipe | None,
                  query_norm: NormRecipe | None, key_norm: NormRecipe | None, verified_on: str,
-                 interleaved: bool = False, scale_exponent: float = 0.5):
+                 interleaved: bool = False, qk_norm_after_rotary: bool = False, clip_after_qk_norm: bool = False,
+                 scale_exponent: float = 0.5):
         self.config = config
+        self.clip, self.clip_after_qk_norm = clip_of(config), clip_after_qk_norm
+        self.qk_norm_after_rotary = qk_norm_after_rotary
         self.model_type = config.model_type
         self.layout, self.input_norm, self.query_norm, self.key_norm = layout, input_norm, query_norm, key_norm
         self.verified_on = verified_on
@@ -71,6 +75,8 @@ class GenericAdapter(AttentionAdapter):
 
     def _norm(self, tensors: TensorSource, recipe: NormRecipe, index: int, width: int):
         """(gain, bias) of a norm over ``width`` coordinates (a per-head norm may hold one row per head)."""
+        if not recipe.has_gain:  # a norm without parameters: gain 1, no bias
+            return np.ones(width), None
         gain = self.read(tensors, f"{recipe.name.format(index)}.weight", None) + recipe.offset
         if gain.shape[-1] != width:
             raise QkspectraError(f"tensor {recipe.name.format(index)}.weight has shape {gain.shape}, "
@@ -113,6 +119,9 @@ class GenericAdapter(AttentionAdapter):
             q_norm=self._qk_norm(tensors, self.query_norm, index, H),
             k_norm=self._qk_norm(tensors, self.key_norm, index, H_kv),
             sliding_window=layout.windows[index],
+            clip=self.clip,
+            clip_after_qk_norm=self.clip_after_qk_norm,
+            qk_norm_after_rotary=self.qk_norm_after_rotary,
         )
 
 
@@ -120,3 +129,8 @@ def _has_rotary(config: Any) -> bool:
     """Rotary positions: ``rope_parameters``, or (GPT-J) a ``rotary_dim`` without them."""
     params = getattr(config, "rope_parameters", None) or isinstance(getattr(config, "rotary_dim", None), int)
     return bool(params) and getattr(config, "position_embedding_type", "rope") in ("rope", "rotary", None)
+
+
+def clip_of(config: Any) -> float | None:
+    """The bound the config clamps every query, key and value coordinate to (``tables.CLIP_FIELDS``), or None."""
+    return next((float(c) for c in (getattr(config, f, None) for f in CLIP_FIELDS) if c is not None), None)

@@ -2,7 +2,8 @@
 
 A norm is read as gain * n(z) + bias with n(z) = c / sqrt(mean(c ** 2) + eps), c = z (RMSNorm) or
 z - mean(z) (LayerNorm), over the last dimension, and gain = offset + w for the stored weight w
-(offset 1 for Gemma-style norms, else 0).
+(offset 1 for Gemma-style norms, else 0); a norm without parameters has gain 1. The epsilon is the
+module's or the config's where the module agrees, else the one its output implies.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class NormRecipe:
     centred: bool
     has_bias: bool
     eps: float
+    has_gain: bool = True  # False: the module stores no weight (gain 1, bias 0), as OLMo's LayerNorm
 
 
 def norm_eps(module: Any, config: Any) -> float:
@@ -48,23 +50,60 @@ def normalised(z: Any, *, centred: bool, eps: float) -> Any:
     return c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def norm_recipe(module: Any, name: str, config: Any) -> NormRecipe | str:
-    """How ``module`` applies its gain, probed on a random input; a line saying why not otherwise."""
+def norm_recipe(module: Any, name: str, config: Any, width: int | None = None) -> NormRecipe | str:
+    """How ``module`` applies its gain, probed on a random input; a line saying why not otherwise.
+
+    A norm without a stored weight (OLMo's LayerNorm) has gain 1 and bias 0; ``width`` is then the number
+    of coordinates it normalises (else its weight's shape says).
+    """
     import torch
 
-    weight = getattr(module, "weight", None)  # (width,)
-    if weight is None:
-        return f"norm {name} has no gain"
+    weight = getattr(module, "weight", None)  # (width,) or None
+    if weight is None and width is None:
+        return f"norm {name} has no weight, so how many coordinates it normalises cannot be read"
     bias = getattr(module, "bias", None)
-    eps = norm_eps(module, config)
-    z = torch.randn(3, *weight.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64) + 0.5
-    with torch.no_grad():
-        out = module(z.to(weight.dtype)).double()
-    w = weight.detach().double()
+    shape = (width,) if weight is None else tuple(weight.shape)
+    dtype = torch.get_default_dtype() if weight is None else weight.dtype
+    z = torch.randn(3, *shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64) + 0.5
+    out = _output(module, z, dtype)
+    w = 0.0 if weight is None else weight.detach().double()
     b = 0.0 if bias is None else bias.detach().double()
+    stated = norm_eps(module, config)
     for centred in (False, True):
-        normal = normalised(z, centred=centred, eps=eps)  # (3, width)
-        for offset in (0.0, 1.0):
-            if torch.allclose(normal * (offset + w) + b, out, rtol=1e-4, atol=1e-5):
-                return NormRecipe(name, offset, centred, bias is not None, eps)
+        centre = z - z.mean(-1, keepdim=True) if centred else z
+        for offset in (0.0, 1.0) if weight is not None else (1.0,):
+            if torch.allclose(normalised(centre, centred=False, eps=stated) * (offset + w) + b, out, rtol=1e-4, atol=1e-5):
+                eps = _epsilon(module, centre, offset + w, b, stated, dtype)
+                if eps is None:
+                    return f"norm {name} ({type(module).__name__}) divides by an epsilon that cannot be told"
+                return NormRecipe(name, offset, centred, bias is not None, eps, has_gain=weight is not None)
     return f"norm {name} ({type(module).__name__}) is neither an RMSNorm nor a LayerNorm of its last dimension"
+
+
+def _output(module: Any, z: Any, dtype: Any) -> Any:
+    """The module's output for z, in float64."""
+    import torch
+
+    with torch.no_grad():
+        return module(z.to(dtype)).double()
+
+
+def _epsilon(module: Any, centre: Any, gain: Any, bias: Any, stated: float, dtype: Any) -> float | None:
+    """The epsilon the norm divides by, checked on inputs whose mean square is ``stated`` (there it matters).
+
+    ``stated`` (the module's or config's) if the module agrees; else the one its output implies (OLMo's
+    LayerNorm keeps its 1e-5 in its code alone); None if that does not reproduce the module either.
+    """
+    import torch
+
+    level = max(stated, 1e-8)
+    small = centre * (level / centre.pow(2).mean(-1, keepdim=True)).sqrt()  # mean square `level`, mean kept
+    out = _output(module, small, dtype) - bias  # gain * small / sqrt(level + eps)
+    for eps in (stated, None):
+        if eps is None:  # 1 / sqrt(level + eps), fitted row by row
+            signal = small * gain
+            inverse = (signal * out).sum(-1) / (signal * signal).sum(-1)
+            eps = max(float(f"{float((inverse.pow(-2) - level).mean()):.3g}"), 0.0)
+        if torch.allclose(normalised(small, centred=False, eps=eps) * gain, out, rtol=1e-4, atol=1e-5):
+            return eps
+    return None

@@ -1,8 +1,9 @@
 """The tiny-model proof: a random model of the same config class that the generic reader must reproduce.
 
 ``tiny_config`` keeps the config's class and attention options with two layers of each kind and small
-widths (a ``rotary_dim`` keeps its fraction of the head); ``learn_and_verify`` builds that model, learns
-its norm recipes, rotary pairing and (where its modules expose none) logit scale, and checks that the
+widths (a ``rotary_dim`` keeps its fraction of the head, a clip of the queries and keys is set where
+the tiny model reaches it); ``learn_and_verify`` builds that model, learns its norm recipes, rotary
+pairing, q/k norm order and (where its modules expose none) logit scale, and checks that the
 extracted weights, biases, scale, norms and positions give the model's own eager attention
 probabilities to ``TOLERANCE`` on a random input. The reproduction starts from each block's input before
 the norm that feeds its attention, normalised as the learned recipe says and read through the layer with
@@ -18,10 +19,11 @@ import re
 from typing import Any
 
 from qkspectra.errors import QkspectraError, first_line
-from qkspectra.models.adapters.generic.adapter import GenericAdapter
+from qkspectra.models.adapters.generic.adapter import GenericAdapter, clip_of
 from qkspectra.models.adapters.generic.layout import Layout, read_layout
 from qkspectra.models.adapters.generic.norms import norm_recipe, normalised
 from qkspectra.models.adapters.generic.tables import (
+    CLIP_FIELDS,
     DROPOUT_FIELDS,
     EXPERT_COUNT_FIELDS,
     EXPERTS_PER_TOKEN_FIELDS,
@@ -35,6 +37,7 @@ SCALE_EXPONENTS = (0.5, 0.0)  # s = d_head ** -exponent where the module exposes
 TINY_SEQ_LEN = 12
 TINY_SLIDING_WINDOW = 5
 TINY_VOCAB = 128
+TINY_CLIP = 1.0  # about half the tiny model's query/key coordinates (RMS about 1.6) lie beyond it
 
 
 def tiny_config(config: Any) -> Any:
@@ -82,6 +85,8 @@ def tiny_config(config: Any) -> Any:
         put("num_hidden_layers", 2)
     for name in ("max_window_layers",):
         put(name, 1)
+    for name in CLIP_FIELDS:  # a clip the tiny model's queries and keys reach, so the proof sees it bind
+        put(name, TINY_CLIP)
     for name in DROPOUT_FIELDS:
         if isinstance(values.get(name), float):
             values[name] = 0.0
@@ -122,9 +127,10 @@ def _first_input(inputs: dict, name: str):
 
 
 def learn_and_verify(config: Any) -> tuple | str:
-    """Build the tiny model, learn from it the norm recipes (input, query, key), the rotary pairing and (where its
-    modules expose none) the logit scale, and check the reproduction: (layout, input norm, query norm, key norm,
-    interleaved, scale exponent), or a line saying what failed."""
+    """Build the tiny model, learn from it the norm recipes (input, query, key), the rotary pairing, where the
+    q/k norms and the clip sit and (where its modules expose none) the logit scale, and check the reproduction:
+    (layout, input norm, query norm, key norm, order: ``GenericAdapter``'s interleaved, qk_norm_after_rotary,
+    clip_after_qk_norm, scale_exponent), or a line saying what failed."""
     import torch
     from transformers import AutoModel
 
@@ -178,7 +184,8 @@ def learn_and_verify(config: Any) -> tuple | str:
         if name is None:
             recipes.append(None)
             continue
-        recipe = norm_recipe(dict(model.named_modules())[name.format(0)], name, tiny)
+        width = layout.d_model if name == input_norm else None  # q/k norms: their weight's shape says
+        recipe = norm_recipe(dict(model.named_modules())[name.format(0)], name, tiny, width)
         if isinstance(recipe, str):
             return recipe
         recipes.append(recipe)
@@ -188,13 +195,16 @@ def learn_and_verify(config: Any) -> tuple | str:
             return f"cannot find the input of every layer's norm {input_norm}"
     tensors = StateDictSource(model.state_dict())
     failure = ""
-    # the rotary pairing and, where a module exposes no scale, the scale's exponent, learned like the norms'
-    for interleaved, scale_exponent in itertools.product((False, True), SCALE_EXPONENTS):
-        adapter = GenericAdapter(tiny, layout, *recipes, verified_on=config.model_type, interleaved=interleaved,
-                                 scale_exponent=scale_exponent)
-        if interleaved and not adapter.rotary_by_type:
-            break
-        if scale_exponent != SCALE_EXPONENTS[0] and None not in layout.scales:
+    # the rotary pairing, the order of clip, q/k norms and rotary, and (where a module exposes no scale) the
+    # scale's exponent, learned like the norms' conventions
+    has_norms, has_clip = recipes[1] is not None or recipes[2] is not None, clip_of(tiny) is not None
+    for interleaved, after_rotary, clip_after, scale_exponent in itertools.product(
+            (False, True), (False, True) if has_norms else (False,), (False, True) if has_norms and has_clip else (False,),
+            SCALE_EXPONENTS if None in layout.scales else SCALE_EXPONENTS[:1]):
+        order = {"interleaved": interleaved, "qk_norm_after_rotary": after_rotary, "clip_after_qk_norm": clip_after,
+                 "scale_exponent": scale_exponent}
+        adapter = GenericAdapter(tiny, layout, *recipes, verified_on=config.model_type, **order)
+        if (interleaved or after_rotary) and not adapter.rotary_by_type:
             continue
         try:
             adapter.check_dimensions()
@@ -202,7 +212,7 @@ def learn_and_verify(config: Any) -> tuple | str:
         except QkspectraError as e:
             return f"reading a tiny {config.model_type} failed ({e})"
         if failure is None:
-            return layout, *recipes, interleaved, scale_exponent
+            return layout, *recipes, order
     return failure
 
 

@@ -41,12 +41,11 @@ def generic_adapter(config: Any) -> GenericAdapter:
     learned = _VERIFIED[key]
     if isinstance(learned, str):
         raise refusal_error(model_type, learned)
-    tiny_layout, *recipes, interleaved, scale_exponent = learned
+    tiny_layout, *recipes, order = learned
     if (tiny_layout.query, tiny_layout.key, tiny_layout.query_norm, tiny_layout.key_norm) != \
             (layout.query, layout.key, layout.query_norm, layout.key_norm):
         raise refusal_error(model_type, "its tiny model has another module layout than the real one")
-    return GenericAdapter(config, layout, *recipes, verified_on=model_type, interleaved=interleaved,
-                          scale_exponent=scale_exponent)
+    return GenericAdapter(config, layout, *recipes, verified_on=model_type, **order)
 
 
 def _real_layout(config: Any) -> Layout | str:

@@ -21,6 +21,9 @@ LAYER_KIND_FIELDS = ("layer_types", "attention_layers")
 WINDOWED_LAYER_KINDS = ("sliding_attention", "local")
 WINDOW_FIELDS = ("sliding_window", "window_size")
 
+# Config fields that clamp every query, key and value coordinate to [-c, c] after projection (OLMo).
+CLIP_FIELDS = ("clip_qkv",)
+
 # Config fields the tiny model shrinks or switches off, by what they hold.
 FEED_FORWARD_WIDTH_FIELDS = ("intermediate_size", "ffn_dim", "n_inner", "moe_intermediate_size",
                              "shared_expert_intermediate_size", "ffn_hidden_size")
