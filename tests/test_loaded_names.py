@@ -50,7 +50,8 @@ def bert_legacy(state: dict) -> dict:
 
 def nomic_bert_legacy(state: dict) -> dict:
     """nomic-bert's original layout: one fused ``attn.Wqkv`` per layer (q, k, v stacked by rows)."""
-    renames = [("layers.", "encoder.layers."), ("embeddings.LayerNorm", "emb_ln"), ("self_attn.o_proj", "attn.out_proj"),
+    renames = [("layers.", "encoder.layers."), ("embeddings.LayerNorm", "emb_ln"),
+               ("self_attn.o_proj", "attn.out_proj"),
                ("mlp.up_proj", "mlp.fc11"), ("mlp.gate_proj", "mlp.fc12"), ("mlp.down_proj", "mlp.fc2"),
                ("post_attention_layernorm", "norm1"), ("post_mlp_layernorm", "norm2")]
     legacy = {}
