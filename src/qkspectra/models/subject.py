@@ -44,7 +44,8 @@ class Subject:
         return adapter_for(self.source.config)
 
     def tensors(self) -> TensorSource:
-        """The model's tensors by checkpoint name, read lazily: from its safetensors files, or from the model in memory."""
+        """The model's tensors by checkpoint name (and by the name transformers renames each to on load), read lazily:
+        from its safetensors files, or from the model in memory."""
         if self.in_memory:
             return self.model.tensors()
         if self.source.gguf_file is not None:
@@ -53,9 +54,10 @@ class Subject:
             model = read_gguf(self.source.gguf_file)
             if model.streamable:  # tensor by tensor, each dequantised when read
                 return GGUFTensorSource(model)
+        from qkspectra.models.loaded_names import as_loaded
         from qkspectra.models.tensors import open_tensors
 
-        return open_tensors(self.source.folder)
+        return as_loaded(open_tensors(self.source.folder), self.source.config)  # named as transformers loads them
 
 
 def subject_of(model: str | InMemoryModel | Subject, *, progress: bool = True) -> Subject:
