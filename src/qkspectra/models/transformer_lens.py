@@ -12,7 +12,11 @@ folded twice. What TransformerLens did to the weights is recorded in the metadat
 attention, 1 / ``scale`` of TransformerLens's native one), else the config's ``attn_scale``.
 
 The corpus pass (entropy from the model's own queries and keys at ``hook_q``/``hook_k``, after
-rotary at ``hook_rot_q``/``hook_rot_k``) is ``extract.transformer_lens_capture``.
+rotary at ``hook_rot_q``/``hook_rot_k``) is ``extract.transformer_lens_capture``. The functional test
+writes reconstructions into the nn.Linear projections a bridge's ``attn.q``/``attn.k`` wrap
+(``TransformerLensAdapter.write_query_key``), gives each query head its own key head in the bridge
+(``expand_kv_heads_in_place``) and puts everything back after (``rewritten_in_place``); its passes
+are ``analysis.reconstruction.transformer_lens_passes``.
 """
 
 from __future__ import annotations

@@ -54,7 +54,8 @@ def reconstruction_effects(model: nn.Module, windows: list[list[int]], singular_
     """The ``functional`` section for a loaded model and token windows.
 
     The model runs in its own dtype, on its own device, with transformers' SDPA attention (switched
-    to for each pass by ``AttentionCapture``; a TransformerLens model with its own, ``TransformerLensPasses``). It is modified in place: key/value heads expanded, query/key weights overwritten
+    to for each pass by ``AttentionCapture``; a TransformerLens model with its own, ``TransformerLensPasses``).
+    It is modified in place: key/value heads expanded, query/key weights overwritten
     (the original's outputs are recorded first).
     singular_values: (L, H, K) the geometry's spectra (spectral reconstruction and spectral T).
     rank_k_section: the ``rank_k`` section, for each strategy's operator-level k; None skips
