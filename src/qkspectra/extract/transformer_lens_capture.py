@@ -86,9 +86,7 @@ def transformer_lens_entropy(model: Any, corpus: Corpus, adapter: TransformerLen
         raise QkspectraError(f"corpus {corpus.description} has no windows")
     L, H = adapter.num_layers, adapter.num_heads
     accumulator = EntropyAccumulator(L, H, num_buckets=position_bucket(max(map(len, corpus.windows))) + 1)
-    queue = _LayerQueue(model, adapter, accumulator.add)
-    hooks = [(f"blocks.{layer}.attn.{name}", queue.hook(layer, name)) for layer in range(L) for name in HOOKS
-             if name.startswith("hook_rot") <= _has_hook(model, layer, name)]
+    hooks, queue = layer_hooks(model, adapter, accumulator.add)
     pad_id = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
     pad_id = pad_id if isinstance(pad_id, int) else 0
     device = next(model.parameters()).device
@@ -109,6 +107,15 @@ def transformer_lens_entropy(model: Any, corpus: Corpus, adapter: TransformerLen
         for module, training in modes:
             module.training = training
     return accumulator.stats(num_windows=len(corpus.windows))
+
+
+def layer_hooks(model: Any, adapter: TransformerLensAdapter, on_call) -> tuple[list[tuple[str, Any]], _LayerQueue]:
+    """(forward hooks for ``model.hooks``, the queue): on_call(AttentionCall) receives each layer's queries and
+    keys (key/value heads as the model holds them) while the model runs; ``queue.flush()`` after a forward hands on the last."""
+    queue = _LayerQueue(model, adapter, on_call)
+    hooks = [(f"blocks.{layer}.attn.{name}", queue.hook(layer, name)) for layer in range(adapter.num_layers)
+             for name in HOOKS if name.startswith("hook_rot") <= _has_hook(model, layer, name)]
+    return hooks, queue
 
 
 def _has_hook(model: Any, layer: int, name: str) -> bool:

@@ -105,22 +105,30 @@ def rewritten_in_place(source: InMemoryModel) -> Iterator[tuple[Any, Any]]:
     source.check_tokenizer()
     whole = source.model
     model = whole.base_model if source.config.model_type in ENCODER_MODEL_TYPES else whole
+    with put_back(whole, [whole.config]), untouched(whole):
+        yield model, source.tokenizer
+
+
+@contextlib.contextmanager
+def put_back(whole: Any, configs: list[Any]) -> Iterator[None]:
+    """Every module's parameters, buffers, submodules and attributes, and the fields of ``configs``, noted
+    (references, no tensors copied) and put back exactly afterwards, also when the body fails."""
     modules = [(module, dict(module.__dict__), dict(module._parameters), dict(module._buffers), dict(module._modules))
                for module in whole.modules()]
-    config = dict(whole.config.__dict__)
-    with untouched(whole):
-        try:
-            yield model, source.tokenizer
-        finally:
-            for module, attributes, parameters, buffers, children in modules:
-                module.__dict__.clear()
-                module.__dict__.update(attributes)
-                for held, noted in ((module._parameters, parameters), (module._buffers, buffers),
-                                    (module._modules, children)):
-                    held.clear()
-                    held.update(noted)
-            whole.config.__dict__.clear()
-            whole.config.__dict__.update(config)
+    fields = [(config, dict(config.__dict__)) for config in configs]
+    try:
+        yield
+    finally:
+        for module, attributes, parameters, buffers, children in modules:
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+            for held, noted in ((module._parameters, parameters), (module._buffers, buffers),
+                                (module._modules, children)):
+                held.clear()
+                held.update(noted)
+        for config, noted in fields:
+            config.__dict__.clear()
+            config.__dict__.update(noted)
 
 
 def check_placement(source: InMemoryModel, device: str, dtype: str | None) -> None:

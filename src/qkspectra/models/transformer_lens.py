@@ -12,19 +12,32 @@ folded twice. What TransformerLens did to the weights is recorded in the metadat
 attention, 1 / ``scale`` of TransformerLens's native one), else the config's ``attn_scale``.
 
 The corpus pass (entropy from the model's own queries and keys at ``hook_q``/``hook_k``, after
-rotary at ``hook_rot_q``/``hook_rot_k``) is ``extract.transformer_lens_capture``.
+rotary at ``hook_rot_q``/``hook_rot_k``) is ``extract.transformer_lens_capture``. The functional test
+writes reconstructions into the nn.Linear projections a bridge's ``attn.q``/``attn.k`` wrap
+(``TransformerLensAdapter.write_query_key``), gives each query head its own key head in the bridge
+(``expand_kv_heads_in_place``) and puts everything back after (``rewritten_in_place``); its passes
+are ``analysis.reconstruction.transformer_lens_passes``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
+
 from qkspectra.errors import QkspectraError
-from qkspectra.models.adapters.base import AttentionAdapter, AttentionLayer, RotaryEmbedding
+from qkspectra.models.adapters.base import (
+    AttentionAdapter,
+    AttentionLayer,
+    ParameterAccess,
+    RotaryEmbedding,
+    linear_from_heads,
+)
 from qkspectra.models.in_memory import InMemoryModel
 from qkspectra.models.tensors import StateDictSource
 
@@ -90,13 +103,18 @@ def _norm_parameters(block: Any) -> tuple[Any, Any]:
 
 
 class _BlockTensors(Mapping):
-    """The per-block tensors the adapter reads, by name, formed from the model when asked (no copies kept)."""
+    """The per-block tensors the adapter reads, by name, as the model holds them when this is made.
+
+    Detached views of the model's own parameters where TransformerLens forms W_Q and W_K by reshaping
+    them (no copies): the functional test writes into copies of the parameters it changes, so these
+    keep the original weights while it runs.
+    """
 
     def __init__(self, model: Any):
         self.model = model
-        self._names = [f"blocks.{i}.{part}" for i in range(model.cfg.n_layers)
-                       for part in ("attn.W_Q", "attn.W_K", "attn.b_Q", "attn.b_K", "ln1.w", "ln1.b")
-                       if self._read(i, part) is not None]
+        self._tensors = {f"blocks.{i}.{part}": value for i in range(model.cfg.n_layers)
+                         for part in ("attn.W_Q", "attn.W_K", "attn.b_Q", "attn.b_K", "ln1.w", "ln1.b")
+                         if (value := self._read(i, part)) is not None}
 
     def _read(self, index: int, part: str):
         block = self.model.blocks[index]
@@ -112,20 +130,16 @@ class _BlockTensors(Mapping):
         return None if value is None else value.detach()
 
     def __getitem__(self, name: str):
-        _, index, part = name.split(".", 2)
-        value = self._read(int(index), part)
-        if value is None:
-            raise KeyError(name)
-        return value
+        return self._tensors[name]
 
     def __iter__(self):
-        return iter(self._names)
+        return iter(self._tensors)
 
     def __len__(self) -> int:
-        return len(self._names)
+        return len(self._tensors)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._names
+        return name in self._tensors
 
 
 class TransformerLensAdapter(AttentionAdapter):
@@ -191,8 +205,110 @@ class TransformerLensAdapter(AttentionAdapter):
             rotary=self.rotary,
         )
 
+    def unwritable(self) -> str | None:
+        """Why the functional test cannot write this model's query/key weights (one line), or None."""
+        from torch import nn
+
+        for index, block in enumerate(self.model.blocks):
+            for part in ("q", "k"):
+                linear = getattr(getattr(block.attn, part, None), "original_component", None)
+                if not isinstance(linear, nn.Linear):
+                    return (f"the functional test cannot write {type(self.model).__name__} block {index}: its attention "
+                            f"has no {part} projection wrapping an nn.Linear (as a TransformerBridge's do)")
+        return None
+
     def can_write_query_key(self) -> bool:
-        return False
+        return self.unwritable() is None
+
+    def write_query_key(self, parameters: ParameterAccess, index: int, W_Q: np.ndarray, W_K: np.ndarray,
+                        b_Q: np.ndarray | None, b_K: np.ndarray | None) -> None:
+        """Overwrite block ``index``'s W_Q, W_K (H, d_model, d_head) and b_Q, b_K (H, d_head) or None in the
+        nn.Linear projections its attention's ``q`` and ``k`` wrap (what the model computes with), named by
+        their module paths; the attention's own ``W_Q`` and ``W_K`` must then read back what was written."""
+        import torch
+
+        prefix = f"blocks.{index}.attn"
+        for part, W, b in (("q", W_Q, b_Q), ("k", W_K, b_K)):
+            parameters.set(f"{prefix}.{part}._original_component.weight", linear_from_heads(W))
+            if b is not None:
+                parameters.set(f"{prefix}.{part}._original_component.bias", b.reshape(-1))
+        attention = self.model.blocks[index].attn
+        for name, W in (("W_Q", W_Q), ("W_K", W_K)):
+            held = getattr(attention, name).detach()  # (H, d_model, d_head) as TransformerLens reads it
+            if not torch.equal(held.cpu(), torch.from_numpy(W).to(held.dtype)):
+                raise QkspectraError(f"{type(self.model).__name__} block {index}: attn.{name} does not read back the "
+                                     "weights written into its projection")
+
+    def expand_kv_heads_in_place(self, model: Any) -> TransformerLensAdapter:
+        """Give every query head its own key/value head (the repeat done in the weights; the same function):
+        each block's ``k`` and ``v`` wrap projections with the key/value heads repeated, the attention
+        repeats no more (``num_key_value_groups`` of a transformers attention, ``kv_repeats`` of
+        TransformerLens's native one), the configs' ``n_key_value_heads`` and the hooks' head reshaping
+        follow. Returns the adapter of the expanded model. ``rewritten_in_place`` puts everything back."""
+        H = self.num_heads
+        groups = H // self.num_kv_heads
+        for index, block in enumerate(model.blocks):
+            attention = block.attn
+            inner = attention.original_component
+            if hasattr(inner, "num_key_value_groups"):  # a transformers attention
+                inner.num_key_value_groups = 1
+            elif hasattr(inner, "kv_repeats"):  # TransformerLens's native attention
+                inner.kv_repeats, inner.n_kv_heads = 1, H
+            else:
+                raise QkspectraError(f"cannot give each query head its own key head in {type(model).__name__} block "
+                                     f"{index}: {type(inner).__name__} repeats its key heads in a way not known here")
+            for part in ("k", "v"):
+                projection = getattr(attention, part)
+                projection._modules["_original_component"] = _repeated_heads(projection.original_component, groups,
+                                                                             self.d_head)
+            for config in {id(c): c for c in (model.cfg, attention.config, getattr(inner, "cfg", None))
+                           if c is not None}.values():
+                config.n_key_value_heads = H
+            attention._setup_qkv_hook_reshaping()  # hook_k and hook_v: now H heads
+        return TransformerLensAdapter(model)
+
+
+def _repeated_heads(linear: Any, groups: int, d_head: int) -> Any:
+    """An nn.Linear with each head's rows of ``linear`` (out features: heads x d_head) repeated ``groups`` times."""
+    import torch
+    from torch import nn
+
+    with torch.device("meta"):  # no initial weights: the repeated ones are the only new memory
+        repeated = nn.Linear(linear.in_features, linear.out_features * groups, bias=linear.bias is not None,
+                             dtype=linear.weight.dtype)
+    weight = linear.weight.detach().view(-1, d_head, linear.in_features).repeat_interleave(groups, 0)
+    repeated.weight = nn.Parameter(weight.reshape(-1, linear.in_features), requires_grad=linear.weight.requires_grad)
+    if linear.bias is not None:
+        bias = linear.bias.detach().view(-1, d_head).repeat_interleave(groups, 0).reshape(-1)
+        repeated.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
+    return repeated
+
+
+@contextlib.contextmanager
+def rewritten_in_place(source: TransformerLensModel) -> Iterator[tuple[Any, Any]]:
+    """(model, tokenizer) for the functional test to rewrite where the TransformerLens model lives, in its own
+    dtype, in evaluation mode and without gradients; put back exactly afterwards, also when the test fails midway.
+
+    As ``in_memory.rewritten_in_place``: the test writes into copies of the parameters it changes and
+    into the key/value projections it rebuilds; every module's parameters, buffers, submodules and
+    attributes (modes included), and the fields of every TransformerLens and transformers config the
+    modules hold, are noted and put back, so the original tensors come back bit for bit.
+    """
+    import torch
+
+    from qkspectra.models.in_memory import put_back
+
+    source.check_tokenizer()
+    model = source.model
+    configs = {id(model.cfg): model.cfg}
+    for module in model.modules():
+        for name in ("cfg", "config"):
+            config = module.__dict__.get(name)
+            if config is not None and hasattr(config, "__dict__") and not isinstance(config, (torch.nn.Module, torch.Tensor)):
+                configs[id(config)] = config
+    with put_back(model, list(configs.values())), torch.no_grad():
+        model.eval()
+        yield model, source.tokenizer
 
 
 def check_supported(model: Any) -> None:

@@ -29,6 +29,7 @@ from qkspectra.analysis.reconstruction.layers import (
 )
 from qkspectra.analysis.reconstruction.passes import ForwardPasses, release_freed_memory
 from qkspectra.analysis.reconstruction.targets import rank_k_correction, spectral_target
+from qkspectra.analysis.reconstruction.transformer_lens_passes import TransformerLensPasses
 from qkspectra.analysis.reconstruction.writing import LayerWriter, expand_kv_heads_in_place
 from qkspectra.analysis.seed import Anchor, scalar_rescale
 from qkspectra.errors import QkspectraError
@@ -39,6 +40,7 @@ from qkspectra.geometry import Geometry
 from qkspectra.models.adapters import AttentionAdapter
 from qkspectra.models.device import Placement
 from qkspectra.models.supported import ENCODER_MODEL_TYPES
+from qkspectra.models.transformer_lens import is_transformer_lens
 
 if TYPE_CHECKING:
     from qkspectra.models.in_memory import InMemoryModel
@@ -52,7 +54,8 @@ def reconstruction_effects(model: nn.Module, windows: list[list[int]], singular_
     """The ``functional`` section for a loaded model and token windows.
 
     The model runs in its own dtype, on its own device, with transformers' SDPA attention (switched
-    to for each pass by ``AttentionCapture``). It is modified in place: key/value heads expanded, query/key weights overwritten
+    to for each pass by ``AttentionCapture``; a TransformerLens model with its own, ``TransformerLensPasses``).
+    It is modified in place: key/value heads expanded, query/key weights overwritten
     (the original's outputs are recorded first).
     singular_values: (L, H, K) the geometry's spectra (spectral reconstruction and spectral T).
     rank_k_section: the ``rank_k`` section, for each strategy's operator-level k; None skips
@@ -74,7 +77,7 @@ def reconstruction_effects(model: nn.Module, windows: list[list[int]], singular_
     adapter = expand_kv_heads_in_place(model, layers.adapter)
     writer = LayerWriter(model, adapter, fold_ln=fold_ln, norm_rms=norm_rms)
 
-    runner = ForwardPasses(model, adapter, windows)
+    runner = (TransformerLensPasses if is_transformer_lens(model) else ForwardPasses)(model, adapter, windows)
     passes = 2 + len(anchors) * (2 + (rank_k_section is not None))  # at most: duplicates are run once
     with tqdm(total=passes * runner.num_queries, unit="tok", desc="functional test", disable=not progress,
               leave=False) as bar:
@@ -162,13 +165,22 @@ def functional_model(subject: Subject, options: ExtractOptions) -> Iterator[tupl
 
     A model in memory is rewritten where it lives, in its own dtype, and put back exactly afterwards
     (``in_memory.rewritten_in_place``); its layers are read with an adapter of a copy of its config
-    (expanding key/value heads edits the model's config until it is put back). Otherwise the model is
-    loaded from its folder on the device and in the dtype of ``options``.
+    (expanding key/value heads edits the model's config until it is put back); a TransformerLens model
+    likewise (``transformer_lens.rewritten_in_place``), its query/key weights written into the projections
+    it computes with. Otherwise the model is loaded from its folder on the device and in the dtype of ``options``.
     """
-    from qkspectra.models.transformer_lens import TransformerLensModel
+    from qkspectra.models import transformer_lens
 
-    if isinstance(subject.model, TransformerLensModel):
-        raise QkspectraError("the functional test does not yet support TransformerLens models; pass functional=False")
+    if isinstance(subject.model, transformer_lens.TransformerLensModel):
+        from qkspectra.models.in_memory import check_placement
+
+        check_placement(subject.model, options.device, options.dtype)
+        reason = subject.adapter.unwritable()
+        if reason is not None:
+            raise QkspectraError(reason)
+        with transformer_lens.rewritten_in_place(subject.model) as (model, tokenizer):
+            yield model, tokenizer, subject.adapter
+        return
     if subject.in_memory:
         from qkspectra.models.adapters import adapter_for
         from qkspectra.models.in_memory import check_placement, rewritten_in_place
@@ -206,7 +218,8 @@ def functional_evidence(model: str | InMemoryModel | Subject, geometry: Geometry
         # the geometry and for what can be written, then the original layers of the test (no copy of the model's)
         layers = ModelLayers(adapter, subject.tensors(), check=writable_check(subject.source.config.model_type))
         check_against_geometry(LayerwiseFactors(layers, fold_ln=fold_ln, norm_rms=norm_rms, cache_size=1), geometry)
-        windows = load_windows(tokenizer, corpus=options.corpus, seq_len=options.seq_len or default_seq_len(torch_model),
+        sized = subject.source if is_transformer_lens(torch_model) else torch_model  # says the longest window it takes
+        windows = load_windows(tokenizer, corpus=options.corpus, seq_len=options.seq_len or default_seq_len(sized),
                                max_tokens=max_tokens, window_per_line=False).windows
         return reconstruction_effects(torch_model, windows, geometry.singular_values, anchors, rank_k_section,
                                       fold_ln=fold_ln, norm_rms=norm_rms, progress=progress, layers=layers)

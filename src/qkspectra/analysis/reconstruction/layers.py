@@ -35,7 +35,7 @@ def model_layers(model: nn.Module) -> tuple[AttentionAdapter, list[AttentionLaye
 def writable_check(model_type: str, *, rewritten: bool = True) -> Callable[[int, AttentionLayer], None]:
     """check(index, layer): QkspectraError (one line) for what the functional test cannot write into a
     ``model_type`` model (raised at once for a refused model type); ``rewritten``: also refuse what a
-    rewritten model would compute wrongly (rotary positions with query/key biases)."""
+    rewritten model would compute wrongly (rotary positions with query/key biases that are not all zero)."""
     if model_type in REFUSED_MODEL_TYPES:
         raise QkspectraError(f"the functional test does not support {model_type}: {REFUSED_MODEL_TYPES[model_type]}")
 
@@ -47,7 +47,7 @@ def writable_check(model_type: str, *, rewritten: bool = True) -> Callable[[int,
             if norm is not None and norm.over == "projection" and layer.kv_group_size > 1:
                 raise QkspectraError(f"the functional test does not support {model_type}: a key norm over the "
                                      "whole projection of grouped key heads cannot hold one key per query head")
-        if rewritten and layer.rotary is not None and layer.b_Q is not None:
+        if rewritten and layer.rotary is not None and layer.b_Q is not None and np.any(layer.b_Q):
             raise QkspectraError("the functional test does not support rotary models with query/key biases")
 
     return check

@@ -81,7 +81,7 @@ class ForwardPasses:
         self.modules = attention_modules(model)
         self.device = next(model.parameters()).device
         pad_id = model.config.pad_token_id if isinstance(getattr(model.config, "pad_token_id", None), int) else 0
-        H = model.config.num_attention_heads
+        H = self.num_heads = model.config.num_attention_heads
         batch_size = None
         if self.causal:  # windows per batch: at most LOGITS_MEMORY_BUDGET of logits
             vocab = model.get_output_embeddings().weight.shape[0]
@@ -127,7 +127,7 @@ class ForwardPasses:
             first_key = inputs["attention_mask"].argmax(dim=-1)  # (B,)
             calls: list[AttentionCall] = []
             query_entropy: list[torch.Tensor] = []
-            entropy = torch.zeros(self.adapter.num_layers, self.model.config.num_attention_heads, dtype=torch.float64)
+            entropy = torch.zeros(self.adapter.num_layers, self.num_heads, dtype=torch.float64)
 
             def keep(call: AttentionCall) -> None:
                 calls.append(call)
@@ -149,7 +149,7 @@ class ForwardPasses:
         return batches
 
     def compare(self, reference: list[Batch], original_loss: float, progress: Callable[[int], None]) -> Effects:
-        L, H = self.adapter.num_layers, self.model.config.num_attention_heads
+        L, H = self.adapter.num_layers, self.num_heads
         kl_sum = torch.zeros(L, H, dtype=torch.float64)
         entropy_shift = torch.zeros(L, H, dtype=torch.float64)
         loss_sum = 0.0

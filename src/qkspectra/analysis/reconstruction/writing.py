@@ -29,8 +29,12 @@ class ModelParameters:
     """
 
     def __init__(self, model: nn.Module, adapter: AttentionAdapter):
+        from qkspectra.models.transformer_lens import is_transformer_lens
+
         self.model = model
-        self.parameters = dict(model.named_parameters())
+        # a TransformerLens bridge names its parameters after the model it wraps: written by its own module paths
+        self.parameters = dict(nn.Module.named_parameters(model, remove_duplicate=False) if is_transformer_lens(model)
+                               else model.named_parameters())
         self.adapter = adapter
         self.tensors = StateDictSource(self.parameters)
         self.copied: set[str] = set()
@@ -63,13 +67,14 @@ def expand_kv_heads_in_place(model: nn.Module, adapter: AttentionAdapter | None 
 
     The model's adapter (``adapter_for(model.config)`` when None) says how (``AttentionAdapter.expand_kv_heads_in_place``:
     separate k_proj/v_proj repeated head by head, fused projections rebuilt); the modules' head counts and the
-    config follow. Returns the adapter of the expanded model: ``adapter`` itself when nothing was shared.
+    config follow. Returns the adapter of the expanded model: ``adapter`` itself when nothing was shared, the
+    one the adapter returns (a TransformerLens model's), else that of the new config.
     """
     adapter = adapter_for(model.config) if adapter is None else adapter
     if adapter.num_kv_heads == adapter.num_heads:
         return adapter
-    adapter.expand_kv_heads_in_place(model)
-    return adapter_for(model.config)  # the new config's: one key head per query head
+    expanded = adapter.expand_kv_heads_in_place(model)
+    return expanded if expanded is not None else adapter_for(model.config)  # one key head per query head
 
 
 def _kept_bias(bias: np.ndarray | None, old: np.ndarray, new: np.ndarray) -> np.ndarray | None:
