@@ -141,8 +141,8 @@ def _no_normalisation(z, *, centred, eps):
     return z
 
 
-def _gain_offset_by_one(module, name, config):
-    recipe = norms.norm_recipe(module, name, config)
+def _gain_offset_by_one(module, name, config, width=None):
+    recipe = norms.norm_recipe(module, name, config, width)
     return dataclasses.replace(recipe, offset=recipe.offset + 1.0)
 
 
