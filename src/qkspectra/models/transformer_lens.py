@@ -37,6 +37,7 @@ from qkspectra.models.adapters.base import (
     ParameterAccess,
     RotaryEmbedding,
     linear_from_heads,
+    repeated_heads,
 )
 from qkspectra.models.in_memory import InMemoryModel
 from qkspectra.models.tensors import StateDictSource
@@ -259,29 +260,13 @@ class TransformerLensAdapter(AttentionAdapter):
                                      f"{index}: {type(inner).__name__} repeats its key heads in a way not known here")
             for part in ("k", "v"):
                 projection = getattr(attention, part)
-                projection._modules["_original_component"] = _repeated_heads(projection.original_component, groups,
+                projection._modules["_original_component"] = repeated_heads(projection.original_component, groups,
                                                                              self.d_head)
             for config in {id(c): c for c in (model.cfg, attention.config, getattr(inner, "cfg", None))
                            if c is not None}.values():
                 config.n_key_value_heads = H
             attention._setup_qkv_hook_reshaping()  # hook_k and hook_v: now H heads
         return TransformerLensAdapter(model)
-
-
-def _repeated_heads(linear: Any, groups: int, d_head: int) -> Any:
-    """An nn.Linear with each head's rows of ``linear`` (out features: heads x d_head) repeated ``groups`` times."""
-    import torch
-    from torch import nn
-
-    with torch.device("meta"):  # no initial weights: the repeated ones are the only new memory
-        repeated = nn.Linear(linear.in_features, linear.out_features * groups, bias=linear.bias is not None,
-                             dtype=linear.weight.dtype)
-    weight = linear.weight.detach().view(-1, d_head, linear.in_features).repeat_interleave(groups, 0)
-    repeated.weight = nn.Parameter(weight.reshape(-1, linear.in_features), requires_grad=linear.weight.requires_grad)
-    if linear.bias is not None:
-        bias = linear.bias.detach().view(-1, d_head).repeat_interleave(groups, 0).reshape(-1)
-        repeated.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
-    return repeated
 
 
 @contextlib.contextmanager

@@ -246,9 +246,6 @@ class AttentionAdapter(abc.ABC):
         """Give every query head of a loaded ``model`` its own key/value head (repeat_kv done in the weights;
         the same function); the modules' head counts and the config follow, so an adapter of the new config
         reads the new layout. Here: separate ``k_proj``/``v_proj`` repeated head by head."""
-        import torch
-        from torch import nn
-
         from qkspectra.models.modules import attention_modules
 
         H = model.config.num_attention_heads
@@ -261,19 +258,26 @@ class AttentionAdapter(abc.ABC):
                                      "no separate k_proj/v_proj")
             for name in ("k_proj", "v_proj"):
                 old = getattr(module, name)
-                d_head = old.out_features // (H // groups)
-                with torch.device("meta"):  # no initial weights: the repeated ones are the only new memory
-                    new = nn.Linear(old.in_features, H * d_head, bias=old.bias is not None, dtype=old.weight.dtype)
-                with torch.no_grad():
-                    new.weight = nn.Parameter(old.weight.view(-1, d_head, old.in_features).repeat_interleave(groups, 0)
-                                              .reshape(-1, old.in_features), requires_grad=old.weight.requires_grad)
-                    if old.bias is not None:
-                        new.bias = nn.Parameter(old.bias.view(-1, d_head).repeat_interleave(groups, 0).reshape(-1),
-                                                requires_grad=old.bias.requires_grad)
-                setattr(module, name, new)
+                setattr(module, name, repeated_heads(old, groups, old.out_features // (H // groups)))
             module.num_key_value_groups = 1
         if getattr(model.config, "num_key_value_heads", None) is not None:
             model.config.num_key_value_heads = H
+
+
+def repeated_heads(linear: Any, groups: int, d_head: int) -> Any:
+    """An nn.Linear with each head's rows of ``linear`` (out features: heads x d_head) repeated ``groups`` times."""
+    import torch
+    from torch import nn
+
+    with torch.device("meta"):  # no initial weights: the repeated ones are the only new memory
+        repeated = nn.Linear(linear.in_features, linear.out_features * groups, bias=linear.bias is not None,
+                             dtype=linear.weight.dtype)
+    weight = linear.weight.detach().view(-1, d_head, linear.in_features).repeat_interleave(groups, 0)
+    repeated.weight = nn.Parameter(weight.reshape(-1, linear.in_features), requires_grad=linear.weight.requires_grad)
+    if linear.bias is not None:
+        bias = linear.bias.detach().view(-1, d_head).repeat_interleave(groups, 0).reshape(-1)
+        repeated.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
+    return repeated
 
 
 def rotary_from_config(config: Any, head_dim: int, layer_type: str | None = None) -> RotaryEmbedding:
