@@ -40,7 +40,7 @@ from safetensors import safe_open  # noqa: E402
 
 from qkspectra import factored  # noqa: E402
 from qkspectra.threads import single_blas_thread, single_threaded_torch  # noqa: E402
-from qkspectra.extract.linearised_norm import fold_norm  # noqa: E402
+from qkspectra.models.adapters.base import fold_norm  # noqa: E402
 from qkspectra.extract.spectra import static_spectra  # noqa: E402
 from qkspectra.models import resolve_model  # noqa: E402
 from qkspectra.models.adapters import adapter_for  # noqa: E402

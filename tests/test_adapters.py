@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from qkspectra.errors import QkspectraError
-from qkspectra.extract.linearised_norm import fold_norm
+from qkspectra.models.adapters.base import fold_norm
 from qkspectra.extract.spectra import static_spectra
 from qkspectra.models.adapters import AttentionLayer, adapter_for
 from qkspectra.models.tensors import SafetensorsSource, StateDictSource

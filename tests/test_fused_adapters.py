@@ -16,7 +16,7 @@ from transformers import (
     XLMRobertaConfig,
 )
 
-from qkspectra.extract.linearised_norm import fold_norm
+from qkspectra.models.adapters.base import fold_norm
 from qkspectra.models.adapters import adapter_for
 from qkspectra.models.adapters.attention import attention_probabilities
 from qkspectra.models.tensors import StateDictSource

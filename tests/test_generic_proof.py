@@ -20,7 +20,7 @@ from transformers import CONFIG_MAPPING, MODEL_MAPPING, AutoConfig, AutoModel
 from transformers.models.helium.configuration_helium import HeliumConfig
 from transformers.models.helium.modeling_helium import HeliumAttention, HeliumModel
 
-import qkspectra.extract.linearised_norm as linearised_norm
+import qkspectra.models.adapters.base as adapter_base
 from qkspectra.errors import QkspectraError
 from qkspectra.models.adapters import ADAPTERS, adapter_for
 from qkspectra.models.adapters.generic import norms, proof, reader
@@ -147,7 +147,7 @@ def _gain_offset_by_one(module, name, config, width=None):
 
 
 @pytest.mark.parametrize(("target", "broken"), [
-    (linearised_norm, {"fold_norm": _no_fold}),
+    (adapter_base, {"fold_norm": _no_fold}),
     (proof, {"normalised": _no_normalisation}),
     (proof, {"norm_recipe": _gain_offset_by_one}),
 ], ids=["norm-gain-not-folded", "block-input-not-normalised", "gain-offset-wrong"])

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import Gemma3TextConfig, Olmo2Config, Qwen3Config
 
-from qkspectra.extract.linearised_norm import fold_norm, isotropic_rms, linearise
+from qkspectra.extract.linearised_norm import isotropic_rms, linearise
+from qkspectra.models.adapters.base import fold_norm
 from qkspectra.extract.spectra import static_spectra
 from qkspectra.models.adapters import adapter_for
 from qkspectra.models.adapters.attention import attention_probabilities, queries_and_keys

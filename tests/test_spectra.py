@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qkspectra.extract.linearised_norm import fold_norm
+from qkspectra.models.adapters.base import fold_norm
 from qkspectra.extract.spectra import spectrum_statistics
 from qkspectra.factored import metric_singular_values
 from qkspectra.models.adapters import AttentionLayer

@@ -1,6 +1,6 @@
 """How a layer's norms enter its metric: the input norm folded in, q/k norms linearised at typical inputs.
 
-``fold_norm``: a norm with gain g (and bias beta) feeding the block becomes part of the factors,
+``fold_norm`` (``models.adapters.base``): a norm with gain g (and bias beta) feeding the block becomes part of the factors,
 diag(g) W_Q, diag(g) W_K, and of the biases b_Q + beta W_Q, b_K + beta W_K.
 ``linearise``: with q/k norms the logit is invariant to the scale of W_Q and W_K; at typical inputs
 it is the bilinear form of the linearised metric M = s * (W_Q / r_Q) diag(g_Q * g_K) (W_K / r_K)^T,
@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from qkspectra.models.adapters.base import AttentionLayer, QKNorm
+from qkspectra.models.adapters.base import AttentionLayer, QKNorm, fold_norm
 
 RMS_SOURCES = {"corpus": "measured on the corpus", "isotropic": "isotropic unit-RMS input (input norm gain folded)"}
 
@@ -29,32 +29,6 @@ class NormRMS:
 
     query: np.ndarray
     key: np.ndarray
-
-
-def fold_norm(layer: AttentionLayer) -> AttentionLayer:
-    """The same layer seen from the normalised vector x_hat (norm gain and bias folded in).
-
-    A layer with no norm feeding it is returned unchanged.
-    """
-    if layer.norm_gain is None:
-        return layer
-    g = layer.norm_gain[None, :, None]  # (1, d_model, 1)
-
-    def folded_bias(bias: np.ndarray | None, W: np.ndarray) -> np.ndarray | None:
-        if layer.norm_bias is None:
-            return bias
-        shift = np.einsum("d,hde->he", layer.norm_bias, W)  # (H, d_head)
-        return shift if bias is None else bias + shift
-
-    return replace(
-        layer,
-        W_Q=g * layer.W_Q,
-        W_K=g * layer.W_K,
-        b_Q=folded_bias(layer.b_Q, layer.W_Q),
-        b_K=folded_bias(layer.b_K, layer.W_K),
-        norm_gain=None,
-        norm_bias=None,
-    )
 
 
 def _centred(W: np.ndarray, b: np.ndarray | None, norm: QKNorm) -> tuple[np.ndarray, np.ndarray | None]:

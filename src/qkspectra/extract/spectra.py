@@ -17,7 +17,8 @@ import numpy as np
 from qkspectra.threads import single_blas_thread, single_threaded_torch
 from qkspectra.errors import QkspectraError
 from qkspectra.extract.factors_file import FactorSink
-from qkspectra.extract.linearised_norm import NormRMS, fold_norm, isotropic_layer_rms, linearise
+from qkspectra.extract.linearised_norm import NormRMS, isotropic_layer_rms, linearise
+from qkspectra.models.adapters.base import fold_norm
 from qkspectra.factored import NonFiniteFactor, metric_singular_values
 from qkspectra.models.adapters import AttentionAdapter, AttentionLayer
 from qkspectra.models.tensors import TensorSource

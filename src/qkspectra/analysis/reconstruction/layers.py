@@ -18,7 +18,8 @@ from torch import nn
 
 from qkspectra.analysis.factors import Factors, FactorsShape, LayerFactors
 from qkspectra.errors import QkspectraError
-from qkspectra.extract.linearised_norm import fold_norm, linearise, NormRMS
+from qkspectra.extract.linearised_norm import linearise, NormRMS
+from qkspectra.models.adapters.base import fold_norm
 from qkspectra.geometry import Geometry
 from qkspectra.models.adapters import AttentionAdapter, AttentionLayer, adapter_for
 from qkspectra.models.tensors import StateDictSource

@@ -14,8 +14,9 @@ from torch import nn
 
 from qkspectra.analysis.reconstruction.layers import layer_rms
 from qkspectra.errors import QkspectraError
-from qkspectra.extract.linearised_norm import delinearise, fold_norm, isotropic_layer_rms, linearise, NormRMS
+from qkspectra.extract.linearised_norm import delinearise, isotropic_layer_rms, linearise, NormRMS
 from qkspectra.models.adapters import AttentionAdapter, AttentionLayer, adapter_for
+from qkspectra.models.adapters.base import fold_norm
 from qkspectra.models.tensors import StateDictSource
 
 

@@ -1,6 +1,6 @@
 """A layer's queries, keys and attention probabilities, formed exactly as the model forms its logits.
 
-From the block's input x (after its input norm; a layer folded by ``extract.linearised_norm.fold_norm``
+From the block's input x (after its input norm; a layer folded by ``base.fold_norm``
 takes the normalised vector) ``queries_and_keys`` applies, in the model's order, the projections and
 biases, the clip of each coordinate (``clip_qkv``), the query/key norms and the rotary embedding at the
 given positions (norms before or after it, as the layer says) and the logit scale (folded into the

@@ -99,6 +99,32 @@ class AttentionLayer:
                        k_norm=None if self.k_norm is None else self.k_norm.repeat_heads(num_heads))
 
 
+def fold_norm(layer: AttentionLayer) -> AttentionLayer:
+    """The same layer seen from the normalised vector x_hat (norm gain and bias folded in).
+
+    A layer with no norm feeding it is returned unchanged.
+    """
+    if layer.norm_gain is None:
+        return layer
+    g = layer.norm_gain[None, :, None]  # (1, d_model, 1)
+
+    def folded_bias(bias: np.ndarray | None, W: np.ndarray) -> np.ndarray | None:
+        if layer.norm_bias is None:
+            return bias
+        shift = np.einsum("d,hde->he", layer.norm_bias, W)  # (H, d_head)
+        return shift if bias is None else bias + shift
+
+    return replace(
+        layer,
+        W_Q=g * layer.W_Q,
+        W_K=g * layer.W_K,
+        b_Q=folded_bias(layer.b_Q, layer.W_Q),
+        b_K=folded_bias(layer.b_K, layer.W_K),
+        norm_gain=None,
+        norm_bias=None,
+    )
+
+
 # Config fields that change the attention logit in ways no adapter models; any value other
 # than None/False is refused (a quietly wrong number is worse than none).
 LOGIT_CHANGING_FIELDS = (

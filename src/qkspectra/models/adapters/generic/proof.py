@@ -7,7 +7,7 @@ pairing, q/k norm order and (where its modules expose none) logit scale, and che
 extracted weights, biases, scale, norms and positions give the model's own eager attention
 probabilities to ``TOLERANCE`` on a random input. The reproduction starts from each block's input before
 the norm that feeds its attention, normalised as the learned recipe says and read through the layer with
-that norm's gain and bias folded in (``extract.linearised_norm.fold_norm``, as the spectra read it), so
+that norm's gain and bias folded in (``models.adapters.base.fold_norm``, as the spectra read it), so
 the norm and its fold are part of what is proven.
 """
 
@@ -224,7 +224,7 @@ def _reproduction_failure(adapter: GenericAdapter, tensors: TensorSource, layer_
     attention's own input where there is none); it is normalised as the recipe says and read through the
     layer with the norm's gain and bias folded in.
     """
-    from qkspectra.extract.linearised_norm import fold_norm
+    from qkspectra.models.adapters.base import fold_norm
     from qkspectra.models.adapters.attention import attention_probabilities
 
     recipe = adapter.input_norm
