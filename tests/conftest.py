@@ -40,6 +40,26 @@ def smollm2_source(model_cache):
 
 
 @pytest.fixture
+def fail_on_the_second_call(monkeypatch):
+    """``patch(cls, name)`` makes ``cls.name`` raise RuntimeError("interrupted") on its second call (the first runs
+    as before); returns the list of calls made so far."""
+
+    def patch(cls, name: str) -> list:
+        original, calls = getattr(cls, name), []
+
+        def failing(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("interrupted")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, failing)
+        return calls
+
+    return patch
+
+
+@pytest.fixture
 def cli(capsys):
     """Run ``qkspectra ARGV`` in-process; returns (exit status, stdout, stderr)."""
     from qkspectra.cli import main

@@ -265,21 +265,12 @@ def test_the_functional_test_rewrites_the_model_in_place_without_copying_it_and_
     assert orjson.dumps(in_place.document["functional"]) == orjson.dumps(copied.document["functional"])
 
 
-def test_a_functional_test_failing_midway_leaves_the_model_exactly_as_it_was(tokenizer, monkeypatch):
+def test_a_functional_test_failing_midway_leaves_the_model_exactly_as_it_was(tokenizer, fail_on_the_second_call):
     from qkspectra.analysis.reconstruction.passes import ForwardPasses
 
     model = tiny_llama(tokenizer.vocab_size)
     before, identity = snapshot(model), parts(model)
-    compare = ForwardPasses.compare
-    calls = []
-
-    def fail_on_the_second(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("interrupted")
-        return compare(self, *args, **kwargs)
-
-    monkeypatch.setattr(ForwardPasses, "compare", fail_on_the_second)
+    calls = fail_on_the_second_call(ForwardPasses, "compare")
     with pytest.raises(RuntimeError, match="interrupted"):
         qkspectra.run(model, tokenizer, **SMALL)
     assert len(calls) == 2

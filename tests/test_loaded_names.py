@@ -48,41 +48,37 @@ def bert_legacy(state: dict) -> dict:
             tensor for name, tensor in state.items()}
 
 
-def nomic_bert_legacy(state: dict) -> dict:
-    """nomic-bert's original layout: one fused ``attn.Wqkv`` per layer (q, k, v stacked by rows)."""
-    renames = [("layers.", "encoder.layers."), ("embeddings.LayerNorm", "emb_ln"),
-               ("self_attn.o_proj", "attn.out_proj"),
-               ("mlp.up_proj", "mlp.fc11"), ("mlp.gate_proj", "mlp.fc12"), ("mlp.down_proj", "mlp.fc2"),
-               ("post_attention_layernorm", "norm1"), ("post_mlp_layernorm", "norm2")]
+def fused_legacy(state: dict, fused: str, renames: list, prefix: str = "") -> dict:
+    """``state`` in a legacy layout: each layer's q, k and v projections stacked by rows into one tensor ``fused``
+    (in place of ``self_attn.q_proj``), then every name renamed by ``renames`` and given ``prefix``."""
     legacy = {}
     for name, tensor in state.items():
         if ".self_attn.q_proj." in name:
             parts = [state[name.replace("q_proj", part)] for part in ("q_proj", "k_proj", "v_proj")]
-            name, tensor = name.replace("self_attn.q_proj", "attn.Wqkv"), torch.cat(parts)
+            name, tensor = name.replace("self_attn.q_proj", fused), torch.cat(parts)
         elif ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
             continue
         for old, new in renames:
             name = name.replace(old, new)
-        legacy[name] = tensor
+        legacy[prefix + name] = tensor
     return legacy
+
+
+def nomic_bert_legacy(state: dict) -> dict:
+    """nomic-bert's original layout: one fused ``attn.Wqkv`` per layer (q, k, v stacked by rows)."""
+    return fused_legacy(state, "attn.Wqkv", [
+        ("layers.", "encoder.layers."), ("embeddings.LayerNorm", "emb_ln"), ("self_attn.o_proj", "attn.out_proj"),
+        ("mlp.up_proj", "mlp.fc11"), ("mlp.gate_proj", "mlp.fc12"), ("mlp.down_proj", "mlp.fc2"),
+        ("post_attention_layernorm", "norm1"), ("post_mlp_layernorm", "norm2")])
 
 
 def sarvam_moe_legacy(state: dict) -> dict:
     """Sarvam's original layout: ``model.`` prefix, one fused ``attention.query_key_value`` per layer (grouped-query,
     so q, k and v rows of different sizes), its own norm names."""
-    renames = [("embed_tokens.", "word_embeddings."), ("self_attn.o_proj", "attention.dense"),
-               ("self_attn.q_norm", "attention.query_layernorm"), ("self_attn.k_norm", "attention.key_layernorm")]
-    legacy = {}
-    for name, tensor in state.items():
-        if ".self_attn.q_proj." in name:
-            parts = [state[name.replace("q_proj", part)] for part in ("q_proj", "k_proj", "v_proj")]
-            name, tensor = name.replace("self_attn.q_proj", "attention.query_key_value"), torch.cat(parts)
-        elif ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
-            continue
-        for old, new in renames:
-            name = name.replace(old, new)
-        legacy["model." + name] = tensor
-    return legacy
+    return fused_legacy(state, "attention.query_key_value", [
+        ("embed_tokens.", "word_embeddings."), ("self_attn.o_proj", "attention.dense"),
+        ("self_attn.q_norm", "attention.query_layernorm"), ("self_attn.k_norm", "attention.key_layernorm")],
+        prefix="model.")
 
 
 CASES = {

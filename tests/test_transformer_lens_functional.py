@@ -110,21 +110,12 @@ def test_a_bridge_of_a_llama_gives_the_functional_section_of_the_llama_itself(to
             assert got["mean_entropy_shift"] == pytest.approx(expected["mean_entropy_shift"], rel=1e-4, abs=1e-7)
 
 
-def test_a_functional_test_failing_midway_leaves_the_bridge_exactly_as_it_was(tokenizer, monkeypatch):
+def test_a_functional_test_failing_midway_leaves_the_bridge_exactly_as_it_was(tokenizer, fail_on_the_second_call):
     from qkspectra.analysis.reconstruction.transformer_lens_passes import TransformerLensPasses
 
     bridge = native_bridge(tokenizer, "rotary", 2, "RMS")
     before, identity = state(bridge), parts(bridge)
-    compare = TransformerLensPasses.compare
-    calls = []
-
-    def fail_on_the_second(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("interrupted")
-        return compare(self, *args, **kwargs)
-
-    monkeypatch.setattr(TransformerLensPasses, "compare", fail_on_the_second)
+    calls = fail_on_the_second_call(TransformerLensPasses, "compare")
     with pytest.raises(RuntimeError, match="interrupted"):
         qkspectra.run(bridge, tokenizer, **SMALL, **FAST)
     assert len(calls) == 2
