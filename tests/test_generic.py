@@ -281,7 +281,7 @@ def test_stablelm_per_head_qk_norm_spectra_equal_a_dense_computation_from_the_mo
         P = np.eye(d_head) - 1.0 / d_head  # (d_head, d_head) centring
 
         def side(proj, norm, heads):  # -> (heads, d, d_head) centred factors divided by r, times g
-            W = proj.weight.detach().double().numpy().reshape(heads, d_head, -1).transpose(0, 2, 1)  # (heads, d, d_head)
+            W = proj.weight.detach().double().numpy().reshape(heads, d_head, -1).transpose(0, 2, 1)  # (heads, d, dh)
             b = proj.bias.detach().double().numpy().reshape(heads, d_head) + np.einsum("d,hde->he", beta, W)
             W, b = A @ W @ P, b @ P  # (heads, d, d_head), (heads, d_head)
             r = np.sqrt(((W ** 2).sum((1, 2)) + (b ** 2).sum(1)) / d_head)  # (heads,)

@@ -93,8 +93,8 @@ class GenericAdapter(AttentionAdapter):
         gain = np.stack([self.read(tensors, f"{s}.weight", None) for s in stems]) + recipe.offset  # (n, ...)
         gain = gain if recipe.per_head else gain[0]
         if gain.shape[-1] != width or (recipe.per_head and gain.shape != (heads, width)):
-            raise QkspectraError(f"tensor {stems[0]}.weight has shape {gain.shape[1:] if recipe.per_head else gain.shape}, "
-                                 f"but the config implies ({width},)")
+            shape = gain.shape[1:] if recipe.per_head else gain.shape
+            raise QkspectraError(f"tensor {stems[0]}.weight has shape {shape}, but the config implies ({width},)")
         if recipe.per_head and f"{self.prefixed(tensors, stem)}.{recipe.per_head}.{heads}.weight" in tensors.names():
             raise QkspectraError(f"norm {stem} holds more than the config's {heads} heads' norms")
         bias = None
