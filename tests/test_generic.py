@@ -52,20 +52,27 @@ GENERIC_CASES = {
     "olmo": {"clip_qkv": 0.5},
     "hunyuan_v1_dense": {"head_dim": 12},
 }
+# HunYuan dense checkpoints' rope: "dynamic" with a fixed NTK alpha (their config's rope_scaling, factor 1)
+HUNYUAN_NTK_ALPHA = {"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0}
+# case -> (model type, extra config options): more options of a verified type, proved and read as above
+GENERIC_VARIANTS = {
+    "stablelm-qk_layernorm": ("stablelm", {"partial_rotary_factor": 0.5, "use_qkv_bias": True, "qk_layernorm": True}),
+    "hunyuan_v1_dense-ntk_alpha": ("hunyuan_v1_dense", {"head_dim": 12, "rope_parameters": HUNYUAN_NTK_ALPHA}),
+}
 
 
 def tiny_checkpoint(model_type: str, **extra):
     return tiny_model(CONFIG_MAPPING[model_type](**{**TINY, **extra}))
 
 
-def assert_reproduces_own_attention(model, adapter):
+def assert_reproduces_own_attention(model, adapter, seq_len=SEQ_LEN):
     """The adapter's layers, read from the checkpoint's tensors, give the model's own eager attention."""
     modules = dict(model.named_modules())
     inputs = []
     handles = [modules[adapter.layout.attention.format(i)].register_forward_pre_hook(
         lambda m, args, kwargs: inputs.append(kwargs.get("hidden_states", args[0] if args else None)), with_kwargs=True)
         for i in range(adapter.num_layers)]
-    input_ids = torch.randint(3, 96, (2, SEQ_LEN), generator=torch.Generator().manual_seed(4))
+    input_ids = torch.randint(3, 96, (2, seq_len), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         attentions = model(input_ids=input_ids, output_attentions=True).attentions
     for handle in handles:
@@ -76,10 +83,11 @@ def assert_reproduces_own_attention(model, adapter):
         np.testing.assert_allclose(ours.numpy(), attentions[index].double().numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", list(GENERIC_CASES))
-def test_generic_reader_proves_itself_and_reads_the_checkpoint(model_type):
+@pytest.mark.parametrize(("model_type", "extra"), [*GENERIC_CASES.items(), *GENERIC_VARIANTS.values()],
+                         ids=[*GENERIC_CASES, *GENERIC_VARIANTS])
+def test_generic_reader_proves_itself_and_reads_the_checkpoint(model_type, extra):
     assert model_type not in ADAPTERS
-    model = tiny_checkpoint(model_type, **GENERIC_CASES[model_type])
+    model = tiny_checkpoint(model_type, **extra)
     adapter = adapter_for(model.config)
     assert adapter.describe() == f"generic, verified on a tiny {model_type}"
     assert_reproduces_own_attention(model, adapter)
@@ -195,6 +203,145 @@ def test_static_spectra_are_those_of_the_dense_metric_of_the_models_own_modules(
             M = attention.scaling * (W_Q[:, h] * g) @ W_K[:, h].T / (r_Q[h] * r_K[h])  # (d_model, d_model)
             dense = np.linalg.svd(M, compute_uv=False)[:d_head]
             np.testing.assert_allclose(rows[index]["metric_singvals_per_head"][h], dense, rtol=1e-10)
+
+
+def _with_layer_norms(adapter, reorder):
+    """The adapter with each layer's q/k norm gain rows (heads, d_head) replaced by ``reorder(rows)``."""
+    from dataclasses import replace
+
+    class Changed(type(adapter)):
+        def layer(self, tensors, index):
+            layer = super().layer(tensors, index)
+            return replace(layer, q_norm=replace(layer.q_norm, gain=reorder(layer.q_norm.gain)),
+                           k_norm=replace(layer.k_norm, gain=reorder(layer.k_norm.gain)))
+
+    changed = object.__new__(Changed)
+    changed.__dict__.update(adapter.__dict__)
+    return changed
+
+
+def test_a_norm_module_per_head_is_read_as_one_gain_row_per_head():
+    """StableLM's qk_layernorm holds one LayerNorm (weight, no bias) per head in ``norms``: the layer's q/k norms
+    are those weights row by row, centred over each head's coordinates; rows in another order do not reproduce it."""
+    model_type, extra = GENERIC_VARIANTS["stablelm-qk_layernorm"]
+    model = tiny_checkpoint(model_type, **extra)
+    adapter = adapter_for(model.config)
+    tensors = StateDictSource(model.state_dict())
+    for index, block in enumerate(model.layers):
+        layer = adapter.layer(tensors, index)
+        for norm, module in ((layer.q_norm, block.self_attn.q_layernorm), (layer.k_norm, block.self_attn.k_layernorm)):
+            assert all(member.bias is None for member in module.norms)
+            rows = torch.stack([member.weight for member in module.norms]).detach().double().numpy()  # (heads, d_head)
+            assert (norm.over, norm.centred, norm.bias, norm.eps) == ("head", True, None, model.config.layer_norm_eps)
+            np.testing.assert_array_equal(norm.gain, rows)
+        assert layer.q_norm.gain.shape == (4, 12) and layer.k_norm.gain.shape == (2, 12)  # H, H_kv rows
+    assert_reproduces_own_attention(model, adapter)
+    with pytest.raises(AssertionError):
+        assert_reproduces_own_attention(model, _with_layer_norms(adapter, lambda rows: rows[::-1].copy()))
+
+
+def test_a_per_head_norm_container_is_learned_only_if_it_applies_norm_h_to_head_h():
+    from transformers.models.stablelm.modeling_stablelm import StableLmLayerNormPerHead
+
+    from qkspectra.models.adapters.generic.norms import norm_recipe
+
+    class Reversed(StableLmLayerNormPerHead):  # norm h applied to head H - 1 - h
+        def forward(self, hidden_states):  # (B, H, T, d_head)
+            return super().forward(hidden_states.flip(1)).flip(1)
+
+    config = CONFIG_MAPPING["stablelm"](**TINY)
+    name = "layers.{}.self_attn.q_layernorm"
+    for cls in (StableLmLayerNormPerHead, Reversed):
+        module = cls(12, 4, eps=1e-5)
+        with torch.no_grad():
+            for member in module.norms:
+                member.weight.normal_(1.0, 0.2)
+        recipe = norm_recipe(module, name, config)
+        if cls is StableLmLayerNormPerHead:
+            assert (recipe.per_head, recipe.centred, recipe.has_bias, recipe.offset, recipe.eps) == \
+                ("norms", True, False, 0.0, 1e-5)
+        else:
+            assert recipe == f"norm {name} (Reversed) does not apply its norm h to head h"
+
+
+def test_stablelm_per_head_qk_norm_spectra_equal_a_dense_computation_from_the_models_own_modules():
+    """float64 singular values of M_h = s * A W_Q[h] P diag(g_q[h] g_k[h'] / (r_Q r_K)) P W_K[h']^T A, with A the
+    input LayerNorm's gain, P the centring of a head's coordinates, g the per-head norms' weights, h' = h's key head
+    and r the RMS of the centred queries/keys (input LayerNorm bias and q/k biases included) for isotropic unit-RMS
+    input to that norm's output."""
+    model_type, extra = GENERIC_VARIANTS["stablelm-qk_layernorm"]
+    model = tiny_checkpoint(model_type, **extra)
+    rows = static_spectra(adapter_for(model.config), StateDictSource(model.state_dict())).rows
+    for index, block in enumerate(model.layers):
+        attention, ln = block.self_attn, block.input_layernorm
+        H, d_head = model.config.num_attention_heads, attention.head_dim
+        H_kv = model.config.num_key_value_heads
+        A = np.diag(ln.weight.detach().double().numpy())  # (d, d)
+        beta = ln.bias.detach().double().numpy()  # (d,)
+        P = np.eye(d_head) - 1.0 / d_head  # (d_head, d_head) centring
+
+        def side(proj, norm, heads):  # -> (heads, d, d_head) centred factors divided by r, times g
+            W = proj.weight.detach().double().numpy().reshape(heads, d_head, -1).transpose(0, 2, 1)  # (heads, d, dh)
+            b = proj.bias.detach().double().numpy().reshape(heads, d_head) + np.einsum("d,hde->he", beta, W)
+            W, b = A @ W @ P, b @ P  # (heads, d, d_head), (heads, d_head)
+            r = np.sqrt(((W ** 2).sum((1, 2)) + (b ** 2).sum(1)) / d_head)  # (heads,)
+            g = np.stack([member.weight.detach().double().numpy() for member in norm.norms])  # (heads, d_head)
+            return W * (g / r[:, None])[:, None, :]
+
+        Q, K = side(attention.q_proj, attention.q_layernorm, H), side(attention.k_proj, attention.k_layernorm, H_kv)
+        for h in range(H):
+            M = attention.scaling * Q[h] @ K[h // (H // H_kv)].T  # (d_model, d_model)
+            dense = np.linalg.svd(M, compute_uv=False)[:d_head]  # the last ~0: centring takes one dimension
+            np.testing.assert_allclose(rows[index]["metric_singvals_per_head"][h], dense, rtol=1e-10, atol=1e-14)
+
+
+def test_hunyuan_ntk_alpha_frequencies_are_those_of_its_own_rotary_embedding():
+    """HunYuan's "dynamic" rope with a fixed alpha stretches the base to base * alpha ** (d / (d - 2)) at every
+    length; the config's plain base does not reproduce the model."""
+    from dataclasses import replace
+
+    model_type, extra = GENERIC_VARIANTS["hunyuan_v1_dense-ntk_alpha"]
+    model = tiny_checkpoint(model_type, **extra)
+    adapter = adapter_for(model.config)
+    rotary = adapter.layer(StateDictSource(model.state_dict()), 0).rotary
+    stretched = 10000.0 * 1000.0 ** (12 / 10)
+    np.testing.assert_allclose(rotary.inv_freq, stretched ** (-np.arange(0, 12, 2) / 12), rtol=1e-6)
+    assert adapter.frequency_limit is None and "ntk_alpha frequencies" in adapter.describe_positions()
+    assert_reproduces_own_attention(model, adapter, seq_len=40)
+    with pytest.raises(AssertionError):
+        assert_reproduces_own_attention(model, _with_layers(adapter, rotary=replace(rotary, inv_freq=None)))
+
+
+def test_dynamic_rope_is_read_within_the_position_table_and_longer_windows_are_refused():
+    """Dynamic NTK rope keeps the plain frequencies up to max_position_embeddings and recomputes them beyond:
+    within it the reader reproduces the model; beyond it the model's attention changes, so it refuses."""
+    model = tiny_checkpoint("smollm3", max_position_embeddings=12,
+                            rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    adapter = adapter_for(model.config)
+    assert adapter.frequency_limit == 12
+    assert_reproduces_own_attention(model, adapter, seq_len=12)
+    adapter.check_sequence_length(12)
+    with pytest.raises(AssertionError):  # the model's own frequencies moved
+        assert_reproduces_own_attention(model, adapter, seq_len=16)
+    with pytest.raises(QkspectraError, match="^smollm3 uses dynamic rope, whose frequencies change beyond 12 tokens"):
+        adapter.check_sequence_length(13)
+
+
+def test_a_rotary_embedding_that_rescales_cos_and_sin_is_refused():
+    from transformers.models.helium.modeling_helium import HeliumRotaryEmbedding
+
+    from qkspectra.models.adapters.generic.rotary import model_rotary
+
+    class Scaled(HeliumRotaryEmbedding):
+        def __init__(self, config):
+            super().__init__(config)
+            self.attention_scaling = 1.2
+
+    config = CONFIG_MAPPING["helium"](**TINY, head_dim=12)
+    assert model_rotary(config, HeliumRotaryEmbedding, 12, None)[0].inv_freq is None  # the plain formula's
+    with pytest.raises(QkspectraError, match="^helium Scaled multiplies cos and sin by attention_scaling=1.2 ") as e:
+        model_rotary(config, Scaled, 12, None)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "olmo2", "gemma3_text", "llama", "mistral", "qwen2"])

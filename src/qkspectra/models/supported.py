@@ -26,7 +26,8 @@ VERIFIED_GENERIC_TYPES: dict[str, str] = {
     "granite": "no logit scale at all (attention_multiplier 1)",
     "granitemoe": "mixture of experts, logit scale 0.3",
     "helium": "interleaved rotary",
-    "hunyuan_v1_dense": "per-head q/k norm after the rotary embedding",
+    "hunyuan_v1_dense": "per-head q/k norm after the rotary embedding; its checkpoints' \"dynamic\" rope with a fixed "
+                        "NTK alpha (base stretched by alpha^(d/(d-2))), frequencies from its own rotary embedding",
     "mixtral": "mixture of experts, sliding window",
     "olmo": "LayerNorm without parameters, queries and keys clipped (clip_qkv)",
     "olmoe": "q/k norm over the whole projection, mixture of experts",
@@ -35,7 +36,8 @@ VERIFIED_GENERIC_TYPES: dict[str, str] = {
     "qwen3_moe": "per-head q/k norm, mixture of experts",
     "seed_oss": "q/k biases",
     "smollm3": "Llama layout",
-    "stablelm": "partial rotary, q/k biases",
+    "stablelm": "partial rotary, q/k biases; qk_layernorm (StableLM 2 12B): one LayerNorm module per head, "
+                "read as one q/k norm gain row per head",
     "starcoder2": "sliding window, LayerNorm, q/k biases",
 }
 

@@ -19,10 +19,10 @@ from qkspectra.models.adapters.base import (
     heads_from_bias,
     heads_from_linear,
     qk_norm_from_tensors,
-    rotary_from_config,
 )
 from qkspectra.models.adapters.generic.layout import Layout
 from qkspectra.models.adapters.generic.norms import NormRecipe
+from qkspectra.models.adapters.generic.rotary import model_rotary
 from qkspectra.models.adapters.generic.tables import CLIP_FIELDS
 from qkspectra.models.tensors import TensorSource
 
@@ -50,10 +50,14 @@ class GenericAdapter(AttentionAdapter):
         self.num_heads, self.num_kv_heads = layout.num_heads, layout.num_kv_heads
         self.d_model, self.d_head = layout.d_model, layout.d_head
         self.rotary_by_type = {}
+        # longest window whose positions the rotary frequencies hold for (dynamic rope recomputes them beyond)
+        self.frequency_limit: int | None = None
         if _has_rotary(config):
             for kind in set(layout.layer_types):
-                self.rotary_by_type[kind] = replace(rotary_from_config(config, self.d_head, kind),
-                                                    interleaved=interleaved)
+                rotary, limit = model_rotary(config, layout.rotary_class, self.d_head, kind)
+                self.rotary_by_type[kind] = replace(rotary, interleaved=interleaved)
+                if limit is not None:
+                    self.frequency_limit = min(limit, self.frequency_limit or limit)
         kinds = list(self.rotary_by_type.values())
         self.rotary = kinds[0] if len(set(kinds)) == 1 else None
 
@@ -63,9 +67,15 @@ class GenericAdapter(AttentionAdapter):
     def describe_positions(self) -> str:
         if not self.rotary_by_type:
             return "no rotary embedding (absolute positions, if any, added before layer 0)"
-        parts = sorted({f"rotary on {r.rotary_dim} of {self.d_head} head dimensions, base {r.base:g}"
-                        for r in self.rotary_by_type.values()})
+        parts = sorted({f"rotary on {r.rotary_dim} of {self.d_head} head dimensions, " + (
+            f"base {r.base:g}" if r.inv_freq is None else f"{r.rope_type} frequencies (base {r.base:g} rescaled)")
+            for r in self.rotary_by_type.values()})
         return "; ".join(parts)
+
+    def check_sequence_length(self, seq_len: int) -> None:
+        if self.frequency_limit is not None and seq_len > self.frequency_limit:
+            raise QkspectraError(f"{self.model_type} uses dynamic rope, whose frequencies change beyond "
+                                 f"{self.frequency_limit} tokens: a window of {seq_len} tokens cannot be read")
 
     def anchor_tensor(self) -> str:
         return f"{self.layout.attention.format(0)}.{self.layout.query}.weight"
@@ -73,15 +83,25 @@ class GenericAdapter(AttentionAdapter):
     def separate_projections(self) -> tuple[str, str, str] | None:
         return self.layout.attention, self.layout.query, self.layout.key
 
-    def _norm(self, tensors: TensorSource, recipe: NormRecipe, index: int, width: int):
-        """(gain, bias) of a norm over ``width`` coordinates (a per-head norm may hold one row per head)."""
+    def _norm(self, tensors: TensorSource, recipe: NormRecipe, index: int, width: int, heads: int = 1):
+        """(gain, bias) of a norm over ``width`` coordinates: (width,) each, or (heads, width) for a norm holding
+        one row per head (stored as one tensor, or as one norm module per head: ``recipe.per_head``)."""
         if not recipe.has_gain:  # a norm without parameters: gain 1, no bias
             return np.ones(width), None
-        gain = self.read(tensors, f"{recipe.name.format(index)}.weight", None) + recipe.offset
-        if gain.shape[-1] != width:
-            raise QkspectraError(f"tensor {recipe.name.format(index)}.weight has shape {gain.shape}, "
-                                 f"but the config implies ({width},)")
-        bias = self.read(tensors, f"{recipe.name.format(index)}.bias", gain.shape) if recipe.has_bias else None
+        stem = recipe.name.format(index)
+        stems = [f"{stem}.{recipe.per_head}.{h}" for h in range(heads)] if recipe.per_head else [stem]
+        gain = np.stack([self.read(tensors, f"{s}.weight", None) for s in stems]) + recipe.offset  # (n, ...)
+        gain = gain if recipe.per_head else gain[0]
+        if gain.shape[-1] != width or (recipe.per_head and gain.shape != (heads, width)):
+            shape = gain.shape[1:] if recipe.per_head else gain.shape
+            raise QkspectraError(f"tensor {stems[0]}.weight has shape {shape}, but the config implies ({width},)")
+        if recipe.per_head and f"{self.prefixed(tensors, stem)}.{recipe.per_head}.{heads}.weight" in tensors.names():
+            raise QkspectraError(f"norm {stem} holds more than the config's {heads} heads' norms")
+        bias = None
+        if recipe.has_bias:
+            bias = np.stack([self.read(tensors, f"{s}.bias", gain.shape[1:] if recipe.per_head else gain.shape)
+                             for s in stems])  # (n, ...) as the gain
+            bias = bias if recipe.per_head else bias[0]
         return gain, bias
 
     def read(self, tensors: TensorSource, name: str, shape: tuple[int, ...] | None) -> np.ndarray:
@@ -92,8 +112,8 @@ class GenericAdapter(AttentionAdapter):
     def _qk_norm(self, tensors: TensorSource, recipe: NormRecipe | None, index: int, heads: int) -> QKNorm | None:
         if recipe is None:
             return None
-        over = "head" if self._per_head(tensors, recipe) else "projection"
-        gain, bias = self._norm(tensors, recipe, index, self.d_head if over == "head" else heads * self.d_head)
+        over = "head" if recipe.per_head or self._per_head(tensors, recipe) else "projection"
+        gain, bias = self._norm(tensors, recipe, index, self.d_head if over == "head" else heads * self.d_head, heads)
         return qk_norm_from_tensors(gain, bias, heads, eps=recipe.eps, over=over, centred=recipe.centred)
 
     def _per_head(self, tensors: TensorSource, recipe: NormRecipe) -> bool:

@@ -4,6 +4,8 @@ The attention modules are those transformers records (``_can_record_outputs``); 
 query and key ``nn.Linear`` children (``tables.QUERY_NAMES``/``KEY_NAMES``) and usually a float ``scaling``,
 the logit scale it applies (which already carries ``attention_multiplier``, ``query_pre_attn_scalar`` or the
 absence of any scale); where a module has none (GPT-Neo), the proof learns the scale on the tiny model.
+The rotary embedding module (one holding an ``inv_freq`` buffer, or one per layer kind as Gemma 3's
+``{kind}_inv_freq``) is recorded by its class, which ``rotary`` builds from the config for its frequencies.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Layout:
     causal: bool
     query_bias: bool
     key_bias: bool
+    rotary_class: type | None = None  # the model's rotary embedding module class (None: it has none)
 
 
 def meta_model(config: Any):
@@ -105,6 +108,10 @@ def read_layout(model: Any) -> Layout | str:
         sliding = layer_types is None or layer_types[index] in WINDOWED_LAYER_KINDS
         windows.append(own if isinstance(own, int) else window if sliding and isinstance(window, int) else None)
     layer_types = layer_types or [None] * num_layers
+    rotary_classes = {type(m) for m in model.modules()
+                      if any(n == "inv_freq" or n.endswith("_inv_freq") for n, _ in m.named_buffers(recurse=False))}
+    if len(rotary_classes) > 1:
+        return f"it has rotary embeddings of several classes ({', '.join(sorted(c.__name__ for c in rotary_classes))})"
     return Layout(
         attention=template, query=query, key=key,
         query_norm=child_named(first, QUERY_NORM_NAMES), key_norm=child_named(first, KEY_NORM_NAMES),
@@ -113,6 +120,7 @@ def read_layout(model: Any) -> Layout | str:
                      for m in modules), windows=tuple(windows),
         layer_types=tuple(layer_types[:num_layers]), causal=bool(getattr(first, "is_causal", False)),
         query_bias=q.bias is not None, key_bias=k.bias is not None,
+        rotary_class=next(iter(rotary_classes), None),
     )
 
 
