@@ -58,6 +58,8 @@ HUNYUAN_NTK_ALPHA = {"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "ro
 GENERIC_VARIANTS = {
     "stablelm-qk_layernorm": ("stablelm", {"partial_rotary_factor": 0.5, "use_qkv_bias": True, "qk_layernorm": True}),
     "hunyuan_v1_dense-ntk_alpha": ("hunyuan_v1_dense", {"head_dim": 12, "rope_parameters": HUNYUAN_NTK_ALPHA}),
+    # no_rope_layers from the default no_rope_layer_interval 4: [1, 1, 1, 0, 1, 1, 1, 0], layers 3 and 7 unrotated
+    "smollm3-no_rope_layers": ("smollm3", {"num_hidden_layers": 8}),
 }
 
 
@@ -325,6 +327,58 @@ def test_dynamic_rope_is_read_within_the_position_table_and_longer_windows_are_r
         assert_reproduces_own_attention(model, adapter, seq_len=16)
     with pytest.raises(QkspectraError, match="^smollm3 uses dynamic rope, whose frequencies change beyond 12 tokens"):
         adapter.check_sequence_length(13)
+
+
+def test_layers_whose_module_skips_the_rotary_embedding_are_read_without_it():
+    """SmolLM3 skips rope on every fourth layer (``use_rope`` from ``no_rope_layers``): those layers, and only
+    they, have no rotary embedding, and the reader reproduces every layer, over a window long enough that
+    reading a no-rope layer with rotary would differ."""
+    model_type, extra = GENERIC_VARIANTS["smollm3-no_rope_layers"]
+    model = tiny_checkpoint(model_type, **extra)
+    assert model.config.no_rope_layers == [1, 1, 1, 0, 1, 1, 1, 0]
+    adapter = adapter_for(model.config)
+    layers = [adapter.layer(StateDictSource(model.state_dict()), index) for index in range(8)]
+    assert [layer.rotary is None for layer in layers] == [not m.self_attn.use_rope for m in model.layers]
+    assert [index for index, layer in enumerate(layers) if layer.rotary is None] == [3, 7]
+    assert adapter.rotary is None and adapter.describe_positions().endswith("no rotary embedding on layers 3, 7")
+    assert_reproduces_own_attention(model, adapter, seq_len=24)
+
+
+def test_the_tiny_model_has_a_layer_of_each_per_layer_kind_of_the_real_one():
+    """A real SmolLM3 (36 layers, no_rope_layers derived from the interval 4) gives a tiny config with a rope
+    and a no-rope layer, twice; a config whose per-layer lists agree on every layer gives two layers."""
+    from qkspectra.models.adapters.generic import tiny_config
+    from qkspectra.models.adapters.generic.layout import meta_model, read_layout
+
+    real = CONFIG_MAPPING["smollm3"](num_hidden_layers=36)
+    tiny = tiny_config(real)
+    assert (tiny.num_hidden_layers, tiny.no_rope_layers) == (4, [1, 0, 1, 0])
+    assert tiny.layer_types == ["full_attention"] * 4
+    assert set(read_layout(meta_model(tiny)).kinds()) == set(read_layout(meta_model(real)).kinds()) == {
+        ("full_attention", False, True), ("full_attention", False, False)}
+    windowed = CONFIG_MAPPING["smollm3"](num_hidden_layers=8, use_sliding_window=True, sliding_window=64)
+    assert list(zip(tiny_config(windowed).layer_types, tiny_config(windowed).no_rope_layers)) == [
+        ("full_attention", 1), ("sliding_attention", 0)] * 2  # SmolLM3 windows its no-rope layers
+    assert tiny_config(CONFIG_MAPPING["smollm3"](num_hidden_layers=3)).num_hidden_layers == 2
+
+
+def test_a_real_layer_of_a_kind_the_tiny_model_lacks_is_refused(monkeypatch):
+    """Were the tiny config to drop the per-layer lists, its two layers would all be rotated: the real model's
+    no-rope layers would be misread, so the reader refuses it naming the first such layer."""
+    from qkspectra.models.adapters.generic import proof, reader
+
+    def without_per_layer_lists(config):
+        return CONFIG_MAPPING["smollm3"](**{**TINY, "hidden_size": 64, "head_dim": 16, "vocab_size": 128})
+
+    monkeypatch.setattr(reader, "tiny_config", without_per_layer_lists)
+    monkeypatch.setattr(proof, "tiny_config", without_per_layer_lists)
+    monkeypatch.setattr(reader, "_VERIFIED", {})
+    config = CONFIG_MAPPING["smollm3"](**{**TINY, "num_hidden_layers": 4})
+    with pytest.raises(QkspectraError, match="^model type 'smollm3' cannot be read: its layer 3 "
+                       r"\(full_attention, not windowed, without rotary embedding\) is of a kind its tiny model "
+                       "lacks") as error:
+        generic_adapter(config)
+    assert "\n" not in str(error.value)
 
 
 def test_a_rotary_embedding_that_rescales_cos_and_sin_is_refused():

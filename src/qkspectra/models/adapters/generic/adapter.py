@@ -58,8 +58,15 @@ class GenericAdapter(AttentionAdapter):
                 self.rotary_by_type[kind] = replace(rotary, interleaved=interleaved)
                 if limit is not None:
                     self.frequency_limit = min(limit, self.frequency_limit or limit)
-        kinds = list(self.rotary_by_type.values())
-        self.rotary = kinds[0] if len(set(kinds)) == 1 else None
+        # the one rotary embedding of every layer, if they all have the same (None where some layer has none)
+        layers = {self._rotary(index) for index in range(self.num_layers)}
+        self.rotary = next(iter(layers)) if len(layers) == 1 else None
+
+    def _rotary(self, index: int):
+        """Layer ``index``'s rotary embedding: its kind's, None where its module applies none (``use_rope``)."""
+        if not self.layout.rotary_layers[index]:
+            return None
+        return self.rotary_by_type.get(self.layout.layer_types[index])
 
     def describe(self) -> str:
         return f"generic, verified on a tiny {self.verified_on}"
@@ -70,6 +77,9 @@ class GenericAdapter(AttentionAdapter):
         parts = sorted({f"rotary on {r.rotary_dim} of {self.d_head} head dimensions, " + (
             f"base {r.base:g}" if r.inv_freq is None else f"{r.rope_type} frequencies (base {r.base:g} rescaled)")
             for r in self.rotary_by_type.values()})
+        unrotated = [index for index in range(self.num_layers) if not self.layout.rotary_layers[index]]
+        if unrotated:
+            parts.append(f"no rotary embedding on layers {', '.join(map(str, unrotated))}")
         return "; ".join(parts)
 
     def check_sequence_length(self, seq_len: int) -> None:
@@ -135,7 +145,7 @@ class GenericAdapter(AttentionAdapter):
             scale=layout.scales[index] if layout.scales[index] is not None else dh ** -self.scale_exponent,
             norm_gain=norm_gain,
             norm_bias=norm_bias,
-            rotary=self.rotary_by_type.get(layout.layer_types[index]),
+            rotary=self._rotary(index),
             q_norm=self._qk_norm(tensors, self.query_norm, index, H),
             k_norm=self._qk_norm(tensors, self.key_norm, index, H_kv),
             sliding_window=layout.windows[index],

@@ -6,6 +6,8 @@ the logit scale it applies (which already carries ``attention_multiplier``, ``qu
 absence of any scale); where a module has none (GPT-Neo), the proof learns the scale on the tiny model.
 The rotary embedding module (one holding an ``inv_freq`` buffer, or one per layer kind as Gemma 3's
 ``{kind}_inv_freq``) is recorded by its class, which ``rotary`` builds from the config for its frequencies.
+Whether a layer applies it is the module's own ``use_rope`` (``tables.ROTARY_SWITCHES``: SmolLM3 and Llama 4
+skip it on every fourth layer), else yes.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from qkspectra.models.adapters.generic.tables import (
     LAYER_KIND_FIELDS,
     QUERY_NAMES,
     QUERY_NORM_NAMES,
+    ROTARY_SWITCHES,
     WINDOW_FIELDS,
     WINDOWED_LAYER_KINDS,
 )
@@ -46,6 +49,11 @@ class Layout:
     query_bias: bool
     key_bias: bool
     rotary_class: type | None = None  # the model's rotary embedding module class (None: it has none)
+    rotary_layers: tuple[bool, ...] = ()  # per layer: whether its module applies the rotary embedding
+
+    def kinds(self) -> tuple[tuple, ...]:
+        """Per layer, what makes it a kind of its own: (layer type, windowed, rotary)."""
+        return tuple(zip(self.layer_types, (w is not None for w in self.windows), self.rotary_layers))
 
 
 def meta_model(config: Any):
@@ -121,7 +129,15 @@ def read_layout(model: Any) -> Layout | str:
         layer_types=tuple(layer_types[:num_layers]), causal=bool(getattr(first, "is_causal", False)),
         query_bias=q.bias is not None, key_bias=k.bias is not None,
         rotary_class=next(iter(rotary_classes), None),
+        rotary_layers=tuple(rotary_switch(m) for m in modules),
     )
+
+
+def rotary_switch(module: Any) -> bool:
+    """Whether the attention ``module`` applies the rotary embedding: its own switch (SmolLM3's ``use_rope``,
+    0 or 1 from the config's ``no_rope_layers``), else yes."""
+    switch = next((getattr(module, name) for name in ROTARY_SWITCHES if hasattr(module, name)), True)
+    return bool(switch) if isinstance(switch, (bool, int)) else True
 
 
 def layer_template(names: list[str]) -> str | None:

@@ -1,6 +1,7 @@
 """The tiny-model proof: a random model of the same config class that the generic reader must reproduce.
 
-``tiny_config`` keeps the config's class and attention options with two layers of each kind and small
+``tiny_config`` keeps the config's class and attention options with two layers of each kind (each
+combination of the values of the config's per-layer lists: ``layer_types``, ``no_rope_layers``, ...) and small
 widths (a ``rotary_dim`` keeps its fraction of the head, a clip of the queries and keys is set where
 the tiny model reaches it); ``learn_and_verify`` builds that model, learns its norm recipes, rotary
 pairing, q/k norm order and (where its modules expose none) logit scale, and checks that the
@@ -28,6 +29,7 @@ from qkspectra.models.adapters.generic.tables import (
     EXPERT_COUNT_FIELDS,
     EXPERTS_PER_TOKEN_FIELDS,
     FEED_FORWARD_WIDTH_FIELDS,
+    NOT_PER_LAYER_FIELDS,
     WINDOW_FIELDS,
 )
 from qkspectra.models.tensors import StateDictSource, TensorSource
@@ -41,7 +43,12 @@ TINY_CLIP = 1.0  # about half the tiny model's query/key coordinates (RMS about 
 
 
 def tiny_config(config: Any) -> Any:
-    """A config of the same class with two layers of each kind, small widths, the same attention options."""
+    """A config of the same class with two layers of each kind, small widths, the same attention options.
+
+    A kind is a combination of the values the config's per-layer lists (``per_layer_fields``) hold for one
+    layer; the tiny config has one layer of each, in order of first appearance, twice (a real SmolLM3's
+    ``no_rope_layers`` [1, 1, 1, 0, 1, ...] beside ``layer_types`` all "full_attention" gives [1, 0, 1, 0]).
+    """
     values = copy.deepcopy(config.to_dict())
     aliases = getattr(config, "attribute_map", {}) or {}
 
@@ -73,14 +80,15 @@ def tiny_config(config: Any) -> Any:
     if isinstance(rotary_dim, int):  # GPT-J's: the same fraction of the tiny model's 16-coordinate heads
         real_d_head = getattr(config, "head_dim", None) or config.hidden_size // real_heads
         values["rotary_dim"] = max(2, 2 * round(8 * rotary_dim / real_d_head))
-    layer_types = values.get("layer_types")
-    if layer_types:
-        values["layer_types"] = list(dict.fromkeys(layer_types)) * 2  # every kind, twice, in order of appearance
-        put("num_hidden_layers", len(values["layer_types"]))
-    elif values.get("attention_types"):  # GPT-Neo's runs of layer kinds: [[kinds, repeats], ...]
-        kinds = list(dict.fromkeys(config.attention_layers))
-        values["attention_types"], values["attention_layers"] = [[kinds, 2]], kinds * 2
-        put("num_hidden_layers", 2 * len(kinds))
+    per_layer = per_layer_fields(values, config.num_hidden_layers)
+    if per_layer:  # one layer of each combination of the per-layer values, twice, in order of appearance
+        combinations = list(dict.fromkeys(zip(*(map(_hashable, values[name]) for name in per_layer))))
+        for position, name in enumerate(per_layer):
+            by_key = {_hashable(value): value for value in values[name]}
+            values[name] = [copy.deepcopy(by_key[combination[position]]) for combination in combinations] * 2
+        put("num_hidden_layers", 2 * len(combinations))
+        if values.get("attention_types"):  # GPT-Neo's runs of layer kinds, [[kinds, repeats], ...], as listed
+            values["attention_types"] = [[values["attention_layers"], 1]]
     else:
         put("num_hidden_layers", 2)
     for name in ("max_window_layers",):
@@ -93,6 +101,18 @@ def tiny_config(config: Any) -> Any:
     values.pop("model_type", None)
     values.pop("transformers_version", None)
     return type(config)(**values)
+
+
+def per_layer_fields(values: dict, num_layers: int) -> list[str]:
+    """The config fields holding one entry per layer (``layer_types``, ``no_rope_layers``, GPT-Neo's
+    ``attention_layers``, ...): lists of ``num_layers`` entries, bar ``tables.NOT_PER_LAYER_FIELDS``."""
+    return [name for name, value in values.items() if isinstance(value, list) and len(value) == num_layers
+            and name not in NOT_PER_LAYER_FIELDS]
+
+
+def _hashable(value: Any) -> Any:
+    """A per-layer entry as a dict key (lists and dicts by their repr)."""
+    return repr(value) if isinstance(value, (list, dict, set)) else value
 
 
 def _randomise(model: Any) -> None:

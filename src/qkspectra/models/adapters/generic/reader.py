@@ -45,6 +45,9 @@ def generic_adapter(config: Any) -> GenericAdapter:
     if (tiny_layout.query, tiny_layout.key, tiny_layout.query_norm, tiny_layout.key_norm) != \
             (layout.query, layout.key, layout.query_norm, layout.key_norm):
         raise refusal_error(model_type, "its tiny model has another module layout than the real one")
+    unproved = missing_kind(layout, tiny_layout)
+    if unproved is not None:
+        raise refusal_error(model_type, unproved)
     return GenericAdapter(config, layout, *recipes, verified_on=model_type, **order)
 
 
@@ -60,6 +63,17 @@ def _real_layout(config: Any) -> Layout | str:
             layout = read_layout(meta)
             _LAYOUTS[key] = (module_refusal(meta, config) or layout) if isinstance(layout, str) else layout
     return _LAYOUTS[key]
+
+
+def missing_kind(layout: Layout, tiny_layout: Layout) -> str | None:
+    """A line naming the first real layer of a kind (``Layout.kinds``: layer type, window, rotary) that no layer
+    of the tiny model has, so the proof never saw it; None if every kind was proved."""
+    proved = set(tiny_layout.kinds())
+    for index, (layer_type, windowed, rotary) in enumerate(layout.kinds()):
+        if (layer_type, windowed, rotary) not in proved:
+            return (f"its layer {index} ({layer_type or 'untyped'}, {'windowed' if windowed else 'not windowed'}, "
+                    f"{'with' if rotary else 'without'} rotary embedding) is of a kind its tiny model lacks")
+    return None
 
 
 @contextlib.contextmanager

@@ -21,6 +21,10 @@ LAYER_KIND_FIELDS = ("layer_types", "attention_layers")
 WINDOWED_LAYER_KINDS = ("sliding_attention", "local")
 WINDOW_FIELDS = ("sliding_window", "window_size")
 
+# Attributes of an attention module saying whether it applies the rotary embedding (SmolLM3, Llama 4: 0 or 1
+# from the config's ``no_rope_layers``); a module without one applies it.
+ROTARY_SWITCHES = ("use_rope",)
+
 # Config fields that clamp every query, key and value coordinate to [-c, c] after projection (OLMo).
 CLIP_FIELDS = ("clip_qkv",)
 
@@ -29,5 +33,7 @@ FEED_FORWARD_WIDTH_FIELDS = ("intermediate_size", "ffn_dim", "n_inner", "moe_int
                              "shared_expert_intermediate_size", "ffn_hidden_size")
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
 EXPERTS_PER_TOKEN_FIELDS = ("num_experts_per_tok", "moe_top_k")
+# Config lists that are not one entry per layer even where their length is the number of layers.
+NOT_PER_LAYER_FIELDS = ("architectures", "eos_token_id", "bos_token_id", "pad_token_id")
 DROPOUT_FIELDS = ("attention_dropout", "attn_pdrop", "hidden_dropout", "resid_pdrop", "embd_pdrop",
                   "attention_probs_dropout_prob", "hidden_dropout_prob", "dropout")
