@@ -35,7 +35,7 @@ VERIFIED_GENERIC_TYPES: dict[str, str] = {
     "qwen2_moe": "mixture of experts with a shared expert, q/k biases",
     "qwen3_moe": "per-head q/k norm, mixture of experts",
     "seed_oss": "q/k biases",
-    "smollm3": "Llama layout",
+    "smollm3": "Llama layout, no rotary embedding on its no_rope_layers (every fourth layer by default)",
     "stablelm": "partial rotary, q/k biases; qk_layernorm (StableLM 2 12B): one LayerNorm module per head, "
                 "read as one q/k norm gain row per head",
     "starcoder2": "sliding window, LayerNorm, q/k biases",
