@@ -211,11 +211,14 @@ class TransformerLensAdapter(AttentionAdapter):
         from torch import nn
 
         for index, block in enumerate(self.model.blocks):
+            if _hooked(block.attn):
+                continue  # a HookedTransformer's W_Q and (_)W_K are parameters, written as they are
             for part in ("q", "k"):
                 linear = getattr(getattr(block.attn, part, None), "original_component", None)
                 if not isinstance(linear, nn.Linear):
                     return (f"the functional test cannot write {type(self.model).__name__} block {index}: its attention "
-                            f"has no {part} projection wrapping an nn.Linear (as a TransformerBridge's do)")
+                            f"has no {part} projection wrapping an nn.Linear (as a TransformerBridge's do) and no W_Q "
+                            "and W_K parameters (as a HookedTransformer's)")
         return None
 
     def can_write_query_key(self) -> bool:
@@ -229,11 +232,16 @@ class TransformerLensAdapter(AttentionAdapter):
         import torch
 
         prefix = f"blocks.{index}.attn"
-        for part, W, b in (("q", W_Q, b_Q), ("k", W_K, b_K)):
-            parameters.set(f"{prefix}.{part}._original_component.weight", linear_from_heads(W))
-            if b is not None:
-                parameters.set(f"{prefix}.{part}._original_component.bias", b.reshape(-1))
         attention = self.model.blocks[index].attn
+        if _hooked(attention):  # a HookedTransformer: the parameters themselves, key heads one per query head by now
+            for name, value in (("W_Q", W_Q), ("W_K", W_K), ("b_Q", b_Q), ("b_K", b_K)):
+                if value is not None:
+                    parameters.set(f"{prefix}.{_held_name(attention, name)}", value)
+        else:
+            for part, W, b in (("q", W_Q, b_Q), ("k", W_K, b_K)):
+                parameters.set(f"{prefix}.{part}._original_component.weight", linear_from_heads(W))
+                if b is not None:
+                    parameters.set(f"{prefix}.{part}._original_component.bias", b.reshape(-1))
         for name, W in (("W_Q", W_Q), ("W_K", W_K)):
             held = getattr(attention, name).detach()  # (H, d_model, d_head) as TransformerLens reads it
             if not torch.equal(held.cpu(), torch.from_numpy(W).to(held.dtype)):
@@ -248,6 +256,8 @@ class TransformerLensAdapter(AttentionAdapter):
         follow. Returns the adapter of the expanded model. ``rewritten_in_place`` puts everything back."""
         H = self.num_heads
         groups = H // self.num_kv_heads
+        if all(_hooked(block.attn) for block in model.blocks):
+            return self._expand_hooked_kv_heads(model, groups)
         for index, block in enumerate(model.blocks):
             attention = block.attn
             inner = attention.original_component
@@ -267,6 +277,39 @@ class TransformerLensAdapter(AttentionAdapter):
                 config.n_key_value_heads = H
             attention._setup_qkv_hook_reshaping()  # hook_k and hook_v: now H heads
         return TransformerLensAdapter(model)
+
+    def _expand_hooked_kv_heads(self, model: Any, groups: int) -> TransformerLensAdapter:
+        """``expand_kv_heads_in_place`` of a HookedTransformer: each grouped attention's ``_W_K``, ``_W_V``,
+        ``_b_K`` and ``_b_V`` replaced by new parameters with the key/value heads repeated (as its ``W_K``
+        property repeats them), its ``repeat_kv_heads`` 1, the config's ``n_key_value_heads`` the query heads."""
+        import torch
+        from torch import nn
+
+        for index, block in enumerate(model.blocks):
+            attention = block.attn
+            if getattr(attention, "repeat_kv_heads", None) != groups:
+                raise QkspectraError(f"cannot give each query head its own key head in {type(model).__name__} block "
+                                     f"{index}: {type(attention).__name__} repeats its key heads in a way not known here")
+            for name in ("_W_K", "_W_V", "_b_K", "_b_V"):
+                held = attention._parameters[name]
+                attention._parameters[name] = nn.Parameter(torch.repeat_interleave(held.detach(), groups, dim=0),
+                                                           requires_grad=held.requires_grad)
+            attention.repeat_kv_heads = 1
+        model.cfg.n_key_value_heads = self.num_heads
+        return TransformerLensAdapter(model)
+
+
+def _hooked(attention: Any) -> bool:
+    """Whether ``attention`` is a HookedTransformer's: its W_Q a parameter of its own, not a bridge's projection."""
+    from torch import nn
+
+    return isinstance(attention._parameters.get("W_Q"), nn.Parameter) and \
+        isinstance(attention._parameters.get(_held_name(attention, "W_K")), nn.Parameter)
+
+
+def _held_name(attention: Any, name: str) -> str:
+    """The parameter a HookedTransformer attention holds ``name`` in: ``_W_K`` / ``_b_K`` where it groups key heads."""
+    return f"_{name}" if f"_{name}" in attention._parameters else name
 
 
 @contextlib.contextmanager
