@@ -7,7 +7,7 @@ biases) and rotary (RMSNorm) kinds with 4, 2 and 1 key/value heads for 4 query h
 TransformerLens's own ``process_weights_`` (norms folded, writing weights and unembedding centred).
 
 The extra installs TransformerLens 4, which has no ``HookedTransformer``: these tests skip unless
-TransformerLens 3 is installed in its place (``pip install 'transformer-lens>=3,<4'``).
+TransformerLens 3 is installed in its place (``pip install transformer-lens==3.0.0``).
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ def test_hooked_transformers_equal_transformer_lens(tokenizer, position, kv_head
     model = hooked_transformer(tokenizer, position, kv_heads, norm)
     raw = assert_equals_transformer_lens(model, tokenizer, fold_ln=False)  # TransformerLens's QK is unfolded
     metadata = raw.metadata
-    assert metadata["model_type"] == "transformer_lens" and metadata["adapter"] == "transformer_lens (HookedTransformer)"
+    assert metadata["model_type"] == "transformer_lens"
+    assert metadata["adapter"] == "transformer_lens (HookedTransformer)"
     assert metadata["scale"] == pytest.approx(1 / np.sqrt(8))
     assert metadata["transformer_lens"]["object"] == "HookedTransformer"
     assert metadata["transformer_lens"]["normalization_type"] == norm

@@ -70,7 +70,7 @@ class _LayerQueue:
             queries, keys = rope(queries, keys)
         H, H_kv = self.adapter.num_heads, self.adapter.num_kv_heads
         if keys.shape[1] == H != H_kv and getattr(self.model.cfg, "ungroup_grouped_query_attention", False):
-            keys = keys[:, ::H // H_kv]  # a HookedTransformer fires its key heads repeated (repeat_interleave) when ungrouped
+            keys = keys[:, ::H // H_kv]  # an ungrouped HookedTransformer fires its key heads repeated
         if queries.shape[1] != H or keys.shape[1] != H_kv:
             raise QkspectraError(f"{where}: {queries.shape[1]} query and {keys.shape[1]} key heads, expected {H} and {H_kv}")
         visible = VisibleKeys(None, True, queries.shape[-2], keys.shape[-2], queries.device)

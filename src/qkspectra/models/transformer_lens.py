@@ -10,11 +10,15 @@ Where TransformerLens already folded that norm into W_Q and W_K (``enable_compat
 folded twice. What TransformerLens did to the weights is recorded in the metadata
 (``processing_metadata``). The logit scale is the attention's own (``scaling`` of a transformers
 attention, 1 / ``scale`` of TransformerLens's native one), else the config's ``attn_scale``.
+A HookedTransformer's ``fold_ln`` (``process_weights_``, ``from_pretrained``'s default) also centres
+W_Q and W_K over d_model after a LayerNorm (its ``LayerNormPre`` centres the stream): the metric read
+is then P G W_Q W_K^T G P, not qkspectra's ``fold_ln`` G W_Q W_K^T G of the unprocessed weights.
 
 The corpus pass (entropy from the model's own queries and keys at ``hook_q``/``hook_k``, after
 rotary at ``hook_rot_q``/``hook_rot_k``) is ``extract.transformer_lens_capture``. The functional test
-writes reconstructions into the nn.Linear projections a bridge's ``attn.q``/``attn.k`` wrap
-(``TransformerLensAdapter.write_query_key``), gives each query head its own key head in the bridge
+writes reconstructions into the nn.Linear projections a bridge's ``attn.q``/``attn.k`` wrap, or into a
+HookedTransformer's own ``W_Q``, ``W_K`` (``_W_K``), ``b_Q``, ``b_K`` (``_b_K``) parameters
+(``TransformerLensAdapter.write_query_key``), gives each query head its own key head in the model
 (``expand_kv_heads_in_place``) and puts everything back after (``rewritten_in_place``); its passes
 are ``analysis.reconstruction.transformer_lens_passes``.
 """
@@ -73,7 +77,8 @@ class TransformerLensModel(InMemoryModel):
         gains = [_norm_parameters(block)[0] for block in model.blocks]
         biases = [_norm_parameters(block)[1] for block in model.blocks]
         folded = all(g is None or bool((g == 1).all()) for g in gains) and all(b is None or not b.any() for b in biases)
-        processed = getattr(model, "_weights_processed", None)  # a bridge says; a HookedTransformer's cfg does
+        # a bridge says; a HookedTransformer records nothing (None), only its normalization_type LNPre / RMSPre
+        processed = getattr(model, "_weights_processed", None)
         return {
             "object": type(model).__name__,
             "weights_processed": processed,
@@ -228,7 +233,8 @@ class TransformerLensAdapter(AttentionAdapter):
                         b_Q: np.ndarray | None, b_K: np.ndarray | None) -> None:
         """Overwrite block ``index``'s W_Q, W_K (H, d_model, d_head) and b_Q, b_K (H, d_head) or None in the
         nn.Linear projections its attention's ``q`` and ``k`` wrap (what the model computes with), named by
-        their module paths; the attention's own ``W_Q`` and ``W_K`` must then read back what was written."""
+        their module paths, or in a HookedTransformer's own parameters (key heads expanded first); the
+        attention's own ``W_Q`` and ``W_K`` must then read back what was written."""
         import torch
 
         prefix = f"blocks.{index}.attn"
@@ -253,7 +259,8 @@ class TransformerLensAdapter(AttentionAdapter):
         each block's ``k`` and ``v`` wrap projections with the key/value heads repeated, the attention
         repeats no more (``num_key_value_groups`` of a transformers attention, ``kv_repeats`` of
         TransformerLens's native one), the configs' ``n_key_value_heads`` and the hooks' head reshaping
-        follow. Returns the adapter of the expanded model. ``rewritten_in_place`` puts everything back."""
+        follow; a HookedTransformer's grouped parameters are repeated instead (``_expand_hooked_kv_heads``).
+        Returns the adapter of the expanded model. ``rewritten_in_place`` puts everything back."""
         H = self.num_heads
         groups = H // self.num_kv_heads
         if all(_hooked(block.attn) for block in model.blocks):
