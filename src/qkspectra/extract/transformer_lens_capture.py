@@ -5,6 +5,8 @@ attention a real query never sees the padding after its window), its queries and
 ``blocks.{l}.attn.hook_q`` / ``hook_k`` (B, pos, H or H_kv, d_head), or after rotary positions at
 ``hook_rot_q`` / ``hook_rot_k`` where the attention fires them; TransformerLens's native attention
 rotates inside its module, so its queries and keys are turned by that module's own rotary function.
+A grouped-query HookedTransformer set to ``ungroup_grouped_query_attention`` fires its key heads
+repeated for each query head; one of each group is taken.
 Each layer's pair is handed to the same streamed kernel and accumulator as a transformers model's
 (``extract.entropy``) as soon as the next layer starts, so one layer's queries and keys are held at a time.
 """
@@ -67,6 +69,8 @@ class _LayerQueue:
                 raise QkspectraError(f"{where}: a rotary attention that fires no hook_rot_q/hook_rot_k is not supported")
             queries, keys = rope(queries, keys)
         H, H_kv = self.adapter.num_heads, self.adapter.num_kv_heads
+        if keys.shape[1] == H != H_kv and getattr(self.model.cfg, "ungroup_grouped_query_attention", False):
+            keys = keys[:, ::H // H_kv]  # an ungrouped HookedTransformer fires its key heads repeated
         if queries.shape[1] != H or keys.shape[1] != H_kv:
             raise QkspectraError(f"{where}: {queries.shape[1]} query and {keys.shape[1]} key heads, expected {H} and {H_kv}")
         visible = VisibleKeys(None, True, queries.shape[-2], keys.shape[-2], queries.device)

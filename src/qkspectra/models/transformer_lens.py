@@ -10,11 +10,15 @@ Where TransformerLens already folded that norm into W_Q and W_K (``enable_compat
 folded twice. What TransformerLens did to the weights is recorded in the metadata
 (``processing_metadata``). The logit scale is the attention's own (``scaling`` of a transformers
 attention, 1 / ``scale`` of TransformerLens's native one), else the config's ``attn_scale``.
+A HookedTransformer's ``fold_ln`` (``process_weights_``, ``from_pretrained``'s default) also centres
+W_Q and W_K over d_model after a LayerNorm (its ``LayerNormPre`` centres the stream): the metric read
+is then P G W_Q W_K^T G P, not qkspectra's ``fold_ln`` G W_Q W_K^T G of the unprocessed weights.
 
 The corpus pass (entropy from the model's own queries and keys at ``hook_q``/``hook_k``, after
 rotary at ``hook_rot_q``/``hook_rot_k``) is ``extract.transformer_lens_capture``. The functional test
-writes reconstructions into the nn.Linear projections a bridge's ``attn.q``/``attn.k`` wrap
-(``TransformerLensAdapter.write_query_key``), gives each query head its own key head in the bridge
+writes reconstructions into the nn.Linear projections a bridge's ``attn.q``/``attn.k`` wrap, or into a
+HookedTransformer's own ``W_Q``, ``W_K`` (``_W_K``), ``b_Q``, ``b_K`` (``_b_K``) parameters
+(``TransformerLensAdapter.write_query_key``), gives each query head its own key head in the model
 (``expand_kv_heads_in_place``) and puts everything back after (``rewritten_in_place``); its passes
 are ``analysis.reconstruction.transformer_lens_passes``.
 """
@@ -73,7 +77,8 @@ class TransformerLensModel(InMemoryModel):
         gains = [_norm_parameters(block)[0] for block in model.blocks]
         biases = [_norm_parameters(block)[1] for block in model.blocks]
         folded = all(g is None or bool((g == 1).all()) for g in gains) and all(b is None or not b.any() for b in biases)
-        processed = getattr(model, "_weights_processed", None)  # a bridge says; a HookedTransformer's cfg does
+        # a bridge says; a HookedTransformer records nothing (None), only its normalization_type LNPre / RMSPre
+        processed = getattr(model, "_weights_processed", None)
         return {
             "object": type(model).__name__,
             "weights_processed": processed,
@@ -211,11 +216,14 @@ class TransformerLensAdapter(AttentionAdapter):
         from torch import nn
 
         for index, block in enumerate(self.model.blocks):
+            if _hooked(block.attn):
+                continue  # a HookedTransformer's W_Q and (_)W_K are parameters, written as they are
             for part in ("q", "k"):
                 linear = getattr(getattr(block.attn, part, None), "original_component", None)
                 if not isinstance(linear, nn.Linear):
                     return (f"the functional test cannot write {type(self.model).__name__} block {index}: its attention "
-                            f"has no {part} projection wrapping an nn.Linear (as a TransformerBridge's do)")
+                            f"has no {part} projection wrapping an nn.Linear (as a TransformerBridge's do) and no W_Q "
+                            "and W_K parameters (as a HookedTransformer's)")
         return None
 
     def can_write_query_key(self) -> bool:
@@ -225,15 +233,21 @@ class TransformerLensAdapter(AttentionAdapter):
                         b_Q: np.ndarray | None, b_K: np.ndarray | None) -> None:
         """Overwrite block ``index``'s W_Q, W_K (H, d_model, d_head) and b_Q, b_K (H, d_head) or None in the
         nn.Linear projections its attention's ``q`` and ``k`` wrap (what the model computes with), named by
-        their module paths; the attention's own ``W_Q`` and ``W_K`` must then read back what was written."""
+        their module paths, or in a HookedTransformer's own parameters (key heads expanded first); the
+        attention's own ``W_Q`` and ``W_K`` must then read back what was written."""
         import torch
 
         prefix = f"blocks.{index}.attn"
-        for part, W, b in (("q", W_Q, b_Q), ("k", W_K, b_K)):
-            parameters.set(f"{prefix}.{part}._original_component.weight", linear_from_heads(W))
-            if b is not None:
-                parameters.set(f"{prefix}.{part}._original_component.bias", b.reshape(-1))
         attention = self.model.blocks[index].attn
+        if _hooked(attention):  # a HookedTransformer: the parameters themselves, key heads one per query head by now
+            for name, value in (("W_Q", W_Q), ("W_K", W_K), ("b_Q", b_Q), ("b_K", b_K)):
+                if value is not None:
+                    parameters.set(f"{prefix}.{_held_name(attention, name)}", value)
+        else:
+            for part, W, b in (("q", W_Q, b_Q), ("k", W_K, b_K)):
+                parameters.set(f"{prefix}.{part}._original_component.weight", linear_from_heads(W))
+                if b is not None:
+                    parameters.set(f"{prefix}.{part}._original_component.bias", b.reshape(-1))
         for name, W in (("W_Q", W_Q), ("W_K", W_K)):
             held = getattr(attention, name).detach()  # (H, d_model, d_head) as TransformerLens reads it
             if not torch.equal(held.cpu(), torch.from_numpy(W).to(held.dtype)):
@@ -245,9 +259,12 @@ class TransformerLensAdapter(AttentionAdapter):
         each block's ``k`` and ``v`` wrap projections with the key/value heads repeated, the attention
         repeats no more (``num_key_value_groups`` of a transformers attention, ``kv_repeats`` of
         TransformerLens's native one), the configs' ``n_key_value_heads`` and the hooks' head reshaping
-        follow. Returns the adapter of the expanded model. ``rewritten_in_place`` puts everything back."""
+        follow; a HookedTransformer's grouped parameters are repeated instead (``_expand_hooked_kv_heads``).
+        Returns the adapter of the expanded model. ``rewritten_in_place`` puts everything back."""
         H = self.num_heads
         groups = H // self.num_kv_heads
+        if all(_hooked(block.attn) for block in model.blocks):
+            return self._expand_hooked_kv_heads(model, groups)
         for index, block in enumerate(model.blocks):
             attention = block.attn
             inner = attention.original_component
@@ -267,6 +284,39 @@ class TransformerLensAdapter(AttentionAdapter):
                 config.n_key_value_heads = H
             attention._setup_qkv_hook_reshaping()  # hook_k and hook_v: now H heads
         return TransformerLensAdapter(model)
+
+    def _expand_hooked_kv_heads(self, model: Any, groups: int) -> TransformerLensAdapter:
+        """``expand_kv_heads_in_place`` of a HookedTransformer: each grouped attention's ``_W_K``, ``_W_V``,
+        ``_b_K`` and ``_b_V`` replaced by new parameters with the key/value heads repeated (as its ``W_K``
+        property repeats them), its ``repeat_kv_heads`` 1, the config's ``n_key_value_heads`` the query heads."""
+        import torch
+        from torch import nn
+
+        for index, block in enumerate(model.blocks):
+            attention = block.attn
+            if getattr(attention, "repeat_kv_heads", None) != groups:
+                raise QkspectraError(f"cannot give each query head its own key head in {type(model).__name__} block "
+                                     f"{index}: {type(attention).__name__} repeats its key heads in a way not known here")
+            for name in ("_W_K", "_W_V", "_b_K", "_b_V"):
+                held = attention._parameters[name]
+                attention._parameters[name] = nn.Parameter(torch.repeat_interleave(held.detach(), groups, dim=0),
+                                                           requires_grad=held.requires_grad)
+            attention.repeat_kv_heads = 1
+        model.cfg.n_key_value_heads = self.num_heads
+        return TransformerLensAdapter(model)
+
+
+def _hooked(attention: Any) -> bool:
+    """Whether ``attention`` is a HookedTransformer's: its W_Q a parameter of its own, not a bridge's projection."""
+    from torch import nn
+
+    return isinstance(attention._parameters.get("W_Q"), nn.Parameter) and \
+        isinstance(attention._parameters.get(_held_name(attention, "W_K")), nn.Parameter)
+
+
+def _held_name(attention: Any, name: str) -> str:
+    """The parameter a HookedTransformer attention holds ``name`` in: ``_W_K`` / ``_b_K`` where it groups key heads."""
+    return f"_{name}" if f"_{name}" in attention._parameters else name
 
 
 @contextlib.contextmanager
