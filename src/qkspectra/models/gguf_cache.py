@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from qkspectra.errors import QkspectraError
@@ -79,7 +80,7 @@ def _convert(gguf_path: Path, out: Path, *, dtype: str = "float32", progress: bo
     from qkspectra.models.offline import transformers_quiet
 
     read_layout(gguf_path)  # a truncated or damaged file said in one line, before transformers' reader fails on it
-    with transformers_quiet(progress=progress):
+    with transformers_quiet(progress=progress), _one_gguf_reader():
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 gguf_path.parent, gguf_file=gguf_path.name, dtype=getattr(torch, dtype), local_files_only=True
@@ -97,3 +98,29 @@ def _convert(gguf_path: Path, out: Path, *, dtype: str = "float32", progress: bo
     record = {"gguf_file": str(gguf_path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "dtype": dtype}
     (out / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
+
+
+@contextmanager
+def _one_gguf_reader():
+    """While it lasts, every ``gguf.GGUFReader(path)`` of the same file returns the same reader.
+
+    transformers' GGUF loaders each build their own reader (the model's config, its tensors, the
+    tokenizer's config: three for one conversion), and the reader makes a numpy view per vocabulary
+    token, ~20 s for gemma-3's 262k tokens. The reader is only read from, so sharing it leaves the
+    converted files unchanged; it is rebuilt by each conversion, never kept beyond it.
+    """
+    import gguf
+
+    original, readers = gguf.GGUFReader, {}
+
+    def shared(path, mode="r"):
+        key = (os.path.realpath(os.fspath(path)), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
