@@ -80,7 +80,7 @@ def _convert(gguf_path: Path, out: Path, *, dtype: str = "float32", progress: bo
     from qkspectra.models.offline import transformers_quiet
 
     read_layout(gguf_path)  # a truncated or damaged file said in one line, before transformers' reader fails on it
-    with transformers_quiet(progress=progress), _one_gguf_reader():
+    with transformers_quiet(progress=progress), _shared_gguf_parsing():
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 gguf_path.parent, gguf_file=gguf_path.name, dtype=getattr(torch, dtype), local_files_only=True
@@ -101,26 +101,32 @@ def _convert(gguf_path: Path, out: Path, *, dtype: str = "float32", progress: bo
 
 
 @contextmanager
-def _one_gguf_reader():
-    """While it lasts, every ``gguf.GGUFReader(path)`` of the same file returns the same reader.
+def _shared_gguf_parsing():
+    """While it lasts, ``gguf.GGUFReader`` and ``gguf.get_tensor_name_map`` return one object per argument.
 
     transformers' GGUF loaders each build their own reader (the model's config, its tensors, the
     tokenizer's config: three for one conversion), and the reader makes a numpy view per vocabulary
-    token, ~20 s for gemma-3's 262k tokens. The reader is only read from, so sharing it leaves the
-    converted files unchanged; it is rebuilt by each conversion, never kept beyond it.
+    token, ~20 s for gemma-3's 262k tokens; its tensor-name map is rebuilt for every module of the
+    model (~400 for SmolLM2, each ~0.02 s). Both are only read from, so sharing them leaves the
+    converted files unchanged; they are rebuilt by each conversion, never kept beyond it.
     """
     import gguf
 
-    original, readers = gguf.GGUFReader, {}
+    reader, name_map, readers, name_maps = gguf.GGUFReader, gguf.get_tensor_name_map, {}, {}
 
-    def shared(path, mode="r"):
+    def shared_reader(path, mode="r"):
         key = (os.path.realpath(os.fspath(path)), mode)
         if key not in readers:
-            readers[key] = original(path, mode)
+            readers[key] = reader(path, mode)
         return readers[key]
 
-    gguf.GGUFReader = shared
+    def shared_name_map(arch, n_blocks):
+        if (arch, n_blocks) not in name_maps:
+            name_maps[arch, n_blocks] = name_map(arch, n_blocks)
+        return name_maps[arch, n_blocks]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, shared_name_map
     try:
         yield
     finally:
-        gguf.GGUFReader = original
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
