@@ -102,15 +102,20 @@ def _convert(gguf_path: Path, out: Path, *, dtype: str = "float32", progress: bo
 
 @contextmanager
 def _shared_gguf_parsing():
-    """While it lasts, ``gguf.GGUFReader`` and ``gguf.get_tensor_name_map`` return one object per argument.
+    """While it lasts, ``gguf.GGUFReader`` and ``gguf.get_tensor_name_map`` return one object per argument,
+    and transformers' metadata-only ``load_gguf_checkpoint(path)`` a copy of its first answer.
 
     transformers' GGUF loaders each build their own reader (the model's config, its tensors, the
     tokenizer's config: three for one conversion), and the reader makes a numpy view per vocabulary
-    token, ~20 s for gemma-3's 262k tokens; its tensor-name map is rebuilt for every module of the
-    model (~400 for SmolLM2, each ~0.02 s). Both are only read from, so sharing them leaves the
+    token, ~20 s for gemma-3's 262k tokens; the two config reads then decode every token again; the
+    tensor-name map is rebuilt for every module of the model (~400 for SmolLM2, each ~0.02 s). All
+    are only read from (the callers get a deep copy of the metadata), so sharing them leaves the
     converted files unchanged; they are rebuilt by each conversion, never kept beyond it.
     """
+    import copy
+
     import gguf
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
     reader, name_map, readers, name_maps = gguf.GGUFReader, gguf.get_tensor_name_map, {}, {}
 
@@ -125,8 +130,20 @@ def _shared_gguf_parsing():
             name_maps[arch, n_blocks] = name_map(arch, n_blocks)
         return name_maps[arch, n_blocks]
 
+    checkpoint, metadata = gguf_utils.load_gguf_checkpoint, {}
+
+    def shared_metadata(path, return_tensors=False, **kwargs):
+        if return_tensors or kwargs:
+            return checkpoint(path, return_tensors, **kwargs)
+        key = os.path.realpath(os.fspath(path))
+        if key not in metadata:
+            metadata[key] = checkpoint(path, return_tensors=False)
+        return copy.deepcopy(metadata[key])
+
     gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, shared_name_map
+    gguf_utils.load_gguf_checkpoint = shared_metadata
     try:
         yield
     finally:
         gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+        gguf_utils.load_gguf_checkpoint = checkpoint
