@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from qkspectra.errors import QkspectraError
 
 CACHE_ENV_VAR = "QKSPECTRA_CACHE"
 SOURCE_RECORD = "qkspectra_source.json"
+_PATCHING = threading.Lock()  # one conversion at a time swaps the gguf/transformers functions
 
 
 def model_cache_root() -> Path:
@@ -110,14 +112,15 @@ def _shared_gguf_parsing():
     token, ~20 s for gemma-3's 262k tokens; the two config reads then decode every token again; the
     tensor-name map is rebuilt for every module of the model (~400 for SmolLM2, each ~0.02 s). All
     are only read from (the callers get a deep copy of the metadata), so sharing them leaves the
-    converted files unchanged; they are rebuilt by each conversion, never kept beyond it.
+    converted files unchanged; they are rebuilt by each conversion, never kept beyond it. Conversions
+    in several threads of one process take turns (the functions are module attributes).
     """
     import copy
 
     import gguf
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
-    reader, name_map, readers, name_maps = gguf.GGUFReader, gguf.get_tensor_name_map, {}, {}
+    readers, name_maps, metadata = {}, {}, {}
 
     def shared_reader(path, mode="r"):
         key = (os.path.realpath(os.fspath(path)), mode)
@@ -130,8 +133,6 @@ def _shared_gguf_parsing():
             name_maps[arch, n_blocks] = name_map(arch, n_blocks)
         return name_maps[arch, n_blocks]
 
-    checkpoint, metadata = gguf_utils.load_gguf_checkpoint, {}
-
     def shared_metadata(path, return_tensors=False, **kwargs):
         if return_tensors or kwargs:
             return checkpoint(path, return_tensors, **kwargs)
@@ -140,10 +141,12 @@ def _shared_gguf_parsing():
             metadata[key] = checkpoint(path, return_tensors=False)
         return copy.deepcopy(metadata[key])
 
-    gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, shared_name_map
-    gguf_utils.load_gguf_checkpoint = shared_metadata
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
-        gguf_utils.load_gguf_checkpoint = checkpoint
+    with _PATCHING:  # the originals read while no other conversion has them swapped
+        reader, name_map, checkpoint = gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.load_gguf_checkpoint
+        gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, shared_name_map
+        gguf_utils.load_gguf_checkpoint = shared_metadata
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+            gguf_utils.load_gguf_checkpoint = checkpoint
