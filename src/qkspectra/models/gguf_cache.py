@@ -19,12 +19,15 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from qkspectra.errors import QkspectraError
 
 CACHE_ENV_VAR = "QKSPECTRA_CACHE"
 SOURCE_RECORD = "qkspectra_source.json"
+_PATCHING = threading.Lock()  # one conversion at a time swaps the gguf/transformers functions
 
 
 def model_cache_root() -> Path:
@@ -79,7 +82,7 @@ def _convert(gguf_path: Path, out: Path, *, dtype: str = "float32", progress: bo
     from qkspectra.models.offline import transformers_quiet
 
     read_layout(gguf_path)  # a truncated or damaged file said in one line, before transformers' reader fails on it
-    with transformers_quiet(progress=progress):
+    with transformers_quiet(progress=progress), _shared_gguf_parsing():
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 gguf_path.parent, gguf_file=gguf_path.name, dtype=getattr(torch, dtype), local_files_only=True
@@ -97,3 +100,53 @@ def _convert(gguf_path: Path, out: Path, *, dtype: str = "float32", progress: bo
     record = {"gguf_file": str(gguf_path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "dtype": dtype}
     (out / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
+
+
+@contextmanager
+def _shared_gguf_parsing():
+    """While it lasts, ``gguf.GGUFReader`` and ``gguf.get_tensor_name_map`` return one object per argument,
+    and transformers' metadata-only ``load_gguf_checkpoint(path)`` a copy of its first answer.
+
+    transformers' GGUF loaders each build their own reader (the model's config, its tensors, the
+    tokenizer's config: three for one conversion), and the reader makes a numpy view per vocabulary
+    token, ~20 s for gemma-3's 262k tokens; the two config reads then decode every token again; the
+    tensor-name map is rebuilt for every module of the model (~400 for SmolLM2, each ~0.02 s). All
+    are only read from (the callers get a deep copy of the metadata), so sharing them leaves the
+    converted files unchanged; they are rebuilt by each conversion, never kept beyond it. Conversions
+    in several threads of one process take turns (the functions are module attributes).
+    """
+    import copy
+
+    import gguf
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    readers, name_maps, metadata = {}, {}, {}
+
+    def shared_reader(path, mode="r"):
+        key = (os.path.realpath(os.fspath(path)), mode)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    def shared_name_map(arch, n_blocks):
+        if (arch, n_blocks) not in name_maps:
+            name_maps[arch, n_blocks] = name_map(arch, n_blocks)
+        return name_maps[arch, n_blocks]
+
+    def shared_metadata(path, return_tensors=False, **kwargs):
+        if return_tensors or kwargs:
+            return checkpoint(path, return_tensors, **kwargs)
+        key = os.path.realpath(os.fspath(path))
+        if key not in metadata:
+            metadata[key] = checkpoint(path, return_tensors=False)
+        return copy.deepcopy(metadata[key])
+
+    with _PATCHING:  # the originals read while no other conversion has them swapped
+        reader, name_map, checkpoint = gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.load_gguf_checkpoint
+        gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, shared_name_map
+        gguf_utils.load_gguf_checkpoint = shared_metadata
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+            gguf_utils.load_gguf_checkpoint = checkpoint
