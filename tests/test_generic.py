@@ -37,6 +37,8 @@ GENERIC_CASES = {
     "stablelm": {"partial_rotary_factor": 0.5, "use_qkv_bias": True},
     "glm": {"head_dim": 12, "partial_rotary_factor": 0.5},
     "cohere": {},
+    # Command R7B / Command A: rope only on the windowed layers, inside the forward code (no use_rope)
+    "cohere2": {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
     "helium": {"head_dim": 12},
     "starcoder2": {"sliding_window": 4},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 4},
@@ -60,6 +62,10 @@ GENERIC_VARIANTS = {
     "hunyuan_v1_dense-ntk_alpha": ("hunyuan_v1_dense", {"head_dim": 12, "rope_parameters": HUNYUAN_NTK_ALPHA}),
     # no_rope_layers from the default no_rope_layer_interval 4: [1, 1, 1, 0, 1, 1, 1, 0], layers 3 and 7 unrotated
     "smollm3-no_rope_layers": ("smollm3", {"num_hidden_layers": 8}),
+    # EXAONE 4.0 hybrid: windowed layers rotated, global ones not (its forward code, no use_rope); every module keeps
+    # the config's sliding_window, only is_sliding says which are windowed
+    "exaone4-hybrid": ("exaone4", {"head_dim": 12, "sliding_window": 4,
+                                   "layer_types": ["sliding_attention", "full_attention"]}),
 }
 
 
@@ -181,7 +187,7 @@ def _with_layers(adapter, **fields):
     return changed
 
 
-@pytest.mark.parametrize("model_type", ["olmo", "hunyuan_v1_dense"])
+@pytest.mark.parametrize("model_type", ["olmo", "hunyuan_v1_dense", "cohere2"])
 def test_static_spectra_are_those_of_the_dense_metric_of_the_models_own_modules(model_type):
     """float64 singular values of M_h = s * A W_Q[h] diag(g_q g_k / (r_Q r_K)) W_K[h]^T A, formed densely from
     the modules' weights: A the input norm's gain (1 for OLMo's LayerNorm), r the RMS of queries and keys
@@ -342,6 +348,43 @@ def test_layers_whose_module_skips_the_rotary_embedding_are_read_without_it():
     assert [index for index, layer in enumerate(layers) if layer.rotary is None] == [3, 7]
     assert adapter.rotary is None and adapter.describe_positions().endswith("no rotary embedding on layers 3, 7")
     assert_reproduces_own_attention(model, adapter, seq_len=24)
+
+
+@pytest.mark.parametrize("case", ["exaone4-hybrid", "cohere2"])
+def test_layer_types_whose_forward_code_skips_the_rotary_embedding_are_learned_and_read_without_it(case):
+    """EXAONE 4.0 (hybrid) and Cohere 2 rotate only their windowed layers, in their forward code, with no module
+    attribute saying so: the proof learns that "full_attention" layers are unrotated, the real model's global layers
+    are read with no rotary embedding and its windowed ones with it, and every layer reproduces the model's own
+    attention over 16 tokens (beyond the window of 4); rotating the global layers would not."""
+    model_type, extra = GENERIC_VARIANTS[case] if case in GENERIC_VARIANTS else (case, GENERIC_CASES[case])
+    model = tiny_checkpoint(model_type, **{**extra, "num_hidden_layers": 4,
+                                           "layer_types": ["sliding_attention", "full_attention"] * 2})
+    adapter = adapter_for(model.config)
+    assert adapter.layout.rotary_layers == (None,) * 4 and adapter.unrotated_types == ("full_attention",)
+    layers = [adapter.layer(StateDictSource(model.state_dict()), index) for index in range(4)]
+    assert [layer.rotary is None for layer in layers] == [False, True] * 2
+    assert [layer.sliding_window for layer in layers] == [4, None] * 2
+    assert layers[0].rotary.interleaved == (model_type == "cohere2")  # Cohere's rotate_half pairs neighbours
+    assert adapter.describe_positions().endswith("no rotary embedding on layers 1, 3")
+    assert_reproduces_own_attention(model, adapter, seq_len=16)
+    with pytest.raises(AssertionError):
+        assert_reproduces_own_attention(model, _with_layers(adapter, rotary=layers[0].rotary), seq_len=16)
+
+
+def test_the_proof_names_the_first_layer_failing_under_the_most_plausible_order(monkeypatch):
+    """Were a layer type's rotation not learnable (here: its layers said to be rotated by their modules), the
+    refusal names the first global layer of the tiny Cohere 2 (layer 1) under the order that reproduced layer 0,
+    not layer 0 under the last order tried."""
+    from qkspectra.models.adapters.generic import layout as layout_module, reader
+
+    monkeypatch.setattr(layout_module, "rotary_switch", lambda module: True)
+    monkeypatch.setattr(reader, "_VERIFIED", {})
+    monkeypatch.setattr(reader, "_LAYOUTS", {})
+    config = CONFIG_MAPPING["cohere2"](**{**TINY, **GENERIC_CASES["cohere2"]})
+    with pytest.raises(QkspectraError, match=r"^model type 'cohere2' cannot be read: the generic reader does not "
+                       r"reproduce a tiny cohere2's own attention \(layer 1: largest difference ") as error:
+        generic_adapter(config)
+    assert "\n" not in str(error.value)
 
 
 def test_the_tiny_model_has_a_layer_of_each_per_layer_kind_of_the_real_one():

@@ -17,7 +17,10 @@ VERIFIED_GENERIC_TYPES: dict[str, str] = {
     "apertus": "per-head q/k norm, llama3 rope frequencies, its input norm named attention_layernorm",
     "arcee": "Llama layout with another MLP",
     "cohere": "interleaved rotary, LayerNorm without bias, parallel block",
-    "exaone4": "per-head q/k norm, post-norm block (nothing to fold)",
+    "cohere2": "interleaved rotary on its sliding-window layers only, none on its global layers (skipped in its "
+               "forward code, learned per layer type), LayerNorm without bias, parallel block",
+    "exaone4": "per-head q/k norm, post-norm block (nothing to fold); hybrid (sliding_window, layer_types): no rotary "
+               "embedding and no window on its global layers (learned per layer type; windows from is_sliding)",
     "gemma": "(1 + w) norm gains",
     "glm": "partial interleaved rotary, q/k biases",
     "gpt_neo": "no logit scale at all (no `scaling` attribute), alternating global and local (windowed) layers, "

@@ -36,7 +36,7 @@ class GenericAdapter(AttentionAdapter):
     def __init__(self, config: Any, layout: Layout, input_norm: NormRecipe | None,
                  query_norm: NormRecipe | None, key_norm: NormRecipe | None, verified_on: str,
                  interleaved: bool = False, qk_norm_after_rotary: bool = False, clip_after_qk_norm: bool = False,
-                 scale_exponent: float = 0.5):
+                 scale_exponent: float = 0.5, unrotated_types: tuple = ()):
         self.config = config
         self.clip, self.clip_after_qk_norm = clip_of(config), clip_after_qk_norm
         self.qk_norm_after_rotary = qk_norm_after_rotary
@@ -46,6 +46,9 @@ class GenericAdapter(AttentionAdapter):
         # logit scale of the layers whose module exposes none: d_head ** -scale_exponent, the exponent learned
         # on the tiny model (0: no scale at all, as GPT-Neo's; 1/2: 1 / sqrt(d_head))
         self.scale_exponent = scale_exponent
+        # layer types whose layers apply no rotary embedding though their modules do not say so (no ``use_rope``),
+        # learned on the tiny model: EXAONE 4.0's and Cohere 2's "full_attention"
+        self.unrotated_types = tuple(unrotated_types)
         self.num_layers = len(layout.scales)
         self.num_heads, self.num_kv_heads = layout.num_heads, layout.num_kv_heads
         self.d_model, self.d_head = layout.d_model, layout.d_head
@@ -62,9 +65,15 @@ class GenericAdapter(AttentionAdapter):
         layers = {self._rotary(index) for index in range(self.num_layers)}
         self.rotary = next(iter(layers)) if len(layers) == 1 else None
 
+    def rotated(self, index: int) -> bool:
+        """Whether layer ``index`` applies the rotary embedding: its module's own switch (``use_rope``), else
+        whether the proof found its layer type rotated (not in ``unrotated_types``)."""
+        switch = self.layout.rotary_layers[index]
+        return switch if switch is not None else self.layout.layer_types[index] not in self.unrotated_types
+
     def _rotary(self, index: int):
-        """Layer ``index``'s rotary embedding: its kind's, None where its module applies none (``use_rope``)."""
-        if not self.layout.rotary_layers[index]:
+        """Layer ``index``'s rotary embedding: its kind's, None where it applies none (``rotated``)."""
+        if not self.rotated(index):
             return None
         return self.rotary_by_type.get(self.layout.layer_types[index])
 
@@ -77,7 +86,7 @@ class GenericAdapter(AttentionAdapter):
         parts = sorted({f"rotary on {r.rotary_dim} of {self.d_head} head dimensions, " + (
             f"base {r.base:g}" if r.inv_freq is None else f"{r.rope_type} frequencies (base {r.base:g} rescaled)")
             for r in self.rotary_by_type.values()})
-        unrotated = [index for index in range(self.num_layers) if not self.layout.rotary_layers[index]]
+        unrotated = [index for index in range(self.num_layers) if not self.rotated(index)]
         if unrotated:
             parts.append(f"no rotary embedding on layers {', '.join(map(str, unrotated))}")
         return "; ".join(parts)

@@ -7,7 +7,8 @@ absence of any scale); where a module has none (GPT-Neo), the proof learns the s
 The rotary embedding module (one holding an ``inv_freq`` buffer, or one per layer kind as Gemma 3's
 ``{kind}_inv_freq``) is recorded by its class, which ``rotary`` builds from the config for its frequencies.
 Whether a layer applies it is the module's own ``use_rope`` (``tables.ROTARY_SWITCHES``: SmolLM3 and Llama 4
-skip it on every fourth layer), else yes.
+skip it on every fourth layer); where the module has no such switch (None here), the proof learns it per layer
+type on the tiny model (EXAONE 4.0 and Cohere 2 skip it on their global layers inside their forward code).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from qkspectra.models.adapters.generic.tables import (
     QUERY_NORM_NAMES,
     ROTARY_SWITCHES,
     WINDOW_FIELDS,
+    WINDOW_SWITCHES,
     WINDOWED_LAYER_KINDS,
 )
 
@@ -49,10 +51,12 @@ class Layout:
     query_bias: bool
     key_bias: bool
     rotary_class: type | None = None  # the model's rotary embedding module class (None: it has none)
-    rotary_layers: tuple[bool, ...] = ()  # per layer: whether its module applies the rotary embedding
+    # per layer: whether its module applies the rotary embedding (its ``use_rope``), None where it does not say
+    rotary_layers: tuple[bool | None, ...] = ()
 
     def kinds(self) -> tuple[tuple, ...]:
-        """Per layer, what makes it a kind of its own: (layer type, windowed, rotary)."""
+        """Per layer, what makes it a kind of its own: (layer type, windowed, rotary: True, False or None where
+        the module does not say, learned per layer type by the proof)."""
         return tuple(zip(self.layer_types, (w is not None for w in self.windows), self.rotary_layers))
 
 
@@ -106,13 +110,16 @@ def read_layout(model: Any) -> Layout | str:
     if not isinstance(num_heads, int) or not isinstance(d_head, int) or num_heads * d_head != q.out_features \
             or k.out_features % d_head:
         return f"cannot tell the head shapes of {type(first).__name__} ({q.out_features} query features)"
-    # Sliding windows: the module's own, else the config's for "sliding_attention" (GPT-Neo: "local") layers,
+    # Sliding windows: the module's own (unless its switch, EXAONE 4.0's ``is_sliding``, is False), else the config's for "sliding_attention" (GPT-Neo: "local") layers,
     # else (configs without layer kinds, as Mistral's) the config's for every layer.
     layer_types = next((getattr(config, f) for f in LAYER_KIND_FIELDS if getattr(config, f, None)), None)
     window = next((getattr(config, f) for f in WINDOW_FIELDS if isinstance(getattr(config, f, None), int)), None)
     windows = []
     for index, module in enumerate(modules):
         own = getattr(module, "sliding_window", None)
+        if any(getattr(module, name, None) is False for name in WINDOW_SWITCHES):
+            windows.append(None)
+            continue
         sliding = layer_types is None or layer_types[index] in WINDOWED_LAYER_KINDS
         windows.append(own if isinstance(own, int) else window if sliding and isinstance(window, int) else None)
     layer_types = layer_types or [None] * num_layers
@@ -133,11 +140,11 @@ def read_layout(model: Any) -> Layout | str:
     )
 
 
-def rotary_switch(module: Any) -> bool:
+def rotary_switch(module: Any) -> bool | None:
     """Whether the attention ``module`` applies the rotary embedding: its own switch (SmolLM3's ``use_rope``,
-    0 or 1 from the config's ``no_rope_layers``), else yes."""
-    switch = next((getattr(module, name) for name in ROTARY_SWITCHES if hasattr(module, name)), True)
-    return bool(switch) if isinstance(switch, (bool, int)) else True
+    0 or 1 from the config's ``no_rope_layers``), else None (not said: the proof learns it per layer type)."""
+    switch = next((getattr(module, name) for name in ROTARY_SWITCHES if hasattr(module, name)), None)
+    return bool(switch) if isinstance(switch, (bool, int)) else None
 
 
 def layer_template(names: list[str]) -> str | None:

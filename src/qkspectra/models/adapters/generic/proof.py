@@ -4,7 +4,8 @@
 combination of the values of the config's per-layer lists: ``layer_types``, ``no_rope_layers``, ...) and small
 widths (a ``rotary_dim`` keeps its fraction of the head, a clip of the queries and keys is set where
 the tiny model reaches it); ``learn_and_verify`` builds that model, learns its norm recipes, rotary
-pairing, q/k norm order and (where its modules expose none) logit scale, and checks that the
+pairing, q/k norm order, (where its modules expose none) logit scale and, per layer type whose modules do not
+say (no ``use_rope``), whether its layers apply the rotary embedding, and checks that the
 extracted weights, biases, scale, norms and positions give the model's own eager attention
 probabilities to ``TOLERANCE`` on a random input. The reproduction starts from each block's input before
 the norm that feeds its attention, normalised as the learned recipe says and read through the layer with
@@ -148,9 +149,10 @@ def _first_input(inputs: dict, name: str):
 
 def learn_and_verify(config: Any) -> tuple | str:
     """Build the tiny model, learn from it the norm recipes (input, query, key), the rotary pairing, where the
-    q/k norms and the clip sit and (where its modules expose none) the logit scale, and check the reproduction:
-    (layout, input norm, query norm, key norm, order: ``GenericAdapter``'s interleaved, qk_norm_after_rotary,
-    clip_after_qk_norm, scale_exponent), or a line saying what failed."""
+    q/k norms and the clip sit, (where its modules expose none) the logit scale and the layer types that apply no
+    rotary embedding, and check the reproduction: (layout, input norm, query norm, key norm, order:
+    ``GenericAdapter``'s interleaved, qk_norm_after_rotary, clip_after_qk_norm, scale_exponent, unrotated_types),
+    or a line saying what failed: the first layer not reproduced under the order that reproduced the most layers."""
     import torch
     from transformers import AutoModel
 
@@ -214,9 +216,10 @@ def learn_and_verify(config: Any) -> tuple | str:
         if not all(torch.is_tensor(x) and x.shape == attention_inputs[0].shape for x in layer_inputs):
             return f"cannot find the input of every layer's norm {input_norm}"
     tensors = StateDictSource(model.state_dict())
-    failure = ""
+    best = (-1, "")  # over the orders tried: (index of the first layer not reproduced, the line naming it)
     # the rotary pairing, the order of clip, q/k norms and rotary, and (where a module exposes no scale) the
-    # scale's exponent, learned like the norms' conventions
+    # scale's exponent, learned like the norms' conventions; then, layer by layer, whether each layer type whose
+    # modules do not say (no use_rope) applies the rotary embedding
     has_norms, has_clip = recipes[1] is not None or recipes[2] is not None, clip_of(tiny) is not None
     for interleaved, after_rotary, clip_after, scale_exponent in itertools.product(
             (False, True), (False, True) if has_norms else (False,), (False, True) if has_norms and has_clip else (False,),
@@ -228,32 +231,54 @@ def learn_and_verify(config: Any) -> tuple | str:
             continue
         try:
             adapter.check_dimensions()
-            failure = _reproduction_failure(adapter, tensors, layer_inputs, attentions, config.model_type)
+            unrotated, failure = _reproduction_failure(adapter, tensors, layer_inputs, attentions, config.model_type)
         except QkspectraError as e:
             return f"reading a tiny {config.model_type} failed ({e})"
         if failure is None:
-            return layout, *recipes, order
-    return failure
+            return layout, *recipes, {**order, "unrotated_types": unrotated}
+        if failure[0] > best[0]:  # the most plausible order: the one reproducing the most layers before failing
+            best = failure
+    return best[1]
 
 
 def _reproduction_failure(adapter: GenericAdapter, tensors: TensorSource, layer_inputs: list, attentions: tuple,
-                          model_type: str) -> str | None:
-    """A line naming the first layer whose probabilities differ from the model's by more than TOLERANCE.
+                          model_type: str) -> tuple[tuple, tuple[int, str] | None]:
+    """Reproduce the layers in order, learning per layer type whether its layers apply the rotary embedding where
+    their modules do not say (``Layout.rotary_layers`` None): rotated if its first such layer is reproduced so,
+    else unrotated if it is reproduced without. (the layer types learned unrotated, None), or (..., (index, a line
+    naming the first layer whose probabilities differ from the model's by more than TOLERANCE either way)).
 
+    ``adapter``: built with no ``unrotated_types``, so every layer whose module does not say is read rotated.
     layer_inputs: per layer (batch, seq, d_model), the input of the norm ``adapter.input_norm`` (the
     attention's own input where there is none); it is normalised as the recipe says and read through the
     layer with the norm's gain and bias folded in.
     """
-    from qkspectra.models.adapters.base import fold_norm
+    from dataclasses import replace
+
     from qkspectra.models.adapters.attention import attention_probabilities
+    from qkspectra.models.adapters.base import fold_norm
+
+    def difference(layer, x_hat, expected) -> float:  # x_hat: (batch, seq, d_model); expected: (batch, H, seq, seq)
+        ours = attention_probabilities(layer, x_hat, causal=adapter.layout.causal)
+        return float((ours - expected.double()).abs().max())
 
     recipe = adapter.input_norm
+    rotated: dict = {}  # layer type -> whether its layers (whose modules do not say) apply the rotary embedding
     for index, x in enumerate(layer_inputs):  # x: (batch, seq, d_model); attentions[index]: (batch, H, seq, seq)
         x_hat = x.double() if recipe is None else normalised(x.double(), centred=recipe.centred, eps=recipe.eps)
         layer = fold_norm(adapter.layer(tensors, index))
-        ours = attention_probabilities(layer, x_hat, causal=adapter.layout.causal)
-        error = float((ours - attentions[index].double()).abs().max())
+        layer_type = adapter.layout.layer_types[index]
+        learned = adapter.layout.rotary_layers[index] is None and layer.rotary is not None
+        if learned and rotated.get(layer_type) is False:
+            layer = replace(layer, rotary=None)
+        error, without = difference(layer, x_hat, attentions[index]), None
+        if learned and layer_type not in rotated:
+            if not error <= TOLERANCE:
+                without = difference(replace(layer, rotary=None), x_hat, attentions[index])
+            rotated[layer_type] = error <= TOLERANCE or not without <= TOLERANCE
+            error = error if rotated[layer_type] else without
         if not error <= TOLERANCE:
-            return (f"the generic reader does not reproduce a tiny {model_type}'s own attention "
-                    f"(layer {index}: largest difference {error:.1e} > {TOLERANCE:g})")
-    return None
+            tried = "" if without is None else f", {without:.1e} without its rotary embedding"
+            return (), (index, f"the generic reader does not reproduce a tiny {model_type}'s own attention "
+                               f"(layer {index}: largest difference {error:.1e} > {TOLERANCE:g}{tried})")
+    return tuple(layer_type for layer_type, rotary in rotated.items() if not rotary), None

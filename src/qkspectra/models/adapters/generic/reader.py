@@ -65,6 +65,10 @@ def _real_layout(config: Any) -> Layout | str:
     return _LAYOUTS[key]
 
 
+ROTARY_WORDS = {True: "with rotary embedding", False: "without rotary embedding",
+                None: "rotary embedding as learned for its layer type"}
+
+
 def missing_kind(layout: Layout, tiny_layout: Layout) -> str | None:
     """A line naming the first real layer of a kind (``Layout.kinds``: layer type, window, rotary) that no layer
     of the tiny model has, so the proof never saw it; None if every kind was proved."""
@@ -72,7 +76,7 @@ def missing_kind(layout: Layout, tiny_layout: Layout) -> str | None:
     for index, (layer_type, windowed, rotary) in enumerate(layout.kinds()):
         if (layer_type, windowed, rotary) not in proved:
             return (f"its layer {index} ({layer_type or 'untyped'}, {'windowed' if windowed else 'not windowed'}, "
-                    f"{'with' if rotary else 'without'} rotary embedding) is of a kind its tiny model lacks")
+                    f"{ROTARY_WORDS[rotary]}) is of a kind its tiny model lacks")
     return None
 
 

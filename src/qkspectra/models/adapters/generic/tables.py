@@ -24,6 +24,12 @@ WINDOW_FIELDS = ("sliding_window", "window_size")
 # Attributes of an attention module saying whether it applies the rotary embedding (SmolLM3, Llama 4: 0 or 1
 # from the config's ``no_rope_layers``); a module without one applies it.
 ROTARY_SWITCHES = ("use_rope",)
+# Where a module has none, whether a layer type's layers apply it is learned on the tiny model (EXAONE 4.0 and
+# Cohere 2 skip it on their "full_attention" layers inside their forward code).
+
+# Attributes of an attention module saying whether it is windowed: False overrides a ``sliding_window`` the
+# module keeps on every layer (EXAONE 4.0's, windowed only where ``is_sliding``).
+WINDOW_SWITCHES = ("is_sliding",)
 
 # Config fields that clamp every query, key and value coordinate to [-c, c] after projection (OLMo).
 CLIP_FIELDS = ("clip_qkv",)
