@@ -477,6 +477,15 @@ def test_a_layout_it_cannot_see_is_refused_naming_what_failed():
         adapter_for(config)
 
 
+def test_a_config_of_several_parts_is_refused_in_one_line_naming_them():
+    """A multimodal config (text, vision, audio) has no layer count of its own: one line, never an AttributeError."""
+    config = CONFIG_MAPPING["muse_spark"]()
+    with pytest.raises(QkspectraError, match="^model type 'muse_spark' cannot be read: its config has no "
+                                             "num_hidden_layers \\(a model of several parts: text_config") as error:
+        adapter_for(config)
+    assert "\n" not in str(error.value)
+
+
 def test_the_models_page_lists_the_registry_and_these_verified_types():
     from pathlib import Path
 

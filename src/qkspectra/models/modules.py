@@ -22,7 +22,7 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
         ids = {id(module) for module in named}
         modules = [module for module in named  # those holding no other attention module
                    if not any(id(inner) in ids for inner in list(module.modules())[1:])]
-        if len(modules) != model.config.num_hidden_layers:
+        if len(modules) != getattr(model.config, "num_hidden_layers", None):
             raise QkspectraError(f"{type(model).__name__} does not say which modules compute its attention maps")
         return modules
     specs = specs if isinstance(specs, list) else [specs]

@@ -31,6 +31,10 @@ def generic_adapter(config: Any) -> GenericAdapter:
     refusal = config_refusal(config)
     if refusal is not None:
         raise refusal_error(model_type, refusal)
+    if not isinstance(getattr(config, "num_hidden_layers", None), int):
+        parts = [key for key, value in config.to_dict().items() if key.endswith("_config") and isinstance(value, dict)]
+        raise refusal_error(model_type, "its config has no num_hidden_layers" + (
+            f" (a model of several parts: {', '.join(parts)}, which qkspectra does not read)" if parts else ""))
     layout = _real_layout(config)
     if isinstance(layout, str):
         raise refusal_error(model_type, layout)
